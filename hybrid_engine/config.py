@@ -1,0 +1,77 @@
+"""EngineConfig: every option of the engine, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+ATTENTION_BACKENDS = ("auto", "triton", "torch", "sdpa", "xformers", "flash")
+CAPTURE_POLICIES = ("idle", "eager", "off")
+DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Engine options. Every keyword of `LLM(...)` is a field here.
+
+    model: checkpoint directory, preset name ("tiny-llama", "llama-2-7b-shape") or a PreTrainedModel.
+    dtype: "auto" = the checkpoint's dtype on GPU (float16 for presets), float32 on CPU.
+    device: "auto" = cuda when available.
+    max_model_len: longest prompt + generation; None = min(checkpoint's max positions, 4096).
+    block_size: tokens per KV-cache block.
+    num_kv_blocks: fixed block count; None = sized from free GPU memory (gpu_memory_utilization) or, on CPU,
+        enough for max_model_len * max_num_seqs.
+    attention_backend: "auto" = triton on GPU, torch on CPU.
+    capture: CUDA-graph policy: "idle" (background worker, idle windows), "eager" (capture before serving), "off".
+    prefill_buckets: prompt-length buckets that get a prefill graph.
+    """
+
+    model: Any = "tiny-llama"
+    tokenizer: Any = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 1
+    attention_backend: str = "auto"
+    capture: str = "idle"
+    prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("capture", self.capture, CAPTURE_POLICIES)
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size={self.block_size!r} is not allowed; use one of 8, 16, 32, 64, 128")
+        if self.max_model_len is not None and not (isinstance(self.max_model_len, int) and self.max_model_len >= 2):
+            raise ValueError(f"max_model_len={self.max_model_len!r} must be an int >= 2 (or None for the model's)")
+        if self.num_kv_blocks is not None and not (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks >= 1):
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks!r} must be a positive int or None")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r} must be in [0.05, 0.99]")
+        if not (isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1):
+            raise ValueError(f"max_num_seqs={self.max_num_seqs!r} must be a positive int")
+        buckets = tuple(int(b) for b in self.prefill_buckets)
+        if any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"prefill_buckets={self.prefill_buckets!r} must be strictly increasing positive ints")
+        self.prefill_buckets = buckets
+
+    @classmethod
+    def from_kwargs(cls, model: Any, **kwargs: Any) -> "EngineConfig":
+        """Build from `LLM(...)` keywords; an unknown keyword is an error, never silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown EngineConfig option(s) {unknown}; allowed: {sorted(known - {'model'})}")
+        return cls(model=model, **kwargs)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; use one of {list(allowed)}")

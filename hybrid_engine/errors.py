@@ -1,0 +1,25 @@
+"""Exceptions raised by hybrid_engine."""
+
+
+class HybridEngineError(RuntimeError):
+    """Base class for engine failures that are not a caller's bad value (those raise ValueError)."""
+
+
+class ModelLoadError(HybridEngineError):
+    """A checkpoint, preset or tokenizer could not be loaded; the message names the file or preset."""
+
+
+class OptionalDependencyError(ImportError):
+    """An optional package is missing; the message names the extra that installs it."""
+
+
+def require(module: str, extra: str):
+    """Import an optional module or raise an error that says which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise OptionalDependencyError(
+            f"{module!r} is not installed; install it with: pip install 'hybrid-engine[{extra}]'"
+        ) from exc

@@ -1,0 +1,1 @@
+"""Engine-native model implementations, their registry and loaders."""

@@ -1,0 +1,152 @@
+"""One readable Llama-family decoder (Llama 1/2/3, Mistral, Qwen2) over a paged KV cache.
+
+Weights are fused at load time: q/k/v into `qkv_proj`, gate/up into `gate_up_proj`. Every non-GEMM operation goes
+through a `KernelOps` (Triton kernels on GPU, torch references on CPU), so one model serves the JIT path and the
+CUDA graphs alike. Shapes are flat over tokens: prefill runs T tokens of one sequence, decode one token per sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(slots=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, config: Any) -> "ModelArgs":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            qkv_bias=bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2",
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            max_position_embeddings=config.max_position_embeddings,
+        )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """What attention needs besides q/k/v. Prefill: one sequence of T (maybe padded) tokens. Decode: B sequences."""
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] flat cache slot per token, -1 = padding (write nothing)
+    valid_len: torch.Tensor | None = None  # prefill: [1] int32 real length of a padded bucket
+    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int32
+    seq_lens: torch.Tensor | None = None  # decode: [B] int32, tokens in cache including the current one
+
+
+def rope_cos_sin_cache(config: Any, head_dim: int, max_positions: int) -> torch.Tensor:
+    """[max_positions, head_dim] fp32 rows of cat(cos, sin) over the rotary half, exactly as transformers computes."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in ("dynamic", "longrope"):
+        raise ValueError(f"rope_type={rope_type!r} is not supported; supported: default, linear, llama3, yarn")
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float), inv_freq.float())
+    return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int) -> None:
+        super().__init__()
+        self.args = args
+        self.layer_id = layer_id
+        h, qkv = args.hidden_size, args.q_size + 2 * args.kv_size
+        self.qkv_proj = nn.Linear(h, qkv, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.q_size, h, bias=False)
+        self.gate_up_proj = nn.Linear(h, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, h, bias=False)
+        self.input_layernorm = nn.Parameter(torch.ones(h))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(h))
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, Hkv, D], bound by the KV cache
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, ops: Any, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                cos_sin: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.args
+        if residual is None:
+            residual, x = x, ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps)
+        else:
+            x, residual = ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps, residual)
+        q, k, v = self.qkv_proj(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = q.view(-1, a.num_heads, a.head_dim)
+        k = k.view(-1, a.num_kv_heads, a.head_dim)
+        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        q, k = ops.rope(q, k, positions, cos_sin)
+        ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        scale = a.head_dim ** -0.5
+        if meta.is_prefill:
+            attn = ops.prefill_attention(q, k, v, scale, meta.valid_len)
+        else:
+            attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
+        x = self.o_proj(attn.reshape(-1, a.q_size))
+        x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
+        x = self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        return x, residual
+
+
+class LlamaModel(nn.Module):
+    """Decoder + LM head. `forward` returns hidden states; `compute_logits` applies the final norm and head."""
+
+    def __init__(self, args: ModelArgs, cos_sin_cache: torch.Tensor) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = nn.Parameter(torch.ones(args.hidden_size))
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
+        self.ops: Any = None  # KernelOps, set by the runner
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(self.ops, x, residual, positions, self.cos_sin_cache, meta)
+        return x + residual
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] pre-norm residual stream -> [N, vocab] fp32 logits."""
+        x = self.ops.rms_norm(hidden, self.norm, self.args.rms_norm_eps)
+        return F.linear(x, self.lm_head.weight).float()

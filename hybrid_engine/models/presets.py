@@ -1,0 +1,104 @@
+"""Built-in model presets: random weights in a known shape, with a byte-level tokenizer built in-process.
+
+"tiny-llama" runs on a CPU in seconds (tests, CI, the default without a GPU). "llama-2-7b-shape" has the exact
+LLaMA-2-7B shape in float16 (benchmarks: speed does not depend on weight values).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       initializer_range=0.05),
+    "llama-2-7b-shape": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                             initializer_range=0.02),
+}
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def preset_config(name: str) -> Any:
+    """The transformers LlamaConfig of a preset; unknown names raise ValueError listing the presets."""
+    from transformers import LlamaConfig
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)} (or pass a checkpoint directory)")
+    cfg = LlamaConfig(**PRESETS[name], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      tie_word_embeddings=False)
+    cfg.architectures = ["LlamaForCausalLM"]
+    return cfg
+
+
+def build_tokenizer(vocab_size: int) -> Any:
+    """Byte-level tokenizer: 3 specials, 256 byte tokens, then filler tokens up to vocab_size (never produced by
+    encoding, decodable). Deterministic: no trained merges, so every process builds the same one."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    i = 0
+    while len(vocab) < vocab_size:
+        vocab.setdefault(f"t{i}", len(vocab))
+        i += 1
+    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                     pad_token="<unk>", model_max_length=1 << 20)
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+def build_hf_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   seed: int = 0) -> tuple[Any, Any]:
+    """A transformers LlamaForCausalLM of the preset with seeded random weights, and its tokenizer.
+
+    Weights are drawn on `device` from a private generator (normal, std = initializer_range; norms = 1), so the
+    same (name, seed) gives the same weights, and no 7B model is initialised on the CPU first."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    cfg = preset_config(name)
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    fill_random_(model, cfg.initializer_range, seed)
+    model.eval()
+    return model, build_tokenizer(cfg.vocab_size)
+
+
+@torch.no_grad()
+def fill_random_(model: torch.nn.Module, std: float, seed: int) -> None:
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).to(p.dtype) * std)
+    for name, buf in model.named_buffers():  # rotary inv_freq was lost by to_empty: recompute
+        if name.endswith("inv_freq"):
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            inv, _ = module.compute_default_rope_parameters(module.config) if hasattr(
+                module, "compute_default_rope_parameters") else (None, None)
+            if inv is not None:
+                buf.copy_(inv.to(buf.device))
+                if hasattr(module, "original_inv_freq"):
+                    module.original_inv_freq.copy_(inv.to(buf.device))
