@@ -1,0 +1,135 @@
+"""Kernel backend selection: which implementation of each op the model calls.
+
+Backends (EngineConfig.attention_backend):
+  torch    - the plain-torch references for every op (the CPU default).
+  triton   - Triton kernels for every op, including prefill attention (the CUDA default).
+  sdpa     - Triton kernels, prefill attention through torch SDPA.
+  xformers - Triton kernels, prefill attention through xformers (extra `xformers`).
+  flash    - Triton kernels, prefill attention through flash-attn (extra `flash`).
+Triton on the CPU runs only under the interpreter (TRITON_INTERPRET=1), which the kernel tests use.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..errors import HybridEngineError, require
+from ._triton import interpreter_enabled, triton_available
+from .activation import silu_mul_ref
+from .decode_attention import decode_attention_ref
+from .kv_store import store_kv_ref
+from .prefill_attention import prefill_attention_ref
+from .rms_norm import rms_norm_ref
+from .rope import rope_ref
+from .sampling import sample_ref
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "torch", "sdpa", "xformers", "flash")
+_logged: set[tuple[str, str]] = set()
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The ops the model calls; every attribute except the names is a callable (see each module's `*_ref`)."""
+
+    name: str
+    prefill_name: str
+    device: str
+    rms_norm: Callable[..., Any]
+    rope: Callable[..., Any]
+    silu_mul: Callable[..., Any]
+    store_kv: Callable[..., Any]
+    prefill_attention: Callable[..., Any]
+    decode_attention: Callable[..., Any]
+    sample: Callable[..., Any]
+
+    def describe(self) -> dict[str, str]:
+        """What runs where, for `LLM.stats()`."""
+        elementwise = "torch" if self.name == "torch" else "triton"
+        return {
+            "attention_backend": self.name,
+            "prefill_attention": self.prefill_name,
+            "decode_attention": elementwise,
+            "elementwise_kernels": elementwise,
+            "sampling": elementwise,
+        }
+
+
+def torch_ops(device: torch.device) -> KernelOps:
+    return KernelOps(
+        name="torch", prefill_name="sdpa", device=str(device),
+        rms_norm=rms_norm_ref, rope=rope_ref, silu_mul=silu_mul_ref, store_kv=store_kv_ref,
+        prefill_attention=prefill_attention_ref, decode_attention=decode_attention_ref, sample=sample_ref,
+    )
+
+
+def resolve_backend(device: torch.device, attention_backend: str = "auto") -> str:
+    """The concrete backend name for `attention_backend` on `device` ("auto" -> triton on cuda, torch on cpu)."""
+    if attention_backend not in BACKENDS:
+        raise ValueError(f"attention_backend={attention_backend!r} is not allowed; use one of {list(BACKENDS)}")
+    if attention_backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return attention_backend
+
+
+def _check_triton_usable(device: torch.device, backend: str) -> None:
+    if not triton_available():
+        raise HybridEngineError(f"attention_backend={backend!r} needs triton, which is not installed; "
+                                "use attention_backend='torch'")
+    if device.type == "cpu" and not interpreter_enabled():
+        raise HybridEngineError(f"attention_backend={backend!r} runs Triton kernels, which need a CUDA device "
+                                "(or TRITON_INTERPRET=1 on the CPU); use attention_backend='torch' on the CPU")
+    if device.type not in ("cpu", "cuda"):
+        raise HybridEngineError(f"attention_backend={backend!r} does not support device {device}")
+
+
+def _prefill_for(backend: str, device: torch.device) -> Callable[..., Any]:
+    if backend == "sdpa":
+        return prefill_attention_ref
+    if backend == "xformers":
+        from .prefill_attention import make_xformers_prefill
+
+        return make_xformers_prefill(require("xformers.ops", "xformers"))
+    if backend == "flash":
+        from .prefill_attention import make_flash_prefill
+
+        return make_flash_prefill(require("flash_attn", "flash"))
+    from .prefill_attention import prefill_attention_triton
+
+    return prefill_attention_triton
+
+
+def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
+    prefill = _prefill_for(backend, device)  # missing optional package -> OptionalDependencyError first
+    _check_triton_usable(device, backend)
+    from .activation import silu_mul_triton
+    from .decode_attention import decode_attention_triton
+    from .kv_store import store_kv_triton
+    from .rms_norm import rms_norm_triton
+    from .rope import rope_triton
+    from .sampling import sample_triton
+
+    return KernelOps(
+        name=backend, prefill_name="triton" if backend == "triton" else backend, device=str(device),
+        rms_norm=rms_norm_triton, rope=rope_triton, silu_mul=silu_mul_triton, store_kv=store_kv_triton,
+        prefill_attention=prefill, decode_attention=decode_attention_triton, sample=sample_triton,
+    )
+
+
+def get_ops(device: torch.device | str, attention_backend: str = "auto") -> KernelOps:
+    """The KernelOps for `device` and `attention_backend` (see the module docstring); the choice is logged once.
+
+    Raises ValueError for an unknown backend name, OptionalDependencyError (naming the extra) when xformers or
+    flash-attn is not installed, HybridEngineError when Triton cannot run on `device`.
+    """
+    device = torch.device(device)
+    backend = resolve_backend(device, attention_backend)
+    ops = torch_ops(device) if backend == "torch" else triton_ops(device, backend)
+    if (backend, device.type) not in _logged:
+        _logged.add((backend, device.type))
+        logger.info("kernel backend on %s: %s (requested %r)", device, ops.describe(), attention_backend)
+    return ops
