@@ -1,0 +1,316 @@
+"""LLM: the user-facing engine. Tokenize, prefill, decode loop, stop conditions, streaming, metrics."""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .config import EngineConfig
+from .detokenize import IncrementalDetokenizer, StopStringMatcher
+from .errors import HybridEngineError
+from .kernels import get_ops
+from .kv_cache import PagedKVCache, num_blocks_for
+from .models import loader
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamDelta
+from .runner import ModelRunner
+from .sampling_params import SamplingParams
+from .token_reader import TokenReader
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | dict
+
+
+@dataclass(slots=True)
+class _Active:
+    """The request holding the engine; release() is idempotent so cancellation and `finally` can both call it."""
+
+    engine: "LLM"
+    blocks: list[int]
+    owner: int = field(default_factory=threading.get_ident)
+    cancelled: bool = False
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.engine.kv.allocator.free(self.blocks)
+            self.engine._active = None
+            self.engine._lock.release()
+            if self.engine.graphs is not None:
+                self.engine.graphs.notify_idle()
+
+
+class LLM:
+    """A model loaded for low-latency generation (batch size 1). Keywords are `EngineConfig` fields.
+
+    >>> llm = LLM("tiny-llama")
+    >>> out = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0))[0]
+    """
+
+    def __init__(self, model: Any = "tiny-llama", **kwargs: Any) -> None:
+        self.config = cfg = EngineConfig.from_kwargs(model, **kwargs)
+        self.device = _resolve_device(cfg.device)
+        loaded = loader.load(cfg.model, cfg.tokenizer, _resolve_dtype(cfg.dtype), self.device, cfg.max_model_len,
+                             cfg.seed)
+        self.model, self.model_config, self.tokenizer = loaded.model, loaded.hf_config, loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.dtype = self.model.embed_tokens.weight.dtype
+        self.ops = get_ops(self.device, cfg.attention_backend)
+        n_blocks = cfg.num_kv_blocks or num_blocks_for(self.model, cfg.block_size, self.max_model_len,
+                                                       cfg.max_num_seqs, self.dtype, self.device,
+                                                       cfg.gpu_memory_utilization)
+        self.kv = PagedKVCache(self.model, n_blocks, cfg.block_size, self.max_model_len, self.dtype, self.device)
+        self.stream_ctx = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.runner = ModelRunner(self.model, self.kv, self.ops, self.max_model_len, cfg.max_num_seqs, self.device)
+        self.reader = TokenReader(self.runner.buf.tokens, self.device)
+        self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
+        self._lock = threading.Lock()
+        self._active: _Active | None = None
+        self._rng = random.Random(cfg.seed)
+        self._counts = {"requests_served": 0, "requests_failed": 0, "requests_cancelled": 0, "jit_steps": 0,
+                        "graph_steps": 0}
+        self.graphs = None
+        if cfg.capture != "off" and self.device.type == "cuda":
+            from .graphs import GraphRunner
+
+            self.graphs = GraphRunner(self.runner, cfg.prefill_buckets, cfg.capture, self.stream_ctx)
+            self.runner.graphs = self.graphs
+            self.graphs.start()
+        logger.info("LLM ready: %s on %s (%s), max_model_len=%d, attention=%s", loaded.source, self.device,
+                    self.dtype, self.max_model_len, self.ops.name)
+
+    # ---------------- public API ----------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[
+            SamplingParams] | None = None, *, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for one prompt or a list (run one after another); returns one RequestOutput per prompt."""
+        single = isinstance(prompts, (str, dict))
+        plist = [prompts] if single else list(prompts)
+        if not plist:
+            raise ValueError("prompts is empty; pass a string, a {'prompt_token_ids': [...]} dict or a list of them")
+        params = sampling_params or SamplingParams()
+        plist_params = list(params) if isinstance(params, (list, tuple)) else [params] * len(plist)
+        if len(plist_params) != len(plist):
+            raise ValueError(f"got {len(plist_params)} SamplingParams for {len(plist)} prompts")
+        requests = [(*self._prompt_ids(p), sp) for p, sp in zip(plist, plist_params)]  # validate all first
+        for text, ids, sp in requests:
+            self._check_lengths(ids, sp)
+        it = requests
+        if use_tqdm:
+            from tqdm import tqdm
+
+            it = tqdm(requests, desc="generate")
+        return [self._collect(text, ids, sp) for text, ids, sp in it]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas as tokens are generated. Closing the iterator early cancels the request."""
+        return (d.text for d in self.stream_deltas(prompt, sampling_params) if d.text)
+
+    def stream_deltas(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """StreamDelta per generated token; the last carries finish_reason and metrics. Validates eagerly."""
+        text, ids = self._prompt_ids(prompt)
+        params = sampling_params or SamplingParams()
+        self._check_lengths(ids, params)
+        return self._run(ids, params)
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """Apply the tokenizer's chat template to `messages` and generate the assistant's reply."""
+        ids = self.encode_chat(messages)
+        return self.generate({"prompt_token_ids": ids}, sampling_params)[0]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"messages={messages!r} must be a non-empty list of {{'role', 'content'}} dicts")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {m!r} must be a dict with 'role' and 'content'")
+        tok = self._need_tokenizer("chat messages")
+        if not getattr(tok, "chat_template", None):
+            raise ValueError("the tokenizer has no chat_template; pass plain prompts instead")
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters and configuration, e.g. for /metrics and /health."""
+        s: dict[str, Any] = {
+            "kv_blocks_total": self.kv.allocator.num_blocks,
+            "kv_blocks_free": self.kv.allocator.num_free,
+            "kv_cache_bytes": self.kv.nbytes,
+            "block_size": self.kv.block_size,
+            "max_model_len": self.max_model_len,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "capture": self.config.capture if self.graphs is not None else "off",
+            "request_in_flight": self._active is not None,
+            **self._counts,
+            **self.ops.describe(),
+        }
+        s.update(self.graphs.stats() if self.graphs is not None else
+                 {"graphs_captured": 0, "graphs_pending": 0, "graphs_failed": 0, "graph_pool_bytes": 0})
+        return s
+
+    def close(self) -> None:
+        """Stop the capture worker and drop GPU memory held by the engine."""
+        if self.graphs is not None:
+            self.graphs.stop()
+            self.graphs = self.runner.graphs = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------- internals ----------------
+    def _collect(self, text: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
+        out_text, out_ids, last = [], [], None
+        for d in self._run(ids, params):
+            out_text.append(d.text)
+            out_ids.extend(d.token_ids)
+            last = d
+        comp = CompletionOutput(0, "".join(out_text), out_ids, last.finish_reason, self._stop_reason)
+        return RequestOutput(f"req-{self._counts['requests_served']}", text, ids, [comp], last.metrics)
+
+    def _run(self, ids: list[int], params: SamplingParams) -> Iterator[StreamDelta]:
+        active = self._acquire(ids, params)
+        try:
+            yield from self._decode_loop(active, ids, params)
+            self._counts["requests_served"] += 1
+        except GeneratorExit:
+            self._counts["requests_cancelled"] += 1
+            raise
+        except Exception:
+            self._counts["requests_failed"] += 1
+            raise
+        finally:
+            active.release()
+
+    def _acquire(self, ids: list[int], params: SamplingParams) -> _Active:
+        prev = self._active
+        if prev is not None and prev.owner == threading.get_ident():
+            logger.warning("a stream on this thread was left open; cancelling it to serve the new request")
+            prev.cancelled = True
+            self._counts["requests_cancelled"] += 1
+            prev.release()
+        self._lock.acquire()
+        try:
+            if self.graphs is not None:
+                self.graphs.notify_busy()
+            blocks = self.kv.allocator.allocate(self.kv.blocks_for(len(ids) + params.max_tokens + 1))
+        except BaseException:
+            self._lock.release()
+            raise
+        self._active = _Active(self, blocks)
+        return self._active
+
+    def _decode_loop(self, active: _Active, ids: list[int], params: SamplingParams) -> Iterator[StreamDelta]:
+        t0 = time.perf_counter()
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        detok = IncrementalDetokenizer(self.tokenizer, ids)
+        stops = StopStringMatcher(params.stop)
+        self._stop_reason = None
+        ttft, n_out = 0.0, 0
+        ctx = torch.cuda.stream(self.stream_ctx) if self.stream_ctx is not None else nullcontext()
+        with ctx, torch.inference_mode():
+            self.reader.reset()
+            self._count_path(self.runner.prefill(ids, active.blocks, params, seed))
+            self.reader.push()
+            enqueued = 1
+            while not active.cancelled:
+                if enqueued < params.max_tokens:  # enqueue the next step before reading this one: no GPU idle
+                    self._count_path(self.runner.decode())
+                    self.reader.push()
+                    enqueued += 1
+                tok = self.reader.pop()[0]
+                n_out += 1
+                if n_out == 1:
+                    ttft = time.perf_counter() - t0
+                finish = self._finish_reason(tok, n_out, params)
+                text = stops.feed(detok.step(tok))
+                if stops.matched is not None:
+                    finish, self._stop_reason = "stop", stops.matched
+                elif finish is not None:
+                    text += stops.flush()
+                if finish is None:
+                    yield StreamDelta(text, [tok])
+                    continue
+                e2e = time.perf_counter() - t0
+                tpot = (e2e - ttft) / (n_out - 1) if n_out > 1 else 0.0
+                yield StreamDelta(text, [tok], finish, RequestMetrics(ttft, tpot, e2e, len(ids), n_out))
+                return
+
+    def _finish_reason(self, tok: int, n_out: int, params: SamplingParams) -> str | None:
+        if tok in params.stop_token_ids:
+            self._stop_reason = tok
+            return "stop"
+        if not params.ignore_eos and tok in self.eos_token_ids:
+            return "stop"
+        return "length" if n_out >= params.max_tokens else None
+
+    def _count_path(self, path: str) -> None:
+        self._counts["jit_steps" if path == "jit" else "graph_steps"] += 1
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
+                    raise ValueError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
+                ids, text = list(ids), prompt.get("prompt")
+            elif "prompt" in prompt:
+                return self._prompt_ids(prompt["prompt"])
+            else:
+                raise ValueError(f"prompt dict needs 'prompt_token_ids' or 'prompt'; got keys {sorted(prompt)}")
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty ('')")
+            text, ids = prompt, list(self._need_tokenizer("text prompts")(prompt)["input_ids"])
+        else:
+            raise ValueError(f"prompt must be str or dict, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty (0 tokens)")
+        vocab = self.model.args.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return text, ids
+
+    def _check_lengths(self, ids: list[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{len(ids) + params.max_tokens} exceeds max_model_len={self.max_model_len}")
+
+    def _need_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} need a tokenizer; pass tokenizer=... or use {{'prompt_token_ids': [...]}}")
+        return self.tokenizer
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is available; use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str) -> torch.dtype | None:
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    eos = getattr(hf_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

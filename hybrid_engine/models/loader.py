@@ -1,0 +1,290 @@
+"""Build the native model from a preset, a checkpoint directory or an in-memory transformers model.
+
+The native module is created under accelerate's `init_empty_weights` (parameters on the meta device, no memory), then
+each parameter is allocated once on the target device and filled tensor by tensor: from safetensors files opened
+lazily with `safe_open`, or from a `PreTrainedModel`'s state dict. q/k/v and gate/up are written into their fused
+buffers as they arrive, so a checkpoint is never held twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from ..errors import ModelLoadError
+from .llama import LlamaModel, ModelArgs, rope_cos_sin_cache
+from .presets import PRESETS, build_hf_model, build_tokenizer, preset_config
+from .registry import resolve_architecture
+
+logger = logging.getLogger(__name__)
+
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_LAYER_RE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(weight|bias)$")
+_NORM_RE = re.compile(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: LlamaModel
+    hf_config: Any
+    tokenizer: Any
+    source: str
+    max_model_len: int = 0
+
+
+def load(source: Any, tokenizer: Any, dtype: torch.dtype | None, device: torch.device, max_model_len: int | None,
+         seed: int) -> LoadedModel:
+    """Load a preset name, checkpoint directory or PreTrainedModel; decide max_model_len from its config."""
+    if isinstance(source, str) and source in PRESETS:
+        hf_config = preset_config(source)
+    elif isinstance(source, str):
+        hf_config = None  # read from the directory below
+    elif hasattr(source, "config") and hasattr(source, "state_dict"):
+        hf_config = source.config
+    else:
+        raise ValueError(f"model={source!r} must be a preset name {sorted(PRESETS)}, a checkpoint directory or a "
+                         "transformers PreTrainedModel")
+    if isinstance(tokenizer, str):
+        tokenizer = _load_tokenizer(tokenizer)
+    if hf_config is None:
+        hf_config = _read_config(source)
+    resolve_architecture(hf_config)
+    max_len = resolve_max_model_len(hf_config, max_model_len)
+    if isinstance(source, str) and source in PRESETS:
+        loaded = load_preset(source, dtype, device, max_len + 1, seed, tokenizer)
+    elif isinstance(source, str):
+        loaded = load_checkpoint_dir(source, hf_config, dtype, device, max_len + 1, tokenizer)
+    else:
+        loaded = load_hf_model(source, dtype, device, max_len + 1, tokenizer)
+    loaded.max_model_len = max_len
+    return loaded
+
+
+def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
+    limit = hf_config.max_position_embeddings
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        limit = min(limit, window)  # beyond the window the model would need sliding-window attention
+    if requested is None:
+        return min(limit, 4096)
+    if requested > limit:
+        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} positions")
+    return requested
+
+
+def _load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
+
+
+def _read_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"model={path!r} is neither a preset ({sorted(PRESETS)}) nor an existing directory")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ModelLoadError(f"{cfg_file!r} does not exist")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot parse {cfg_file!r}: {exc}") from exc
+
+
+def weight_target(hf_name: str) -> tuple[str, int | None] | None:
+    """HF parameter name -> (native parameter name, shard index in a fused weight); None for names to skip."""
+    name = hf_name.removeprefix("model.")
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        return name, None
+    if name == "norm.weight":
+        return "norm", None
+    if m := _LAYER_RE.match(name):
+        layer, proj, kind = m.groups()
+        if proj in _FUSED:
+            fused, shard = _FUSED[proj]
+            return f"layers.{layer}.{fused}.{kind}", shard
+        return f"layers.{layer}.{proj}.{kind}", None
+    if m := _NORM_RE.match(name):
+        return f"layers.{m.group(1)}.{m.group(2)}", None
+    return None
+
+
+def _shard_rows(args: ModelArgs, fused_name: str, shard: int) -> tuple[int, int]:
+    sizes = [args.q_size, args.kv_size, args.kv_size] if "qkv_proj" in fused_name else [args.intermediate_size] * 2
+    return sum(sizes[:shard]), sizes[shard]
+
+
+def build_empty(hf_config: Any, max_positions: int) -> LlamaModel:
+    from accelerate import init_empty_weights
+
+    cls = resolve_architecture(hf_config)
+    args = ModelArgs.from_hf(hf_config)
+    cos_sin = rope_cos_sin_cache(hf_config, args.head_dim, max_positions)
+    with init_empty_weights():
+        return cls(args, cos_sin)
+
+
+@torch.no_grad()
+def materialize(model: LlamaModel, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                device: torch.device) -> None:
+    """Allocate every parameter once on `device` and fill it from (hf_name, tensor) pairs."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    params = dict(model.named_parameters())
+    filled: dict[str, torch.Tensor] = {}
+    seen: set[tuple[str, int | None]] = set()
+    for hf_name, tensor in tensors:
+        target = weight_target(hf_name)
+        if target is None:
+            continue
+        name, shard = target
+        if name not in params:
+            raise ModelLoadError(f"checkpoint tensor {hf_name!r} has no place in the model (expected {name!r})")
+        buf = filled.get(name)
+        if buf is None:
+            buf = filled[name] = torch.empty(params[name].shape, dtype=dtype, device=device)
+        dest = buf if shard is None else buf.narrow(0, *_shard_rows(model.args, name, shard))
+        if dest.shape != tensor.shape:
+            raise ModelLoadError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        seen.add((name, shard))
+    if model.args.tie_word_embeddings:
+        seen.add(("lm_head.weight", None))
+        filled.pop("lm_head.weight", None)
+    _check_complete(model, seen)
+    for name, buf in filled.items():
+        set_module_tensor_to_device(model, name, device, value=buf)
+    model.cos_sin_cache = model.cos_sin_cache.to(device)
+    model.tie_weights()
+
+
+def _check_complete(model: LlamaModel, seen: set[tuple[str, int | None]]) -> None:
+    missing = []
+    for name, _ in model.named_parameters():
+        shards = [0, 1, 2] if ".qkv_proj." in name else [0, 1] if ".gate_up_proj." in name else [None]
+        missing += [f"{name}[{s}]" if s is not None else name for s in shards if (name, s) not in seen]
+    if missing:
+        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:4]}")
+
+
+def random_init(model: LlamaModel, std: float, dtype: torch.dtype, device: torch.device, seed: int) -> None:
+    """Random weights drawn directly on `device` (for the benchmark preset: speed does not depend on values)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in model.named_parameters():
+            if name.endswith("norm") or name.endswith("layernorm"):
+                yield _hf_name(name), torch.ones(p.shape, device=device, dtype=dtype)
+            else:
+                t = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std).to(dtype)
+                yield from _split_fused(model.args, name, t)
+
+    materialize(model, tensors(), dtype, device)
+
+
+def _hf_name(name: str) -> str:
+    return "model.norm.weight" if name == "norm" else f"model.{name}.weight" if "layernorm" in name else name
+
+
+def _split_fused(args: ModelArgs, name: str, t: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    parts = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    for fused, names in parts.items():
+        if f".{fused}." in name:
+            for shard, hf in enumerate(names):
+                start, size = _shard_rows(args, name, shard)
+                yield "model." + name.replace(fused, hf), t.narrow(0, start, size)
+            return
+    yield (name if name.startswith("lm_head") else "model." + name), t
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot read the shard index {index}: {exc}") from exc
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ModelLoadError(f"no model.safetensors or model.safetensors.index.json in {path!r} "
+                             "(only safetensors checkpoints are supported)")
+    full = [os.path.join(path, f) for f in files]
+    for f in full:
+        if not os.path.isfile(f):
+            raise ModelLoadError(f"checkpoint shard {f!r} listed in the index does not exist")
+    return full
+
+
+def _safetensors_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers / truncated files
+            raise ModelLoadError(f"cannot read checkpoint file {file!r}: {exc}") from exc
+
+
+def load_checkpoint_dir(path: str, hf_config: Any, dtype: torch.dtype | None, device: torch.device,
+                        max_positions: int, tokenizer: Any) -> LoadedModel:
+    model = build_empty(hf_config, max_positions)
+    dtype = dtype or checkpoint_dtype(hf_config, device)
+    materialize(model, _safetensors_tensors(_checkpoint_files(path)), dtype, device)
+    if tokenizer is None and _has_tokenizer(path):
+        tokenizer = _load_tokenizer(path)
+    return LoadedModel(model, hf_config, tokenizer, path)
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",
+                                                                  "tokenizer_config.json"))
+
+
+def checkpoint_dtype(hf_config: Any, device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.float32
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def load_hf_model(hf_model: Any, dtype: torch.dtype | None, device: torch.device, max_positions: int,
+                  tokenizer: Any) -> LoadedModel:
+    hf_config = hf_model.config
+    model = build_empty(hf_config, max_positions)
+    dtype = dtype or (hf_model.dtype if device.type != "cpu" else torch.float32)
+    state = hf_model.state_dict()
+    materialize(model, state.items(), dtype, device)
+    return LoadedModel(model, hf_config, tokenizer, type(hf_model).__name__)
+
+
+def load_preset(name: str, dtype: torch.dtype | None, device: torch.device, max_positions: int, seed: int,
+                tokenizer: Any) -> LoadedModel:
+    hf_config = preset_config(name)
+    tokenizer = tokenizer or build_tokenizer(hf_config.vocab_size)
+    if name == "tiny-llama":  # same weights as presets.build_hf_model("tiny-llama"): parity with transformers
+        hf_model, _ = build_hf_model(name, torch.float32, "cpu", seed)
+        return LoadedModel(load_hf_model(hf_model, dtype, device, max_positions, tokenizer).model,
+                           hf_config, tokenizer, name)
+    model = build_empty(hf_config, max_positions)
+    random_init(model, hf_config.initializer_range, dtype or torch.float16, device, seed)
+    return LoadedModel(model, hf_config, tokenizer, name)

@@ -1,0 +1,35 @@
+"""Reads sampled tokens back to the host one step behind the GPU (pinned ring buffer + events)."""
+from __future__ import annotations
+
+import torch
+
+
+class TokenReader:
+    """push() after each enqueued step copies the token buffer into a pinned slot and records an event;
+    pop() waits on that event only (never a device-wide synchronize) and returns the oldest tokens."""
+
+    def __init__(self, src: torch.Tensor, device: torch.device, depth: int = 4) -> None:
+        self.src, self.depth = src, depth
+        cuda = device.type == "cuda"
+        self.ring = torch.zeros((depth, *src.shape), dtype=src.dtype, pin_memory=cuda)
+        self.events = [torch.cuda.Event() for _ in range(depth)] if cuda else None
+        self.head = self.tail = 0
+
+    def reset(self) -> None:
+        self.head = self.tail = 0
+
+    def push(self) -> None:
+        if self.head - self.tail >= self.depth:
+            raise RuntimeError("TokenReader overrun: pop() before pushing more steps")
+        slot = self.head % self.depth
+        self.ring[slot].copy_(self.src, non_blocking=True)
+        if self.events is not None:
+            self.events[slot].record()
+        self.head += 1
+
+    def pop(self) -> list[int]:
+        slot = self.tail % self.depth
+        if self.events is not None:
+            self.events[slot].synchronize()
+        self.tail += 1
+        return self.ring[slot].tolist()
