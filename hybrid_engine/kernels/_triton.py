@@ -32,3 +32,16 @@ def jit(fn):
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def jit_helpers(module_globals: dict, names: tuple[str, ...]) -> None:
+    """Replace a module's device-helper functions by their `triton.jit` versions (once, before the first launch),
+    so that kernels calling them by global name see jitted functions."""
+    for name in names:
+        fn = module_globals[name]
+        if callable(fn) and not hasattr(fn, "fn"):
+            module_globals[name] = jit(fn)

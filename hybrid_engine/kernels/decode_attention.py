@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit, next_pow2
+from ._triton import cdiv, jit, next_pow2
 
 try:
     import triton.language as tl
@@ -30,3 +30,133 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhgt,bthd->bhgd", probs, v)
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, PART_LSE, OUT, scale,
+                         stride_qb, stride_qh, stride_cb, stride_co, stride_ch, stride_bt, stride_ob, stride_oh,
+                         num_q_heads, block_size, head_dim,
+                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One (sequence, kv head, split): the GROUP query heads of that kv head over one slice of the KV length."""
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SEQ_LENS + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # on device: graph-safe
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    row_mask = (g < GROUP)[:, None] & (d < head_dim)[None, :]
+    if start < end:
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=row_mask, other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for tok0 in range(start, end, BLOCK_N):
+            tok = tok0 + tl.arange(0, BLOCK_N)
+            tok_mask = tok < end
+            block = tl.load(BLOCK_TABLES + b * stride_bt + tok // block_size, mask=tok_mask, other=0).to(tl.int64)
+            off = block * stride_cb + (tok % block_size) * stride_co + kv_head * stride_ch
+            kv_mask = tok_mask[:, None] & (d < head_dim)[None, :]
+            k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+            scores = tl.where(tok_mask[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        if NUM_SPLITS == 1:
+            tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=row_mask)
+        else:
+            part = (b * num_q_heads + heads) * NUM_SPLITS + split
+            tl.store(PART_OUT + part[:, None] * BLOCK_D + d[None, :], out, mask=row_mask)
+            tl.store(PART_LSE + part, m_i + tl.log(l_i), mask=g < GROUP)
+
+
+def _decode_reduce_kernel(PART_OUT, PART_LSE, SEQ_LENS, OUT, stride_ob, stride_oh, num_q_heads, head_dim,
+                          NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """Merge the splits of one (sequence, query head) by their log-sum-exp."""
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    seq_len = tl.load(SEQ_LENS + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    active = tl.cdiv(seq_len, tl.maximum(split_len, 1))
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < active
+    part = (b * num_q_heads + head) * NUM_SPLITS + s
+    lse = tl.load(PART_LSE + part, mask=s_mask, other=float("-inf"))
+    weight = tl.where(s_mask, tl.exp(lse - tl.max(lse, axis=0)), 0.0)
+    parts = tl.load(PART_OUT + part[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None] & (d < head_dim)[None, :],
+                    other=0.0)
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    tl.store(OUT + b * stride_ob + head * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < head_dim)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def decode_launch_config(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
+                         device: torch.device) -> tuple[int, int]:
+    """(num_splits, block_n) from shapes only, so a captured graph stays valid for every sequence length."""
+    on_gpu = device.type == "cuda"
+    block_n = 64 if on_gpu else 16
+    max_tokens = max_blocks * block_size
+    target = cdiv(4 * _sm_count(device), batch * num_kv_heads) if on_gpu else 4
+    return max(1, min(target, cdiv(max_tokens, block_n), 64)), block_n
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                            num_splits: int | None = None) -> torch.Tensor:
+    """Triton flash-decoding over the paged cache: grid (batch, kv heads, splits) + a log-sum-exp reduction.
+
+    The grid and the number of splits depend only on shapes; each split's slice of the KV length is computed on
+    the device from seq_lens, so the kernel never reads a length on the host and is safe inside a CUDA graph.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or block_tables.stride(-1) != 1:
+        return decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    group = num_q_heads // num_kv_heads
+    splits, block_n = decode_launch_config(batch, num_kv_heads, block_tables.shape[1], block_size, q.device)
+    if num_splits is not None:
+        splits = num_splits
+    block_d = next_pow2(max(head_dim, 16))
+    out = torch.empty_like(q)
+    if splits > 1:
+        part_out = torch.empty((batch, num_q_heads, splits, block_d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_q_heads, splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out
+    if batch == 0:
+        return out
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    jit(_decode_split_kernel)[(batch, num_kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), num_q_heads, block_size, head_dim,
+        GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
+        DOT_PRECISION=precision, num_warps=4, num_stages=2)
+    if splits > 1:
+        jit(_decode_reduce_kernel)[(batch, num_q_heads)](
+            part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1), num_q_heads, head_dim,
+            NUM_SPLITS=splits, BLOCK_N=block_n, BLOCK_S=next_pow2(splits), BLOCK_D=block_d, num_warps=1)
+    return out

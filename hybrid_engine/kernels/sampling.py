@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit, next_pow2
+from ._triton import jit, jit_helpers, next_pow2
 
 try:
     import triton.language as tl
@@ -75,8 +75,112 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     in_nucleus = above < top_p.float()[:, None]
     in_nucleus[:, 0] = True
     p_threshold = ordered.masked_fill(~in_nucleus, float("inf")).amin(dim=-1, keepdim=True)
-    keep = keep_k & (scaled >= p_threshold)
+    keep = keep_k & ((top_p >= 1.0)[:, None] | (scaled >= p_threshold))
     noise = -torch.log(uniform_ref(seeds, offsets, vocab))
     score = torch.where(keep, scaled - torch.log(noise), torch.full_like(scaled, float("-inf")))
     sampled = torch.argmax(score, dim=-1)
     return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+
+
+if tl is not None:
+    MUL1_C = tl.constexpr(MUL1)
+    MUL2_C = tl.constexpr(MUL2)
+    GOLDEN_C = tl.constexpr(GOLDEN)
+    SALT_C = tl.constexpr(SALT)
+    INT32_LO = tl.constexpr(-(2**31))
+    INT32_HI = tl.constexpr(2**31)
+
+
+def _mix32_tl(x):
+    x = x ^ (x >> 16)
+    x = tl.mul(x, MUL1_C, sanitize_overflow=False)
+    x = x ^ (x >> 15)
+    x = tl.mul(x, MUL2_C, sanitize_overflow=False)
+    return x ^ (x >> 16)
+
+
+def _uniform_tl(seed, offset, idx):
+    h = _mix32_tl(((offset >> 32) & 0xFFFFFFFF).to(tl.uint32) ^ SALT_C)
+    h = _mix32_tl(h ^ (offset & 0xFFFFFFFF).to(tl.uint32))
+    h = _mix32_tl(h ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    h = _mix32_tl(h ^ (seed & 0xFFFFFFFF).to(tl.uint32))
+    bits = _mix32_tl(h ^ tl.mul((idx + 1).to(tl.uint32), GOLDEN_C, sanitize_overflow=False))
+    return ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def _ordered_key(x):
+    """float32 -> int64 key with the same order (-0.0 folded into +0.0 first)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+
+
+def _kth_largest_key(keys, valid, k):
+    # invariant: count(keys >= lo) >= k > count(keys >= hi); the range halves exactly 32 times
+    lo = tl.full([], INT32_LO, tl.int64)
+    hi = tl.full([], INT32_HI, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        enough = tl.sum((valid & (keys >= mid)).to(tl.int32), axis=0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    return lo
+
+
+def _nucleus_key(keys, weights, limit):
+    # smallest key t with mass(keys > t) < limit; invariant: mass(> lo) >= limit > mass(> hi)
+    lo = tl.full([], INT32_LO - 1, tl.int64)
+    hi = tl.full([], INT32_HI - 1, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        small = tl.sum(tl.where(keys > mid, weights, 0.0), axis=0) < limit
+        hi = tl.where(small, mid, hi)
+        lo = tl.where(small, lo, mid)
+    return hi
+
+
+def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, stride_l, vocab,
+                   BLOCK_V: tl.constexpr):
+    """One row per program; the whole row lives in registers (BLOCK_V >= vocab)."""
+    row = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, BLOCK_V)
+    valid = idx < vocab
+    logits = tl.load(LOGITS + row * stride_l + idx, mask=valid, other=float("-inf")).to(tl.float32)
+    temperature = tl.load(TEMPERATURE + row)
+    if temperature <= 0.0:
+        tl.store(OUT + row, tl.argmax(logits, axis=0).to(tl.int64))
+    else:
+        scaled = tl.where(valid, logits / temperature, float("-inf"))
+        keys = _ordered_key(scaled)
+        keep = valid
+        top_k = tl.load(TOP_K + row)
+        if (top_k > 0) & (top_k < vocab):
+            keep = keep & (keys >= _kth_largest_key(keys, valid, top_k))
+        top_p = tl.load(TOP_P + row)
+        if top_p < 1.0:
+            weights = tl.where(keep, tl.exp(scaled - tl.max(scaled, axis=0)), 0.0)
+            threshold = _nucleus_key(keys, weights, top_p * tl.sum(weights, axis=0))
+            keep = keep & (keys >= tl.minimum(threshold, tl.max(keys, axis=0)))
+        u = _uniform_tl(tl.load(SEEDS + row), tl.load(OFFSETS + row), idx)
+        score = tl.where(keep, scaled - tl.log(-tl.log(u)), float("-inf"))
+        tl.store(OUT + row, tl.argmax(score, axis=0).to(tl.int64))
+
+
+_HELPERS = ("_mix32_tl", "_uniform_tl", "_ordered_key", "_kth_largest_key", "_nucleus_key")
+
+
+def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Triton version of `sample_ref` (same hash, same filters): no host sync, fixed grid, graph-safe."""
+    batch, vocab = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    block_v = next_pow2(vocab)
+    num_warps = 32 if block_v >= 65536 else 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
+    if batch > 0:
+        jit_helpers(globals(), _HELPERS)
+        jit(_sample_kernel)[(batch,)](
+            logits, temperature.float().contiguous(), top_k.int().contiguous(), top_p.float().contiguous(),
+            seeds.long().contiguous(), offsets.long().contiguous(), out, logits.stride(0), vocab,
+            BLOCK_V=block_v, num_warps=num_warps)
+    return out
