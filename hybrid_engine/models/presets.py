@@ -78,6 +78,8 @@ def build_hf_model(name: str, dtype: torch.dtype = torch.float32, device: str | 
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device).to(dtype)
     fill_random_(model, cfg.initializer_range, seed)
+    rotary = model.model.rotary_emb  # its inv_freq buffer was left uninitialised by to_empty: rebuild it
+    model.model.rotary_emb = type(rotary)(config=cfg).to(device)
     model.eval()
     return model, build_tokenizer(cfg.vocab_size)
 
@@ -93,12 +95,3 @@ def fill_random_(model: torch.nn.Module, std: float, seed: int) -> None:
             p.zero_()
         else:
             p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).to(p.dtype) * std)
-    for name, buf in model.named_buffers():  # rotary inv_freq was lost by to_empty: recompute
-        if name.endswith("inv_freq"):
-            module = model.get_submodule(name.rsplit(".", 1)[0])
-            inv, _ = module.compute_default_rope_parameters(module.config) if hasattr(
-                module, "compute_default_rope_parameters") else (None, None)
-            if inv is not None:
-                buf.copy_(inv.to(buf.device))
-                if hasattr(module, "original_inv_freq"):
-                    module.original_inv_freq.copy_(inv.to(buf.device))
