@@ -1,0 +1,74 @@
+"""Backend selection: defaults, overrides, missing optional packages, logging once, describe()."""
+import logging
+
+import pytest
+import torch
+
+from hybrid_engine.errors import HybridEngineError, OptionalDependencyError
+from hybrid_engine.kernels import KernelOps, get_ops, resolve_backend
+from hybrid_engine.kernels import backend as backend_module
+from hybrid_engine.kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
+
+OPS = ("rms_norm", "rope", "silu_mul", "store_kv", "prefill_attention", "decode_attention", "sample")
+
+
+def test_auto_is_torch_on_cpu_and_triton_on_cuda():
+    assert resolve_backend(torch.device("cpu")) == "torch"
+    assert resolve_backend(torch.device("cuda")) == "triton"
+    ops = get_ops(torch.device("cpu"))
+    assert isinstance(ops, KernelOps) and ops.name == "torch"
+    assert all(callable(getattr(ops, name)) for name in OPS)
+    assert ops.describe()["attention_backend"] == "torch"
+
+
+def test_triton_on_cpu_under_interpreter():
+    ops = get_ops("cpu", "triton")  # conftest set TRITON_INTERPRET=1
+    assert ops.name == "triton" and ops.prefill_attention is prefill_attention_triton
+    assert ops.describe() == {"attention_backend": "triton", "prefill_attention": "triton",
+                              "decode_attention": "triton", "elementwise_kernels": "triton", "sampling": "triton"}
+
+
+def test_sdpa_backend_keeps_triton_elsewhere():
+    ops = get_ops("cpu", "sdpa")
+    assert ops.prefill_attention is prefill_attention_ref
+    assert ops.describe()["prefill_attention"] == "sdpa" and ops.describe()["decode_attention"] == "triton"
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(HybridEngineError, match="CUDA device"):
+        get_ops("cpu", "triton")
+
+
+def test_unknown_backend_is_value_error():
+    with pytest.raises(ValueError, match="attention_backend='cudnn'"):
+        get_ops("cpu", "cudnn")
+
+
+def test_flash_attn_missing_names_the_extra():
+    """flash-attn publishes no wheel for this platform, so here it is normally absent."""
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed")
+    except ImportError:
+        pass
+    with pytest.raises(OptionalDependencyError, match=r"hybrid-engine\[flash\]"):
+        get_ops("cpu", "flash")
+
+
+def test_xformers_missing_names_the_extra():
+    try:
+        import xformers.ops  # noqa: F401
+        pytest.skip("xformers is installed")
+    except ImportError:
+        pass
+    with pytest.raises(OptionalDependencyError, match=r"hybrid-engine\[xformers\]"):
+        get_ops("cpu", "xformers")
+
+
+def test_choice_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(backend_module, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="hybrid_engine.kernels.backend"):
+        get_ops("cpu", "torch")
+        get_ops("cpu", "torch")
+    assert sum("kernel backend" in r.message for r in caplog.records) == 1
