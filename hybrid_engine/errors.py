@@ -5,8 +5,10 @@ class HybridEngineError(RuntimeError):
     """Base class for engine failures that are not a caller's bad value (those raise ValueError)."""
 
 
-class ModelLoadError(HybridEngineError):
-    """A checkpoint, preset or tokenizer could not be loaded; the message names the file or preset."""
+class ModelLoadError(HybridEngineError, ValueError):
+    """A checkpoint, preset or tokenizer could not be loaded; the message names the file or preset.
+
+    Also a ValueError: the cause is a value the caller passed (a path, a preset name)."""
 
 
 class OptionalDependencyError(ImportError):
