@@ -46,7 +46,8 @@ class PagedKVCache:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, max_model_len: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         a = model.args
-        shape = (a.num_layers, num_blocks, block_size, a.num_kv_heads, a.head_dim)
+        shape = (a.num_layers, num_blocks + 1, block_size, a.num_kv_heads, a.head_dim)
+        self.scratch_block = num_blocks  # never handed out: warm-up runs of graph steps write here
         # zeros, not empty: a reference backend may multiply masked garbage by 0, and NaN * 0 = NaN
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

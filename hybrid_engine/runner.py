@@ -87,29 +87,38 @@ class ModelRunner:
             getattr(b, name).copy_(getattr(h, name), non_blocking=True)
 
     # ---- the step functions (eager here; graphs.py captures exactly these) ----
-    def prefill_step(self, length: int) -> None:
+    def scratch_buffers(self) -> StepBuffers:
+        """Buffers for warm-up runs: same shapes as `buf`; KV writes go nowhere (slot -1) or to the scratch block."""
+        b = StepBuffers.allocate(self.max_model_len, self.buf.tokens.shape[0], self.kv.max_blocks_per_seq,
+                                 self.device, pin=False)
+        b.positions.copy_(torch.arange(self.max_model_len, device=self.device))
+        b.slot_mapping.fill_(-1)
+        b.valid_len.fill_(1)
+        b.block_tables.fill_(self.kv.scratch_block)
+        return b
+
+    def prefill_step(self, length: int, buf: StepBuffers | None = None) -> None:
         """Prefill `length` staged tokens (exact or a padded bucket); sample the first token into buf.tokens."""
-        b = self.buf
+        b = buf or self.buf
         meta = AttentionMetadata(is_prefill=True, slot_mapping=b.slot_mapping[:length], valid_len=b.valid_len)
         hidden = self.model(b.input_ids[:length], b.positions[:length], meta)
         last = hidden.index_select(0, (b.valid_len - 1).long())
-        self._sample_and_advance(self.model.compute_logits(last), rows=1)
+        self._sample_and_advance(b, self.model.compute_logits(last), rows=1)
         b.dec_positions[:1].copy_(b.valid_len)
 
-    def decode_step(self) -> None:
+    def decode_step(self, buf: StepBuffers | None = None) -> None:
         """One token per sequence: the KV slot is computed on the device from the position and block table."""
-        b = self.buf
+        b = buf or self.buf
         pos = b.dec_positions
         block = b.block_tables.gather(1, torch.div(pos, self.block_size, rounding_mode="floor").unsqueeze(1))
         slots = block.squeeze(1).long() * self.block_size + pos % self.block_size
         meta = AttentionMetadata(is_prefill=False, slot_mapping=slots, block_tables=b.block_tables,
                                  seq_lens=(pos + 1).int())
         hidden = self.model(b.tokens, pos, meta)
-        self._sample_and_advance(self.model.compute_logits(hidden), rows=b.tokens.shape[0])
+        self._sample_and_advance(b, self.model.compute_logits(hidden), rows=b.tokens.shape[0])
         pos.add_(1)
 
-    def _sample_and_advance(self, logits: torch.Tensor, rows: int) -> None:
-        b = self.buf
+    def _sample_and_advance(self, b: StepBuffers, logits: torch.Tensor, rows: int) -> None:
         tok = self.ops.sample(logits, b.temperature[:rows], b.top_k[:rows], b.top_p[:rows], b.seeds[:rows],
                               b.offsets[:rows])
         b.tokens[:rows].copy_(tok)

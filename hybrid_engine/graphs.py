@@ -1,0 +1,217 @@
+"""CUDA graphs for the static parts of a step, captured by a background worker while the engine serves.
+
+`CaptureWorker` decides what to capture and when (device-independent, unit-tested on the CPU); `GraphRunner` owns
+the CUDA graphs: one decode graph (batch 1) and one prefill graph per length bucket, all in one memory pool.
+
+Rules from DESIGN.md that this module and the serving path obey while a capture may be running:
+- capture with capture_error_mode="thread_local" on the worker's own stream, via CUDAGraph.capture_begin/end
+  (torch.cuda.graph() would run a device-wide synchronize and empty_cache first);
+- the serving thread runs on its own (non-default) stream and waits only on its own events;
+- sampling draws from a counter-based hash, never torch's global generator;
+- every graph's kernels run once outside any capture first (warm-up on scratch buffers that write only to a
+  reserved scratch KV block), so Triton compiles nothing during a capture.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Iterable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DECODE = "decode"
+
+
+class CaptureWorker:
+    """Schedules captures, one at a time: decode first, then prefill buckets by observed demand, then the ladder.
+
+    policy "idle": capture only while no request is in flight (a request arriving mid-capture is served at once;
+    the capture in progress finishes). "eager": capture everything now, before serving. A failed capture is logged,
+    counted and never retried; the engine keeps serving that shape on the JIT path.
+    """
+
+    def __init__(self, keys: Iterable[Any], capture: Callable[[Any], None], policy: str = "idle") -> None:
+        self.ladder = list(keys)
+        self._capture = capture
+        self.policy = policy
+        self.captured: set[Any] = set()
+        self.failed: dict[Any, str] = {}
+        self.demand: Counter = Counter()
+        self.capture_seconds: dict[Any, float] = {}
+        self._busy = False
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.capturing: Any = None
+
+    # -- scheduling --
+    def pending(self) -> list[Any]:
+        """Keys not yet captured or failed, in capture order."""
+        rest = [k for k in self.ladder if k not in self.captured and k not in self.failed]
+        return sorted(rest, key=lambda k: (k != DECODE, -self.demand[k], self.ladder.index(k)))
+
+    def record_demand(self, key: Any) -> None:
+        with self._cond:
+            self.demand[key] += 1
+            self._cond.notify_all()
+
+    def set_busy(self, busy: bool) -> None:
+        with self._cond:
+            self._busy = busy
+            self._cond.notify_all()
+
+    # -- running --
+    def run_all(self) -> None:
+        """Capture every pending key in this thread (policy "eager")."""
+        for key in self.pending():
+            self._capture_one(key)
+
+    def start(self) -> None:
+        if self.policy == "eager":
+            self.run_all()
+            return
+        self._thread = threading.Thread(target=self._loop, name="hybrid-engine-capture", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float = 600.0) -> bool:
+        """Block until nothing is pending (tests, benchmarks); True if everything was attempted."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.pending() or self.capturing is not None:
+                if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())) and \
+                        time.monotonic() >= deadline:
+                    return False
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and (self._busy or not self.pending()):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                key = self.pending()[0]
+            self._capture_one(key)
+
+    def _capture_one(self, key: Any) -> None:
+        with self._cond:
+            self.capturing = key
+        t0 = time.perf_counter()
+        try:
+            self._capture(key)
+        except Exception as exc:  # any failure leaves the engine on the JIT path for this key
+            logger.warning("CUDA graph capture of %r failed; serving it on the JIT path: %s", key, exc)
+            with self._cond:
+                self.failed[key] = f"{type(exc).__name__}: {exc}"
+        else:
+            with self._cond:
+                self.captured.add(key)
+            logger.info("captured %r in %.0f ms", key, (time.perf_counter() - t0) * 1e3)
+        finally:
+            with self._cond:
+                self.capture_seconds[key] = time.perf_counter() - t0
+                self.capturing = None
+                self._cond.notify_all()
+
+
+class GraphRunner:
+    """The engine's CUDA graphs. `ready_prefill_bucket`/`replay_*` are called by the serving thread."""
+
+    def __init__(self, runner: Any, buckets: Iterable[int], policy: str, serve_stream: torch.cuda.Stream) -> None:
+        self.runner = runner
+        self.buckets = sorted(b for b in buckets if b <= runner.max_model_len)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
+        self.serve_stream = serve_stream
+        self.capture_stream = torch.cuda.Stream(runner.device)
+        self.worker = CaptureWorker([DECODE, *self.buckets], self._capture, policy)
+        self.pool_bytes = 0
+        self.fail_next_capture = False  # test hook: the next capture raises inside the capture
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    # -- serving side --
+    def bucket_for(self, length: int) -> int | None:
+        return next((b for b in self.buckets if b >= length), None)
+
+    def ready_prefill_bucket(self, length: int) -> int | None:
+        bucket = self.bucket_for(length)
+        if bucket is None:
+            return None
+        if bucket not in self.worker.captured:
+            self.worker.record_demand(bucket)
+            return None
+        return bucket
+
+    def replay_prefill(self, bucket: int) -> bool:
+        self.graphs[bucket].replay()
+        return True
+
+    def replay_decode(self) -> bool:
+        if DECODE not in self.worker.captured:
+            return False
+        self.graphs[DECODE].replay()
+        return True
+
+    def notify_busy(self) -> None:
+        self.worker.set_busy(True)
+
+    def notify_idle(self) -> None:
+        self.worker.set_busy(False)
+
+    def stats(self) -> dict[str, Any]:
+        w = self.worker
+        return {"graphs_captured": len(w.captured), "graphs_pending": len(w.pending()),
+                "graphs_failed": len(w.failed), "graph_pool_bytes": self.pool_bytes,
+                "graphs": sorted(str(k) for k in w.captured), "graph_failures": dict(w.failed),
+                "capturing": w.capturing is not None}
+
+    # -- worker side --
+    def _step_fn(self, key: Any, buf: Any) -> Callable[[], None]:
+        if key == DECODE:
+            return lambda: self.runner.decode_step(buf)
+        return lambda: self.runner.prefill_step(key, buf)
+
+    @torch.inference_mode()
+    def _capture(self, key: Any) -> None:
+        stream = self.capture_stream
+        with torch.cuda.stream(stream):
+            scratch = self.runner.scratch_buffers()
+            self._step_fn(key, scratch)()  # warm-up: compiles every kernel variant outside the capture
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                if self.fail_next_capture:
+                    self.fail_next_capture = False
+                    raise RuntimeError("injected capture failure (test hook)")
+                self._step_fn(key, self.runner.buf)()
+            finally:
+                graph.capture_end()
+            stream.synchronize()
+        self.graphs[key] = graph
+        self.pool_bytes = _pool_bytes(self.pool)
+
+
+def _pool_bytes(pool: Any) -> int:
+    """Bytes of device memory held by segments of the graphs' private pool."""
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except Exception:  # snapshot unsupported: report 0 rather than a guess
+        return 0
+    return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == tuple(pool))
