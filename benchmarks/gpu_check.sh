@@ -8,8 +8,8 @@ for s in $stages; do
   case $s in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
          python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" | tee -a "$OUT/env.txt";;
-    tests) timeout 420 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt";;
-    probe) timeout 300 python3 benchmarks/probe.py --out "$OUT/probe.json" 2>&1 | tail -60;;
+    tests) timeout 300 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt";;
+    probe) timeout 250 python3 benchmarks/probe.py --out "$OUT/probe.json" 2>&1 | tail -60;;
     kbench) timeout 300 python3 benchmarks/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -40;;
     bench) timeout 560 python3 -m hybrid_engine.cli bench --model llama-2-7b-shape --out-dir "$OUT" 2>&1 | tail -60;;
   esac
