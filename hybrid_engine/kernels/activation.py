@@ -6,10 +6,7 @@ import torch.nn.functional as F
 
 from ._triton import cdiv, jit, next_pow2
 
-try:
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    tl = None
+tl = None  # triton.language, bound on first launch (see _triton.py)
 
 
 def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:

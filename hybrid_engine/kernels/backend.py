@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import HybridEngineError, require
-from ._triton import interpreter_enabled, triton_available
+from ._triton import interpreter_active, interpreter_enabled, triton_available
 from .activation import silu_mul_ref
 from .decode_attention import decode_attention_ref
 from .kv_store import store_kv_ref
@@ -83,6 +83,9 @@ def _check_triton_usable(device: torch.device, backend: str) -> None:
     if device.type == "cpu" and not interpreter_enabled():
         raise HybridEngineError(f"attention_backend={backend!r} runs Triton kernels, which need a CUDA device "
                                 "(or TRITON_INTERPRET=1 on the CPU); use attention_backend='torch' on the CPU")
+    if device.type == "cpu" and not interpreter_active():
+        raise HybridEngineError("TRITON_INTERPRET=1 was set after triton had been imported (e.g. by transformers); "
+                                "set it in the environment before the process imports anything")
     if device.type not in ("cpu", "cuda"):
         raise HybridEngineError(f"attention_backend={backend!r} does not support device {device}")
 

@@ -5,10 +5,7 @@ import torch
 
 from ._triton import cdiv, jit, next_pow2
 
-try:
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    tl = None
+tl = None  # triton.language, bound on first launch (see _triton.py)
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -42,7 +39,7 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # on device: graph-safe
+    split_len = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N  # on device: graph-safe
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
     g = tl.arange(0, BLOCK_G)
@@ -87,8 +84,8 @@ def _decode_reduce_kernel(PART_OUT, PART_LSE, SEQ_LENS, OUT, stride_ob, stride_o
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(SEQ_LENS + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    active = tl.cdiv(seq_len, tl.maximum(split_len, 1))
+    split_len = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    active = (seq_len + split_len - 1) // tl.maximum(split_len, 1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     s_mask = s < active
@@ -117,7 +114,7 @@ def decode_launch_config(batch: int, num_kv_heads: int, max_blocks: int, block_s
     on_gpu = device.type == "cuda"
     block_n = 64 if on_gpu else 16
     max_tokens = max_blocks * block_size
-    target = cdiv(4 * _sm_count(device), batch * num_kv_heads) if on_gpu else 4
+    target = cdiv(4 * _sm_count(device), batch * num_kv_heads) if on_gpu else 2
     return max(1, min(target, cdiv(max_tokens, block_n), 64)), block_n
 
 

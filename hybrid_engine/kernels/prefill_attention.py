@@ -6,10 +6,7 @@ import torch.nn.functional as F
 
 from ._triton import cdiv, jit, next_pow2
 
-try:
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    tl = None
+tl = None  # triton.language, bound on first launch (see _triton.py)
 
 
 def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

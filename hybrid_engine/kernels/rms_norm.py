@@ -5,10 +5,7 @@ import torch
 
 from ._triton import jit, next_pow2
 
-try:
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is a Linux dependency
-    tl = None
+tl = None  # triton.language, bound on first launch (see _triton.py)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

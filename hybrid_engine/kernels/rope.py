@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, jit, next_pow2
+from ._triton import jit, next_pow2
 
-try:
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    tl = None
+tl = None  # triton.language, bound on first launch (see _triton.py)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

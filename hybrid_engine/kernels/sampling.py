@@ -14,10 +14,7 @@ import torch
 
 from ._triton import jit, jit_helpers, next_pow2
 
-try:
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    tl = None
+tl = None  # triton.language, bound on first launch (see _triton.py)
 
 MASK32 = 0xFFFFFFFF
 MUL1 = 0x7FEB352D
@@ -82,13 +79,10 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
 
 
-if tl is not None:
-    MUL1_C = tl.constexpr(MUL1)
-    MUL2_C = tl.constexpr(MUL2)
-    GOLDEN_C = tl.constexpr(GOLDEN)
-    SALT_C = tl.constexpr(SALT)
-    INT32_LO = tl.constexpr(-(2**31))
-    INT32_HI = tl.constexpr(2**31)
+def _init_triton_globals(tl) -> None:
+    """Module constants the kernels read, as tl.constexpr (Triton only reads constexpr globals)."""
+    globals().update(MUL1_C=tl.constexpr(MUL1), MUL2_C=tl.constexpr(MUL2), GOLDEN_C=tl.constexpr(GOLDEN),
+                     SALT_C=tl.constexpr(SALT), INT32_LO=tl.constexpr(-(2**31)), INT32_HI=tl.constexpr(2**31))
 
 
 def _mix32_tl(x):
@@ -109,18 +103,19 @@ def _uniform_tl(seed, offset, idx):
 
 
 def _ordered_key(x):
-    """float32 -> int64 key with the same order (-0.0 folded into +0.0 first)."""
+    """float32 -> int32 key with the same order (-0.0 folded into +0.0 first)."""
     bits = (x + 0.0).to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
 def _kth_largest_key(keys, valid, k):
-    # invariant: count(keys >= lo) >= k > count(keys >= hi); the range halves exactly 32 times
+    # invariant: count(keys >= lo) >= k > count(keys >= hi); the range halves exactly 32 times. Bounds are int64,
+    # every compared value fits int32 (keys stay int32: half the registers of a whole row).
     lo = tl.full([], INT32_LO, tl.int64)
     hi = tl.full([], INT32_HI, tl.int64)
     for _ in range(32):
         mid = (lo + hi) >> 1
-        enough = tl.sum((valid & (keys >= mid)).to(tl.int32), axis=0) >= k
+        enough = tl.sum((valid & (keys >= mid.to(tl.int32))).to(tl.int32), axis=0) >= k
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
     return lo
@@ -132,10 +127,10 @@ def _nucleus_key(keys, weights, limit):
     hi = tl.full([], INT32_HI - 1, tl.int64)
     for _ in range(32):
         mid = (lo + hi) >> 1
-        small = tl.sum(tl.where(keys > mid, weights, 0.0), axis=0) < limit
+        small = tl.sum(tl.where(keys >= (mid + 1).to(tl.int32), weights, 0.0), axis=0) < limit
         hi = tl.where(small, mid, hi)
         lo = tl.where(small, lo, mid)
-    return hi
+    return hi.to(tl.int32)
 
 
 def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, stride_l, vocab,
@@ -154,7 +149,7 @@ def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, strid
         keep = valid
         top_k = tl.load(TOP_K + row)
         if (top_k > 0) & (top_k < vocab):
-            keep = keep & (keys >= _kth_largest_key(keys, valid, top_k))
+            keep = keep & (keys >= _kth_largest_key(keys, valid, top_k).to(tl.int32))
         top_p = tl.load(TOP_P + row)
         if top_p < 1.0:
             weights = tl.where(keep, tl.exp(scaled - tl.max(scaled, axis=0)), 0.0)
@@ -176,7 +171,7 @@ def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         logits = logits.contiguous()
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     block_v = next_pow2(vocab)
-    num_warps = 32 if block_v >= 65536 else 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
+    num_warps = 32 if block_v >= 32768 else 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
     if batch > 0:
         jit_helpers(globals(), _HELPERS)
         jit(_sample_kernel)[(batch,)](
