@@ -79,8 +79,16 @@ class ServerState:
 
 def engine_error(exc: BaseException) -> APIError:
     if isinstance(exc, ValueError):
-        return bad_value(exc)
+        error = bad_value(exc)
+        if "max_model_len" in error.message:
+            error.code = "context_length_exceeded"
+        return error
     return APIError(500, f"the engine failed on this request: {type(exc).__name__}: {exc}", code="engine_error")
+
+
+def _cancelled() -> APIError:
+    return APIError(503, "the request was cancelled before it finished: the server is shutting down",
+                    code="shutting_down")
 
 
 async def next_event(job: Job, disconnect: asyncio.Future[Any] | None) -> Event:
@@ -159,6 +167,8 @@ class Generation:
         event = await next_event(job, watcher)
         if event.kind == "error":
             raise engine_error(event.error or RuntimeError("unknown engine error"))
+        if event.kind == "end":  # dropped from the queue unstarted: only happens at shutdown
+            raise _cancelled()
         return event
 
     def _take(self, event: Event) -> str:
@@ -179,6 +189,8 @@ class Generation:
             event = await next_event(job, watcher)
         if event.kind == "error":
             raise engine_error(event.error or RuntimeError("unknown engine error"))
+        if self.finish is None:
+            raise _cancelled()
         build = chat_body if self.chat else completion_body
         use = usage(self.prompt_tokens, self.completion_tokens)
         return JSONResponse(build(self.rid, self.state.model_name, "".join(self.text), self.finish, use))
@@ -197,6 +209,8 @@ class Generation:
             event = await job.events.get()
         if event.kind == "error":
             yield sse(engine_error(event.error or RuntimeError("unknown engine error")).body())
+        elif self.finish is None:
+            yield sse(_cancelled().body())
         elif include_usage:
             yield writer.usage(usage(self.prompt_tokens, self.completion_tokens))
         yield SSE_DONE
@@ -252,7 +266,7 @@ async def health(request: Request) -> JSONResponse:
     body = {
         "status": "ok" if ok else "worker_dead",
         "model": state.model_name,
-        "capture": {"policy": getattr(state.llm.config, "capture", None),
+        "capture": {"policy": stats.get("capture", getattr(state.llm.config, "capture", None)),
                     **{k: stats.get(k) for k in CAPTURE_KEYS}},
         "queue": {"running": state.worker.running(), "queued": state.worker.queued(),
                   "max_queue": state.worker.max_queue},

@@ -30,6 +30,11 @@ ENGINE_GAUGES = {
 ENGINE_INFO_KEYS = ("attention_backend", "device", "dtype", "capture")
 
 
+def engine_metric_name(key: str) -> str:
+    """hybrid_engine_<key>; the engine's own request counters get an `engine_` infix (the server has its own)."""
+    return f"{PREFIX}_engine_{key}" if key.startswith("requests") else f"{PREFIX}_{key}"
+
+
 class EngineStatsCollector(Collector):
     """Reads llm.stats() at scrape time, so the gauges are never stale."""
 
@@ -45,7 +50,7 @@ class EngineStatsCollector(Collector):
         for key, value in sorted(stats.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key.isidentifier():
                 help_text = ENGINE_GAUGES.get(key, f"engine stat {key!r} from llm.stats()")
-                yield GaugeMetricFamily(f"{PREFIX}_{key}", help_text, value=float(value))
+                yield GaugeMetricFamily(engine_metric_name(key), help_text, value=float(value))
         info = {k: str(stats[k]) for k in ENGINE_INFO_KEYS if k in stats}
         if info:
             yield InfoMetricFamily(f"{PREFIX}_engine", "engine configuration", value=info)

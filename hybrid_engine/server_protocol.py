@@ -56,6 +56,9 @@ def _type_for(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+_LOGGED_UNKNOWN: set[str] = set()
+
+
 def _is_off(value: Any, off: tuple[Any, ...]) -> bool:
     for default in off:
         if isinstance(default, bool) or isinstance(value, bool) or default is None or value is None:
@@ -115,8 +118,10 @@ class _SamplingRequest(_Strict):
             value = extra.pop(name, None)
             if not _is_off(value, off):
                 raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
-        if extra:
-            logger.warning("ignoring unknown request field(s): %s", sorted(extra))
+        new = sorted(set(extra) - _LOGGED_UNKNOWN)
+        if new:  # once per field name: a client sending them on every request must not flood the log
+            _LOGGED_UNKNOWN.update(new)
+            logger.warning("ignoring unknown request field(s) %s (logged once per name)", new)
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams; a ValueError from it becomes a 400 naming the parameter."""

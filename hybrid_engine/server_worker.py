@@ -76,6 +76,7 @@ class EngineWorker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hybrid-engine-worker", daemon=True)
         self._running = 0
+        self._current: Job | None = None
         self._mean_e2e_s = 1.0
         self.metrics = ServerMetrics(llm.stats, self.queued, self.running)
 
@@ -94,7 +95,11 @@ class EngineWorker:
             self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Cancel the running request, answer the queued ones, join the thread."""
         self._stop.set()
+        current = self._current
+        if current is not None:
+            current.cancel()
         while True:
             try:
                 self._queue.get_nowait().emit(Event("end"))
@@ -122,11 +127,11 @@ class EngineWorker:
                 self.metrics.cancelled.inc()
                 job.emit(Event("end"))
                 continue
-            self._running = 1
+            self._running, self._current = 1, job
             try:
                 self._serve(job)
             finally:
-                self._running = 0
+                self._running, self._current = 0, None
 
     def _serve(self, job: Job) -> None:
         self.metrics.queue_wait.observe(time.perf_counter() - job.arrived)

@@ -206,3 +206,44 @@ def test_health_models_metrics(served: tuple[FakeLLM, str]) -> None:
                  "hybrid_engine_graphs_pending 0.0", "hybrid_engine_time_to_first_token_seconds_bucket"):
         assert name in text
     assert httpx.get(base + "/nope").json()["error"]["type"] == "not_found_error"
+
+
+def test_non_streaming_client_timeout_cancels(served: tuple[FakeLLM, str]) -> None:
+    llm, base = served
+    llm.token_delay_s = 0.05
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 60}, timeout=0.5)
+    deadline = time.time() + 5
+    while llm.held and time.time() < deadline:
+        time.sleep(0.02)
+    assert llm.held == 0
+    assert "hybrid_engine_requests_in_flight 0.0" in httpx.get(base + "/metrics").text
+
+
+def test_unstarted_request_at_shutdown_is_503() -> None:
+    llm = FakeLLM()
+    llm.gate.clear()
+    app = create_app(llm, max_queue=2)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    state = app.state.server
+    codes: list[int] = []
+    workers = [threading.Thread(target=lambda: codes.append(_post(
+        f"http://127.0.0.1:{port}", "/v1/completions", {"prompt": "x", "max_tokens": 5}).status_code))
+        for _ in range(2)]
+    for w in workers:
+        w.start()
+    while state.worker.queued() < 1:
+        time.sleep(0.02)
+    state.worker.stop(timeout_s=0.1)  # what the lifespan does at shutdown: running and queued requests get 503
+    llm.gate.set()
+    for w in workers:
+        w.join(10)
+    server.should_exit = True
+    thread.join(10)
+    assert codes == [503, 503], codes
