@@ -164,9 +164,10 @@ def materialize(model: LlamaModel, tensors: Iterable[tuple[str, torch.Tensor]], 
         filled.pop("lm_head.weight", None)
     _check_complete(model, seen)
     for name, buf in filled.items():
-        set_module_tensor_to_device(model, name, device, value=buf)
+        set_module_tensor_to_device(model, name, device, value=buf, dtype=dtype)
     model.cos_sin_cache = model.cos_sin_cache.to(device)
     model.tie_weights()
+    model.requires_grad_(False)
 
 
 def _check_complete(model: LlamaModel, seen: set[tuple[str, int | None]]) -> None:
@@ -178,34 +179,21 @@ def _check_complete(model: LlamaModel, seen: set[tuple[str, int | None]]) -> Non
         raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:4]}")
 
 
+@torch.no_grad()
 def random_init(model: LlamaModel, std: float, dtype: torch.dtype, device: torch.device, seed: int) -> None:
     """Random weights drawn directly on `device` (for the benchmark preset: speed does not depend on values)."""
+    from accelerate.utils import set_module_tensor_to_device
+
     gen = torch.Generator(device=device).manual_seed(seed)
-
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, p in model.named_parameters():
-            if name.endswith("norm") or name.endswith("layernorm"):
-                yield _hf_name(name), torch.ones(p.shape, device=device, dtype=dtype)
-            else:
-                t = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std).to(dtype)
-                yield from _split_fused(model.args, name, t)
-
-    materialize(model, tensors(), dtype, device)
-
-
-def _hf_name(name: str) -> str:
-    return "model.norm.weight" if name == "norm" else f"model.{name}.weight" if "layernorm" in name else name
-
-
-def _split_fused(args: ModelArgs, name: str, t: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    parts = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-    for fused, names in parts.items():
-        if f".{fused}." in name:
-            for shard, hf in enumerate(names):
-                start, size = _shard_rows(args, name, shard)
-                yield "model." + name.replace(fused, hf), t.narrow(0, start, size)
-            return
-    yield (name if name.startswith("lm_head") else "model." + name), t
+    for name, p in list(model.named_parameters()):
+        if name == "norm" or name.endswith("layernorm"):
+            value = torch.ones(p.shape, device=device, dtype=dtype)
+        else:
+            value = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std).to(dtype)
+        set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
+    model.cos_sin_cache = model.cos_sin_cache.to(device)
+    model.tie_weights()
+    model.requires_grad_(False)
 
 
 def _checkpoint_files(path: str) -> list[str]:
