@@ -238,7 +238,8 @@ def main(argv=None) -> int:
     sections = {"decode": bench_decode, "prefill": bench_prefill, "small": bench_small_ops}
     results = {
         "card": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)",
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(), "dtype": "float16",
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "dtype": "float16",
         "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "block_size": 16},
         "command": " ".join(["python", "benchmarks/kernel_bench.py", *(argv or sys.argv[1:])]),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

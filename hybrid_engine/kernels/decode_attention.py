@@ -31,7 +31,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, PART_LSE, OUT, scale,
                          stride_qb, stride_qh, stride_cb, stride_co, stride_ch, stride_bt, stride_ob, stride_oh,
-                         num_q_heads, block_size, head_dim,
+                         num_q_heads, head_dim, BLOCK_SIZE: tl.constexpr,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One (sequence, kv head, split): the GROUP query heads of that kv head over one slice of the KV length."""
@@ -54,8 +54,8 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
         for tok0 in range(start, end, BLOCK_N):
             tok = tok0 + tl.arange(0, BLOCK_N)
             tok_mask = tok < end
-            block = tl.load(BLOCK_TABLES + b * stride_bt + tok // block_size, mask=tok_mask, other=0).to(tl.int64)
-            off = block * stride_cb + (tok % block_size) * stride_co + kv_head * stride_ch
+            block = tl.load(BLOCK_TABLES + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+            off = block * stride_cb + (tok % BLOCK_SIZE) * stride_co + kv_head * stride_ch
             kv_mask = tok_mask[:, None] & (d < head_dim)[None, :]
             k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
@@ -149,7 +149,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     jit(_decode_split_kernel)[(batch, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), num_q_heads, block_size, head_dim,
+        out.stride(0), out.stride(1), num_q_heads, head_dim, BLOCK_SIZE=block_size,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
         DOT_PRECISION=precision, num_warps=4, num_stages=2)
     if splits > 1:

@@ -18,14 +18,14 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 
 def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cb, stride_co, stride_ch, block_size, num_kv_heads, head_dim,
+                     stride_cb, stride_co, stride_ch, num_kv_heads, head_dim, BLOCK_SIZE: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + token).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < num_kv_heads) & (dims < head_dim) & ((tl.zeros([BLOCK_H, 1], tl.int64) + slot) >= 0)
-    cache_off = (slot // block_size) * stride_cb + (slot % block_size) * stride_co + heads * stride_ch + dims
+    cache_off = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + heads * stride_ch + dims
     k = tl.load(K + token * stride_kt + heads * stride_kh + dims, mask=mask)
     v = tl.load(V + token * stride_vt + heads * stride_vh + dims, mask=mask)
     tl.store(K_CACHE + cache_off, k.to(K_CACHE.dtype.element_ty), mask=mask)
@@ -42,5 +42,6 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     if tokens > 0:
         jit(_store_kv_kernel)[(tokens,)](
             k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1], num_kv_heads, head_dim,
-            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4 if block_h * block_d >= 2048 else 1)
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_kv_heads, head_dim,
+            BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h, BLOCK_D=block_d,
+            num_warps=4 if block_h * block_d >= 2048 else 1)

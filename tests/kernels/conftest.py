@@ -13,6 +13,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from kernel_helpers import DEVICE_DTYPES  # noqa: E402
 
+from hybrid_engine.kernels._triton import interpreter_active  # noqa: E402
+
+if not torch.cuda.is_available() and not interpreter_active():
+    raise RuntimeError("tests/kernels on the CPU need TRITON_INTERPRET=1 before triton is first imported (something, "
+                       "e.g. transformers, imported it earlier): run with TRITON_INTERPRET=1 in the environment")
+
 
 @pytest.fixture(params=DEVICE_DTYPES)
 def device_dtype(request):
