@@ -41,9 +41,12 @@ def main() -> None:
     ap.add_argument("--capture", default="eager")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--buckets", default=None, help="comma-separated prefill buckets")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    llm = LLM(args.model, capture=args.capture)
+    kw = {"prefill_buckets": tuple(int(b) for b in args.buckets.split(","))} if args.buckets else {}
+    llm = LLM(args.model, capture=args.capture, attention_backend=args.backend, **kw)
     res = {"load_s": time.perf_counter() - t0, "stats": {}}
     g = torch.Generator().manual_seed(0)
     vocab = llm.model.args.vocab_size
@@ -71,7 +74,7 @@ def main() -> None:
         res["decode_replay_gpu_ms"] = replay_ms(llm)  # prefill graphs need a staged prompt: timed via TTFT
     st = llm.stats()
     res["stats"] = {k: v for k, v in st.items() if isinstance(v, (int, float, str))}
-    print(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "stats"}))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
