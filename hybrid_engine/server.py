@@ -335,7 +335,8 @@ def _default_model_name(llm: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybrid-engine serve", description="OpenAI-compatible HTTP server")
-    p.add_argument("--model", default="tiny-llama", help="checkpoint dir or preset name (default: tiny-llama)")
+    p.add_argument("--model", default=None, help="checkpoint dir or preset (default: tiny-llama on CPU, "
+                                                  "llama-2-7b-shape on GPU)")
     p.add_argument("--served-model-name", default=None, help="name clients pass as `model` (default: --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -366,19 +367,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_queue < 1:
         print(f"error: --max-queue={args.max_queue} must be >= 1", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)  # the server owns the process: its --log-level wins over the CLI's default
+    import torch
     import uvicorn
 
     from hybrid_engine import LLM
     from hybrid_engine.errors import HybridEngineError
 
+    model = args.model or ("llama-2-7b-shape" if torch.cuda.is_available() else "tiny-llama")
     try:
-        llm = LLM(args.model, **engine_kwargs(args))
+        llm = LLM(model, **engine_kwargs(args))
     except (ValueError, TypeError, HybridEngineError) as exc:
-        print(f"error: could not load {args.model!r}: {exc}", file=sys.stderr)
+        print(f"error: could not load {model!r}: {exc}", file=sys.stderr)
         return 2
     try:
-        app = create_app(llm, served_model_name=args.served_model_name or args.model, max_queue=args.max_queue)
+        app = create_app(llm, served_model_name=args.served_model_name or model, max_queue=args.max_queue)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 access_log=not args.no_access_log, timeout_graceful_shutdown=5)
         uvicorn.Server(config).run()
