@@ -8,7 +8,7 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("auto", "triton", "torch", "sdpa", "xformers", "flash")
 CAPTURE_POLICIES = ("idle", "eager", "off")
-DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+DEFAULT_PREFILL_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 @dataclass(slots=True)
