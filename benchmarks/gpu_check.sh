@@ -10,6 +10,8 @@ for s in $stages; do
          python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" | tee -a "$OUT/env.txt";;
     tests) timeout 300 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt";;
     probe) timeout 250 python3 benchmarks/probe.py --out "$OUT/probe.json" 2>&1 | tail -60;;
+    cold) TRITON_CACHE_DIR=$(mktemp -d) timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_empty_cache.json" 2>&1 | tail -3
+          timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_warm_cache.json" 2>&1 | tail -3;;
     kbench) timeout 300 python3 benchmarks/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -40;;
     bench) timeout 560 python3 -m hybrid_engine.cli bench --model llama-2-7b-shape --out-dir "$OUT" 2>&1 | tail -60;;
   esac
