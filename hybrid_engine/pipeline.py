@@ -11,6 +11,8 @@ The returned object is a real `transformers.TextGenerationPipeline` subclass: in
 from __future__ import annotations
 
 import functools
+import sys
+import types
 from typing import Any
 
 from .hf import HybridModelForCausalLM, check_generate_kwargs
@@ -188,3 +190,14 @@ def _checkpoint_generation_config(path: str) -> Any:
     from transformers import GenerationConfig
 
     return GenerationConfig.from_pretrained(path)
+
+
+class _CallableModule(types.ModuleType):
+    """`hybrid_engine.pipeline` names both this module and the factory: importing the submodule rebinds the
+    package attribute to the module, so the module itself must behave as the factory."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return pipeline(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
