@@ -303,6 +303,9 @@ def test_full_queue_answers_429_then_drains(server: Server, expected: dict[str, 
         assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "queue_full"
         with pytest.raises(openai.RateLimitError):
             server.client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+        with pytest.raises(openai.BadRequestError) as too_long:  # validated before queueing: 400 even when full
+            server.client.completions.create(model=MODEL, prompt="hello " * 60, max_tokens=8)
+        assert too_long.value.code == "context_length_exceeded"
         ctx.__exit__(None, None, None)  # release the engine; the queue drains in FIFO order
         client.close()
         texts = [f.result(timeout=120) for f in futures]
@@ -320,7 +323,8 @@ def test_full_queue_answers_429_then_drains(server: Server, expected: dict[str, 
     ({"model": MODEL, "prompt": "x", "n": 3}, "n"),
     ({"model": MODEL, "prompt": 42}, "prompt"),
     ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
-    ({"model": MODEL, "prompt": "hello " * 60, "max_tokens": 8}, None),  # longer than max_model_len
+    ({"model": MODEL, "prompt": "hello " * 60, "max_tokens": 8}, "prompt"),  # longer than max_model_len
+    ({"model": MODEL, "prompt": list(range(1, 250)), "max_tokens": 8}, "prompt"),
     ({"model": MODEL, "prompt": [999999]}, None),  # token id outside the vocabulary
 ])
 def test_malformed_bodies_answer_400(server: Server, body: Any, param: str | None,
@@ -348,6 +352,10 @@ def test_malformed_chat_bodies_answer_400(server: Server) -> None:
         server.client.chat.completions.create(model=MODEL, messages=CHATS[0], n=2)
     with pytest.raises(openai.NotFoundError):
         server.client.chat.completions.create(model="gpt-4o", messages=CHATS[0])
+    long_chat = [{"role": "user", "content": "word " * 80}]
+    with pytest.raises(openai.BadRequestError) as too_long:
+        server.client.chat.completions.create(model=MODEL, messages=long_chat, max_tokens=8)
+    assert too_long.value.code == "context_length_exceeded" and too_long.value.param == "messages"
 
 
 class _FailingLLM:
