@@ -56,6 +56,8 @@ class ServerState:
                             f"lower max_tokens", param=param, code="context_length_exceeded")
 
     def admit(self, prompt: Any, params: SamplingParams) -> Job:
+        if not self.worker.alive:
+            raise APIError(503, "the engine worker is not running; see the server log", code="worker_dead")
         job = Job(prompt, params, asyncio.get_running_loop())
         try:
             self.worker.submit(job)

@@ -104,8 +104,8 @@ class _SamplingRequest(_Strict):
     @classmethod
     def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
         items = [stop] if isinstance(stop, str) else (stop or [])
-        if len(items) > 4 or any(not s for s in items):
-            raise ValueError("stop must be up to 4 non-empty strings")
+        if any(not s for s in items):
+            raise ValueError("stop strings must be non-empty")
         return stop
 
     def resolved_max_tokens(self) -> int | None:
