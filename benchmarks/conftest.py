@@ -1,0 +1,62 @@
+"""pytest-benchmark suites: one engine per preset for the whole session, warmed up (every prompt length once, one
+streamed request) and settled (no graph capture pending) before anything is timed.
+
+    pytest benchmarks -m "not gpu" --benchmark-json=cpu.json      # tiny-llama on the CPU
+    pytest benchmarks -m gpu --benchmark-json=gpu.json            # llama-2-7b-shape on a GPU
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WARM_LENGTHS = (10, 50, 100, 200, 500)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-rounds", type=int, default=30, help="timed rounds per benchmark (default 30)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bench_rounds(request) -> int:
+    return request.config.getoption("--bench-rounds")
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """engine(preset) -> (LLM, Prompts), built once per session."""
+    from hybrid_engine import LLM
+    from hybrid_engine.bench.measure import Prompts
+    from hybrid_engine.bench.systems import HybridSystem
+
+    built: dict[str, tuple] = {}
+
+    def get(preset: str):
+        if preset not in built:
+            gpu = preset != "tiny-llama"
+            llm = LLM(preset) if gpu else LLM(preset, device="cpu")
+            prompts = Prompts(llm.tokenizer, llm.model_config.vocab_size, seed=0)
+            system = HybridSystem(llm)
+            for n in WARM_LENGTHS:
+                system.ttft_ids(prompts.ids_of(n))
+                system.ttft_ids(prompts.ids_of(n))
+            system.stream(prompts.ids_of(100), 16)
+            system.settle(120.0)
+            built[preset] = (llm, prompts)
+        return built[preset]
+
+    yield get
+    for llm, _ in built.values():
+        llm.close()
