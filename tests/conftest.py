@@ -1,9 +1,13 @@
 import os
 
-import pytest
 import torch
 
+# Triton fixes interpreter mode at its first import (transformers imports it): decide before anything else does.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

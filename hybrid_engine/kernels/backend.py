@@ -46,6 +46,7 @@ class KernelOps:
     prefill_attention: Callable[..., Any]
     decode_attention: Callable[..., Any]
     sample: Callable[..., Any]
+    linear: Callable[..., Any] = torch.nn.functional.linear  # projections: cuBLAS unless a kernel measures faster
 
     def describe(self) -> dict[str, str]:
         """What runs where, for `LLM.stats()`."""

@@ -106,7 +106,8 @@ class DecoderLayer(nn.Module):
             residual, x = x, ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps)
         else:
             x, residual = ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps, residual)
-        q, k, v = self.qkv_proj(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q, k, v = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(
+            [a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
@@ -117,9 +118,9 @@ class DecoderLayer(nn.Module):
             attn = ops.prefill_attention(q, k, v, scale, meta.valid_len)
         else:
             attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
-        x = self.o_proj(attn.reshape(-1, a.q_size))
+        x = ops.linear(attn.reshape(-1, a.q_size), self.o_proj.weight)
         x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
-        x = self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        x = ops.linear(ops.silu_mul(ops.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
         return x, residual
 
 
@@ -149,4 +150,4 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] pre-norm residual stream -> [N, vocab] fp32 logits."""
         x = self.ops.rms_norm(hidden, self.norm, self.args.rms_norm_eps)
-        return F.linear(x, self.lm_head.weight).float()
+        return self.ops.linear(x, self.lm_head.weight).float()
