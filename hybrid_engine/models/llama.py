@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -111,8 +110,11 @@ class DecoderLayer(nn.Module):
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        q, k = ops.rope(q, k, positions, cos_sin)
-        ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if getattr(ops, "rope_store_kv", None) is not None:  # one fused kernel where the backend has it
+            q, k = ops.rope_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            q, k = ops.rope(q, k, positions, cos_sin)
+            ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         scale = a.head_dim ** -0.5
         if meta.is_prefill:
             attn = ops.prefill_attention(q, k, v, scale, meta.valid_len)
