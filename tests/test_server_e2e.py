@@ -445,16 +445,16 @@ def _timed_stream(srv: Server, ids: list[int], max_tokens: int) -> tuple[float, 
 
 
 @pytest.mark.gpu
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(540)
 def test_server_on_gpu_latency_over_http(tmp_path: Path) -> None:
     """LLaMA-2-7B shape on the GPU behind HTTP: graphs captured, client-side TTFT / per-token over SSE, and the
     HTTP + SSE overhead (client TTFT minus the server's own TTFT histogram). Writes $OUT/server_gpu.json."""
     srv = Server(tmp_path, model="llama-2-7b-shape", max_model_len=1024, extra=("--capture", "idle"))
     try:
-        srv.wait_ready(timeout_s=600)
+        srv.wait_ready(timeout_s=300)
         ids = list(range(100, 200))  # a 100-token prompt
         _timed_stream(srv, ids, 4)  # demand for the bucket; the capture worker fills idle windows
-        deadline = time.time() + 240
+        deadline = time.time() + 120
         while httpx.get(f"{srv.base}/health").json()["capture"]["graphs_pending"] and time.time() < deadline:
             time.sleep(1)
         before = srv.metrics()
