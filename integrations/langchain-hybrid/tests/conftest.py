@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """One tiny-llama engine on the CPU, shared by the tests (it serves one request at a time)."""
+    from hybrid_engine import LLM
+
+    llm = LLM("tiny-llama", device="cpu", max_model_len=256)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="session")
+def greedy(engine):
+    """Reference greedy generation straight from the engine: (prompt or messages, max_tokens) -> RequestOutput."""
+    from hybrid_engine import SamplingParams
+
+    def run(prompt, max_tokens=16):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        if isinstance(prompt, list):
+            return engine.chat(prompt, params)
+        return engine.generate(prompt, params)[0]
+
+    return run
