@@ -17,6 +17,8 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     tables = block_tables.long().clamp(min=0)
+    if q.device.type == "cpu":  # a host read is free here: gather only the blocks in use, not the whole table
+        tables = tables[:, : (int(seq_lens.max()) + block_size - 1) // block_size]
     k = k_cache[tables].reshape(batch, -1, num_kv_heads, head_dim).float()
     v = v_cache[tables].reshape(batch, -1, num_kv_heads, head_dim).float()
     qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)

@@ -223,8 +223,12 @@ def _safetensors_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
+                keys = list(f.keys())
+            for key in keys:  # reopen per tensor: only one tensor's pages are mapped at a time (peak RSS)
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    tensor = f.get_tensor(key)
+                yield key, tensor
+                del tensor
         except ModelLoadError:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt headers / truncated files
