@@ -47,6 +47,9 @@ class KernelOps:
     decode_attention: Callable[..., Any]
     sample: Callable[..., Any]
     linear: Callable[..., Any] = torch.nn.functional.linear  # projections: cuBLAS unless a kernel measures faster
+    # Optional fused ops (None = the model composes the unfused ones):
+    rope_store_kv: Callable[..., Any] | None = None    # (q, k, v, positions, cos_sin, k_cache, v_cache, slots) -> (q, k)
+    silu_mul_linear: Callable[..., Any] | None = None  # (gate_up_out, down_weight) -> linear(silu_mul(.), weight)
 
     def describe(self) -> dict[str, str]:
         """What runs where, for `LLM.stats()`."""
@@ -111,16 +114,18 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
     prefill = _prefill_for(backend, device)  # missing optional package -> OptionalDependencyError first
     _check_triton_usable(device, backend)
     from .activation import silu_mul_triton
+    from .gemv import linear, silu_mul_linear
     from .decode_attention import decode_attention_triton
     from .kv_store import store_kv_triton
     from .rms_norm import rms_norm_triton
-    from .rope import rope_triton
+    from .rope import rope_store_kv_triton, rope_triton
     from .sampling import sample_triton
 
     return KernelOps(
         name=backend, prefill_name="triton" if backend == "triton" else backend, device=str(device),
         rms_norm=rms_norm_triton, rope=rope_triton, silu_mul=silu_mul_triton, store_kv=store_kv_triton,
         prefill_attention=prefill, decode_attention=decode_attention_triton, sample=sample_triton,
+        linear=linear, rope_store_kv=rope_store_kv_triton, silu_mul_linear=silu_mul_linear,
     )
 
 

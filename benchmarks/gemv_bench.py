@@ -1,0 +1,160 @@
+"""M=1 projections on the GPU: cuBLAS (F.linear) vs the Triton GEMV (hybrid_engine/kernels/gemv.py), LLaMA-2-7B.
+
+    PYTHONPATH=. python3 benchmarks/gemv_bench.py [--quick] [--json out.json]
+
+Each number is µs per call from one CUDA graph of REPS back-to-back calls, each call on its own weight copy (copies
+rotate past L2), median of several replays. TB/s = weight bytes / time. Sweeps Triton configs per shape, checks
+each against the fp32 reference, prints the table and the GEMV_CONFIGS / SILU_GEMV_CONFIGS entries to paste.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hybrid_engine.kernels import gemv  # noqa: E402
+
+SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008),
+          ("lm_head", 32000, 4096)]
+REPS = 20
+# (BLOCK_N, BLOCK_K, num_warps, num_stages)
+CONFIGS = [(4, 512, 4, 1), (4, 1024, 4, 1), (8, 256, 4, 1), (8, 512, 4, 1), (8, 512, 4, 3), (8, 1024, 4, 1),
+           (8, 1024, 8, 1), (16, 256, 4, 1), (16, 512, 4, 1), (16, 512, 8, 1), (16, 512, 4, 3), (16, 1024, 8, 1),
+           (32, 256, 4, 1), (32, 256, 8, 1), (32, 512, 8, 1), (2, 1024, 4, 1), (4, 2048, 8, 1), (64, 128, 8, 1)]
+# split-K (5th element) and long-row configs, for the shapes with few output rows (O, down)
+CONFIGS += [(8, 1024, 4, 1, 2), (4, 1024, 4, 1, 2), (8, 512, 4, 1, 2), (16, 1024, 8, 1, 2), (8, 1024, 4, 1, 3),
+            (4, 512, 4, 1, 4), (16, 512, 4, 1, 4), (2, 2048, 4, 1), (1, 2048, 4, 1), (4, 2048, 4, 1),
+            (8, 2048, 8, 1), (1, 4096, 4, 1), (2, 1024, 2, 1), (4, 1024, 8, 1)]
+QUICK = [(8, 512, 4, 1), (16, 512, 4, 1), (4, 1024, 4, 1), (16, 256, 4, 1), (32, 256, 8, 1)]
+
+
+def graph_us(fn, reps=REPS, replays=7) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(reps):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    del g
+    return statistics.median(times)
+
+
+def bench_rope_store() -> None:
+    """Decode (1 token) and 16-token prefill, LLaMA-2-7B heads: rope + store_kv vs the fused kernel."""
+    from hybrid_engine.kernels.kv_store import store_kv_triton
+    from hybrid_engine.kernels.rope import rope_store_kv_triton, rope_triton
+
+    for tokens in (1, 16):
+        qkv = torch.randn(tokens, 3 * 4096, device="cuda", dtype=torch.float16)
+        q, k, v = (t.view(tokens, 32, 128) for t in qkv.split([4096, 4096, 4096], dim=-1))
+        cache = torch.randn(4096, 128, device="cuda")
+        kc = torch.zeros(64, 16, 32, 128, device="cuda", dtype=torch.float16)
+        vc = torch.zeros_like(kc)
+        pos = torch.arange(100, 100 + tokens, device="cuda")
+        slots = torch.arange(200, 200 + tokens, device="cuda")
+
+        def unfused(i):
+            rope_triton(q, k, pos, cache)
+            store_kv_triton(k, v, kc, vc, slots)
+
+        a = graph_us(unfused)
+        b = graph_us(lambda i: rope_store_kv_triton(q, k, v, pos, cache, kc, vc, slots))
+        print(f"rope+store_kv tokens={tokens}: unfused {a:.2f} us, fused {b:.2f} us")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    p.add_argument("--rope", action="store_true", help="also time rope + store_kv vs the fused kernel")
+    p.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    args = p.parse_args()
+    configs = QUICK if args.quick else CONFIGS
+    if args.rope:
+        bench_rope_store()
+    torch.manual_seed(0)
+    dt = torch.float16
+    results, table, silu_table = [], {}, {}
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"{'shape':>8} {'N':>6} {'K':>6} | {'cublas us':>9} {'TB/s':>5} | {'triton us':>9} {'TB/s':>5} "
+          f"{'config':>20} | {'silu+gemv us':>12} {'vs silu+cublas':>14}")
+    for name, n, k in SHAPES:
+        if name not in args.shapes.split(","):
+            continue
+        ws = [torch.randn(n, k, device="cuda", dtype=dt) * 0.02 for _ in range(REPS)]
+        x = torch.randn(1, k, device="cuda", dtype=dt)
+        nbytes = n * k * 2
+        ref = gemv.linear_ref(x, ws[0]).float()
+        cub = graph_us(lambda i: F.linear(x, ws[i]))
+        per_cfg = {}
+        for cfg in configs:
+            try:
+                out = gemv.gemv_triton(x, ws[0], config=cfg).float()
+                err = (out - ref).abs().max().item()
+                if err > 4e-3 * max(1.0, ref.abs().max().item()):
+                    print(f"  {name} {cfg}: WRONG err {err}")
+                    continue
+                per_cfg[cfg] = graph_us(lambda i, c=cfg: gemv.gemv_triton(x, ws[i], config=c))
+            except Exception as e:  # noqa: BLE001 - a config may not compile (registers)
+                print(f"  {name} {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+        best = min(per_cfg, key=per_cfg.get)
+        row = {"shape": name, "N": n, "K": k, "cublas_us": cub, "cublas_tbs": nbytes / cub / 1e6,
+               "triton_us": per_cfg[best], "triton_tbs": nbytes / per_cfg[best] / 1e6, "config": best,
+               "all": {str(c): v for c, v in per_cfg.items()}}
+        table[(n, k)] = best if per_cfg[best] < cub * 0.99 else None
+        silu_txt = ""
+        if name == "down":
+            h = torch.randn(1, 2 * k, device="cuda", dtype=dt)
+            from hybrid_engine.kernels.activation import silu_mul_triton
+
+            unfused_cub = graph_us(lambda i: F.linear(silu_mul_triton(h), ws[i]))
+            sref = gemv.silu_mul_linear_ref(h, ws[0]).float()
+            fused = {}
+            for cfg in sorted(per_cfg, key=per_cfg.get)[:5]:
+                out = gemv.gemv_triton(h, ws[0], config=cfg, silu_mul=True).float()
+                err = (out - sref).abs().max().item()
+                if err > 4e-3 * max(1.0, sref.abs().max().item()):
+                    print(f"  silu {cfg}: WRONG err {err}")
+                    continue
+                fused[cfg] = graph_us(lambda i, c=cfg: gemv.gemv_triton(h, ws[i], config=c, silu_mul=True))
+            fb = min(fused, key=fused.get)
+            row.update(silu_fused_us=fused[fb], silu_fused_config=fb, silu_cublas_us=unfused_cub)
+            silu_table[(n, k)] = fb if fused[fb] < unfused_cub * 0.99 else None
+            silu_txt = f"{fused[fb]:12.2f} {unfused_cub:14.2f} {fb}"
+        results.append(row)
+        print(f"{name:>8} {n:>6} {k:>6} | {cub:9.2f} {row['cublas_tbs']:5.2f} | {per_cfg[best]:9.2f} "
+              f"{row['triton_tbs']:5.2f} {str(best):>20} | {silu_txt}")
+        for c, v in sorted(per_cfg.items(), key=lambda kv: kv[1])[:6]:
+            print(f"           {str(c):>20} {v:8.2f} us")
+        del ws
+        torch.cuda.empty_cache()
+    print("GEMV_CONFIGS =", table)
+    print("SILU_GEMV_CONFIGS =", silu_table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Projections for one token (M = 1): a Triton GEMV over nn.Linear weights [N, K], fp32 accumulation.
+
+`linear(x, weight, bias)` is the `KernelOps.linear` of the Triton backends: x with one row, fp16/bf16 on CUDA and an
+(N, K) in `GEMV_CONFIGS` (shapes where the kernel measured faster than cuBLAS, benchmarks/gemv_bench.py) runs the
+Triton GEMV; everything else (prefill, unknown shapes, fp32, CPU) goes to `F.linear`. `silu_mul_linear(h, weight)`
+= `linear(silu_mul(h), weight)` with the activation fused into the GEMV's input load (one kernel instead of two,
+and the [1, I] intermediate never goes through memory).
+
+Each program owns BLOCK_N output rows and walks K in BLOCK_K chunks, keeping a [BLOCK_N, BLOCK_K] fp32 partial
+product in registers and reducing it once at the end; the weight loads are 16-byte vectors along K. No workspace,
+no host sync, output allocated like F.linear: CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import cdiv, jit
+
+tl = None  # triton.language, bound on first launch (see _triton.py)
+
+# (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K]), or None where cuBLAS measured faster. Filled from
+# benchmarks/gemv_bench.py on the H100 (fp16, weights rotated past L2, CUDA-graph replay).
+GEMV_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
+    (12288, 4096): (2, 1024, 4, 1),   # QKV      35.6 us vs cuBLAS 36.8
+    (4096, 4096): (8, 1024, 4, 1),    # O        14.0 us vs 16.6
+    (22016, 4096): (2, 1024, 4, 1),   # gate/up  61.2 us vs 68.2
+    (4096, 11008): (8, 1024, 4, 1),   # down     35.3 us vs 36.4
+    (32000, 4096): (8, 1024, 8, 1),   # LM head  87.0 us vs 97.1
+}
+# Same, for silu_mul fused into the GEMV (K = intermediate size, the input has 2K columns).
+SILU_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
+    (12288, 4096): (2, 1024, 4, 1),   # QKV      35.6 us vs cuBLAS 36.8
+    (4096, 4096): (8, 1024, 4, 1),    # O        14.0 us vs 16.6
+    (22016, 4096): (2, 1024, 4, 1),   # gate/up  61.2 us vs 68.2
+    (4096, 11008): (8, 1024, 4, 1),   # down     35.3 us vs 36.4
+    (32000, 4096): (8, 1024, 8, 1),   # LM head  87.0 us vs 97.1
+}
+DEFAULT_CONFIG = (8, 512, 4, 1)  # what tests and linear_triton use when no table entry exists
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 reference of F.linear (x [.., K], weight [N, K], bias [N]), result in x's dtype."""
+    out = x.float() @ weight.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def silu_mul_linear_ref(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 reference of `linear(silu(h[:, :K]) * h[:, K:], weight)`."""
+    k = h.shape[-1] // 2
+    hf = h.float()
+    return (F.silu(hf[..., :k]) * hf[..., k:] @ weight.float().t()).to(h.dtype)
+
+
+def _gemv_kernel(X, W, B, OUT, WS, COUNT, N, K, stride_w, k_chunk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    w_ptrs = W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(pid_k * k_chunk, tl.minimum(K, pid_k * k_chunk + k_chunk), BLOCK_K):
+        kk = k0 + cols
+        kmask = kk < K
+        if SILU_MUL:
+            g = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+            u = tl.load(X + K + kk, mask=kmask, other=0.0).to(tl.float32)
+            x = g / (1.0 + tl.exp(-g)) * u
+        else:
+            x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs + k0, mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    out = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(B + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(OUT + rows, out.to(OUT.dtype.element_ty), mask=row_mask)
+    else:
+        # serial split-K fix-up: every split writes its fp32 partial; the last to arrive (counter) sums them in
+        # a fixed order (deterministic) and resets the counter for the next call (graph replays need no memset).
+        tl.store(WS + pid_k * N + rows, out, mask=row_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(COUNT + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(WS + s * N + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(B + rows, mask=row_mask, other=0.0).to(tl.float32)
+            tl.store(OUT + rows, total.to(OUT.dtype.element_ty), mask=row_mask)
+            tl.atomic_xchg(COUNT + pid, 0)
+
+
+def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                config: tuple[int, int, int, int] | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """x [1, K] (or [1, 2K] with silu_mul) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype. weight contiguous."""
+    n, k = weight.shape
+    assert x.numel() == (2 * k if silu_mul else k), (x.shape, weight.shape)
+    block_n, block_k, num_warps, num_stages, *rest = config or DEFAULT_CONFIG
+    split = rest[0] if rest else 1
+    x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    grid_n = cdiv(n, block_n)
+    k_chunk = cdiv(cdiv(k, split), block_k) * block_k
+    split = cdiv(k, k_chunk)
+    ws, count = _split_buffers(x.device, n, grid_n, split) if split > 1 else (out, out)
+    jit(_gemv_kernel)[(grid_n, split)](
+        x, weight, bias if bias is not None else weight, out, ws, count, n, k, weight.stride(0), k_chunk,
+        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=split,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_buffers(device: torch.device, n: int, grid_n: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partials [split, n] and zeroed arrival counters [grid_n], made once per shape and reused (calls on one
+    stream run in order; the kernel leaves the counters at zero). Made on the first (warm-up) call, before capture."""
+    key = (str(device), n, grid_n, split)
+    bufs = _SPLIT_BUFFERS.get(key)
+    if bufs is None:
+        bufs = (torch.empty(split * n, dtype=torch.float32, device=device),
+                torch.zeros(grid_n, dtype=torch.int32, device=device))
+        _SPLIT_BUFFERS[key] = bufs
+    return bufs
+
+
+def _gemv_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+            and weight.dim() == 2 and weight.stride(1) == 1 and (x.dim() == 1 or x.numel() == x.shape[-1])
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the Triton GEMV for one row where `GEMV_CONFIGS` says it measured faster."""
+    if _gemv_ok(x, weight, bias):
+        config = GEMV_CONFIGS.get(tuple(weight.shape))
+        if config is not None:
+            return gemv_triton(x, weight, bias, config)
+    return F.linear(x, weight, bias)
+
+
+def silu_mul_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`linear(silu_mul(h), weight)`: one fused Triton kernel for one row where measured faster, else the two ops."""
+    if _gemv_ok(h, weight, None) and h.shape[-1] == 2 * weight.shape[1]:
+        config = SILU_GEMV_CONFIGS.get(tuple(weight.shape))
+        if config is not None:
+            return gemv_triton(h, weight, None, config, silu_mul=True)
+    from .activation import silu_mul_ref, silu_mul_triton
+
+    act = silu_mul_triton(h) if h.is_cuda else silu_mul_ref(h)
+    return linear(act, weight)

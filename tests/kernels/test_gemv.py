@@ -1,0 +1,97 @@
+"""Triton GEMV (M=1 projections) vs the fp32 reference: odd sizes, bias, fused silu_mul, dispatch of `linear`."""
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_helpers import GPU, assert_close, rand
+
+from hybrid_engine.kernels import gemv
+from hybrid_engine.kernels.gemv import gemv_triton, linear_ref, silu_mul_linear_ref
+
+CONFIGS = [(4, 32, 1, 1), (8, 64, 2, 1), (16, 16, 1, 2)]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("n,k", [(1, 1), (13, 37), (40, 96), (7, 130)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv(device_dtype, config, n, k, with_bias):
+    device, dtype = device_dtype
+    x = rand(1, k, dtype=dtype, device=device, seed=1)
+    w = rand(n, k, dtype=dtype, device=device, seed=2, scale=0.2)
+    b = rand(n, dtype=dtype, device=device, seed=3) if with_bias else None
+    out = gemv_triton(x, w, b, config)
+    assert out.shape == (1, n) and out.dtype == dtype
+    assert_close(out, linear_ref(x.float(), w.float(), None if b is None else b.float()), dtype, "gemv")
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2])
+@pytest.mark.parametrize("n,k", [(5, 3), (24, 100)])
+def test_gemv_silu_mul(device_dtype, config, n, k):
+    device, dtype = device_dtype
+    h = rand(1, 2 * k, dtype=dtype, device=device, seed=4)
+    w = rand(n, k, dtype=dtype, device=device, seed=5, scale=0.2)
+    out = gemv_triton(h, w, None, config, silu_mul=True)
+    assert_close(out, silu_mul_linear_ref(h.float(), w.float()), dtype, "silu_mul gemv")
+
+
+def test_gemv_weight_view_with_row_stride():
+    """A weight that is a row-slice view (stride(0) > K) still works."""
+    big = torch.randn(10, 48)
+    w = big[:, :40]
+    x = torch.randn(1, 40)
+    assert_close(gemv_triton(x, w, None, (4, 16, 1, 1)), linear_ref(x, w), torch.float32)
+
+
+def test_linear_dispatch_falls_back_on_cpu_and_multirow():
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    assert torch.allclose(gemv.linear(x, w), F.linear(x, w))
+    assert torch.allclose(gemv.linear(x[:1], w), F.linear(x[:1], w))
+    h = torch.randn(2, 32)
+    assert torch.allclose(gemv.silu_mul_linear(h, w), F.linear(F.silu(h[:, :16]) * h[:, 16:], w), atol=1e-5)
+
+
+@pytest.mark.parametrize("n,k", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096),
+                                 (1000, 4100)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_linear_gpu_llama_shapes(n, k, dtype, monkeypatch):
+    """ops.linear on the real shapes (the table's configs, or the default for an off-table shape), in a graph."""
+    monkeypatch.setitem(gemv.GEMV_CONFIGS, (n, k), gemv.GEMV_CONFIGS.get((n, k)) or gemv.DEFAULT_CONFIG)
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    assert_close(gemv.linear(x, w), linear_ref(x, w).float(), dtype, "linear")
+    assert_close(gemv.linear(x, w, b), linear_ref(x, w, b).float(), dtype, "linear+bias")
+    out = gemv.linear(x, w)  # warm
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = gemv.linear(x, w)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(out, linear_ref(x, w).float(), dtype, "linear in graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_silu_mul_linear_gpu(monkeypatch):
+    n, k = 4096, 11008
+    monkeypatch.setitem(gemv.SILU_GEMV_CONFIGS, (n, k), gemv.SILU_GEMV_CONFIGS.get((n, k)) or gemv.DEFAULT_CONFIG)
+    h = torch.randn(1, 2 * k, device="cuda", dtype=torch.float16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+    assert_close(gemv.silu_mul_linear(h, w), silu_mul_linear_ref(h, w).float(), torch.float16, "silu_mul_linear")
+
+
+@pytest.mark.parametrize("config", [(4, 16, 1, 1, 2), (8, 32, 2, 1, 3), (16, 16, 1, 1, 8)])
+@pytest.mark.parametrize("n,k", [(13, 37), (40, 96), (7, 200)])
+def test_gemv_split_k(device_dtype, config, n, k):
+    """Split-K with the last-arriving fix-up, twice in a row (the counters must be left at zero)."""
+    device, dtype = device_dtype
+    w = rand(n, k, dtype=dtype, device=device, seed=2, scale=0.2)
+    b = rand(n, dtype=dtype, device=device, seed=3)
+    for seed in (1, 7):
+        x = rand(1, k, dtype=dtype, device=device, seed=seed)
+        assert_close(gemv_triton(x, w, b, config), linear_ref(x.float(), w.float(), b.float()), dtype, "split-k")
+        h = rand(1, 2 * k, dtype=dtype, device=device, seed=seed)
+        assert_close(gemv_triton(h, w, None, config, silu_mul=True), silu_mul_linear_ref(h.float(), w.float()),
+                     dtype, "split-k silu")
