@@ -117,13 +117,18 @@ class HybridModelForCausalLM:
         return f"HybridModelForCausalLM(model={self.name_or_path!r}, device={self.device}, dtype={self.dtype})"
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None,
                  **kwargs: Any) -> torch.LongTensor:
         """Generate like `PreTrainedModel.generate` (greedy / sampling, batch of left-padded prompts).
 
-        Returns a LongTensor [batch, prompt_len + new_len] on the CPU: each row is its (padded) prompt followed by
-        its new tokens, right-padded with pad_token_id to the longest row.
+        Prompt ids come as `inputs` (positional) or `input_ids=`, with an optional `attention_mask=`. Returns a
+        LongTensor [batch, prompt_len + new_len] on the CPU: each row is its (padded) prompt followed by its new
+        tokens (the EOS that ended it included), right-padded with pad_token_id to the longest row.
         """
+        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        attention_mask = kwargs.pop("attention_mask", None)
+        if generation_config is not None:
+            kwargs["generation_config"] = generation_config
         check_generate_kwargs(kwargs)
         if input_ids is None or input_ids.numel() == 0:
             raise ValueError("input_ids is empty: the hybrid engine needs at least one prompt token")
@@ -152,7 +157,10 @@ class HybridModelForCausalLM:
             check_generate_kwargs(user_config)
             merged.update(user_config)
         merged.update({k: v for k, v in kwargs.items() if k != "generation_config"})
-        check_generate_kwargs({k: v for k, v in merged.items() if k in NOOP_DEFAULTS})
+        from_config = unsupported_generate_kwargs({k: v for k, v in merged.items() if k in NOOP_DEFAULTS})
+        if from_config:
+            raise ValueError(f"the model's generation_config sets {from_config}, which engine='hybrid' does not "
+                             "support; pass the no-op value in the call (e.g. repetition_penalty=1.0) to override")
         eos = merged.get("eos_token_id")
         eos_ids = [] if eos is None else [int(e) for e in (eos.tolist() if torch.is_tensor(eos) else
                                                            (eos if isinstance(eos, Iterable) else [eos]))]
@@ -190,8 +198,7 @@ class HybridModelForCausalLM:
         params = self._sampling_params(len(prompt), opts)
         streamer = kwargs.get("streamer")
         if streamer is None and not opts["stop_strings"] and not opts["stopping_criteria"]:
-            out = self.llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0]
-            new = _with_stop_token(list(out.token_ids), out, opts["eos_ids"])
+            new = list(self.llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids)
         else:
             new = self._stream_one(prompt, params, opts, streamer, kwargs.get("tokenizer"))
         return padded_prompt.tolist() + new
@@ -206,10 +213,7 @@ class HybridModelForCausalLM:
             gen = self.llm.stream_deltas({"prompt_token_ids": prompt}, params)
             try:
                 for delta in gen:
-                    ids = list(delta.token_ids)
-                    if delta.finish_reason is not None:
-                        ids = _with_stop_token(new + ids, delta, opts["eos_ids"])[len(new):]
-                    for tok in ids:
+                    for tok in delta.token_ids:
                         new.append(tok)
                         if streamer is not None:
                             streamer.put(torch.tensor([tok], dtype=torch.long))
@@ -221,15 +225,6 @@ class HybridModelForCausalLM:
         finally:
             if streamer is not None:
                 streamer.end()
-
-
-def _with_stop_token(token_ids: list[int], out: Any, eos_ids: list[int]) -> list[int]:
-    """transformers keeps the EOS token that ended a sequence; add it back if the engine's ids leave it out."""
-    reason = getattr(out, "stop_reason", None)
-    if getattr(out, "finish_reason", None) == "stop" and isinstance(reason, int) and reason in eos_ids:
-        if not token_ids or token_ids[-1] != reason:
-            return token_ids + [reason]
-    return token_ids
 
 
 class _StopCheck:

@@ -57,13 +57,13 @@ import json, resource, sys, time
 import psutil, torch
 import accelerate, safetensors, transformers
 from hybrid_engine import LLM
-path = sys.argv[1]
+path, device = sys.argv[1], sys.argv[2]
 def peak():  # ru_maxrss is in KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-warm = LLM("tiny-llama", device="cpu", max_model_len=32)  # every lazy import and allocator arena in place
+warm = LLM("tiny-llama", device=device, max_model_len=32, capture="off")  # every lazy import and allocator arena in place
 del warm
 baseline, t0 = peak(), time.perf_counter()
-llm = LLM(path, device="cpu", dtype="float16", max_model_len=128)
+llm = LLM(path, device=device, dtype="float16", max_model_len=128, capture="off")
 load_s = time.perf_counter() - t0
 weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
 print(json.dumps({"baseline_rss": baseline, "peak_rss": peak(), "rss_after": psutil.Process().memory_info().rss,
@@ -85,19 +85,21 @@ def write_checkpoint(shape: dict, out: Path, dtype: str = "float16", shard: str 
 
 
 @pytest.mark.slow
-def test_loading_a_1gb_fp16_checkpoint_holds_the_weights_once(tmp_path, record_property):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_loading_a_1gb_fp16_checkpoint_holds_the_weights_once(tmp_path, record_property, device):
+    """Host peak RSS; on "cuda" the weights end on the GPU and the same host bound applies."""
     ckpt = tmp_path / "llama-1gb"
     size = write_checkpoint(BIG, ckpt)
     assert 0.9e9 < size < 1.3e9
-    proc = subprocess.run([sys.executable, "-c", MEASURE, str(ckpt)], capture_output=True, text=True, env=_env(),
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(ckpt), device], capture_output=True, text=True,
+                          env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
-    m["checkpoint_bytes"] = size
+    m["checkpoint_bytes"], m["device"] = size, device
     m["load_cost_x"] = (m["peak_rss"] - m["baseline_rss"]) / size
     m["peak_over_checkpoint_x"] = m["peak_rss"] / size
     record_property("rss", m)
-    print("\naccelerate-load RSS:", json.dumps(m))
+    print(f"\naccelerate-load RSS ({device}):", json.dumps(m))
     assert m["dtype"] == "torch.float16" and abs(m["weights_bytes"] - size) < 0.01 * size
     bound = m["baseline_rss"] + 1.3 * size
     assert m["peak_rss"] <= bound, (

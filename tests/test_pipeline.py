@@ -157,6 +157,28 @@ def test_generation_defaults_given_at_construction(hf_model, tokenizer):
     assert len(out) == len(tokenizer("Hello")["input_ids"]) + 5
 
 
+def test_generation_config_options_the_engine_lacks_are_reported(hybrid, stock):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(repetition_penalty=1.2, max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"repetition_penalty=1\.2"):
+        hybrid("Hello", generation_config=config)
+    hybrid.model.generation_config.repetition_penalty = 1.1  # as a checkpoint's generation_config.json may set
+    try:
+        with pytest.raises(ValueError, match=r"generation_config sets \['repetition_penalty=1\.1'\]"):
+            hybrid("Hello", **GREEDY)
+        assert hybrid("Hello", repetition_penalty=1.0, **GREEDY) == stock("Hello", **GREEDY)
+    finally:
+        hybrid.model.generation_config.repetition_penalty = None
+
+
+def test_pipeline_from_a_preset_name():
+    pipe = pipeline("text-generation", model="tiny-llama", device="cpu", engine_kwargs={"max_model_len": 64})
+    llm = pipe.model.llm
+    want = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+    assert pipe("Hello", max_new_tokens=8, do_sample=False)[0]["generated_text"] == "Hello" + want
+
+
 def test_pipeline_over_an_existing_llm():
     llm = LLM("tiny-llama", device="cpu", max_model_len=64)
     pipe = pipeline("text-generation", model=llm)
