@@ -41,12 +41,9 @@ def pipeline(task: str | None = "text-generation", model: Any = None, tokenizer:
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not allowed; use one of {list(ENGINES)}")
     if engine == "transformers":
-        import transformers
-
-        stock = {"device": device, "device_map": device_map, "dtype": dtype if dtype is not None else torch_dtype,
-                 "model_kwargs": model_kwargs, "trust_remote_code": trust_remote_code}
-        return transformers.pipeline(task=task, model=model, tokenizer=tokenizer,
-                                     **{k: v for k, v in stock.items() if v is not None}, **kwargs)
+        return _stock_pipeline(task, model, tokenizer, engine_kwargs, device=device, device_map=device_map,
+                               dtype=dtype if dtype is not None else torch_dtype, model_kwargs=model_kwargs,
+                               trust_remote_code=trust_remote_code, **kwargs)
     _check_task(task)
     if model is None:
         raise ValueError("pipeline(engine='hybrid') needs model= (a checkpoint directory, a preset name such as "
@@ -66,7 +63,31 @@ def pipeline(task: str | None = "text-generation", model: Any = None, tokenizer:
     llm, generation_config = _build_llm(model, tokenizer, llm_kwargs)
     hybrid_model = HybridModelForCausalLM(llm, generation_config)
     return hybrid_pipeline_class()(model=hybrid_model, tokenizer=llm.tokenizer, task="text-generation",
-                                        device=hybrid_model.device, **kwargs)
+                                   device=hybrid_model.device, **kwargs)
+
+
+def _stock_pipeline(task: str | None, model: Any, tokenizer: Any, engine_kwargs: dict[str, Any] | None,
+                    **kwargs: Any) -> Any:
+    """transformers.pipeline(...); an engine preset name becomes its transformers model (same weights for
+    "tiny-llama", so the two engines can be compared)."""
+    import torch
+    import transformers
+
+    from .engine import LLM
+    from .models.presets import PRESETS, build_hf_model
+
+    if engine_kwargs:
+        raise ValueError(f"engine_kwargs {sorted(engine_kwargs)} only apply to engine='hybrid'")
+    if isinstance(model, LLM):
+        raise ValueError("engine='transformers' needs a transformers model or a checkpoint directory, not a "
+                         "hybrid_engine.LLM")
+    if isinstance(model, str) and model in PRESETS:
+        dtype = _engine_dtype(kwargs.pop("dtype", None))
+        model, preset_tokenizer = build_hf_model(model, getattr(torch, dtype if dtype not in (None, "auto")
+                                                                else "float32"))  # the pipeline moves it
+        tokenizer = tokenizer if tokenizer is not None else preset_tokenizer
+    return transformers.pipeline(task=task, model=model, tokenizer=tokenizer,
+                                 **{k: v for k, v in kwargs.items() if v is not None})
 
 
 @functools.cache

@@ -172,11 +172,19 @@ def test_generation_config_options_the_engine_lacks_are_reported(hybrid, stock):
         hybrid.model.generation_config.repetition_penalty = None
 
 
-def test_pipeline_from_a_preset_name():
-    pipe = pipeline("text-generation", model="tiny-llama", device="cpu", engine_kwargs={"max_model_len": 64})
+def test_pipeline_from_a_preset_name_on_both_engines():
+    pipe = pipeline("text-generation", model="tiny-llama", device="cpu", engine_kwargs={"max_model_len": 256})
     llm = pipe.model.llm
     want = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
     assert pipe("Hello", max_new_tokens=8, do_sample=False)[0]["generated_text"] == "Hello" + want
+    stock = pipeline("text-generation", model="tiny-llama", engine="transformers", device="cpu")
+    assert type(stock) is TextGenerationPipeline
+    for inputs in ("Hello", CHAT):
+        assert stock(inputs, max_new_tokens=8, do_sample=False) == pipe(inputs, max_new_tokens=8, do_sample=False)
+    with pytest.raises(ValueError, match="only apply to engine='hybrid'"):
+        pipeline("text-generation", model="tiny-llama", engine="transformers", engine_kwargs={"capture": "off"})
+    with pytest.raises(ValueError, match="not a hybrid_engine.LLM"):
+        pipeline("text-generation", model=llm, engine="transformers")
 
 
 def test_pipeline_over_an_existing_llm():
