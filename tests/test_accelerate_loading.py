@@ -60,7 +60,7 @@ from hybrid_engine import LLM
 path, device = sys.argv[1], sys.argv[2]
 def peak():  # ru_maxrss is in KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-warm = LLM("tiny-llama", device=device, max_model_len=32, capture="off")  # every lazy import and allocator arena in place
+warm = LLM("tiny-llama", device=device, max_model_len=32, capture="off")  # all lazy imports and arenas in place
 del warm
 baseline, t0 = peak(), time.perf_counter()
 llm = LLM(path, device=device, dtype="float16", max_model_len=128, capture="off")
