@@ -13,11 +13,14 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WARM_LENGTHS = (10, 50, 100, 200, 500)
+WARM_LENGTHS = {"tiny-llama": (10, 50, 100, 200), "llama-2-7b-shape": (10, 50, 100, 200, 500)}
 
 
 def pytest_addoption(parser):
     parser.addoption("--bench-rounds", type=int, default=30, help="timed rounds per benchmark (default 30)")
+    parser.addoption("--bench-cpu-threads", type=int, default=1,
+                     help="torch intra-op threads for CPU presets (default 1: on a shared machine a multi-threaded "
+                          "op waits for its slowest thread, which makes medians swing)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,7 +38,7 @@ def bench_rounds(request) -> int:
 
 
 @pytest.fixture(scope="session")
-def engine():
+def engine(request):
     """engine(preset) -> (LLM, Prompts), built once per session."""
     from hybrid_engine import LLM
     from hybrid_engine.bench.measure import Prompts
@@ -46,10 +49,12 @@ def engine():
     def get(preset: str):
         if preset not in built:
             gpu = preset != "tiny-llama"
+            if not gpu:
+                torch.set_num_threads(request.config.getoption("--bench-cpu-threads"))
             llm = LLM(preset) if gpu else LLM(preset, device="cpu")
             prompts = Prompts(llm.tokenizer, llm.model_config.vocab_size, seed=0)
             system = HybridSystem(llm)
-            for n in WARM_LENGTHS:
+            for n in WARM_LENGTHS.get(preset, WARM_LENGTHS["llama-2-7b-shape"]):
                 system.ttft_ids(prompts.ids_of(n))
                 system.ttft_ids(prompts.ids_of(n))
             system.stream(prompts.ids_of(100), 16)

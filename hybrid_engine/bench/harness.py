@@ -27,6 +27,7 @@ from .systems import SYSTEMS, free, load_system
 
 logger = logging.getLogger(__name__)
 QUICK = dict(lengths=[10, 50, 100], runs=5, gen_tokens=16, tpot_runs=5, stream_runs=1, warmup=1)
+CPU = dict(gen_tokens=32, tpot_runs=10, threads=1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="one child process per system (auto: on for cuda)")
     p.add_argument("--system-timeout", type=float, default=300.0, help="seconds per system in a child process")
     p.add_argument("--settle-s", type=float, default=120.0, help="max wait for pending graph captures")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: 1 on CPU, torch's own on GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -81,7 +83,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.model = args.model or ("llama-2-7b-shape" if gpu else "tiny-llama")
     args.dtype = args.dtype or ("float16" if gpu else "float32")
     defaults = dict(lengths=[10, 50, 100, 200, 500], runs=30, gen_tokens=128, tpot_runs=30, stream_runs=1)
-    for key, value in {**defaults, **(QUICK if args.quick else {})}.items():
+    cpu = {} if gpu else CPU  # CPU numbers only feed ratios: shorter decode runs keep the run under 5 minutes
+    for key, value in {**defaults, **cpu, **(QUICK if args.quick else {})}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.warmup = QUICK["warmup"] if args.quick else 2
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "floors": hardware.measure_floors(device, preset_config(args.model), dtype, args.lengths),
         "plan": {k: getattr(args, k) for k in ("lengths", "runs", "gen_tokens", "tpot_runs", "stream_runs",
-                                               "tpot_prompt_len", "warmup", "capture", "seed")},
+                                               "tpot_prompt_len", "warmup", "capture", "seed", "threads")},
         "systems": {},
     }
     isolate = args.isolate == "on" or (args.isolate == "auto" and args.device == "cuda")
@@ -206,11 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.worker_out is not None:
-        return _worker(args)
-    t0 = time.perf_counter()
-    results = run(args, argv)
-    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.worker_out is not None:
+            return _worker(args)
+        t0 = time.perf_counter()
+        results = run(args, argv)
+        results["wall_s"] = round(time.perf_counter() - t0, 1)
+    finally:
+        torch.set_num_threads(threads)
     stem = f"{hardware.card_slug(results['card'])}-{results['created'][:10]}"
     paths = output.write_all(results, args.out_dir, stem)
     print(paths["md"].read_text())
