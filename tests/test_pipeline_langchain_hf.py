@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import PromptTemplate
-from langchain_huggingface import HuggingFacePipeline
+
+pytest.importorskip("langchain_huggingface", reason="needs the test extra (langchain-huggingface)")
+from langchain_core.output_parsers import StrOutputParser  # noqa: E402
+from langchain_core.prompts import PromptTemplate  # noqa: E402
+from langchain_huggingface import HuggingFacePipeline  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybrid_engine import LLM, pipeline
