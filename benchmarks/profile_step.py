@@ -40,6 +40,15 @@ def main() -> None:
                 r.decode_step()
             torch.cuda.synchronize()
     table(prof, "decode step", 10)
+    for n in (16, 224, 512):
+        with torch.cuda.stream(llm.stream_ctx), torch.inference_mode():
+            r.prefill_step(n)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    r.prefill_step(n)
+                torch.cuda.synchronize()
+        table(prof, f"prefill step, {n} tokens", 5)
 
 
 if __name__ == "__main__":
