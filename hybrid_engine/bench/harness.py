@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--lengths", type=_ints, help="prompt lengths, comma-separated (default 10,50,100,200,500)")
     p.add_argument("--runs", type=int, help="TTFT runs per prompt length after warm-up (default 30)")
-    p.add_argument("--gen-tokens", type=int, help="tokens per TPOT request (default 128)")
-    p.add_argument("--tpot-runs", type=int, help="end-to-end TPOT runs, way (a) (default 30)")
+    p.add_argument("--gen-tokens", type=int, help="tokens per TPOT request (default 128 on GPU, 32 on CPU)")
+    p.add_argument("--tpot-runs", type=int, help="end-to-end TPOT runs, way (a) (default 30 on GPU, 10 on CPU)")
     p.add_argument("--stream-runs", type=int, help="streamed requests per prompt length, way (b) (default 1)")
     p.add_argument("--tpot-prompt-len", type=int, default=100, help="prompt length of the TPOT runs")
     p.add_argument("--systems", type=_names, default=list(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
@@ -143,6 +143,17 @@ def _run_child(name: str, argv: list[str], args: argparse.Namespace) -> dict[str
     return res
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the harness dies (e.g. under `timeout`), so no orphan keeps the GPU."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _strip(argv: list[str]) -> list[str]:
     """argv without --systems / --worker-out (the child gets its own)."""
     out, skip = [], False
@@ -156,8 +167,9 @@ def _strip(argv: list[str]) -> list[str]:
     return out
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """Measure floors, then every system; returns the results dict (BENCHMARKS.md format + extra fields)."""
+def run(args: argparse.Namespace, argv: list[str], on_system=lambda results: None) -> dict[str, Any]:
+    """Measure floors, then every system (calling on_system(results) after each); returns the results dict
+    (BENCHMARKS.md format + extra fields)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     from hybrid_engine.models.presets import preset_config
 
@@ -185,12 +197,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             res["wall_s"] = round(time.perf_counter() - t0, 1)
             results["systems"][name] = res
             logger.info("%s done in %.1f s", name, res["wall_s"])
+            on_system(output.add_ratios(results))
     return output.add_ratios(results)
 
 
 def _worker(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    _die_with_parent()
     def checkpoint(part: dict[str, Any]) -> None:
         tmp = args.worker_out.with_suffix(".tmp")
         tmp.write_text(json.dumps(output._clean(part)))
@@ -201,6 +215,12 @@ def _worker(args: argparse.Namespace) -> int:
               mininterval=0.5) as bar:
         res = run_system(name, args, checkpoint, bar)
     return 1 if "error" in res else 0
+
+
+def _write(results: dict[str, Any], out_dir: Path, t0: float) -> dict[str, Path]:
+    """Written after every system too: a run cut short still leaves the systems it finished."""
+    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    return output.write_all(results, out_dir, f"{hardware.card_slug(results['card'])}-{results['created'][:10]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,12 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.worker_out is not None:
             return _worker(args)
         t0 = time.perf_counter()
-        results = run(args, argv)
-        results["wall_s"] = round(time.perf_counter() - t0, 1)
+        results = run(args, argv, on_system=lambda partial: _write(partial, args.out_dir, t0))
+        paths = _write(results, args.out_dir, t0)
     finally:
         torch.set_num_threads(threads)
-    stem = f"{hardware.card_slug(results['card'])}-{results['created'][:10]}"
-    paths = output.write_all(results, args.out_dir, stem)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()) + f" in {results['wall_s']:.0f} s")
     failed = [n for n, r in results["systems"].items() if "error" in r]

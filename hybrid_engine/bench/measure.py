@@ -68,6 +68,7 @@ def measure_system(system: Any, plan: Plan, prompts: Prompts, tick: Callable[[in
     ttft, e2e_first = _first_request(system, plan, prompts)
     res.update(first_request_ttft_ms=round(ttft * 1e3, 3), first_request_e2e_ms=round(e2e_first * 1e3, 3))
     tick(1)
+    checkpoint(res)
     _warm_up(system, plan, prompts, tick)
     res["after_warmup_stats"] = _jsonable(system.settle(plan.settle_s))
     checkpoint(res)

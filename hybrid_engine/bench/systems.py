@@ -70,13 +70,15 @@ class HybridSystem:
         """Give the idle-capture worker its idle window: wait until no graph is pending (or timeout)."""
         deadline = time.monotonic() + timeout_s
         stats = self.stats()
-        while stats.get("graphs_pending", 0) and time.monotonic() < deadline:
+        while (stats.get("graphs_pending", 0) or stats.get("capturing")) and time.monotonic() < deadline:
             time.sleep(0.05)
             stats = self.stats()
         return stats
 
     def close(self) -> None:
-        self.llm.close()
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
 
 
 class HFSystem:
