@@ -40,13 +40,15 @@ def main() -> None:
                 r.decode_step()
             torch.cuda.synchronize()
     table(prof, "decode step", 10)
+    scratch = r.scratch_buffers()  # KV writes go nowhere (slot -1); valid_len must not exceed the step length
     for n in (16, 224, 512):
         with torch.cuda.stream(llm.stream_ctx), torch.inference_mode():
-            r.prefill_step(n)
+            scratch.valid_len.fill_(n)
+            r.prefill_step(n, scratch)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
-                    r.prefill_step(n)
+                    r.prefill_step(n, scratch)
                 torch.cuda.synchronize()
         table(prof, f"prefill step, {n} tokens", 5)
 
