@@ -62,7 +62,8 @@ class CaptureWorker:
     def set_busy(self, busy: bool) -> None:
         with self._cond:
             self._busy = busy
-            self._cond.notify_all()
+            if not busy:  # only the busy -> idle edge can start a capture: don't wake the worker (GIL) otherwise
+                self._cond.notify_all()
 
     # -- running --
     def run_all(self) -> None:

@@ -20,17 +20,29 @@ from .sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+_FIELDS = (  # name, shape (in terms of L = max_model_len, B = batch, M = max blocks per sequence), dtype
+    ("input_ids", "L", torch.int64), ("positions", "L", torch.int64), ("slot_mapping", "L", torch.int64),
+    ("valid_len", "1", torch.int32), ("tokens", "B", torch.int64), ("dec_positions", "B", torch.int64),
+    ("block_tables", "BM", torch.int32), ("temperature", "B", torch.float32), ("top_k", "B", torch.int32),
+    ("top_p", "B", torch.float32), ("seeds", "B", torch.int64), ("offsets", "B", torch.int64),
+)
+
+
 @dataclass(slots=True)
 class StepBuffers:
-    """Static inputs/outputs. Prefill buffers hold up to max_model_len tokens; decode buffers one row per sequence."""
+    """Static inputs/outputs, all views into one byte buffer so a request is staged with a single H2D copy.
 
-    input_ids: torch.Tensor  # [max_model_len] int64
-    positions: torch.Tensor  # [max_model_len] int64
-    slot_mapping: torch.Tensor  # [max_model_len] int64, -1 = padding
+    Prefill fields hold up to max_model_len tokens; decode fields one row per sequence.
+    """
+
+    storage: torch.Tensor  # uint8, every field below is a view into it
+    input_ids: torch.Tensor  # [L] int64
+    positions: torch.Tensor  # [L] int64
+    slot_mapping: torch.Tensor  # [L] int64, -1 = padding
     valid_len: torch.Tensor  # [1] int32: real prompt length
     tokens: torch.Tensor  # [B] int64: last sampled token = next decode input
     dec_positions: torch.Tensor  # [B] int64: position of `tokens`
-    block_tables: torch.Tensor  # [B, max_blocks] int32
+    block_tables: torch.Tensor  # [B, M] int32
     temperature: torch.Tensor  # [B] fp32
     top_k: torch.Tensor  # [B] int32
     top_p: torch.Tensor  # [B] fp32
@@ -39,13 +51,19 @@ class StepBuffers:
 
     @classmethod
     def allocate(cls, max_len: int, batch: int, max_blocks: int, device: torch.device, pin: bool) -> "StepBuffers":
-        def z(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            t = torch.zeros(shape, dtype=dtype, device=device)
-            return t.pin_memory() if pin else t
-
-        return cls(z(max_len), z(max_len), z(max_len), z(1, dtype=torch.int32), z(batch), z(batch),
-                   z(batch, max_blocks, dtype=torch.int32), z(batch, dtype=torch.float32),
-                   z(batch, dtype=torch.int32), z(batch, dtype=torch.float32), z(batch), z(batch))
+        dims = {"L": (max_len,), "1": (1,), "B": (batch,), "BM": (batch, max_blocks)}
+        layout, offset = [], 0
+        for name, dim, dtype in _FIELDS:
+            numel = 1
+            for d in dims[dim]:
+                numel *= d
+            layout.append((name, dims[dim], dtype, offset, numel * dtype.itemsize))
+            offset += -(-numel * dtype.itemsize // 64) * 64  # 64-byte aligned fields
+        storage = torch.zeros(offset, dtype=torch.uint8, device=device)
+        if pin:
+            storage = storage.pin_memory()
+        views = {name: storage[off:off + size].view(dtype).view(shape) for name, shape, dtype, off, size in layout}
+        return cls(storage=storage, **views)
 
 
 class ModelRunner:
@@ -67,26 +85,24 @@ class ModelRunner:
     def stage_request(self, prompt_ids: list[int], block_table: list[int], params: SamplingParams, seed: int,
                       pad_to: int) -> None:
         """Copy a request's inputs into the static buffers; slots past the prompt (bucket padding) get -1."""
-        n, h, b = len(prompt_ids), self.host, self.buf
+        n, h = len(prompt_ids), self.host
         h.input_ids[:n] = torch.tensor(prompt_ids, dtype=torch.int64)
         h.input_ids[n:pad_to] = 0
         h.positions[:pad_to] = torch.arange(pad_to)
-        h.slot_mapping[:n] = torch.tensor(self.kv.slot_mapping(block_table, 0, n), dtype=torch.int64)
+        table = torch.tensor(block_table, dtype=torch.int64)
+        pos = h.positions[:n]
+        h.slot_mapping[:n] = table[pos // self.block_size] * self.block_size + pos % self.block_size
         h.slot_mapping[n:pad_to] = -1
         h.valid_len[0] = n
         h.block_tables[0].zero_()
-        h.block_tables[0, : len(block_table)] = torch.tensor(block_table, dtype=torch.int32)
+        h.block_tables[0, : len(block_table)] = table.to(torch.int32)
         h.temperature[0] = params.temperature
         h.top_k[0] = params.top_k
         h.top_p[0] = params.top_p
         h.seeds[0] = seed
         h.offsets[0] = 0
-        for name in ("input_ids", "positions", "slot_mapping"):
-            getattr(b, name)[:pad_to].copy_(getattr(h, name)[:pad_to], non_blocking=True)
-        for name in ("valid_len", "block_tables", "temperature", "top_k", "top_p", "seeds", "offsets"):
-            getattr(b, name).copy_(getattr(h, name), non_blocking=True)
+        self.buf.storage.copy_(h.storage, non_blocking=True)  # one copy for everything; stream-ordered
 
-    # ---- the step functions (eager here; graphs.py captures exactly these) ----
     def scratch_buffers(self) -> StepBuffers:
         """Buffers for warm-up runs: same shapes as `buf`; KV writes go nowhere (slot -1) or to the scratch block."""
         b = StepBuffers.allocate(self.max_model_len, self.buf.tokens.shape[0], self.kv.max_blocks_per_seq,
