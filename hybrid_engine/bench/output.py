@@ -49,7 +49,7 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
     fl, lengths = results["floors"], list(results["floors"]["ttft_ms"])
     head = (f"{results['card']} · {results['model']} · {results['dtype']} · torch {results['torch']} · "
             f"transformers {results['transformers']} · triton {results['triton']} · {results['created'][:10]}  \n"
-            f"copy {fl['copy_GBps']:.0f} GB/s, GEMM {fl['gemm_TFLOPs']:.1f} TFLOP/s measured at the start · "
+            f"copy {fl['copy_GBps']:.0f} GB/s, GEMM {fl['gemm_TFLOPs']:.3g} TFLOP/s measured at the start · "
             f"`{results['command']}`\n")
     cols = [f"TTFT L={n}" for n in lengths] + ["per token (a)", "per token streamed (b)", "first request TTFT / e2e",
                                                "graph memory"]
@@ -74,8 +74,14 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
         cells = [_x(res["ttft_p50_vs_floor"].get(n), vs_e.get(n)) for n in lengths]
         cells.append(_x(res.get("tpot_p50_vs_floor"), res.get(f"tpot_p50_vs_{BASELINE}")))
         ratio_rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    text_cols = [f"L={n}" for n in lengths]
+    text_rows = ["| TTFT incl. tokenization (ms, p50 / p99) | " + " | ".join(text_cols) + " |",
+                 "|---" * (len(text_cols) + 1) + "|"]
+    text_rows += [f"| {name} | " + " | ".join(_pair(res["ttft_text_ms"].get(n)) for n in lengths) + " |"
+                  for name, res in results["systems"].items() if "ttft_text_ms" in res]
     plot = f"\n![TTFT and per-token latency vs prompt length]({plot_name})\n" if plot_name else ""
-    return head + "\n" + "\n".join(rows) + "\n\n" + "\n".join(ratio_rows) + "\n" + plot
+    tables = ["\n".join(rows), "\n".join(ratio_rows), "\n".join(text_rows)]
+    return head + "\n" + "\n\n".join(tables) + "\n" + plot
 
 
 def _x(floor_ratio: float | None, eager_ratio: float | None) -> str:
