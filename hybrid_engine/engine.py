@@ -223,9 +223,10 @@ class LLM:
             self._count_path(self.runner.prefill(ids, active.blocks, params, seed))
             self.reader.push()
             enqueued = 1
+            lookahead = self.device.type == "cuda"  # on a CPU a step runs synchronously: read first, then step
             while not active.cancelled:
-                if enqueued < params.max_tokens:  # enqueue the next step before reading this one: no GPU idle
-                    self._count_path(self.runner.decode())
+                if enqueued < params.max_tokens and (lookahead or n_out == enqueued):
+                    self._count_path(self.runner.decode())  # enqueue the next step before reading this one
                     self.reader.push()
                     enqueued += 1
                 tok = self.reader.pop()[0]

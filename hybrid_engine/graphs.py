@@ -13,9 +13,11 @@ Rules from DESIGN.md that this module and the serving path obey while a capture 
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections import Counter
 from typing import Any, Callable, Iterable
 
@@ -24,6 +26,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 DECODE = "decode"
+_LIVE_WORKERS: "weakref.WeakSet[CaptureWorker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    """Join capture threads before the interpreter finalizes: a daemon thread frozen inside a CUDA call aborts."""
+    for worker in list(_LIVE_WORKERS):
+        worker.stop(timeout=60.0)
 
 
 class CaptureWorker:
@@ -76,6 +86,7 @@ class CaptureWorker:
             self.run_all()
             return
         self._thread = threading.Thread(target=self._loop, name="hybrid-engine-capture", daemon=True)
+        _LIVE_WORKERS.add(self)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -100,7 +100,9 @@ def hybrid_pipeline_class() -> type:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            check_generate_kwargs(self._generate_kwargs)  # generation options given at construction
+            # generation options given at construction (transformers >= 5.2x keeps them apart; older ones pass them
+            # through _sanitize_parameters, checked below)
+            check_generate_kwargs(getattr(self, "_generate_kwargs", None) or {})
 
         def check_model_type(self, supported_models: Any) -> None:
             """The engine's model registry already checked the architecture when the LLM was built."""
