@@ -13,6 +13,9 @@ for s in $stages; do
     cold) TRITON_CACHE_DIR=$(mktemp -d) timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_empty_cache.json" 2>&1 | tail -3
           timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_warm_cache.json" 2>&1 | tail -3;;
     kbench) timeout 300 python3 benchmarks/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -40;;
-    bench) timeout 560 python3 -m hybrid_engine.cli bench --model llama-2-7b-shape --out-dir "$OUT" 2>&1 | tail -60;;
+    bench) timeout 560 python3 -m hybrid_engine.bench --model llama-2-7b-shape --out-dir "$OUT" --system-timeout 170 2>&1 | tail -60;;
+    pbench) timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/bench-gpu.json" 2>&1 | tail -30
+          [ -f ci/baselines/gpu-llama-2-7b-shape.json ] && python3 ci/gate.py ci/baselines/gpu-llama-2-7b-shape.json \
+            "$OUT/bench-gpu.json" --tolerance 0.10 --min-delta-ms 0.2 | tee "$OUT/gate.txt";;
   esac
 done
