@@ -77,6 +77,10 @@ class LLM:
         self._counts = {"requests_served": 0, "requests_failed": 0, "requests_cancelled": 0, "jit_steps": 0,
                         "graph_steps": 0}
         self.graphs = None
+        if self.device.type == "cuda":
+            with torch.cuda.stream(self.stream_ctx):
+                self.runner.warm_up()
+            self.stream_ctx.synchronize()
         if cfg.capture != "off" and self.device.type == "cuda":
             from .graphs import GraphRunner
 

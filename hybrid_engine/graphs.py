@@ -72,10 +72,15 @@ class CaptureWorker:
     def set_busy(self, busy: bool) -> None:
         with self._cond:
             self._busy = busy
-            if not busy:  # only the busy -> idle edge can start a capture: don't wake the worker (GIL) otherwise
-                self._cond.notify_all()
+            if not busy and self.pending():  # only busy -> idle with work left can start a capture: otherwise
+                self._cond.notify_all()      # don't wake the worker (it would take the GIL for nothing)
 
     # -- running --
+    def run_one(self, key: Any) -> None:
+        """Capture `key` now, in this thread (if it is still pending)."""
+        if key in self.pending():
+            self._capture_one(key)
+
     def run_all(self) -> None:
         """Capture every pending key in this thread (policy "eager")."""
         for key in self.pending():
@@ -152,6 +157,10 @@ class GraphRunner:
         self.fail_next_capture = False  # test hook: the next capture raises inside the capture
 
     def start(self) -> None:
+        """Decode graph at load for "idle" (every request needs it; ~0.1 s once kernels are warm), so the first
+        request never shares the GIL with its capture; prefill buckets then follow in the background."""
+        if self.worker.policy == "idle":
+            self.worker.run_one(DECODE)
         self.worker.start()
 
     def stop(self) -> None:

@@ -113,6 +113,17 @@ class ModelRunner:
         b.block_tables.fill_(self.kv.scratch_block)
         return b
 
+    @torch.inference_mode()
+    def warm_up(self, lengths: tuple[int, ...] = (1, 15, 16, 17, 100)) -> None:
+        """Run every kernel variant the JIT path will launch once, on scratch buffers (Triton specialises integer
+        arguments equal to 1 or divisible by 16), so the first request compiles and loads nothing."""
+        scratch = self.scratch_buffers()
+        for n in lengths:
+            if n <= self.max_model_len:
+                scratch.valid_len.fill_(n)
+                self.prefill_step(n, scratch)
+        self.decode_step(scratch)
+
     def prefill_step(self, length: int, buf: StepBuffers | None = None) -> None:
         """Prefill `length` staged tokens (exact or a padded bucket); sample the first token into buf.tokens."""
         b = buf or self.buf
