@@ -1,14 +1,16 @@
 """Cold start and serving-while-capturing, with the background worker (capture="idle").
 
-Loads the model, serves the first request at once (JIT path, no capture waited for), then keeps sending
-100-token requests back to back while the worker captures in the gaps between them; reports TTFT of requests
-that overlapped a capture vs after all graphs were ready. Run it twice: with an empty TRITON_CACHE_DIR and warm.
+Loads the model, serves the first request at once (JIT prefill, decode graph taken at load), then sends 100-token
+requests with think times just around the worker's quiet period, so that many of them arrive while a bucket is
+being captured; reports TTFT of requests that overlapped a capture, of those that did not, and after all graphs
+were ready. Run it twice: with an empty TRITON_CACHE_DIR and with a warm one.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import statistics
 import time
 
@@ -48,11 +50,15 @@ def main() -> None:
 
     first, _ = request()
     during, jit_only = [], []
-    deadline = time.monotonic() + 240
+    think = random.Random(0)
+    quiet = llm.graphs.worker.quiet_s
+    deadline = time.monotonic() + 60
     while llm.stats()["graphs_pending"] and time.monotonic() < deadline:
+        time.sleep(think.uniform(quiet - 0.01, quiet + 0.06))
         ttft, overlapped = request()
         (during if overlapped else jit_only).append(ttft)
     ready_s = time.perf_counter() - t0
+    llm.graphs.worker.wait_idle(timeout=60)
     steady = [request()[0] for _ in range(args.steady_runs)]
     st = llm.stats()
     res = {"model": args.model, "prompt_len": args.length, "load_s": load_s, "first_request_ttft_ms": first,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -44,8 +45,11 @@ class CaptureWorker:
     counted and never retried; the engine keeps serving that shape on the JIT path.
     """
 
-    def __init__(self, keys: Iterable[Any], capture: Callable[[Any], None], policy: str = "idle") -> None:
+    def __init__(self, keys: Iterable[Any], capture: Callable[[Any], None], policy: str = "idle",
+                 quiet_s: float = 0.25) -> None:
         self.ladder = list(keys)
+        self.quiet_s = quiet_s  # an idle window starts this long after the last request (or load) ended
+        self._last_busy = time.monotonic()
         self._capture = capture
         self.policy = policy
         self.captured: set[Any] = set()
@@ -72,6 +76,7 @@ class CaptureWorker:
     def set_busy(self, busy: bool) -> None:
         with self._cond:
             self._busy = busy
+            self._last_busy = time.monotonic()
             if not busy and self.pending():  # only busy -> idle with work left can start a capture: otherwise
                 self._cond.notify_all()      # don't wake the worker (it would take the GIL for nothing)
 
@@ -114,17 +119,29 @@ class CaptureWorker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and (self._busy or not self.pending()):
-                    self._cond.wait()
-                if self._stop:
+                key = self._wait_for_idle_window()
+                if key is None:
                     return
-                key = self.pending()[0]
             self._capture_one(key)
+
+    def _wait_for_idle_window(self) -> Any:
+        """Under the lock: the next key once no request has been in flight for quiet_s; None when stopping."""
+        while not self._stop:
+            quiet_left = self._last_busy + self.quiet_s - time.monotonic()
+            if self._busy or not self.pending():
+                self._cond.wait()
+            elif quiet_left > 0:
+                self._cond.wait(timeout=quiet_left)
+            else:
+                return self.pending()[0]
+        return None
 
     def _capture_one(self, key: Any) -> None:
         with self._cond:
             self.capturing = key
         t0 = time.perf_counter()
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, 2e-4))  # a request arriving mid-capture gets the GIL within 0.2 ms
         try:
             self._capture(key)
         except Exception as exc:  # any failure leaves the engine on the JIT path for this key
@@ -136,6 +153,7 @@ class CaptureWorker:
                 self.captured.add(key)
             logger.info("captured %r in %.0f ms", key, (time.perf_counter() - t0) * 1e3)
         finally:
+            sys.setswitchinterval(switch)
             with self._cond:
                 self.capture_seconds[key] = time.perf_counter() - t0
                 self.capturing = None
@@ -208,13 +226,20 @@ class GraphRunner:
             return lambda: self.runner.decode_step(buf)
         return lambda: self.runner.prefill_step(key, buf)
 
+    def _warmed_at_load(self, key: Any) -> bool:
+        """ModelRunner.warm_up ran decode and prefill at lengths 1, 15, 16, 17, 100: Triton specialises integer
+        arguments only as ==1 / divisible by 16 / other, so every bucket falls in a class already compiled."""
+        return key == DECODE or key in self.runner.warmed_lengths or key % 16 == 0 and 16 in self.runner.warmed_lengths
+
     @torch.inference_mode()
     def _capture(self, key: Any) -> None:
         stream = self.capture_stream
         with torch.cuda.stream(stream):
-            scratch = self.runner.scratch_buffers()
-            self._step_fn(key, scratch)()  # warm-up: compiles every kernel variant outside the capture
-            stream.synchronize()
+            if not self._warmed_at_load(key):  # compile this variant outside the capture
+                scratch = self.runner.scratch_buffers()
+                scratch.valid_len.fill_(1 if key == DECODE else key)
+                self._step_fn(key, scratch)()
+                stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:

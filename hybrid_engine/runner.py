@@ -80,6 +80,7 @@ class ModelRunner:
         self.host = StepBuffers.allocate(max_model_len, max_num_seqs, kv.max_blocks_per_seq, torch.device("cpu"),
                                          pin=pin)
         self.graphs: Any = None  # graphs.GraphRunner, attached by the engine when capture != "off"
+        self.warmed_lengths: set[int] = set()  # prefill lengths run by warm_up()
 
     # ---- host -> device staging (one request at a time, row 0) ----
     def stage_request(self, prompt_ids: list[int], block_table: list[int], params: SamplingParams, seed: int,
@@ -122,6 +123,7 @@ class ModelRunner:
             if n <= self.max_model_len:
                 scratch.valid_len.fill_(n)
                 self.prefill_step(n, scratch)
+                self.warmed_lengths.add(n)
         self.decode_step(scratch)
 
     def prefill_step(self, length: int, buf: StepBuffers | None = None) -> None:

@@ -13,7 +13,7 @@ def _worker(policy="idle", fail=()):
             raise RuntimeError(f"boom {key}")
         done.append(key)
 
-    return CaptureWorker([DECODE, 16, 32, 64, 128], capture, policy), done
+    return CaptureWorker([DECODE, 16, 32, 64, 128], capture, policy, quiet_s=0.05), done
 
 
 def test_decode_first_then_demand_then_ladder():
@@ -64,10 +64,22 @@ def test_one_capture_at_a_time():
         with lock:
             active[0] -= 1
 
-    w = CaptureWorker([DECODE, 1, 2, 3], capture)
+    w = CaptureWorker([DECODE, 1, 2, 3], capture, quiet_s=0.0)
     w.start()
     for k in (1, 2, 3):
         w.record_demand(k)
     assert w.wait_idle(timeout=10)
     w.stop()
     assert peak[0] == 1
+
+
+def test_idle_window_starts_after_quiet_period():
+    w, done = _worker()
+    w.quiet_s = 0.5
+    w.set_busy(True)
+    w.set_busy(False)
+    w.start()
+    time.sleep(0.2)
+    assert done == []  # still inside the quiet period after the last request
+    assert w.wait_idle(timeout=10) and len(done) == 5
+    w.stop()
