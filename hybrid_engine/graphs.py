@@ -167,6 +167,7 @@ class GraphRunner:
         self.runner = runner
         self.buckets = sorted(b for b in buckets if b <= runner.max_model_len)
         self.pool = torch.cuda.graph_pool_handle()
+        self.all_pools = [self.pool]
         self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
         self.serve_stream = serve_stream
         self.capture_stream = torch.cuda.Stream(runner.device)
@@ -226,20 +227,16 @@ class GraphRunner:
             return lambda: self.runner.decode_step(buf)
         return lambda: self.runner.prefill_step(key, buf)
 
-    def _warmed_at_load(self, key: Any) -> bool:
-        """ModelRunner.warm_up ran decode and prefill at lengths 1, 15, 16, 17, 100: Triton specialises integer
-        arguments only as ==1 / divisible by 16 / other, so every bucket falls in a class already compiled."""
-        return key == DECODE or key in self.runner.warmed_lengths or key % 16 == 0 and 16 in self.runner.warmed_lengths
-
     @torch.inference_mode()
     def _capture(self, key: Any) -> None:
         stream = self.capture_stream
         with torch.cuda.stream(stream):
-            if not self._warmed_at_load(key):  # compile this variant outside the capture
-                scratch = self.runner.scratch_buffers()
-                scratch.valid_len.fill_(1 if key == DECODE else key)
-                self._step_fn(key, scratch)()
-                stream.synchronize()
+            # warm-up on this stream first: cuBLAS sets up its per-stream workspace and Triton compiles any new
+            # variant outside the capture (without it the first capture on this stream is invalidated)
+            scratch = self.runner.scratch_buffers()
+            scratch.valid_len.fill_(1 if key == DECODE else key)
+            self._step_fn(key, scratch)()
+            stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
@@ -247,17 +244,31 @@ class GraphRunner:
                     self.fail_next_capture = False
                     raise RuntimeError("injected capture failure (test hook)")
                 self._step_fn(key, self.runner.buf)()
-            finally:
-                graph.capture_end()
+            except BaseException:
+                self._abandon_capture(graph)
+                raise
+            graph.capture_end()
             stream.synchronize()
         self.graphs[key] = graph
-        self.pool_bytes = _pool_bytes(self.pool)
+        self.pool_bytes = _pool_bytes(self.all_pools)
 
 
-def _pool_bytes(pool: Any) -> int:
-    """Bytes of device memory held by segments of the graphs' private pool."""
+    def _abandon_capture(self, graph: torch.cuda.CUDAGraph) -> None:
+        """End a failed capture and move later captures to a fresh pool: the allocator may still consider the old
+        pool as recording, which would fail every later capture ("already recording to mempool_id")."""
+        try:
+            graph.capture_end()
+        except Exception as exc:  # an invalidated capture cannot end cleanly; the stream is usable afterwards
+            logger.debug("capture_end after a failed capture: %s", exc)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.all_pools.append(self.pool)
+
+
+def _pool_bytes(pools: list[Any]) -> int:
+    """Bytes of device memory held by segments of the graphs' private pools."""
     try:
         segments = torch.cuda.memory_snapshot()
     except Exception:  # snapshot unsupported: report 0 rather than a guess
         return 0
-    return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == tuple(pool))
+    ids = {tuple(p) for p in pools}
+    return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) in ids)
