@@ -23,15 +23,6 @@ def pytest_addoption(parser):
                           "op waits for its slowest thread, which makes medians swing)")
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def bench_rounds(request) -> int:
     return request.config.getoption("--bench-rounds")

@@ -1,7 +1,7 @@
 """EngineConfig: every option of the engine, validated on construction."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")

@@ -13,7 +13,6 @@ import torch
 
 from .config import EngineConfig
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
-from .errors import HybridEngineError
 from .kernels import get_ops
 from .kv_cache import PagedKVCache, num_blocks_for
 from .models import loader

@@ -1,7 +1,7 @@
 """Per-request sampling options (vLLM-shaped)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)

@@ -5,7 +5,6 @@ LLaMA-2-7B shape in float16 (benchmarks: speed does not depend on weight values)
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch

@@ -1,3 +1,4 @@
+"""Repository-wide pytest setup: runs before any test module (tests/, benchmarks/, integrations/) imports triton."""
 import os
 
 import torch
