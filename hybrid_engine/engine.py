@@ -185,7 +185,8 @@ class LLM:
         active = self._acquire(ids, params)
         try:
             yield from self._decode_loop(active, ids, params)
-            self._counts["requests_served"] += 1
+            if not active.cancelled:  # a stream cancelled by a newer request on its thread was counted there
+                self._counts["requests_served"] += 1
         except GeneratorExit:
             self._counts["requests_cancelled"] += 1
             raise
