@@ -245,12 +245,18 @@ def main(argv=None) -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "floors": floors, "rows": [],
     }
-    for name in args.sections:
-        results["rows"] += sections[name](args, floors)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    failed = []
+    for name in args.sections:
+        try:
+            results["rows"] += sections[name](args, floors)
+        except Exception as exc:  # keep what the other sections measured
+            failed.append(name)
+            results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+            print(f"section {name} failed: {exc}", file=sys.stderr)
+        Path(args.out).write_text(json.dumps(results, indent=1))  # after every section
     print(f"wrote {args.out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import HybridEngineError, require
+from ..errors import HybridEngineError, OptionalDependencyError, require
 from ._triton import interpreter_active, interpreter_enabled, triton_available
 from .activation import silu_mul_ref
 from .decode_attention import decode_attention_ref
@@ -100,7 +100,9 @@ def _prefill_for(backend: str, device: torch.device) -> Callable[..., Any]:
     if backend == "xformers":
         from .prefill_attention import make_xformers_prefill
 
-        return make_xformers_prefill(require("xformers.ops", "xformers"))
+        prefill = make_xformers_prefill(require("xformers.ops", "xformers"))
+        _probe_prefill(prefill, device, "xformers")
+        return prefill
     if backend == "flash":
         from .prefill_attention import make_flash_prefill
 
@@ -108,6 +110,21 @@ def _prefill_for(backend: str, device: torch.device) -> Callable[..., Any]:
     from .prefill_attention import prefill_attention_triton
 
     return prefill_attention_triton
+
+
+def _probe_prefill(prefill: Callable[..., Any], device: torch.device, backend: str) -> None:
+    """Run the backend once on a tiny input: an installed package without kernels for this device (e.g. an
+    xformers wheel built without CUDA) must fail here, at engine construction, not in the first request."""
+    if device.type != "cuda":
+        return
+    x = torch.zeros(2, 2, 64, dtype=torch.float16, device=device)
+    try:
+        prefill(x, x, x, 0.125)
+    except (NotImplementedError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OptionalDependencyError(
+            f"attention_backend={backend!r}: the installed package has no kernel for {device} ({first_line}); "
+            f"install a build with CUDA support (pip install 'hybrid-engine[{backend}]') or use 'triton'") from exc
 
 
 def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
