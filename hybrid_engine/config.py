@@ -35,7 +35,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.85
-    max_num_seqs: int = 1
+    max_num_seqs: int = 1  # batch size; only 1 for now
     attention_backend: str = "auto"
     capture: str = "idle"
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
@@ -55,8 +55,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks!r} must be a positive int or None")
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r} must be in [0.05, 0.99]")
-        if not (isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1):
-            raise ValueError(f"max_num_seqs={self.max_num_seqs!r} must be a positive int")
+        if self.max_num_seqs != 1:  # the buffers and decode graph have a batch axis; the scheduler does not yet
+            raise ValueError(f"max_num_seqs={self.max_num_seqs!r} is not supported yet; only 1 (batch size 1)")
         buckets = tuple(int(b) for b in self.prefill_buckets)
         if any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"prefill_buckets={self.prefill_buckets!r} must be strictly increasing positive ints")

@@ -178,7 +178,7 @@ class LLM:
             out_text.append(d.text)
             out_ids.extend(d.token_ids)
             last = d
-        comp = CompletionOutput(0, "".join(out_text), out_ids, last.finish_reason, self._stop_reason)
+        comp = CompletionOutput(0, "".join(out_text), out_ids, last.finish_reason, last.stop_reason)
         return RequestOutput(f"req-{self._counts['requests_served']}", text, ids, [comp], last.metrics)
 
     def _run(self, ids: list[int], params: SamplingParams) -> Iterator[StreamDelta]:
@@ -248,7 +248,8 @@ class LLM:
                     continue
                 e2e = time.perf_counter() - t0
                 tpot = (e2e - ttft) / (n_out - 1) if n_out > 1 else 0.0
-                yield StreamDelta(text, [tok], finish, RequestMetrics(ttft, tpot, e2e, len(ids), n_out))
+                yield StreamDelta(text, [tok], finish, RequestMetrics(ttft, tpot, e2e, len(ids), n_out),
+                                  self._stop_reason)
                 return
 
     def _finish_reason(self, tok: int, n_out: int, params: SamplingParams) -> str | None:

@@ -42,3 +42,4 @@ class StreamDelta:
     token_ids: list[int]
     finish_reason: str | None = None
     metrics: RequestMetrics | None = None
+    stop_reason: str | int | None = None  # on the last delta: the stop string or stop token id that ended it

@@ -158,3 +158,17 @@ def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(ValueError, match="supported"):
         LLM(str(tmp_path))
+
+
+def test_stop_reason_travels_with_the_last_delta(llm):
+    p = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    base = llm.generate("reason", p)[0].outputs[0]
+    tok = base.token_ids[3]
+    deltas = list(llm.stream_deltas("reason", SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[tok])))
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].stop_reason == tok
+    assert all(d.stop_reason is None for d in deltas[:-1])
+
+
+def test_batch_size_above_one_is_rejected_clearly():
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=4)
