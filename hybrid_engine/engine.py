@@ -219,7 +219,6 @@ class LLM:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         stops = StopStringMatcher(params.stop)
-        self._stop_reason = None
         ttft, n_out = 0.0, 0
         ctx = torch.cuda.stream(self.stream_ctx) if self.stream_ctx is not None else nullcontext()
         with ctx, torch.inference_mode():
@@ -237,10 +236,10 @@ class LLM:
                 n_out += 1
                 if n_out == 1:
                     ttft = time.perf_counter() - t0
-                finish = self._finish_reason(tok, n_out, params)
+                finish, stop_reason = self._finish_reason(tok, n_out, params)
                 text = stops.feed(detok.step(tok))
                 if stops.matched is not None:
-                    finish, self._stop_reason = "stop", stops.matched
+                    finish, stop_reason = "stop", stops.matched
                 elif finish is not None:
                     text += stops.flush()
                 if finish is None:
@@ -249,16 +248,16 @@ class LLM:
                 e2e = time.perf_counter() - t0
                 tpot = (e2e - ttft) / (n_out - 1) if n_out > 1 else 0.0
                 yield StreamDelta(text, [tok], finish, RequestMetrics(ttft, tpot, e2e, len(ids), n_out),
-                                  self._stop_reason)
+                                  stop_reason)
                 return
 
-    def _finish_reason(self, tok: int, n_out: int, params: SamplingParams) -> str | None:
+    def _finish_reason(self, tok: int, n_out: int, params: SamplingParams) -> tuple[str | None, int | None]:
+        """(finish_reason, stop_reason) after the n_out-th token `tok`; (None, None) while generation goes on."""
         if tok in params.stop_token_ids:
-            self._stop_reason = tok
-            return "stop"
+            return "stop", tok
         if not params.ignore_eos and tok in self.eos_token_ids:
-            return "stop"
-        return "length" if n_out >= params.max_tokens else None
+            return "stop", None
+        return ("length" if n_out >= params.max_tokens else None), None
 
     def _count_path(self, path: str) -> None:
         self._counts["jit_steps" if path == "jit" else "graph_steps"] += 1

@@ -55,7 +55,6 @@ class CaptureWorker:
         self.captured: set[Any] = set()
         self.failed: dict[Any, str] = {}
         self.demand: Counter = Counter()
-        self.capture_seconds: dict[Any, float] = {}
         self._busy = False
         self._stop = False
         self._cond = threading.Condition()
@@ -155,7 +154,6 @@ class CaptureWorker:
         finally:
             sys.setswitchinterval(switch)
             with self._cond:
-                self.capture_seconds[key] = time.perf_counter() - t0
                 self.capturing = None
                 self._cond.notify_all()
 
@@ -173,6 +171,7 @@ class GraphRunner:
         self.capture_stream = torch.cuda.Stream(runner.device)
         self.worker = CaptureWorker([DECODE, *self.buckets], self._capture, policy)
         self.pool_bytes = 0
+        self._scratch: Any = None  # warm-up buffers of the worker, made on its first capture
         self.fail_next_capture = False  # test hook: the next capture raises inside the capture
 
     def start(self) -> None:
@@ -198,9 +197,8 @@ class GraphRunner:
             return None
         return bucket
 
-    def replay_prefill(self, bucket: int) -> bool:
+    def replay_prefill(self, bucket: int) -> None:
         self.graphs[bucket].replay()
-        return True
 
     def replay_decode(self) -> bool:
         if DECODE not in self.worker.captured:
@@ -233,7 +231,9 @@ class GraphRunner:
         with torch.cuda.stream(stream):
             # warm-up on this stream first: cuBLAS sets up its per-stream workspace and Triton compiles any new
             # variant outside the capture (without it the first capture on this stream is invalidated)
-            scratch = self.runner.scratch_buffers()
+            if self._scratch is None:
+                self._scratch = self.runner.scratch_buffers()
+            scratch = self._scratch
             scratch.valid_len.fill_(1 if key == DECODE else key)
             self._step_fn(key, scratch)()
             stream.synchronize()

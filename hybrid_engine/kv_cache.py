@@ -65,14 +65,14 @@ class PagedKVCache:
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
-    def slot_mapping(self, block_table: list[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+    def slot_mapping(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat cache slot of each position of a request whose blocks are `block_table` (1-D int64 tensors)."""
+        return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     @staticmethod
     def bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
         a = model.args
-        return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * torch.tensor([], dtype=dtype).element_size()
+        return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
 
 
 def num_blocks_for(model: LlamaModel, block_size: int, max_model_len: int, max_num_seqs: int,

@@ -80,7 +80,6 @@ class ModelRunner:
         self.host = StepBuffers.allocate(max_model_len, max_num_seqs, kv.max_blocks_per_seq, torch.device("cpu"),
                                          pin=pin)
         self.graphs: Any = None  # graphs.GraphRunner, attached by the engine when capture != "off"
-        self.warmed_lengths: set[int] = set()  # prefill lengths run by warm_up()
 
     # ---- host -> device staging (one request at a time, row 0) ----
     def stage_request(self, prompt_ids: list[int], block_table: list[int], params: SamplingParams, seed: int,
@@ -91,8 +90,7 @@ class ModelRunner:
         h.input_ids[n:pad_to] = 0
         h.positions[:pad_to] = torch.arange(pad_to)
         table = torch.tensor(block_table, dtype=torch.int64)
-        pos = h.positions[:n]
-        h.slot_mapping[:n] = table[pos // self.block_size] * self.block_size + pos % self.block_size
+        h.slot_mapping[:n] = self.kv.slot_mapping(table, h.positions[:n])
         h.slot_mapping[n:pad_to] = -1
         h.valid_len[0] = n
         h.block_tables[0].zero_()
@@ -123,7 +121,6 @@ class ModelRunner:
             if n <= self.max_model_len:
                 scratch.valid_len.fill_(n)
                 self.prefill_step(n, scratch)
-                self.warmed_lengths.add(n)
         self.decode_step(scratch)
 
     def prefill_step(self, length: int, buf: StepBuffers | None = None) -> None:
@@ -160,7 +157,8 @@ class ModelRunner:
         n = len(prompt_ids)
         bucket = self.graphs.ready_prefill_bucket(n) if self.graphs is not None else None
         self.stage_request(prompt_ids, block_table, params, seed, pad_to=bucket or n)
-        if bucket is not None and self.graphs.replay_prefill(bucket):
+        if bucket is not None:
+            self.graphs.replay_prefill(bucket)
             return "graph"
         self.prefill_step(n)
         return "jit"

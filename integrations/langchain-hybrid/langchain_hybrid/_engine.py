@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -67,6 +67,10 @@ class HybridEngineFields(BaseModel):
         values = {name: getattr(self, name) for name in SAMPLING_FIELDS}
         values.update(kwargs)
         return SamplingParams(stop=list(stop if stop is not None else self.stop or []), **values)
+
+    @property
+    def _identifying_params(self) -> Mapping[str, Any]:
+        return self.engine_params()
 
     def engine_params(self) -> dict[str, Any]:
         """The identifying parameters: model and default sampling options."""

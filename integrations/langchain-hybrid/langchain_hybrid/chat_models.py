@@ -1,7 +1,7 @@
 """`ChatHybrid`: a LangChain chat model running on the hybrid engine (the tokenizer's chat template applied)."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -38,10 +38,6 @@ class ChatHybrid(HybridEngineFields, BaseChatModel):
     @property
     def _llm_type(self) -> str:
         return "hybrid-engine-chat"
-
-    @property
-    def _identifying_params(self) -> Mapping[str, Any]:
-        return self.engine_params()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)

@@ -1,7 +1,7 @@
 """`HybridLLM`: a LangChain text-completion model running on the hybrid engine."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -30,10 +30,6 @@ class HybridLLM(HybridEngineFields, LLM):
     @property
     def _llm_type(self) -> str:
         return "hybrid-engine"
-
-    @property
-    def _identifying_params(self) -> Mapping[str, Any]:
-        return self.engine_params()
 
     def _call(self, prompt: str, stop: list[str] | None = None,
               run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
