@@ -217,14 +217,14 @@ class LLM:
     def _decode_loop(self, active: _Active, ids: list[int], params: SamplingParams) -> Iterator[StreamDelta]:
         t0 = time.perf_counter()
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
-        detok = IncrementalDetokenizer(self.tokenizer, ids)
-        stops = StopStringMatcher(params.stop)
         ttft, n_out = 0.0, 0
         ctx = torch.cuda.stream(self.stream_ctx) if self.stream_ctx is not None else nullcontext()
         with ctx, torch.inference_mode():
             self.reader.reset()
             self._count_path(self.runner.prefill(ids, active.blocks, params, seed))
             self.reader.push()
+            detok = IncrementalDetokenizer(self.tokenizer, ids)  # host work made while the GPU runs the prefill
+            stops = StopStringMatcher(params.stop)
             enqueued = 1
             lookahead = self.device.type == "cuda"  # on a CPU a step runs synchronously: read first, then step
             while not active.cancelled:
@@ -266,7 +266,7 @@ class LLM:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
+                if not isinstance(ids, (list, tuple)) or not all(issubclass(t, int) for t in set(map(type, ids))):
                     raise ValueError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
                 ids, text = list(ids), prompt.get("prompt")
             elif "prompt" in prompt:
@@ -282,8 +282,8 @@ class LLM:
         if not ids:
             raise ValueError("prompt is empty (0 tokens)")
         vocab = self.model.args.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = [i for i in ids if not 0 <= i < vocab]
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return text, ids
 

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .kernels import gemm
+
 logger = logging.getLogger(__name__)
 
 DECODE = "decode"
@@ -228,7 +230,7 @@ class GraphRunner:
     @torch.inference_mode()
     def _capture(self, key: Any) -> None:
         stream = self.capture_stream
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), gemm.graph_plan():
             # warm-up on this stream first: cuBLAS sets up its per-stream workspace and Triton compiles any new
             # variant outside the capture (without it the first capture on this stream is invalidated)
             if self._scratch is None:

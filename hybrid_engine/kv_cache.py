@@ -65,8 +65,9 @@ class PagedKVCache:
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
-    def slot_mapping(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Flat cache slot of each position of a request whose blocks are `block_table` (1-D int64 tensors)."""
+    def slot_mapping(self, block_table, positions):
+        """Flat cache slot of each position of a request whose blocks are `block_table` (1-D int64 tensors or
+        numpy arrays, both the same kind)."""
         return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     @staticmethod

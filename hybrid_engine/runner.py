@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .kv_cache import PagedKVCache
@@ -79,28 +80,31 @@ class ModelRunner:
         self.buf = StepBuffers.allocate(max_model_len, max_num_seqs, kv.max_blocks_per_seq, device, pin=False)
         self.host = StepBuffers.allocate(max_model_len, max_num_seqs, kv.max_blocks_per_seq, torch.device("cpu"),
                                          pin=pin)
+        self.host.positions.copy_(torch.arange(max_model_len))  # never changes: positions 0..L-1
+        # numpy views of the pinned host fields: staging a request is a few numpy writes (~1 us each, a torch op on
+        # a small CPU tensor costs several), then one H2D copy
+        self._np = {name: getattr(self.host, name).numpy() for name, _, _ in _FIELDS}
         self.graphs: Any = None  # graphs.GraphRunner, attached by the engine when capture != "off"
 
     # ---- host -> device staging (one request at a time, row 0) ----
     def stage_request(self, prompt_ids: list[int], block_table: list[int], params: SamplingParams, seed: int,
                       pad_to: int) -> None:
         """Copy a request's inputs into the static buffers; slots past the prompt (bucket padding) get -1."""
-        n, h = len(prompt_ids), self.host
-        h.input_ids[:n] = torch.tensor(prompt_ids, dtype=torch.int64)
-        h.input_ids[n:pad_to] = 0
-        h.positions[:pad_to] = torch.arange(pad_to)
-        table = torch.tensor(block_table, dtype=torch.int64)
-        h.slot_mapping[:n] = self.kv.slot_mapping(table, h.positions[:n])
-        h.slot_mapping[n:pad_to] = -1
-        h.valid_len[0] = n
-        h.block_tables[0].zero_()
-        h.block_tables[0, : len(block_table)] = table.to(torch.int32)
-        h.temperature[0] = params.temperature
-        h.top_k[0] = params.top_k
-        h.top_p[0] = params.top_p
-        h.seeds[0] = seed
-        h.offsets[0] = 0
-        self.buf.storage.copy_(h.storage, non_blocking=True)  # one copy for everything; stream-ordered
+        n, h = len(prompt_ids), self._np
+        h["input_ids"][:n] = prompt_ids
+        h["input_ids"][n:pad_to] = 0
+        table = np.asarray(block_table, dtype=np.int64)
+        h["slot_mapping"][:n] = self.kv.slot_mapping(table, h["positions"][:n])
+        h["slot_mapping"][n:pad_to] = -1
+        h["valid_len"][0] = n
+        h["block_tables"][0] = 0
+        h["block_tables"][0, : len(table)] = table
+        h["temperature"][0] = params.temperature
+        h["top_k"][0] = params.top_k
+        h["top_p"][0] = params.top_p
+        h["seeds"][0] = seed
+        h["offsets"][0] = 0
+        self.buf.storage.copy_(self.host.storage, non_blocking=True)  # one copy for everything; stream-ordered
 
     def scratch_buffers(self) -> StepBuffers:
         """Buffers for warm-up runs: same shapes as `buf`; KV writes go nowhere (slot -1) or to the scratch block."""
@@ -115,20 +119,30 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self, lengths: tuple[int, ...] = (1, 15, 16, 17, 100)) -> None:
         """Run every kernel variant the JIT path will launch once, on scratch buffers (Triton specialises integer
-        arguments equal to 1 or divisible by 16), so the first request compiles and loads nothing."""
+        arguments equal to 1 or divisible by 16; prefill attention's tiles change with the length), so the first
+        request compiles and loads nothing; and every projection variant that graph captures use (gemm.graph_plan),
+        so that no capture compiles."""
+        from .kernels import gemm, prefill_attention
+
         scratch = self.scratch_buffers()
-        for n in lengths:
+        for n in sorted(set(lengths) | prefill_attention.warm_up_lengths()):
             if n <= self.max_model_len:
                 scratch.valid_len.fill_(n)
                 self.prefill_step(n, scratch)
+        with gemm.graph_plan():  # what graph captures will launch: compiled here, never during a capture
+            for n in sorted(gemm.warm_up_lengths()):
+                if n <= self.max_model_len:
+                    scratch.valid_len.fill_(n)
+                    self.prefill_step(n, scratch)
         self.decode_step(scratch)
 
     def prefill_step(self, length: int, buf: StepBuffers | None = None) -> None:
         """Prefill `length` staged tokens (exact or a padded bucket); sample the first token into buf.tokens."""
         b = buf or self.buf
-        meta = AttentionMetadata(is_prefill=True, slot_mapping=b.slot_mapping[:length], valid_len=b.valid_len)
-        hidden = self.model(b.input_ids[:length], b.positions[:length], meta)
-        last = hidden.index_select(0, (b.valid_len - 1).long())
+        meta = AttentionMetadata(is_prefill=True, slot_mapping=b.slot_mapping[:length], valid_len=b.valid_len,
+                                 block_tables=b.block_tables[:1], seq_lens=b.valid_len,
+                                 last_index=(b.valid_len - 1).long())
+        last = self.model(b.input_ids[:length], b.positions[:length], meta)  # [1, H]: the last real token's
         self._sample_and_advance(b, self.model.compute_logits(last), rows=1)
         b.dec_positions[:1].copy_(b.valid_len)
 

@@ -74,6 +74,7 @@ class EngineWorker:
         self.max_queue = max_queue
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
+        self._handoff = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="hybrid-engine-worker", daemon=True)
         self._running = 0
         self._current: Job | None = None
@@ -96,8 +97,9 @@ class EngineWorker:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Cancel the running request, answer the queued ones, join the thread."""
-        self._stop.set()
-        current = self._current
+        with self._handoff:  # either the loop sees the stop flag, or this sees the job it took from the queue
+            self._stop.set()
+            current = self._current
         if current is not None:
             current.cancel()
         while True:
@@ -123,11 +125,14 @@ class EngineWorker:
                 job = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if job.cancelled:
+            with self._handoff:
+                stopping = self._stop.is_set()
+                if not (job.cancelled or stopping):
+                    self._running, self._current = 1, job
+            if job.cancelled or stopping:  # taken from the queue as stop() drained it: answered like the queued
                 self.metrics.cancelled.inc()
                 job.emit(Event("end"))
                 continue
-            self._running, self._current = 1, job
             try:
                 self._serve(job)
             finally:

@@ -50,6 +50,9 @@ class KernelOps:
     # Optional fused ops (None = the model composes the unfused ones):
     rope_store_kv: Callable[..., Any] | None = None    # (q, k, v, positions, cos_sin, k_cache, v_cache, slots) -> (q, k)
     silu_mul_linear: Callable[..., Any] | None = None  # (gate_up_out, down_weight) -> linear(silu_mul(.), weight)
+    # (q, k, v, positions, cos_sin, k_cache, v_cache, slots, scale, valid_len) -> prefill attention output, with
+    # rope and the KV-cache writes in the same launch
+    prefill_attention_rope: Callable[..., Any] | None = None
 
     def describe(self) -> dict[str, str]:
         """What runs where, for `LLM.stats()`."""
@@ -132,6 +135,7 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
     _check_triton_usable(device, backend)
     from .activation import silu_mul_triton
     from .gemv import linear
+    from .prefill_attention import prefill_attention_rope_triton
     from .decode_attention import decode_attention_triton
     from .kv_store import store_kv_triton
     from .rms_norm import rms_norm_triton
@@ -143,6 +147,7 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
         rms_norm=rms_norm_triton, rope=rope_triton, silu_mul=silu_mul_triton, store_kv=store_kv_triton,
         prefill_attention=prefill, decode_attention=decode_attention_triton, sample=sample_triton,
         linear=linear, rope_store_kv=rope_store_kv_triton,  # silu_mul_linear: measured slower, not set
+        prefill_attention_rope=prefill_attention_rope_triton if backend == "triton" else None,
     )
 
 

@@ -2,7 +2,8 @@
 
 `linear(x, weight, bias)` is the `KernelOps.linear` of the Triton backends: x with one row, fp16/bf16 on CUDA and an
 (N, K) in `GEMV_CONFIGS` (shapes where the kernel measured faster than cuBLAS, benchmarks/gemv_bench.py) runs the
-Triton GEMV; everything else (prefill, unknown shapes, fp32, CPU) goes to `F.linear`. `silu_mul_linear(h, weight)`
+Triton GEMV; several rows follow `gemm.GEMM_CONFIGS`, the measured plan per shape and row count (cuBLAS, cuBLASLt or
+the Triton GEMM); everything else (unknown shapes, fp32, CPU) goes to `F.linear`. `silu_mul_linear(h, weight)`
 = `linear(silu_mul(h), weight)` with the activation fused into the GEMV's input load (one kernel instead of two,
 and the [1, I] intermediate never goes through memory).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import gemm
 from ._triton import cdiv, jit
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
@@ -128,18 +130,31 @@ def _split_buffers(device: torch.device, n: int, grid_n: int, split: int) -> tup
     return bufs
 
 
-def _gemv_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _triton_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
-            and weight.dim() == 2 and weight.stride(1) == 1 and (x.dim() == 1 or x.numel() == x.shape[-1])
+            and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[-1] == weight.shape[1] > 0
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
 
 
+def _gemv_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return _triton_ok(x, weight, bias) and x.numel() == x.shape[-1]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the Triton GEMV for one row where `GEMV_CONFIGS` says it measured faster."""
-    if _gemv_ok(x, weight, bias):
-        config = GEMV_CONFIGS.get(tuple(weight.shape))
-        if config is not None:
-            return gemv_triton(x, weight, bias, config)
+    """F.linear, through the Triton GEMV for one row where `GEMV_CONFIGS` says it measured faster, and for several
+    rows through whatever `gemm.GEMM_CONFIGS` picks for the row count and shape (cuBLAS, cuBLASLt, Triton GEMM)."""
+    if _triton_ok(x, weight, bias):
+        rows = x.numel() // x.shape[-1]
+        if rows == 1:
+            config = GEMV_CONFIGS.get(tuple(weight.shape))
+            if config is not None:
+                return gemv_triton(x, weight, bias, config)
+        else:
+            choice = gemm.config_for(rows, *weight.shape)
+            if choice == "lt":
+                return gemm.linear_lt(x, weight, bias)
+            if choice is not None:
+                return gemm.gemm_triton(x, weight, bias, choice)
     return F.linear(x, weight, bias)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, jit, next_pow2
+from ._triton import cdiv, jit, jit_helpers, next_pow2
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -66,15 +66,40 @@ def _prefill_kernel(Q, K, V, OUT, VALID_LEN, scale, stride_qt, stride_qh, stride
              out.to(OUT.dtype.element_ty), mask=(rows < num_tokens)[:, None] & d_mask)
 
 
+# GPU tile config (BLOCK_M, BLOCK_N, num_warps, num_stages) by prompt length: the first entry with T <= max_T.
+# Measured on the H100 with benchmarks/prefill_attn_sweep.py (LLaMA-2-7B heads, fp16).
+# (benchmarks/results/nvidia-h100-prefill-attn-2026-11-26.json; us per call at T = 16 / 64 / 128 / 208 / 512:
+# 3.0 / 3.4 / 4.8 / 7.4 / 17.1, against 64x64 tiles with 2 stages everywhere: ~3.7 / 4.1 / 5.4 / 7.95 / 18.5)
+PREFILL_CONFIGS: list[tuple[int, tuple[int, int, int, int]]] = [
+    (32, (16, 32, 4, 2)), (64, (16, 64, 4, 2)), (128, (32, 128, 4, 2)), (1 << 30, (64, 64, 4, 3))]
+CPU_CONFIG = (16, 16, 4, 2)  # the interpreter: small tiles keep the CPU tests fast
+
+
+def config_for(num_tokens: int) -> tuple[int, int, int, int]:
+    return next(cfg for max_t, cfg in PREFILL_CONFIGS if num_tokens <= max_t)
+
+
+def warm_up_lengths() -> set[int]:
+    """Prompt lengths that compile every GPU config in each of Triton's integer specialisations of T (1, a
+    multiple of 16, neither), so that no request compiles an attention variant (run at load)."""
+    out, low = set(), 0
+    for max_t, _ in PREFILL_CONFIGS:
+        out.update(t for t in (low + 1, low + 2, low + 16) if t <= max_t)
+        low = max_t
+    return out
+
+
 def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                             valid_len: torch.Tensor | None = None) -> torch.Tensor:
+                             valid_len: torch.Tensor | None = None,
+                             config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Triton version of `prefill_attention_ref`. Tiles at or past `valid_len` (a device tensor) do no work and
     write zeros; the grid depends only on T, so a padded bucket is graph-safe."""
     num_tokens, num_q_heads, head_dim = q.shape
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    on_gpu = q.device.type == "cuda"
-    block_m, block_n = (64, 64) if on_gpu else (16, 16)
+    if config is None:
+        config = config_for(num_tokens) if q.device.type == "cuda" else CPU_CONFIG
+    block_m, block_n, num_warps, num_stages = config
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
@@ -83,7 +108,118 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), num_tokens, head_dim,
         GROUP=num_q_heads // k.shape[1], HAS_VALID_LEN=valid_len is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=next_pow2(max(head_dim, 16)), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def prefill_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, scale,
+                               valid_len=None):
+    """Reference of the fused prefill step: `rope_store_kv_ref` (q and k rotated in place, roped k and v written to
+    their cache slots) then `prefill_attention_ref`."""
+    from .rope import rope_store_kv_ref
+
+    q, k = rope_store_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    return prefill_attention_ref(q, k, v, scale, valid_len)
+
+
+def _rope_tile(X, rows, stride_t, head_off, dh, mask, cos, sin, HALF: tl.constexpr):
+    """Load one head's rows of X in two halves and rotate them (fp32 math, rounded back to X's dtype, as the
+    unfused rope kernel stores them)."""
+    ptr = X + rows[:, None].to(tl.int64) * stride_t + head_off + dh[None, :]
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    a = (x1 * cos - x2 * sin).to(X.dtype.element_ty)
+    b = (x2 * cos + x1 * sin).to(X.dtype.element_ty)
+    return a, b
+
+
+def _cos_sin(POS, CACHE, idx, mask, stride_cache, dh, HALF: tl.constexpr):
+    pos = tl.load(POS + idx, mask=mask, other=0).to(tl.int64)
+    base = CACHE + pos[:, None] * stride_cache + dh[None, :]
+    return tl.load(base, mask=mask[:, None], other=0.0), tl.load(base + HALF, mask=mask[:, None], other=0.0)
+
+
+def _prefill_rope_kernel(Q, K, V, POS, CACHE, K_CACHE, V_CACHE, SLOTS, OUT, VALID_LEN, scale, stride_qt, stride_qh,
+                         stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cache, stride_cb,
+                         stride_co, stride_ch, num_tokens, GROUP: tl.constexpr, HALF: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """`_prefill_kernel` with the rotary embedding applied as q and k tiles are loaded (the D-wide q.k product is
+    the sum of the two rotated halves' products), and the roped k and v of this tile's rows written to the cache
+    by the first q head of each kv head. Full rotary only (rot == head_dim == 2 * HALF)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    n_valid = tl.minimum(tl.load(VALID_LEN).to(tl.int32), num_tokens)
+    end_n = tl.where(start_m < n_valid, tl.minimum(start_m + BLOCK_M, n_valid), 0)  # padded tile: no work
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_tokens
+    dh = tl.arange(0, HALF)
+    d = tl.arange(0, 2 * HALF)
+    cos_m, sin_m = _cos_sin(POS, CACHE, rows, row_ok, stride_cache, dh, HALF)
+    qa, qb = _rope_tile(Q, rows, stride_qt, head * stride_qh, dh, row_ok[:, None], cos_m, sin_m, HALF)
+    if head % GROUP == 0:  # this tile's rows of k (roped) and v go to their cache slots (-1: padding, none)
+        slot = tl.load(SLOTS + rows, mask=row_ok, other=-1).to(tl.int64)
+        keep = (slot >= 0)[:, None]
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + kv_head * stride_ch
+        ka, kb = _rope_tile(K, rows, stride_kt, kv_head * stride_kh, dh, row_ok[:, None], cos_m, sin_m, HALF)
+        tl.store(K_CACHE + dst[:, None] + dh[None, :], ka.to(K_CACHE.dtype.element_ty), mask=keep)
+        tl.store(K_CACHE + dst[:, None] + HALF + dh[None, :], kb.to(K_CACHE.dtype.element_ty), mask=keep)
+        vv = tl.load(V + rows[:, None].to(tl.int64) * stride_vt + kv_head * stride_vh + d[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        tl.store(V_CACHE + dst[:, None] + d[None, :], vv.to(V_CACHE.dtype.element_ty), mask=keep)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, 2 * HALF], tl.float32)
+    for n0 in range(0, end_n, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < end_n
+        cos_n, sin_n = _cos_sin(POS, CACHE, cols, col_mask, stride_cache, dh, HALF)
+        ka, kb = _rope_tile(K, cols, stride_kt, kv_head * stride_kh, dh, col_mask[:, None], cos_n, sin_n, HALF)
+        scores = tl.dot(qa, tl.trans(ka), input_precision=DOT_PRECISION)
+        scores = (scores + tl.dot(qb, tl.trans(kb), input_precision=DOT_PRECISION)) * scale
+        scores = tl.where((cols[None, :] <= rows[:, None]) & col_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + cols[:, None].to(tl.int64) * stride_vt + kv_head * stride_vh + d[None, :],
+                    mask=col_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(OUT + rows[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+def prefill_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, scale,
+                                  valid_len=None, config=None):
+    """Fused `prefill_attention_rope_ref` in one launch: the rotary embedding of q and k, the KV-cache writes and
+    causal attention. q and k are NOT rotated in place (nothing reads them afterwards). Falls back to the
+    reference composition where the fused kernel does not apply (partial rotary, odd head sizes, strides)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    half = cos_sin_cache.shape[-1] // 2
+    if (2 * half != head_dim or half < 8 or half & (half - 1) or q.stride(-1) != 1 or k.stride(-1) != 1
+            or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1 or k_cache.stride(-1) != 1
+            or k_cache.stride() != v_cache.stride()):
+        return prefill_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, scale,
+                                          valid_len)
+    if config is None:
+        config = config_for(num_tokens) if q.device.type == "cuda" else CPU_CONFIG
+    block_m, block_n, num_warps, num_stages = config
+    out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+    if valid_len is None:
+        valid_len = torch.full((1,), num_tokens, dtype=torch.int32, device=q.device)
+    jit_helpers(globals(), ("_rope_tile", "_cos_sin"))
+    jit(_prefill_rope_kernel)[(cdiv(num_tokens, block_m), num_q_heads)](
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, out, valid_len, scale, q.stride(0),
+        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_tokens,
+        GROUP=num_q_heads // k.shape[1], HALF=half, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m,
+        BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 

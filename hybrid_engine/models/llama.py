@@ -61,8 +61,12 @@ class AttentionMetadata:
     is_prefill: bool
     slot_mapping: torch.Tensor  # [T] flat cache slot per token, -1 = padding (write nothing)
     valid_len: torch.Tensor | None = None  # prefill: [1] int32 real length of a padded bucket
-    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int32
-    seq_lens: torch.Tensor | None = None  # decode: [B] int32, tokens in cache including the current one
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (prefill: only for last_index)
+    seq_lens: torch.Tensor | None = None  # [B] int32, tokens in cache including the current one (prefill: valid_len)
+    # prefill: [1] int64 index of the last real token. When set, the last layer runs its attention output, MLP and
+    # residual for that row only (the logits need nothing else; its K/V for every row are cached before), and the
+    # model returns that one row. Its attention is the decode kernel over the cache, which now holds the prompt.
+    last_index: torch.Tensor | None = None
 
 
 def rope_cos_sin_cache(config: Any, head_dim: int, max_positions: int) -> torch.Tensor:
@@ -99,7 +103,8 @@ class DecoderLayer(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, ops: Any, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                cos_sin: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                cos_sin: torch.Tensor, meta: AttentionMetadata,
+                last_row_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args
         if residual is None:
             residual, x = x, ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps)
@@ -110,16 +115,24 @@ class DecoderLayer(nn.Module):
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        if getattr(ops, "rope_store_kv", None) is not None:  # one fused kernel where the backend has it
-            q, k = ops.rope_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
-        else:
-            q, k = ops.rope(q, k, positions, cos_sin)
-            ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         scale = a.head_dim ** -0.5
-        if meta.is_prefill:
-            attn = ops.prefill_attention(q, k, v, scale, meta.valid_len)
+        if meta.is_prefill and not last_row_only and ops.prefill_attention_rope is not None:
+            # one launch: rope, KV-cache writes and causal attention
+            attn = ops.prefill_attention_rope(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
+                                              meta.slot_mapping, scale, meta.valid_len)
         else:
-            attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
+            if ops.rope_store_kv is not None:  # one fused kernel where the backend has it
+                q, k = ops.rope_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
+            else:
+                q, k = ops.rope(q, k, positions, cos_sin)
+                ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            if last_row_only:
+                q, residual = q.index_select(0, meta.last_index), residual.index_select(0, meta.last_index)
+                attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
+            elif meta.is_prefill:
+                attn = ops.prefill_attention(q, k, v, scale, meta.valid_len)
+            else:
+                attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
         x = ops.linear(attn.reshape(-1, a.q_size), self.o_proj.weight)
         x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
         x = ops.linear(ops.silu_mul(ops.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
@@ -127,7 +140,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Decoder + LM head. `forward` returns hidden states; `compute_logits` applies the final norm and head."""
+    """Decoder + LM head. `forward` returns hidden states (prefill with `meta.last_index`: the last row's only);
+    `compute_logits` applies the final norm and head."""
 
     def __init__(self, args: ModelArgs, cos_sin_cache: torch.Tensor) -> None:
         super().__init__()
@@ -145,8 +159,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(self.ops, x, residual, positions, self.cos_sin_cache, meta)
+        last = len(self.layers) - 1 if meta.is_prefill and meta.last_index is not None else -1
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(self.ops, x, residual, positions, self.cos_sin_cache, meta, last_row_only=i == last)
         return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -115,3 +115,33 @@ def test_prefill_backends_gpu(tokens, dtype, case):
     want = prefill_attention_ref(q.float(), k.float(), v.float(), 128 ** -0.5)
     assert_close(ops.prefill_attention(q, k, v, 128 ** -0.5), want, dtype, case)
 
+
+
+@pytest.mark.parametrize("tokens,valid,num_q_heads,num_kv_heads,head_dim", [
+    (21, 21, 4, 2, 16), (33, 29, 4, 4, 32), (7, 3, 6, 2, 16), (1, 1, 2, 1, 16)])
+def test_prefill_attention_rope_fused(device_dtype, tokens, valid, num_q_heads, num_kv_heads, head_dim):
+    """One launch = rope + KV-cache store + causal attention: output and both caches equal the unfused reference,
+    padding rows (slot -1) write nothing, q/k views of one fused qkv buffer (strided rows) work."""
+    from hybrid_engine.kernels.prefill_attention import prefill_attention_rope_ref, prefill_attention_rope_triton
+
+    device, dtype = device_dtype
+    qkv = rand(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=device, seed=7)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split(
+        [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1))
+    positions = torch.arange(tokens, device=device) + 3
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    ang = torch.arange(64).float()[:, None] * inv[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], dim=-1).to(device)
+    block_size, blocks = 8, 8
+    slots = torch.randperm(blocks * block_size, generator=torch.Generator().manual_seed(3))[:tokens].to(device)
+    slots[valid:] = -1
+    valid_len = torch.tensor([valid], dtype=torch.int32, device=device)
+    caches = [torch.zeros(blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(4)]
+    got = prefill_attention_rope_triton(q.clone(), k.clone(), v, positions, cos_sin, caches[0], caches[1], slots,
+                                        head_dim ** -0.5, valid_len)
+    want = prefill_attention_rope_ref(q.float().clone(), k.float().clone(), v.float(), positions, cos_sin,
+                                      caches[2], caches[3], slots, head_dim ** -0.5, valid_len)
+    assert_close(got[:valid], want[:valid], dtype, "fused prefill output")
+    assert_close(caches[0], caches[2], dtype, "k cache")
+    assert_close(caches[1], caches[3], dtype, "v cache")
+    assert torch.isfinite(got).all()

@@ -1,0 +1,131 @@
+"""Where a request's TTFT goes on the graph path: host phases, the prefill graph's GPU time, and a profiler trace.
+
+    PYTHONPATH=. python3 benchmarks/ttft_breakdown.py [--lengths 10,100,200] [--out DIR]
+
+For each prompt length: the harness-style TTFT (generate, max_tokens=1, ids in, token ids out), the host time of
+each phase (wrapping the runner's stage / replay and the token reader's push / pop with perf_counter), and the GPU
+time of the bucket's graph replay alone (CUDA events on the serving stream, back to back). Writes a JSON summary and
+a Chrome trace of three requests at the longest length.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hybrid_engine import LLM, SamplingParams  # noqa: E402
+
+
+class PhaseClock:
+    """Wraps bound methods so each call appends (name, t_start, t_end) in perf_counter seconds."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float, float]] = []
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.marks.append((name, t0, time.perf_counter()))
+
+        setattr(obj, attr, timed)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama-2-7b-shape")
+    p.add_argument("--lengths", default="10,100,200")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--out", default="/tmp/out")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    llm = LLM(args.model, capture="eager")
+    print(f"loaded + captured in {time.perf_counter() - t0:.1f} s; {llm.stats()['graphs']}", flush=True)
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    rng = torch.Generator().manual_seed(0)
+    vocab = llm.model.args.vocab_size
+    clock = PhaseClock()
+    clock.wrap(llm.runner, "stage_request", "stage")
+    clock.wrap(llm.graphs, "replay_prefill", "replay")
+    clock.wrap(llm.reader, "push", "push")
+    clock.wrap(llm.reader, "pop", "pop")
+    summary = {}
+    for n in [int(v) for v in args.lengths.split(",")]:
+        ids = lambda: torch.randint(3, vocab, (n,), generator=rng).tolist()  # noqa: E731
+        for _ in range(3):
+            llm.generate({"prompt_token_ids": ids()}, sp)
+        per: dict[str, list[float]] = {k: [] for k in ("total", "engine_ttft", "before_stage", "stage", "replay",
+                                                          "push", "pop_wait", "after_pop")}
+        for _ in range(args.runs):
+            prompt = {"prompt_token_ids": ids()}
+            clock.marks.clear()
+            a = time.perf_counter()
+            res = llm.generate(prompt, sp)[0]
+            b = time.perf_counter()
+            m = {name: (s, e) for name, s, e in clock.marks}
+            per["total"].append(b - a)
+            per["engine_ttft"].append(res.metrics.ttft_s)
+            per["before_stage"].append(m["stage"][0] - a)
+            for k in ("stage", "replay", "push"):
+                per[k].append(m[k][1] - m[k][0])
+            per["pop_wait"].append(m["pop"][1] - m["pop"][0])
+            per["after_pop"].append(b - m["pop"][1])
+        bucket = llm.graphs.bucket_for(n)
+        gpu = []
+        s = llm.stream_ctx
+        with torch.cuda.stream(s):
+            for _ in range(10):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                llm.graphs.graphs[bucket].replay()
+                e1.record()
+                e1.synchronize()
+                gpu.append(e0.elapsed_time(e1) / 1e3)
+        row = {k: round(statistics.median(v) * 1e3, 4) for k, v in per.items()}
+        row.update(bucket=bucket, replay_gpu_ms=round(statistics.median(gpu) * 1e3, 4))
+        summary[n] = row
+        print(n, row, flush=True)
+    buckets = {}
+    for b in llm.graphs.buckets:  # GPU time of every bucket's graph, staged by a real request of that length
+        llm.generate({"prompt_token_ids": torch.randint(3, vocab, (b,), generator=rng).tolist()}, sp)
+        gpu = []
+        with torch.cuda.stream(llm.stream_ctx):
+            for _ in range(7):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                llm.graphs.graphs[b].replay()
+                e1.record()
+                e1.synchronize()
+                gpu.append(e0.elapsed_time(e1))
+        buckets[b] = round(statistics.median(gpu), 4)
+    print("bucket replay GPU ms:", buckets, flush=True)
+    n = max(summary)
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    ids = torch.randint(3, vocab, (n,), generator=rng).tolist()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(3):
+            with record_function(f"request_{i}"):
+                llm.generate({"prompt_token_ids": ids}, sp)
+    prof.export_chrome_trace(str(out / "ttft_trace.json"))
+    (out / "ttft_breakdown.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                         "lengths": summary,
+                                                         "bucket_replay_gpu_ms": buckets}, indent=1))
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Projections for a prefill step (M = 16..512 rows): a Triton GEMM over nn.Linear weights [N, K], fp32 accumulation.
+
+`gemm_triton(x, weight, bias, config)` computes x [M, K] @ weight[N, K].T (+ bias). Inside `graph_plan()` (graph
+captures), `linear` (gemv.py) follows `GEMM_CONFIGS`, the measured plan per weight shape and row count: this kernel
+where it measured faster than cuBLAS on the H100 (small M), cuBLASLt (`linear_lt`) where that did, else cuBLAS
+(F.linear); the JIT path always takes cuBLAS.
+
+At prefill lengths of a few hundred tokens a LLaMA-7B step is bound by the weight read and the tensor cores about
+equally (arithmetic intensity M flop per weight byte; the H100 ridge is ~300), so the tile order matters: the
+programs that share one weight tile (all M tiles of one N column) are adjacent in launch order, so the weight is
+read from HBM once and the other M tiles hit L2. Rows past M are clamped to row M-1 on load (no masks in the
+inner loop) and masked on store. Output allocated like F.linear; no workspace, no host sync: CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import cdiv, jit
+
+tl = None  # triton.language, bound on first launch (see _triton.py)
+
+# The prefill projection plan: (N, K) -> [(max_M, choice), ...] sorted by max_M; the first entry with M <= max_M
+# applies. choice: None = cuBLAS through F.linear; "lt" = cuBLASLt through F.linear with a zero bias (torch routes a
+# biased fp16 linear to cublasLt, whose kernel choice differs: it avoids cuBLAS's slow picks at some M); a tuple =
+# this Triton GEMM with (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). M above the last entry, or a shape not
+# listed: cuBLAS. Measured on the H100 80GB HBM3 (fp16, weights rotated past L2, CUDA-graph replay), best of
+# cuBLAS / cuBLASLt / Triton per bucket, a non-default choice only where >= 2% faster: `benchmarks/gemm_bench.py
+# --cublas-variants`, benchmarks/results/nvidia-h100-gemm-variants-2026-11-26.json. Comments: us, cuBLAS -> choice.
+GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int, int] | str | None]]] = {
+    (12288, 4096): [(16, None), (32, (32, 128, 128, 4, 4)), (240, None), (256, "lt")],  # QKV M=32 40.3->38.0
+    (4096, 4096): [(16, (16, 64, 128, 4, 4))],                                          # O M=16 17.7->16.6
+    (22016, 4096): [(16, (16, 64, 128, 4, 4)), (48, None), (64, (64, 64, 128, 4, 4)),   # gate/up M=64 71.6->67.8,
+                    (224, None), (240, "lt"), (320, None), (384, "lt")],                # M=240 104->79
+    (4096, 11008): [(64, None), (112, "lt"), (128, None), (192, "lt"), (200, None),      # down M=192 53.9->45.0,
+                    (240, "lt"), (256, None), (288, "lt"), (320, None), (384, "lt")],   # 208 49.7->47.1, 224 58.7->50.3
+}
+DEFAULT_CONFIG = (64, 64, 64, 4, 3)  # what tests and gemm_triton use when no config is given
+
+
+def _gemm_kernel(A, W, B, C, M, N, K, stride_am, stride_wn, stride_cm, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+                 EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_pid_m  # M tiles fastest: the programs reading one weight tile run side by side
+    pid_n = pid // num_pid_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_rows = tl.minimum(rows, M - 1).to(tl.int64)  # clamp: padding rows re-read row M-1, never stored
+    w_rows = cols.to(tl.int64)
+    if not EVEN_N:
+        w_rows = tl.minimum(cols, N - 1).to(tl.int64)
+    a_ptrs = A + a_rows[:, None] * stride_am + ks[None, :]
+    w_ptrs = W + w_rows[:, None] * stride_wn + ks[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            kmask = (k0 + ks) < K
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(B + tl.minimum(cols, N - 1)).to(tl.float32)[None, :]
+    c_ptrs = C + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K].T (+ bias) -> [..., N] in x's dtype. weight's rows must be contiguous."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} columns but weight has K={k}")
+    block_m, block_n, block_k, num_warps, num_stages = config or DEFAULT_CONFIG
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*lead, n)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
+    jit(_gemm_kernel)[grid](
+        x2, weight, bias if bias is not None else weight, out, m, n, k, x2.stride(0), weight.stride(0),
+        out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (tf32 only applies to it)
+        num_warps=num_warps, num_stages=num_stages)
+    return out.view(*lead, n)
+
+
+_PLAN = threading.local()
+
+
+@contextmanager
+def graph_plan() -> Iterator[None]:
+    """Within this block (on this thread), `config_for` follows the plan. Outside it, every multi-row product goes
+    to cuBLAS: the plan's choices were measured as GPU time in graph replays, while the JIT path is bound by host
+    launch cost (~40 us per launch), where cuBLAS launches cheapest (a Triton launch costs more on the host and
+    cuBLASLt queries its heuristics on every call). Graph captures and their warm-ups run inside it; thread-local, so
+    a capture on the worker thread does not change what the serving thread runs."""
+    prev = getattr(_PLAN, "on", False)
+    _PLAN.on = True
+    try:
+        yield
+    finally:
+        _PLAN.on = prev
+
+
+def warm_up_lengths() -> set[int]:
+    """Row counts that compile every Triton config of the plan in both of Triton's integer specialisations of M (a
+    multiple of 16 or not) and make every zero bias of the "lt" entries, so that a request never compiles a GEMM
+    variant or allocates a bias (run at load, before any graph capture)."""
+    out = set()
+    for entries in GEMM_CONFIGS.values():
+        low = 1
+        for max_m, cfg in entries:
+            if isinstance(cfg, tuple):
+                out.update(m for m in (max_m - 1, max_m) if m > max(low, 1))
+            elif cfg == "lt":  # makes the zero bias before any capture
+                out.add(max_m)
+            low = max_m
+    return out
+
+
+def config_for(m: int, n: int, k: int) -> tuple[int, int, int, int, int] | str | None:
+    """The plan's choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt) or None (cuBLAS);
+    always None outside `graph_plan()`."""
+    if not getattr(_PLAN, "on", False):
+        return None
+    return next((cfg for max_m, cfg in GEMM_CONFIGS.get((n, k), ()) if m <= max_m), None)
+
+
+_ZERO_BIAS: dict[tuple, torch.Tensor] = {}
+
+
+def linear_lt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through cuBLASLt: a biased linear takes torch's cublasLt path, so a missing bias becomes a cached
+    zero vector (made once per (N, dtype, device), at warm-up)."""
+    if bias is None:
+        key = (weight.shape[0], weight.dtype, weight.device)
+        bias = _ZERO_BIAS.get(key)
+        if bias is None:
+            bias = _ZERO_BIAS[key] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return F.linear(x, weight, bias)

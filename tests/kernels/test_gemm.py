@@ -1,0 +1,97 @@
+"""Triton GEMM (prefill projections) vs the fp32 reference: odd sizes, bias, ragged K/N, the dispatch table."""
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_helpers import assert_close, rand
+
+from hybrid_engine.kernels import gemm, gemv
+from hybrid_engine.kernels.gemm import gemm_triton
+from hybrid_engine.kernels.gemv import linear_ref
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small tiles so odd sizes span several tiles on the CPU
+CONFIGS = [(16, 16, 16, 1, 1), (16, 32, 32, 2, 2)]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("m,n,k", [(2, 1, 16), (17, 40, 96), (5, 33, 70), (33, 16, 45)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm(device_dtype, config, m, n, k, with_bias):
+    device, dtype = device_dtype
+    x = rand(m, k, dtype=dtype, device=device, seed=1)
+    w = rand(n, k, dtype=dtype, device=device, seed=2, scale=0.2)
+    b = rand(n, dtype=dtype, device=device, seed=3) if with_bias else None
+    out = gemm_triton(x, w, b, config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close(out, linear_ref(x.float(), w.float(), None if b is None else b.float()), dtype, "gemm")
+
+
+def test_gemm_leading_dims_and_strided_views():
+    """[B, T, K] inputs keep their leading dims; a weight that is a row-slice view (stride(0) > K) works."""
+    big = torch.randn(24, 40)
+    w = big[:, :32]
+    x = torch.randn(2, 9, 32)
+    out = gemm_triton(x, w, None, CONFIGS[0])
+    assert out.shape == (2, 9, 24)
+    assert_close(out, linear_ref(x, w), torch.float32)
+    with pytest.raises(ValueError, match="K=32"):
+        gemm_triton(torch.randn(3, 31), w, None, CONFIGS[0])
+
+
+def test_config_table_lookup(monkeypatch):
+    monkeypatch.setitem(gemm.GEMM_CONFIGS, (40, 96), [(64, CONFIGS[0])])
+    assert gemm.config_for(20, 40, 96) is None  # outside graph_plan(): always cuBLAS (the JIT path)
+    with gemm.graph_plan():
+        assert gemm.config_for(20, 40, 96) == CONFIGS[0]
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(gemm.config_for(20, 40, 96)))
+        t.start()
+        t.join()
+        assert seen == [None]  # thread-local: a capture on the worker thread leaves the serving thread alone
+    monkeypatch.setitem(gemm.GEMM_CONFIGS, (40, 96), [(16, None), (32, CONFIGS[1]), (64, CONFIGS[0])])
+    monkeypatch.setattr(gemm._PLAN, "on", True, raising=False)
+    assert gemm.config_for(16, 40, 96) is None  # cuBLAS range
+    assert gemm.config_for(17, 40, 96) == CONFIGS[1]
+    assert gemm.config_for(64, 40, 96) == CONFIGS[0]
+    assert gemm.config_for(65, 40, 96) is None  # above the table
+    assert gemm.config_for(20, 41, 96) is None  # shape not in the table
+    assert {31, 32, 63, 64} <= gemm.warm_up_lengths()  # both M specialisations of each config's range
+    monkeypatch.setitem(gemm.GEMM_CONFIGS, (40, 96), [(16, None), (48, "lt")])
+    assert gemm.config_for(40, 40, 96) == "lt" and 48 in gemm.warm_up_lengths()
+
+
+def test_linear_lt_equals_linear():
+    x, w = torch.randn(5, 16), torch.randn(8, 16)
+    assert torch.allclose(gemm.linear_lt(x, w), F.linear(x, w), atol=1e-6)
+    b = torch.randn(8)
+    assert torch.allclose(gemm.linear_lt(x, w, b), F.linear(x, w, b), atol=1e-6)
+
+
+def test_linear_multirow_falls_back_on_cpu():
+    x, w, b = torch.randn(5, 16), torch.randn(8, 16), torch.randn(8)
+    assert torch.allclose(gemv.linear(x, w, b), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("n,k", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)])
+@pytest.mark.parametrize("m", [7, 16, 31, 32, 64, 112, 208, 240])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_linear_gpu_llama_shapes(n, k, m, dtype):
+    """ops.linear on the real prefill shapes through whatever the table picks, eager and in a CUDA graph."""
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    with gemm.graph_plan():
+        cfg = gemm.config_for(m, n, k)
+        cfg = cfg if isinstance(cfg, tuple) else gemm.DEFAULT_CONFIG
+        assert_close(gemm_triton(x, w, b, cfg), linear_ref(x, w, b).float(), dtype, "gemm+bias")
+        out = gemv.linear(x, w)  # warm
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = gemv.linear(x, w)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(out, linear_ref(x, w).float(), dtype, "linear in graph")
