@@ -15,7 +15,7 @@ for s in $stages; do
     gemm) timeout 240 python3 benchmarks/gemm_bench.py --cublas-variants --ms ${GEMM_MS:-16,32,48,64,80,96,112,128,144,160,176,192,200,208,224,240,256,288,320,384,448,512} \
             --json "$OUT/gemm_variants.json" 2>&1 | grep -v "^shape=" | tail -30;;
     gemmsweep) timeout 300 python3 benchmarks/gemm_bench.py --json "$OUT/gemm_bench.json" 2>&1 | tail -70;;
-    attn) timeout 150 python3 benchmarks/prefill_attn_sweep.py --json "$OUT/prefill_attn.json" 2>&1 | tail -15;;
+    attn) timeout 150 python3 benchmarks/prefill_attn_sweep.py --lengths ${ATTN_T:-16,32,64,128,160,208,256,384,512} --json "$OUT/prefill_attn.json" 2>&1 | tail -22;;
     ttft) timeout 150 python3 benchmarks/ttft_breakdown.py --out "$OUT" 2>&1 | grep -v Warn | tail -8;;
     kbench) timeout 300 python3 benchmarks/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -40;;
     bench) timeout 560 python3 -m hybrid_engine.bench --model llama-2-7b-shape --out-dir "$OUT" --system-timeout 170 2>&1 | tail -60;;

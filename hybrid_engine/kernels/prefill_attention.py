@@ -196,14 +196,17 @@ def prefill_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
                                   valid_len=None, config=None):
     """Fused `prefill_attention_rope_ref` in one launch: the rotary embedding of q and k, the KV-cache writes and
     causal attention. q and k are NOT rotated in place (nothing reads them afterwards). Falls back to the
-    reference composition where the fused kernel does not apply (partial rotary, odd head sizes, strides)."""
+    unfused Triton kernels where the fused one does not apply (partial rotary, head_dim not a power of two >= 32 (tl.dot
+    needs K >= 16 per half), strides)."""
     num_tokens, num_q_heads, head_dim = q.shape
     half = cos_sin_cache.shape[-1] // 2
-    if (2 * half != head_dim or half < 8 or half & (half - 1) or q.stride(-1) != 1 or k.stride(-1) != 1
+    if (2 * half != head_dim or half < 16 or half & (half - 1) or q.stride(-1) != 1 or k.stride(-1) != 1
             or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1 or k_cache.stride(-1) != 1
             or k_cache.stride() != v_cache.stride()):
-        return prefill_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, scale,
-                                          valid_len)
+        from .rope import rope_store_kv_triton
+
+        q, k = rope_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+        return prefill_attention_triton(q, k, v, scale, valid_len, config)
     if config is None:
         config = config_for(num_tokens) if q.device.type == "cuda" else CPU_CONFIG
     block_m, block_n, num_warps, num_stages = config

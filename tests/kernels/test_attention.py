@@ -118,10 +118,11 @@ def test_prefill_backends_gpu(tokens, dtype, case):
 
 
 @pytest.mark.parametrize("tokens,valid,num_q_heads,num_kv_heads,head_dim", [
-    (21, 21, 4, 2, 16), (33, 29, 4, 4, 32), (7, 3, 6, 2, 16), (1, 1, 2, 1, 16)])
+    (21, 21, 4, 2, 32), (33, 29, 4, 4, 32), (7, 3, 6, 2, 64), (1, 1, 2, 1, 32), (9, 6, 4, 2, 16)])
 def test_prefill_attention_rope_fused(device_dtype, tokens, valid, num_q_heads, num_kv_heads, head_dim):
     """One launch = rope + KV-cache store + causal attention: output and both caches equal the unfused reference,
-    padding rows (slot -1) write nothing, q/k views of one fused qkv buffer (strided rows) work."""
+    padding rows (slot -1) write nothing, q/k views of one fused qkv buffer (strided rows) work. head_dim 16 takes
+    the unfused fallback (tl.dot needs 16 columns per rotated half)."""
     from hybrid_engine.kernels.prefill_attention import prefill_attention_rope_ref, prefill_attention_rope_triton
 
     device, dtype = device_dtype
