@@ -112,6 +112,12 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out
 
 
+# Longest prompt for which the fused kernel runs on the GPU. H100, LLaMA-2-7B heads, us (fused vs rope_store_kv +
+# attention): T=16 3.7 vs >5.1, T=64 5.1 vs 6.0, T=128 8.4 vs 7.9, T=208 15.3 vs 12.1, T=512 29.6 vs 23.6: past ~100
+# tokens re-rotating every k tile for every q tile costs more than the launch it saves (prefill_attn_sweep.py).
+FUSED_MAX_TOKENS = 64
+
+
 def prefill_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, scale,
                                valid_len=None):
     """Reference of the fused prefill step: `rope_store_kv_ref` (q and k rotated in place, roped k and v written to
@@ -197,10 +203,10 @@ def prefill_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
     """Fused `prefill_attention_rope_ref` in one launch: the rotary embedding of q and k, the KV-cache writes and
     causal attention. q and k are NOT rotated in place (nothing reads them afterwards). Falls back to the
     unfused Triton kernels where the fused one does not apply (partial rotary, head_dim not a power of two >= 32 (tl.dot
-    needs K >= 16 per half), strides)."""
+    needs K >= 16 per half), strides) or is slower (more than FUSED_MAX_TOKENS tokens on the GPU)."""
     num_tokens, num_q_heads, head_dim = q.shape
     half = cos_sin_cache.shape[-1] // 2
-    if (2 * half != head_dim or half < 16 or half & (half - 1) or q.stride(-1) != 1 or k.stride(-1) != 1
+    if (2 * half != head_dim or half < 16 or (q.is_cuda and num_tokens > FUSED_MAX_TOKENS) or half & (half - 1) or q.stride(-1) != 1 or k.stride(-1) != 1
             or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1 or k_cache.stride(-1) != 1
             or k_cache.stride() != v_cache.stride()):
         from .rope import rope_store_kv_triton
