@@ -96,6 +96,8 @@ class CaptureWorker:
         if self.policy == "eager":
             self.run_all()
             return
+        with self._cond:  # the first idle window starts when loading ends (a request right after load never
+            self._last_busy = time.monotonic()  # shares the GIL or the GPU with a capture)
         self._thread = threading.Thread(target=self._loop, name="hybrid-engine-capture", daemon=True)
         _LIVE_WORKERS.add(self)
         self._thread.start()
