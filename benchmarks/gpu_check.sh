@@ -17,6 +17,7 @@ for s in $stages; do
     gemmsweep) timeout 300 python3 benchmarks/gemm_bench.py --json "$OUT/gemm_bench.json" 2>&1 | tail -70;;
     attn) timeout 150 python3 benchmarks/prefill_attn_sweep.py --lengths ${ATTN_T:-16,32,64,128,160,208,256,384,512} --json "$OUT/prefill_attn.json" 2>&1 | tail -22;;
     ttft) timeout 150 python3 benchmarks/ttft_breakdown.py --out "$OUT" 2>&1 | grep -v Warn | tail -8;;
+    jithost) timeout 200 python3 benchmarks/jit_host_profile.py --out "$OUT" 2>&1 | grep -v Warn | tail -32;;
     kbench) timeout 300 python3 benchmarks/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -40;;
     bench) timeout 560 python3 -m hybrid_engine.bench --model llama-2-7b-shape --out-dir "$OUT" --system-timeout 170 2>&1 | tail -60;;
     pbench) timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/bench-gpu.json" 2>&1 | tail -30
