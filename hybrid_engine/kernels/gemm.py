@@ -108,9 +108,9 @@ _PLAN = threading.local()
 def graph_plan() -> Iterator[None]:
     """Within this block (on this thread), `config_for` follows the plan. Outside it, every multi-row product goes
     to cuBLAS: the plan's choices were measured as GPU time in graph replays, while the JIT path is bound by host
-    launch cost (~40 us per launch), where cuBLAS launches cheapest (a Triton launch costs more on the host and
-    cuBLASLt queries its heuristics on every call). Graph captures and their warm-ups run inside it; thread-local, so
-    a capture on the worker thread does not change what the serving thread runs."""
+    launch cost (~40 us per launch), where they were not measured, and a Triton launch costs more host time than a
+    cuBLAS one. Graph captures and their warm-ups run inside it; thread-local, so a capture on the worker thread
+    does not change what the serving thread runs."""
     prev = getattr(_PLAN, "on", False)
     _PLAN.on = True
     try:

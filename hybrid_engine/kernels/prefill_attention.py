@@ -201,9 +201,10 @@ def _prefill_rope_kernel(Q, K, V, POS, CACHE, K_CACHE, V_CACHE, SLOTS, OUT, VALI
 def prefill_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, scale,
                                   valid_len=None, config=None):
     """Fused `prefill_attention_rope_ref` in one launch: the rotary embedding of q and k, the KV-cache writes and
-    causal attention. q and k are NOT rotated in place (nothing reads them afterwards). Falls back to the
-    unfused Triton kernels where the fused one does not apply (partial rotary, head_dim not a power of two >= 32 (tl.dot
-    needs K >= 16 per half), strides) or is slower (more than FUSED_MAX_TOKENS tokens on the GPU)."""
+    causal attention. Falls back to the unfused Triton kernels where the fused one does not apply (partial rotary,
+    head_dim not a power of two >= 32: tl.dot needs K >= 16 per half; strides) or is slower (more than
+    FUSED_MAX_TOKENS tokens on the GPU). The fused kernel leaves q and k unrotated in memory, the fallback rotates
+    them in place: callers must not read q or k afterwards (the model does not)."""
     num_tokens, num_q_heads, head_dim = q.shape
     half = cos_sin_cache.shape[-1] // 2
     if (2 * half != head_dim or half < 16 or (q.is_cuda and num_tokens > FUSED_MAX_TOKENS) or half & (half - 1) or q.stride(-1) != 1 or k.stride(-1) != 1
