@@ -42,6 +42,21 @@ class PhaseClock:
         setattr(obj, attr, timed)
 
 
+def replay_gpu_ms(llm: LLM, bucket: int, reps: int) -> float:
+    """Median GPU time (ms) of the bucket's prefill graph replayed alone on the serving stream (CUDA events), on
+    whatever request is staged."""
+    gpu = []
+    with torch.cuda.stream(llm.stream_ctx):
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            llm.graphs.graphs[bucket].replay()
+            e1.record()
+            e1.synchronize()
+            gpu.append(e0.elapsed_time(e1))
+    return round(statistics.median(gpu), 4)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-2-7b-shape")
@@ -84,33 +99,14 @@ def main() -> None:
             per["pop_wait"].append(m["pop"][1] - m["pop"][0])
             per["after_pop"].append(b - m["pop"][1])
         bucket = llm.graphs.bucket_for(n)
-        gpu = []
-        s = llm.stream_ctx
-        with torch.cuda.stream(s):
-            for _ in range(10):
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                llm.graphs.graphs[bucket].replay()
-                e1.record()
-                e1.synchronize()
-                gpu.append(e0.elapsed_time(e1) / 1e3)
         row = {k: round(statistics.median(v) * 1e3, 4) for k, v in per.items()}
-        row.update(bucket=bucket, replay_gpu_ms=round(statistics.median(gpu) * 1e3, 4))
+        row.update(bucket=bucket, replay_gpu_ms=replay_gpu_ms(llm, bucket, 10))
         summary[n] = row
         print(n, row, flush=True)
     buckets = {}
     for b in llm.graphs.buckets:  # GPU time of every bucket's graph, staged by a real request of that length
         llm.generate({"prompt_token_ids": torch.randint(3, vocab, (b,), generator=rng).tolist()}, sp)
-        gpu = []
-        with torch.cuda.stream(llm.stream_ctx):
-            for _ in range(7):
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                llm.graphs.graphs[b].replay()
-                e1.record()
-                e1.synchronize()
-                gpu.append(e0.elapsed_time(e1))
-        buckets[b] = round(statistics.median(gpu), 4)
+        buckets[b] = replay_gpu_ms(llm, b, 7)
     print("bucket replay GPU ms:", buckets, flush=True)
     n = max(summary)
     from torch.profiler import ProfilerActivity, profile, record_function

@@ -8,6 +8,7 @@ construction except the eager step's activations.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,13 +126,10 @@ class ModelRunner:
         from .kernels import gemm, prefill_attention
 
         scratch = self.scratch_buffers()
-        for n in sorted(set(lengths) | prefill_attention.warm_up_lengths()):
-            if n <= self.max_model_len:
-                scratch.valid_len.fill_(n)
-                self.prefill_step(n, scratch)
-        with gemm.graph_plan():  # what graph captures will launch: compiled here, never during a capture
-            for n in sorted(gemm.warm_up_lengths()):
-                if n <= self.max_model_len:
+        for plan, todo in ((nullcontext(), set(lengths) | prefill_attention.warm_up_lengths()),
+                           (gemm.graph_plan(), gemm.warm_up_lengths())):  # graph_plan: what captures will launch
+            with plan:
+                for n in sorted(n for n in todo if n <= self.max_model_len):
                     scratch.valid_len.fill_(n)
                     self.prefill_step(n, scratch)
         self.decode_step(scratch)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import cdiv, jit, jit_helpers, next_pow2
+from .rope import _rotate_half, rope_store_kv_triton  # noqa: F401 (_rotate_half: called by _rope_tile)
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -79,6 +80,10 @@ def config_for(num_tokens: int) -> tuple[int, int, int, int]:
     return next(cfg for max_t, cfg in PREFILL_CONFIGS if num_tokens <= max_t)
 
 
+def _default_config(q: torch.Tensor) -> tuple[int, int, int, int]:
+    return config_for(q.shape[0]) if q.device.type == "cuda" else CPU_CONFIG
+
+
 def warm_up_lengths() -> set[int]:
     """Prompt lengths that compile every GPU config in each of Triton's integer specialisations of T (1, a
     multiple of 16, neither), so that no request compiles an attention variant (run at load)."""
@@ -97,9 +102,7 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     num_tokens, num_q_heads, head_dim = q.shape
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if config is None:
-        config = config_for(num_tokens) if q.device.type == "cuda" else CPU_CONFIG
-    block_m, block_n, num_warps, num_stages = config
+    block_m, block_n, num_warps, num_stages = config or _default_config(q)
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
@@ -131,12 +134,8 @@ def prefill_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cac
 def _rope_tile(X, rows, stride_t, head_off, dh, mask, cos, sin, HALF: tl.constexpr):
     """Load one head's rows of X in two halves and rotate them (fp32 math, rounded back to X's dtype, as the
     unfused rope kernel stores them)."""
-    ptr = X + rows[:, None].to(tl.int64) * stride_t + head_off + dh[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    a = (x1 * cos - x2 * sin).to(X.dtype.element_ty)
-    b = (x2 * cos + x1 * sin).to(X.dtype.element_ty)
-    return a, b
+    a, b = _rotate_half(X + rows[:, None].to(tl.int64) * stride_t + head_off + dh[None, :], mask, cos, sin, HALF)
+    return a.to(X.dtype.element_ty), b.to(X.dtype.element_ty)
 
 
 def _cos_sin(POS, CACHE, idx, mask, stride_cache, dh, HALF: tl.constexpr):
@@ -207,22 +206,18 @@ def prefill_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
     them in place: callers must not read q or k afterwards (the model does not)."""
     num_tokens, num_q_heads, head_dim = q.shape
     half = cos_sin_cache.shape[-1] // 2
-    if (2 * half != head_dim or half < 16 or (q.is_cuda and num_tokens > FUSED_MAX_TOKENS) or half & (half - 1) or q.stride(-1) != 1 or k.stride(-1) != 1
-            or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1 or k_cache.stride(-1) != 1
-            or k_cache.stride() != v_cache.stride()):
-        from .rope import rope_store_kv_triton
-
+    if (2 * half != head_dim or half < 16 or half & (half - 1) or (q.is_cuda and num_tokens > FUSED_MAX_TOKENS)
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1
+            or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride()):
         q, k = rope_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
         return prefill_attention_triton(q, k, v, scale, valid_len, config)
-    if config is None:
-        config = config_for(num_tokens) if q.device.type == "cuda" else CPU_CONFIG
-    block_m, block_n, num_warps, num_stages = config
+    block_m, block_n, num_warps, num_stages = config or _default_config(q)
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
     if valid_len is None:
         valid_len = torch.full((1,), num_tokens, dtype=torch.int32, device=q.device)
-    jit_helpers(globals(), ("_rope_tile", "_cos_sin"))
+    jit_helpers(globals(), ("_rotate_half", "_rope_tile", "_cos_sin"))
     jit(_prefill_rope_kernel)[(cdiv(num_tokens, block_m), num_q_heads)](
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, out, valid_len, scale, q.stride(0),
         q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit, next_pow2
+from ._triton import jit, jit_helpers, next_pow2
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -29,6 +29,26 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_
     return q, k
 
 
+def _rotate_half(ptr, mask, cos, sin, HALF: tl.constexpr):
+    """Load the two rotary halves at ptr and ptr + HALF and rotate them: (x1 cos - x2 sin, x2 cos + x1 sin), fp32."""
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+def _rope_in_place(ptr, mask, cos, sin, HALF: tl.constexpr):
+    """Rotate the halves at ptr in place; returns them as stored (in the tensor's dtype)."""
+    a, b = _rotate_half(ptr, mask, cos, sin, HALF)
+    a = a.to(ptr.dtype.element_ty)
+    b = b.to(ptr.dtype.element_ty)
+    tl.store(ptr, a, mask=mask)
+    tl.store(ptr + HALF, b, mask=mask)
+    return a, b
+
+
+_HELPERS = ("_rotate_half", "_rope_in_place")
+
+
 def _rope_kernel(Q, K, POS, CACHE, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_q_heads,
                  num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
@@ -38,20 +58,10 @@ def _rope_kernel(Q, K, POS, CACHE, stride_qt, stride_qh, stride_kt, stride_kh, s
     cos = tl.load(CACHE + pos * stride_cache + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(CACHE + pos * stride_cache + HALF + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     heads = tl.arange(0, BLOCK_H)
-    # q heads
-    mask = (heads[:, None] < num_q_heads) & col_mask[None, :]
-    ptr = Q + token * stride_qt + heads[:, None] * stride_qh + cols[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (x1 * cos - x2 * sin).to(Q.dtype.element_ty), mask=mask)
-    tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(Q.dtype.element_ty), mask=mask)
-    # k heads
-    mask = (heads[:, None] < num_kv_heads) & col_mask[None, :]
-    ptr = K + token * stride_kt + heads[:, None] * stride_kh + cols[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (x1 * cos - x2 * sin).to(K.dtype.element_ty), mask=mask)
-    tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(K.dtype.element_ty), mask=mask)
+    _rope_in_place(Q + token * stride_qt + heads[:, None] * stride_qh + cols[None, :],
+                   (heads[:, None] < num_q_heads) & col_mask[None, :], cos, sin, HALF)
+    _rope_in_place(K + token * stride_kt + heads[:, None] * stride_kh + cols[None, :],
+                   (heads[:, None] < num_kv_heads) & col_mask[None, :], cos, sin, HALF)
 
 
 def rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
@@ -62,6 +72,7 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_s
     half = cos_sin_cache.shape[-1] // 2
     block_h = next_pow2(max(num_q_heads, k.shape[1]))
     if tokens > 0:
+        jit_helpers(globals(), _HELPERS)
         jit(_rope_kernel)[(tokens,)](
             q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             cos_sin_cache.stride(0), num_q_heads, k.shape[1], HALF=half, BLOCK_H=block_h,
@@ -90,23 +101,14 @@ def _rope_store_kernel(Q, K, V, POS, CACHE, K_CACHE, V_CACHE, SLOTS, stride_qt, 
     cos = tl.load(CACHE + pos * stride_cache + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(CACHE + pos * stride_cache + HALF + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # q heads: rotate in place
-    mask = (heads[:, None] < num_q_heads) & col_mask[None, :]
-    ptr = Q + token * stride_qt + heads[:, None] * stride_qh + cols[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (x1 * cos - x2 * sin).to(Q.dtype.element_ty), mask=mask)
-    tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(Q.dtype.element_ty), mask=mask)
+    _rope_in_place(Q + token * stride_qt + heads[:, None] * stride_qh + cols[None, :],
+                   (heads[:, None] < num_q_heads) & col_mask[None, :], cos, sin, HALF)
     # k heads: rotate in place and write to the cache slot (slot < 0: padding, no cache write)
     slot = tl.load(SLOTS + token).to(tl.int64)
     kv_heads = heads[:, None] < num_kv_heads
     mask = kv_heads & col_mask[None, :]
-    ptr = K + token * stride_kt + heads[:, None] * stride_kh + cols[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    k1 = (x1 * cos - x2 * sin).to(K.dtype.element_ty)
-    k2 = (x2 * cos + x1 * sin).to(K.dtype.element_ty)
-    tl.store(ptr, k1, mask=mask)
-    tl.store(ptr + HALF, k2, mask=mask)
+    k1, k2 = _rope_in_place(K + token * stride_kt + heads[:, None] * stride_kh + cols[None, :], mask, cos, sin,
+                            HALF)
     cache_row = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + heads[:, None] * stride_ch
     slot_ok = (tl.zeros([BLOCK_H, 1], tl.int64) + slot) >= 0
     cmask = mask & slot_ok
@@ -135,6 +137,7 @@ def rope_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, sl
     max_heads = max(num_q_heads, num_kv_heads)
     block_h = min(next_pow2(max_heads), 4 if tokens <= 4 else 16)
     if tokens > 0:
+        jit_helpers(globals(), _HELPERS)
         jit(_rope_store_kernel)[(tokens, -(-max_heads // block_h))](
             q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0), k_cache.stride(0),

@@ -32,3 +32,16 @@ def assert_close(actual, expected, dtype, what=""):
 def rand(*shape, dtype, device, seed=0, scale=1.0):
     gen = torch.Generator().manual_seed(seed + 1000 * len(shape) + int(math.prod(shape)) % 997)
     return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def assert_replays_like_ref(fn, x, ref, dtype, what="in graph"):
+    """Capture `out = fn()` in a CUDA graph (after a warm-up call), refill x with new values, replay, and compare
+    the output with `ref()` computed afterwards from the new x."""
+    fn()  # warm
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(out, ref(), dtype, what)
