@@ -17,7 +17,12 @@ for s in $stages; do
     gemmsweep) timeout 300 python3 benchmarks/gemm_bench.py --json "$OUT/gemm_bench.json" 2>&1 | tail -70;;
     attn) timeout 150 python3 benchmarks/prefill_attn_sweep.py --lengths ${ATTN_T:-16,32,64,128,160,208,256,384,512} --json "$OUT/prefill_attn.json" 2>&1 | tail -22;;
     ttft) timeout 150 python3 benchmarks/ttft_breakdown.py --out "$OUT" 2>&1 | grep -v Warn | tail -8;;
-    jithost) timeout 200 python3 benchmarks/jit_host_profile.py --out "$OUT" 2>&1 | grep -v Warn | tail -32;;
+    jithost) for v in ${JITHOST:-1:triton}; do  # HYBRID_ENGINE_FAST_LAUNCH:HYBRID_ENGINE_JIT_GEMM, e.g. "1:triton 0:cublas"
+               echo "== fast launch ${v%%:*}, JIT GEMM ${v##*:}"
+               HYBRID_ENGINE_FAST_LAUNCH=${v%%:*} HYBRID_ENGINE_JIT_GEMM=${v##*:} timeout 200 python3 \
+                 benchmarks/jit_host_profile.py --out "$OUT/jithost-${v/:/-}" 2>&1 | grep -v Warn | tail -${JITHOST_TAIL:-32}; done;;
+    launch) timeout 120 python3 benchmarks/launch_overhead.py --json "$OUT/launch_overhead.json" 2>&1 | tail -20;;
+    coldwarm) timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_warm_cache.json" 2>&1 | tail -3;;
     kbench) timeout 300 python3 benchmarks/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -40;;
     bench) timeout 560 python3 -m hybrid_engine.bench --model llama-2-7b-shape --out-dir "$OUT" --system-timeout 170 2>&1 | tail -60;;
     pbench) timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/bench-gpu.json" 2>&1 | tail -30

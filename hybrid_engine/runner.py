@@ -126,7 +126,8 @@ class ModelRunner:
         from .kernels import gemm, prefill_attention
 
         scratch = self.scratch_buffers()
-        for plan, todo in ((nullcontext(), set(lengths) | prefill_attention.warm_up_lengths()),
+        for plan, todo in ((nullcontext(), set(lengths) | prefill_attention.warm_up_lengths()
+                            | gemm.warm_up_lengths(gemm.JIT_GEMM_CONFIGS)),
                            (gemm.graph_plan(), gemm.warm_up_lengths())):  # graph_plan: what captures will launch
             with plan:
                 for n in sorted(n for n in todo if n <= self.max_model_len):

@@ -64,3 +64,92 @@ def next_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# --- Kernel launches -------------------------------------------------------------------------------------------------
+# `jit(fn)[grid](*args, **kw)` costs tens of microseconds of Python per launch in Triton's JITFunction.run (binding
+# and specialising every argument, the cache key, option parsing), which on the JIT path (~300 launches per prefill)
+# is most of a step's host time. `launch` does that work once per *specialisation* and then calls the compiled
+# kernel's launcher directly. Its cache key is at least as fine as Triton's specialisation of the arguments: tensors
+# by dtype and 16-byte alignment, ints by ==1, divisibility by 16 and width, other values by value (bools,
+# constexprs, None) or type (floats, which Triton never specialises), plus every keyword (constexprs and launch
+# options) and the device. A miss goes through Triton (compiling if needed) and remembers the CompiledKernel it
+# returns; a hit launches that kernel with the same arguments Triton would pass. Under the interpreter, or with
+# HYBRID_ENGINE_FAST_LAUNCH=0, or on a Triton whose CompiledKernel lacks the launcher API used here, every launch goes
+# through Triton.
+
+_FAST_LAUNCH = os.environ.get("HYBRID_ENGINE_FAST_LAUNCH", "1").lower() not in ("0", "false", "off", "no")
+_LAUNCHES: dict[tuple, tuple] = {}
+_I32 = (-(1 << 31), 1 << 31)
+
+
+def set_fast_launch(enabled: bool) -> bool:
+    """Turn the launch cache on or off (process-wide); returns the previous setting. For benchmarks and tests."""
+    global _FAST_LAUNCH
+    prev, _FAST_LAUNCH = _FAST_LAUNCH, bool(enabled)
+    return prev
+
+
+def _arg_key(a):
+    if hasattr(a, "data_ptr"):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if a.__class__ is int:
+        return (a == 1, a % 16 == 0, _I32[0] <= a < _I32[1])
+    if a.__class__ is float:
+        return float
+    return a
+
+
+@functools.cache
+def _launch_api():
+    """(get_current_device, get_current_stream, knobs.runtime) where kernels run compiled on a Triton with the
+    launcher API `launch` uses, else None. Decided once: Triton fixes interpreter mode when first imported."""
+    if interpreter_active():
+        return None
+    try:
+        import triton
+        from triton.runtime import driver
+
+        runtime = triton.knobs.runtime
+        runtime.launch_enter_hook  # noqa: B018 - the attributes the launch passes
+        return driver.active.get_current_device, driver.active.get_current_stream, runtime
+    except (ImportError, AttributeError):
+        return None
+
+
+@functools.cache
+def _params(fn) -> tuple[tuple[str, ...], dict]:
+    import inspect
+
+    sig = inspect.signature(fn)
+    return tuple(sig.parameters), {k: p.default for k, p in sig.parameters.items()
+                                   if p.default is not inspect.Parameter.empty}
+
+
+def launch(fn, grid: tuple[int, ...], *args, **kw) -> None:
+    """Launch kernel function `fn` (a plain function, jitted on first use) on `grid` with positional runtime
+    arguments `args` and keyword constexprs / launch options `kw`: `jit(fn)[grid](*args, **kw)`, with Triton's
+    per-launch work done once per specialisation (see above)."""
+    api = _launch_api() if _FAST_LAUNCH else None
+    if api is None:
+        jit(fn)[grid](*args, **kw)
+        return
+    get_device, get_stream, runtime = api
+    device = get_device()
+    key = (fn, device, tuple(map(_arg_key, args)), tuple(kw.items()))
+    hit = _LAUNCHES.get(key)
+    if hit is None:
+        kernel = jit(fn)[grid](*args, **kw)
+        names, defaults = _params(fn)
+        rest = tuple(kw[n] if n in kw else defaults[n] for n in names[len(args):])
+        if kernel is not None and hasattr(kernel, "packed_metadata") and hasattr(kernel, "function"):
+            _LAUNCHES[key] = (kernel, rest)
+        return
+    kernel, rest = hit
+    stream = get_stream(device)
+    enter = runtime.launch_enter_hook
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    meta = kernel.launch_metadata(grid, stream, *args, *rest) if enter is not None else None
+    kernel.run(grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter,
+               runtime.launch_exit_hook, *args, *rest)

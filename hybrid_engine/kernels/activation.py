@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, jit, next_pow2
+from ._triton import cdiv, launch, next_pow2
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -36,7 +36,7 @@ def silu_mul_triton(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, next_pow2(inter))
     if x2.shape[0] > 0:
         grid = (x2.shape[0], cdiv(inter, block))
-        jit(_silu_mul_kernel)[grid](x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK=block,
+        launch(_silu_mul_kernel, grid, x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK=block,
                                    num_warps=4 if block >= 512 else 1)
     return out
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, jit, next_pow2
+from ._triton import cdiv, launch, next_pow2
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -148,14 +148,14 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if batch == 0:
         return out
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    jit(_decode_split_kernel)[(batch, num_kv_heads, splits)](
+    launch(_decode_split_kernel, (batch, num_kv_heads, splits),
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), num_q_heads, head_dim, BLOCK_SIZE=block_size,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
         DOT_PRECISION=precision, num_warps=4, num_stages=2)
     if splits > 1:
-        jit(_decode_reduce_kernel)[(batch, num_q_heads)](
+        launch(_decode_reduce_kernel, (batch, num_q_heads),
             part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1), num_q_heads, head_dim,
             NUM_SPLITS=splits, BLOCK_N=block_n, BLOCK_S=next_pow2(splits), BLOCK_D=block_d, num_warps=1)
     return out

@@ -13,6 +13,7 @@ inner loop) and masked on store. Output allocated like F.linear; no workspace, n
 """
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -20,7 +21,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, jit
+from ._triton import cdiv, launch
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -39,6 +40,20 @@ GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int, in
     (4096, 11008): [(64, None), (112, "lt"), (128, None), (192, "lt"), (200, None),      # down M=192 53.9->45.0,
                     (240, "lt"), (256, None), (288, "lt"), (320, None), (384, "lt")],   # 208 49.7->47.1, 224 58.7->50.3
 }
+# The JIT path's projections (eager prefill of a length no graph covers yet, e.g. the first request after load) are
+# bound by host time, not GPU time: cuBLAS costs several times the host time of a Triton launch through
+# `_triton.launch` (benchmarks/launch_overhead.py). So up to M=128, where the Triton GEMM measured within ~12% of
+# cuBLAS in GPU time (fastest config per M from the sweep, benchmarks/results/nvidia-h100-gemm-2026-11-26.json), the
+# JIT path takes it; past that cuBLAS (Triton measured up to 1.9x slower). HYBRID_ENGINE_JIT_GEMM=cublas turns it off.
+JIT_GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int, int] | str | None]]] = {
+    (12288, 4096): [(16, (16, 128, 128, 4, 4)), (32, (32, 128, 128, 4, 4)), (64, (64, 128, 64, 4, 5)),
+                    (128, (128, 128, 128, 8, 3))],
+    (4096, 4096): [(32, (16, 32, 256, 4, 4)), (128, (64, 64, 128, 4, 4))],
+    (22016, 4096): [(16, (16, 64, 128, 4, 4)), (32, (32, 64, 128, 4, 4)), (64, (64, 64, 128, 4, 4)),
+                    (128, (64, 128, 64, 4, 5))],
+    (4096, 11008): [(32, (16, 32, 256, 4, 4)), (128, (64, 64, 128, 4, 4))],
+}
+_JIT_TRITON = os.environ.get("HYBRID_ENGINE_JIT_GEMM", "triton").lower() != "cublas"
 DEFAULT_CONFIG = (64, 64, 64, 4, 3)  # what tests and gemm_triton use when no config is given
 
 
@@ -92,7 +107,7 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if m == 0:
         return out.view(*lead, n)
     grid = (cdiv(m, block_m) * cdiv(n, block_n),)
-    jit(_gemm_kernel)[grid](
+    launch(_gemm_kernel, grid,
         x2, weight, bias if bias is not None else weight, out, m, n, k, x2.stride(0), weight.stride(0),
         out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
         EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0,
@@ -119,12 +134,12 @@ def graph_plan() -> Iterator[None]:
         _PLAN.on = prev
 
 
-def warm_up_lengths() -> set[int]:
-    """Row counts that compile every Triton config of the plan in both of Triton's integer specialisations of M (a
-    multiple of 16 or not) and make every zero bias of the "lt" entries, so that a request never compiles a GEMM
-    variant or allocates a bias (run at load, before any graph capture)."""
+def warm_up_lengths(table: dict | None = None) -> set[int]:
+    """Row counts that compile every Triton config of `table` (default: the graph plan, GEMM_CONFIGS) in both of
+    Triton's integer specialisations of M (a multiple of 16 or not) and make every zero bias of the "lt" entries, so
+    that a request never compiles a GEMM variant or allocates a bias (run at load, before any graph capture)."""
     out = set()
-    for entries in GEMM_CONFIGS.values():
+    for entries in (GEMM_CONFIGS if table is None else table).values():
         low = 1
         for max_m, cfg in entries:
             if isinstance(cfg, tuple):
@@ -136,11 +151,10 @@ def warm_up_lengths() -> set[int]:
 
 
 def config_for(m: int, n: int, k: int) -> tuple[int, int, int, int, int] | str | None:
-    """The plan's choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt) or None (cuBLAS);
-    always None outside `graph_plan()`."""
-    if not getattr(_PLAN, "on", False):
-        return None
-    return next((cfg for max_m, cfg in GEMM_CONFIGS.get((n, k), ()) if m <= max_m), None)
+    """The choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt) or None (cuBLAS); inside
+    `graph_plan()` from GEMM_CONFIGS, outside it (the JIT path) from JIT_GEMM_CONFIGS."""
+    table = GEMM_CONFIGS if getattr(_PLAN, "on", False) else JIT_GEMM_CONFIGS if _JIT_TRITON else {}
+    return next((cfg for max_m, cfg in table.get((n, k), ()) if m <= max_m), None)
 
 
 _ZERO_BIAS: dict[tuple, torch.Tensor] = {}

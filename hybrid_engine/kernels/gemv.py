@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gemm
-from ._triton import cdiv, jit
+from ._triton import cdiv, launch
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -108,7 +108,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k_chunk = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_chunk)
     ws, count = _split_buffers(x.device, n, grid_n, split) if split > 1 else (out, out)
-    jit(_gemv_kernel)[(grid_n, split)](
+    launch(_gemv_kernel, (grid_n, split),
         x, weight, bias if bias is not None else weight, out, ws, count, n, k, weight.stride(0), k_chunk,
         BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=split,
         num_warps=num_warps, num_stages=num_stages)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit, next_pow2
+from ._triton import launch, next_pow2
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -40,7 +40,7 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     tokens, num_kv_heads, head_dim = k.shape
     block_h, block_d = next_pow2(num_kv_heads), next_pow2(head_dim)
     if tokens > 0:
-        jit(_store_kv_kernel)[(tokens,)](
+        launch(_store_kv_kernel, (tokens,),
             k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_kv_heads, head_dim,
             BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h, BLOCK_D=block_d,

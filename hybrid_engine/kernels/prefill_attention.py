@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, jit, jit_helpers, next_pow2
+from ._triton import cdiv, jit_helpers, launch, next_pow2
 from .rope import _rotate_half, rope_store_kv_triton  # noqa: F401 (_rotate_half: called by _rope_tile)
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
@@ -106,7 +106,7 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    jit(_prefill_kernel)[(cdiv(num_tokens, block_m), num_q_heads)](
+    launch(_prefill_kernel, (cdiv(num_tokens, block_m), num_q_heads),
         q, k, v, out, valid_len if valid_len is not None else q, scale, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), num_tokens, head_dim,
         GROUP=num_q_heads // k.shape[1], HAS_VALID_LEN=valid_len is not None, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -218,7 +218,7 @@ def prefill_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
     if valid_len is None:
         valid_len = torch.full((1,), num_tokens, dtype=torch.int32, device=q.device)
     jit_helpers(globals(), ("_rotate_half", "_rope_tile", "_cos_sin"))
-    jit(_prefill_rope_kernel)[(cdiv(num_tokens, block_m), num_q_heads)](
+    launch(_prefill_rope_kernel, (cdiv(num_tokens, block_m), num_q_heads),
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, out, valid_len, scale, q.stride(0),
         q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_tokens,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit, next_pow2
+from ._triton import launch, next_pow2
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -58,7 +58,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     block = next_pow2(hidden)
     num_warps = 8 if block >= 4096 else 4 if block >= 1024 else 1
     if rows > 0:
-        jit(_rms_norm_kernel)[(rows,)](
+        launch(_rms_norm_kernel, (rows,),
             x2, r2, weight, out2, res2, x2.stride(0), r2.stride(0), out2.stride(0), res2.stride(0), hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
     return (out, new_res) if residual is not None else out

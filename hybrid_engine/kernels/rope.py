@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit, jit_helpers, next_pow2
+from ._triton import jit_helpers, launch, next_pow2
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -73,7 +73,7 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_s
     block_h = next_pow2(max(num_q_heads, k.shape[1]))
     if tokens > 0:
         jit_helpers(globals(), _HELPERS)
-        jit(_rope_kernel)[(tokens,)](
+        launch(_rope_kernel, (tokens,),
             q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             cos_sin_cache.stride(0), num_q_heads, k.shape[1], HALF=half, BLOCK_H=block_h,
             BLOCK_HALF=next_pow2(half), num_warps=4 if block_h * half >= 1024 else 1)
@@ -138,7 +138,7 @@ def rope_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, sl
     block_h = min(next_pow2(max_heads), 4 if tokens <= 4 else 16)
     if tokens > 0:
         jit_helpers(globals(), _HELPERS)
-        jit(_rope_store_kernel)[(tokens, -(-max_heads // block_h))](
+        launch(_rope_store_kernel, (tokens, -(-max_heads // block_h)),
             q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0), k_cache.stride(0),
             k_cache.stride(1), k_cache.stride(2), num_q_heads, num_kv_heads, HALF=half, HEAD_DIM=head_dim,

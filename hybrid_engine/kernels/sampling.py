@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit, jit_helpers, next_pow2
+from ._triton import jit_helpers, launch, next_pow2
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -174,7 +174,7 @@ def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     num_warps = 32 if block_v >= 32768 else 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
     if batch > 0:
         jit_helpers(globals(), _HELPERS)
-        jit(_sample_kernel)[(batch,)](
+        launch(_sample_kernel, (batch,),
             logits, temperature.float().contiguous(), top_k.int().contiguous(), top_p.float().contiguous(),
             seeds.long().contiguous(), offsets.long().contiguous(), out, logits.stride(0), vocab,
             BLOCK_V=block_v, num_warps=num_warps)
