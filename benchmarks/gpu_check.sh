@@ -8,6 +8,7 @@ for s in $stages; do
   case $s in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
          python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" | tee -a "$OUT/env.txt";;
+    ktests) timeout 250 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels 2>&1 | tail -15 | tee "$OUT/gpu_kernel_tests.txt";;
     tests) timeout 300 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt";;
     probe) timeout 250 python3 benchmarks/probe.py --out "$OUT/probe.json" 2>&1 | tail -60;;
     cold) TRITON_CACHE_DIR=$(mktemp -d) timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_empty_cache.json" 2>&1 | tail -3
@@ -17,7 +18,7 @@ for s in $stages; do
     gemmsweep) timeout 300 python3 benchmarks/gemm_bench.py --json "$OUT/gemm_bench.json" 2>&1 | tail -70;;
     attn) timeout 150 python3 benchmarks/prefill_attn_sweep.py --lengths ${ATTN_T:-16,32,64,128,160,208,256,384,512} --json "$OUT/prefill_attn.json" 2>&1 | tail -22;;
     ttft) timeout 150 python3 benchmarks/ttft_breakdown.py --out "$OUT" 2>&1 | grep -v Warn | tail -8;;
-    jithost) for v in ${JITHOST:-1:triton}; do  # HYBRID_ENGINE_FAST_LAUNCH:HYBRID_ENGINE_JIT_GEMM, e.g. "1:triton 0:cublas"
+    jithost) for v in ${JITHOST:-1:cublas}; do  # HYBRID_ENGINE_FAST_LAUNCH:HYBRID_ENGINE_JIT_GEMM, e.g. "1:triton 0:cublas"
                echo "== fast launch ${v%%:*}, JIT GEMM ${v##*:}"
                HYBRID_ENGINE_FAST_LAUNCH=${v%%:*} HYBRID_ENGINE_JIT_GEMM=${v##*:} timeout 200 python3 \
                  benchmarks/jit_host_profile.py --out "$OUT/jithost-${v/:/-}" 2>&1 | grep -v Warn | tail -${JITHOST_TAIL:-32}; done;;

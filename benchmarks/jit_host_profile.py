@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 benchmarks/jit_host_profile.py [--length 100] [--out DIR]
 
 Loads with capture="off" (the JIT path only), times `runner.prefill_step` wall-clock (host enqueue, then the GPU
-drains) at one length, and profiles three steps with torch.profiler CPU + CUDA activities: host time per op and
+drains) at one length, A/B in one process: the Triton launch cache on and off, and the JIT-path GEMM cuBLAS or Triton; and profiles three steps with torch.profiler CPU + CUDA activities: host time per op and
 kernel-launch API, launches per step, and how long the GPU idles waiting for the host. Also times the first request
 after load separately from a warm one, on fresh prompts, to split one-time costs from per-launch costs.
 """
@@ -22,17 +22,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_engine import LLM, SamplingParams  # noqa: E402
+from hybrid_engine.kernels import gemm, prefill_attention  # noqa: E402
+from hybrid_engine.kernels._triton import set_fast_launch  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-2-7b-shape")
     p.add_argument("--length", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", default="/tmp/out")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     llm = LLM(args.model, capture="off")
+    fast_default, gemm_default = set_fast_launch(True), gemm._JIT_TRITON
+    set_fast_launch(fast_default)
     vocab = llm.model.args.vocab_size
     gen = torch.Generator().manual_seed(0)
     sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -48,14 +53,29 @@ def main() -> None:
     r, s = llm.runner, llm.stream_ctx
     scratch = r.scratch_buffers()
     scratch.valid_len.fill_(args.length)
-    walls = []
+    # A/B in one process (host speed differs between processes and machines by up to 2x): launch cache on/off,
+    # JIT-path GEMM cuBLAS/Triton, fused prefill attention on the JIT path or not, interleaved round by round; two discarded rounds first (compiles new variants)
+    fused_default = prefill_attention.FUSED_MAX_TOKENS_JIT
+    variants = {"cache+cublas": (True, False, fused_default), "nocache+cublas": (False, False, fused_default),
+                "cache+triton_gemm": (True, True, fused_default),
+                "cache+cublas+unfused_attn": (True, False, prefill_attention.FUSED_MAX_TOKENS)}
+    walls: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     with torch.cuda.stream(s), torch.inference_mode():
-        for _ in range(10):
-            t0 = time.perf_counter()
-            r.prefill_step(args.length, scratch)
-            t1 = time.perf_counter()
-            s.synchronize()
-            walls.append(((t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3))
+        for rnd in range(args.rounds + 2):
+            for name, (fast, triton_gemm, fused_max) in variants.items():
+                set_fast_launch(fast)
+                gemm._JIT_TRITON = triton_gemm
+                prefill_attention.FUSED_MAX_TOKENS_JIT = fused_max
+                s.synchronize()
+                t0 = time.perf_counter()
+                r.prefill_step(args.length, scratch)
+                t1 = time.perf_counter()
+                s.synchronize()
+                if rnd >= 2:
+                    walls[name].append(((t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3))
+        set_fast_launch(fast_default)
+        gemm._JIT_TRITON = gemm_default
+        prefill_attention.FUSED_MAX_TOKENS_JIT = fused_default
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -75,8 +95,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "length": args.length,
         "first_requests_ms": [round(x, 3) for x in firsts],
-        "prefill_step_enqueue_ms_p50": round(statistics.median(w[0] for w in walls), 3),
-        "prefill_step_wall_ms_p50": round(statistics.median(w[1] for w in walls), 3),
+        "prefill_step_ms_p50": {v: {"enqueue": round(statistics.median(w[0] for w in ws), 3),
+                                    "wall": round(statistics.median(w[1] for w in ws), 3)} for v, ws in walls.items()},
         "kernel_launches_per_step": round(launches / 3, 1),
         "host_us_per_step_top": {k: [round(v[0], 1), round(v[1], 1)] for k, v in
                                  sorted(host.items(), key=lambda kv: -kv[1][0])[:30]},

@@ -121,14 +121,14 @@ class ModelRunner:
     def warm_up(self, lengths: tuple[int, ...] = (1, 15, 16, 17, 100)) -> None:
         """Run every kernel variant the JIT path will launch once, on scratch buffers (Triton specialises integer
         arguments equal to 1 or divisible by 16; prefill attention's tiles change with the length), so the first
-        request compiles and loads nothing; and every projection variant that graph captures use (gemm.graph_plan),
-        so that no capture compiles."""
+        request compiles and loads nothing; and every projection and attention variant that graph captures use
+        (inside gemm.graph_plan, whose choices differ), so that no capture compiles."""
         from .kernels import gemm, prefill_attention
 
         scratch = self.scratch_buffers()
         for plan, todo in ((nullcontext(), set(lengths) | prefill_attention.warm_up_lengths()
                             | gemm.warm_up_lengths(gemm.JIT_GEMM_CONFIGS)),
-                           (gemm.graph_plan(), gemm.warm_up_lengths())):  # graph_plan: what captures will launch
+                           (gemm.graph_plan(), gemm.warm_up_lengths() | prefill_attention.warm_up_lengths())):
             with plan:
                 for n in sorted(n for n in todo if n <= self.max_model_len):
                     scratch.valid_len.fill_(n)

@@ -67,20 +67,20 @@ def cdiv(a: int, b: int) -> int:
 
 
 # --- Kernel launches -------------------------------------------------------------------------------------------------
-# `jit(fn)[grid](*args, **kw)` costs tens of microseconds of Python per launch in Triton's JITFunction.run (binding
-# and specialising every argument, the cache key, option parsing), which on the JIT path (~300 launches per prefill)
-# is most of a step's host time. `launch` does that work once per *specialisation* and then calls the compiled
-# kernel's launcher directly. Its cache key is at least as fine as Triton's specialisation of the arguments: tensors
-# by dtype and 16-byte alignment, ints by ==1, divisibility by 16 and width, other values by value (bools,
-# constexprs, None) or type (floats, which Triton never specialises), plus every keyword (constexprs and launch
-# options) and the device. A miss goes through Triton (compiling if needed) and remembers the CompiledKernel it
-# returns; a hit launches that kernel with the same arguments Triton would pass. Under the interpreter, or with
-# HYBRID_ENGINE_FAST_LAUNCH=0, or on a Triton whose CompiledKernel lacks the launcher API used here, every launch goes
-# through Triton.
+# `jit(fn)[grid](*args, **kw)` costs tens of microseconds of host time per launch: Triton's JITFunction.run binds and
+# specialises every argument, builds the cache key and parses options in Python, and its C launcher then checks each
+# tensor's pointer with a driver call (cuPointerGetAttribute). On the JIT path (~300 launches per prefill, bound by
+# host time) that is a large part of a step. `launch` does Triton's work once per *specialisation* and then calls the
+# compiled kernel's launcher directly, with tensors passed as their device addresses (ints, which the launcher takes
+# as they are). Its cache key is at least as fine as Triton's specialisation of the arguments: tensors by dtype and
+# 16-byte alignment, ints by ==1, divisibility by 16 and width, floats by type (Triton never specialises them),
+# anything else (None, bools) by value, plus every keyword (constexprs and launch options) and the device. A miss
+# goes through Triton (compiling if needed) and remembers the CompiledKernel it returns. Under the interpreter, with
+# HYBRID_ENGINE_FAST_LAUNCH=0, or on a Triton without the launcher API used here, every launch goes through Triton.
 
 _FAST_LAUNCH = os.environ.get("HYBRID_ENGINE_FAST_LAUNCH", "1").lower() not in ("0", "false", "off", "no")
 _LAUNCHES: dict[tuple, tuple] = {}
-_I32 = (-(1 << 31), 1 << 31)
+_I32_MIN, _I32_MAX = -(1 << 31), 1 << 31
 
 
 def set_fast_launch(enabled: bool) -> bool:
@@ -90,14 +90,23 @@ def set_fast_launch(enabled: bool) -> bool:
     return prev
 
 
-def _arg_key(a):
-    if hasattr(a, "data_ptr"):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if a.__class__ is int:
-        return (a == 1, a % 16 == 0, _I32[0] <= a < _I32[1])
-    if a.__class__ is float:
-        return float
-    return a
+def specialise(args: tuple) -> tuple[tuple, list]:
+    """(cache key, launcher arguments) of positional kernel arguments: tensors become their addresses."""
+    key, vals = [], []
+    for a in args:
+        cls = a.__class__
+        if cls is int:
+            key.append((a == 1, a % 16 == 0, _I32_MIN <= a < _I32_MAX))
+        elif cls is float:
+            key.append(float)
+        elif hasattr(a, "data_ptr"):
+            p = a.data_ptr()
+            key.append((a.dtype, p % 16 == 0))
+            a = p
+        else:
+            key.append(a)
+        vals.append(a)
+    return tuple(key), vals
 
 
 @functools.cache
@@ -136,7 +145,8 @@ def launch(fn, grid: tuple[int, ...], *args, **kw) -> None:
         return
     get_device, get_stream, runtime = api
     device = get_device()
-    key = (fn, device, tuple(map(_arg_key, args)), tuple(kw.items()))
+    spec, vals = specialise(args)
+    key = (fn, device, spec, tuple(kw.items()))
     hit = _LAUNCHES.get(key)
     if hit is None:
         kernel = jit(fn)[grid](*args, **kw)
@@ -148,8 +158,6 @@ def launch(fn, grid: tuple[int, ...], *args, **kw) -> None:
     kernel, rest = hit
     stream = get_stream(device)
     enter = runtime.launch_enter_hook
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
     meta = kernel.launch_metadata(grid, stream, *args, *rest) if enter is not None else None
-    kernel.run(grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter,
-               runtime.launch_exit_hook, *args, *rest)
+    kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, kernel.function,
+               kernel.packed_metadata, meta, enter, runtime.launch_exit_hook, *vals, *rest)

@@ -41,10 +41,10 @@ GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int, in
                     (240, "lt"), (256, None), (288, "lt"), (320, None), (384, "lt")],   # 208 49.7->47.1, 224 58.7->50.3
 }
 # The JIT path's projections (eager prefill of a length no graph covers yet, e.g. the first request after load) are
-# bound by host time, not GPU time: cuBLAS costs several times the host time of a Triton launch through
-# `_triton.launch` (benchmarks/launch_overhead.py). So up to M=128, where the Triton GEMM measured within ~12% of
-# cuBLAS in GPU time (fastest config per M from the sweep, benchmarks/results/nvidia-h100-gemm-2026-11-26.json), the
-# JIT path takes it; past that cuBLAS (Triton measured up to 1.9x slower). HYBRID_ENGINE_JIT_GEMM=cublas turns it off.
+# bound by host time, not GPU time. HYBRID_ENGINE_JIT_GEMM=triton sends them, up to M=128 where the Triton GEMM
+# measured within ~12% of cuBLAS in GPU time (fastest config per M from the sweep,
+# benchmarks/results/nvidia-h100-gemm-2026-11-26.json), to the Triton GEMM launched through `_triton.launch`;
+# default cuBLAS. An experiment switch (benchmarks/jit_host_profile.py compares both).
 JIT_GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int, int] | str | None]]] = {
     (12288, 4096): [(16, (16, 128, 128, 4, 4)), (32, (32, 128, 128, 4, 4)), (64, (64, 128, 64, 4, 5)),
                     (128, (128, 128, 128, 8, 3))],
@@ -53,7 +53,7 @@ JIT_GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int
                     (128, (64, 128, 64, 4, 5))],
     (4096, 11008): [(32, (16, 32, 256, 4, 4)), (128, (64, 64, 128, 4, 4))],
 }
-_JIT_TRITON = os.environ.get("HYBRID_ENGINE_JIT_GEMM", "triton").lower() != "cublas"
+_JIT_TRITON = os.environ.get("HYBRID_ENGINE_JIT_GEMM", "cublas").lower() == "triton"
 DEFAULT_CONFIG = (64, 64, 64, 4, 3)  # what tests and gemm_triton use when no config is given
 
 
@@ -119,6 +119,11 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 _PLAN = threading.local()
 
 
+def in_graph_plan() -> bool:
+    """Whether this thread is inside `graph_plan()` (a graph capture or its warm-up) rather than on the JIT path."""
+    return getattr(_PLAN, "on", False)
+
+
 @contextmanager
 def graph_plan() -> Iterator[None]:
     """Within this block (on this thread), `config_for` follows the plan. Outside it, every multi-row product goes
@@ -153,7 +158,7 @@ def warm_up_lengths(table: dict | None = None) -> set[int]:
 def config_for(m: int, n: int, k: int) -> tuple[int, int, int, int, int] | str | None:
     """The choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt) or None (cuBLAS); inside
     `graph_plan()` from GEMM_CONFIGS, outside it (the JIT path) from JIT_GEMM_CONFIGS."""
-    table = GEMM_CONFIGS if getattr(_PLAN, "on", False) else JIT_GEMM_CONFIGS if _JIT_TRITON else {}
+    table = GEMM_CONFIGS if in_graph_plan() else JIT_GEMM_CONFIGS if _JIT_TRITON else {}
     return next((cfg for max_m, cfg in table.get((n, k), ()) if m <= max_m), None)
 
 

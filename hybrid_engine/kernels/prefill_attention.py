@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import gemm
 from ._triton import cdiv, jit_helpers, launch, next_pow2
 from .rope import _rotate_half, rope_store_kv_triton  # noqa: F401 (_rotate_half: called by _rope_tile)
 
@@ -119,6 +120,10 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 # attention): T=16 3.7 vs >5.1, T=64 5.1 vs 6.0, T=128 8.4 vs 7.9, T=208 15.3 vs 12.1, T=512 29.6 vs 23.6: past ~100
 # tokens re-rotating every k tile for every q tile costs more than the launch it saves (prefill_attn_sweep.py).
 FUSED_MAX_TOKENS = 64
+# On the JIT path (outside gemm.graph_plan(): no graph yet for this length) a step is bound by host time, ~20-30 us
+# per launch, so the fused kernel's saved launch per layer outweighs its extra GPU time (<= 3.2 us per layer at 208
+# tokens) up to here.
+FUSED_MAX_TOKENS_JIT = 256
 
 
 def prefill_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, scale,
@@ -202,11 +207,12 @@ def prefill_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
     """Fused `prefill_attention_rope_ref` in one launch: the rotary embedding of q and k, the KV-cache writes and
     causal attention. Falls back to the unfused Triton kernels where the fused one does not apply (partial rotary,
     head_dim not a power of two >= 32: tl.dot needs K >= 16 per half; strides) or is slower (more than
-    FUSED_MAX_TOKENS tokens on the GPU). The fused kernel leaves q and k unrotated in memory, the fallback rotates
+    FUSED_MAX_TOKENS tokens on the GPU inside a graph capture, more than FUSED_MAX_TOKENS_JIT on the JIT path). The fused kernel leaves q and k unrotated in memory, the fallback rotates
     them in place: callers must not read q or k afterwards (the model does not)."""
     num_tokens, num_q_heads, head_dim = q.shape
     half = cos_sin_cache.shape[-1] // 2
-    if (2 * half != head_dim or half < 16 or half & (half - 1) or (q.is_cuda and num_tokens > FUSED_MAX_TOKENS)
+    limit = FUSED_MAX_TOKENS if gemm.in_graph_plan() else FUSED_MAX_TOKENS_JIT
+    if (2 * half != head_dim or half < 16 or half & (half - 1) or (q.is_cuda and num_tokens > limit)
             or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1
             or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride()):
         q, k = rope_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)

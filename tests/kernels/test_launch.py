@@ -1,0 +1,143 @@
+"""The Triton launch cache (`_triton.launch`): which launches hit, what the launcher receives, and (GPU) that cached
+launches compute what Triton's own launch path computes."""
+import pytest
+import torch
+from kernel_helpers import assert_close, rand
+
+from hybrid_engine.kernels import _triton, gemm, rms_norm
+from hybrid_engine.kernels.gemv import linear_ref
+
+
+class FakeKernel:
+    """Stands in for Triton's CompiledKernel: records launcher calls."""
+    function, packed_metadata = 1234, ("meta",)
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *a):
+        self.runs.append(a)
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+
+class FakeJit:
+    """Stands in for `jit(fn)`: `[grid](*args, **kw)` 'compiles' (a new FakeKernel) and launches."""
+
+    def __init__(self):
+        self.compiles = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.compiles.append((grid, args, kw))
+            return FakeKernel()
+        return run
+
+
+class FakeRuntime:
+    launch_enter_hook = None
+    launch_exit_hook = None
+
+
+def fake_kernel(X, Y, n, eps, FLAG, BLOCK: "constexpr" = 64):  # noqa: F821 - the signature is what matters
+    pass
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    fj = FakeJit()
+    monkeypatch.setattr(_triton, "_launch_api", lambda: (lambda: 0, lambda device: 77, FakeRuntime))
+    monkeypatch.setattr(_triton, "jit", lambda fn: fj)
+    monkeypatch.setattr(_triton, "_LAUNCHES", {})
+    monkeypatch.setattr(_triton, "_FAST_LAUNCH", True)
+    return fj
+
+
+def cached_kernels():
+    return [k for k, _ in _triton._LAUNCHES.values()]
+
+
+def test_hit_passes_addresses_and_constexprs_in_signature_order(fake_triton):
+    x = torch.zeros(64, dtype=torch.float16)
+    y = torch.zeros(64, dtype=torch.float32)
+    _triton.launch(fake_kernel, (3,), x, y, 48, 1e-5, True, num_warps=4)
+    assert len(fake_triton.compiles) == 1 and len(_triton._LAUNCHES) == 1
+    _triton.launch(fake_kernel, (5, 2), x, y, 32, 0.5, True, num_warps=4)  # same specialisation: a hit
+    assert len(fake_triton.compiles) == 1
+    (kernel,) = cached_kernels()
+    (run,) = kernel.runs
+    assert run[:4] == (5, 2, 1, 77)  # grid padded to 3-D, the stream of the current device
+    assert run[4:7] == (FakeKernel.function, FakeKernel.packed_metadata, None)
+    # tensors as addresses, then the remaining parameters in signature order (BLOCK from its default)
+    assert run[9:] == (x.data_ptr(), y.data_ptr(), 32, 0.5, True, 64)
+
+
+@pytest.mark.parametrize("change", ["int_not_16", "int_one", "int_64bit", "dtype", "misaligned", "bool",
+                                    "constexpr", "option"])
+def test_every_specialisation_change_misses(fake_triton, change):
+    x = torch.zeros(64, dtype=torch.float16)
+    args = [x, x, 32, 1.0, True]
+    kw = {"num_warps": 4}
+    _triton.launch(fake_kernel, (1,), *args, **kw)
+    if change == "int_not_16":
+        args[2] = 33
+    elif change == "int_one":
+        args[2] = 1
+    elif change == "int_64bit":
+        args[2] = 1 << 36
+    elif change == "dtype":
+        args[1] = x.float()
+    elif change == "misaligned":
+        args[1] = x[1:]  # 2 bytes past a 16-byte boundary
+    elif change == "bool":
+        args[4] = False
+    elif change == "constexpr":
+        kw["BLOCK"] = 128
+    else:
+        kw["num_warps"] = 8
+    _triton.launch(fake_kernel, (1,), *args, **kw)
+    assert len(fake_triton.compiles) == 2, change
+    assert all(not k.runs for k in cached_kernels())
+
+
+def test_float_values_and_addresses_do_not_miss(fake_triton):
+    x = torch.zeros(64, dtype=torch.float16)
+    _triton.launch(fake_kernel, (1,), x, x, 32, 1.0, True)
+    _triton.launch(fake_kernel, (1,), torch.zeros(16, dtype=torch.float16), x[8:], 48, 2.5, True)  # aligned too
+    assert len(fake_triton.compiles) == 1
+
+
+def test_disabled_goes_through_triton(fake_triton):
+    prev = _triton.set_fast_launch(False)
+    try:
+        x = torch.zeros(8)
+        for _ in range(2):
+            _triton.launch(fake_kernel, (1,), x, x, 32, 1.0, True)
+        assert len(fake_triton.compiles) == 2 and not _triton._LAUNCHES
+    finally:
+        _triton.set_fast_launch(prev)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 16, 37, 100])
+def test_cached_launch_matches_triton_launch_gpu(m):
+    """Second (cached) launches compute the same as Triton's own launch path, on fresh inputs each time."""
+    dev, dtype = torch.device("cuda"), torch.float16
+    w = rand(96, 80, dtype=dtype, device=dev, seed=3, scale=0.2)
+    nw = rand(80, dtype=dtype, device=dev, seed=4)
+    for seed in range(3):
+        x = rand(m, 80, dtype=dtype, device=dev, seed=10 + seed)
+        res = rand(m, 80, dtype=dtype, device=dev, seed=20 + seed)
+        outs = {}
+        for fast in (False, True):
+            prev = _triton.set_fast_launch(fast)
+            try:
+                outs[fast] = (gemm.gemm_triton(x, w, config=(16, 32, 32, 4, 2)),
+                              *rms_norm.rms_norm_triton(x, nw, 1e-5, res))
+            finally:
+                _triton.set_fast_launch(prev)
+        for a, b in zip(outs[False], outs[True]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_close(outs[True][0], linear_ref(x.float(), w.float()), dtype, "gemm")
