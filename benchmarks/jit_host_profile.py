@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 benchmarks/jit_host_profile.py [--length 100] [--out DIR]
 
 Loads with capture="off" (the JIT path only), times `runner.prefill_step` wall-clock (host enqueue, then the GPU
-drains) at one length, A/B in one process: the Triton launch cache on and off, and the JIT-path GEMM cuBLAS or Triton; and profiles three steps with torch.profiler CPU + CUDA activities: host time per op and
+drains) at one length, A/B in one process: the Triton launch cache on and off, the fused prefill attention on the JIT path or not; and profiles three steps with torch.profiler CPU + CUDA activities: host time per op and
 kernel-launch API, launches per step, and how long the GPU idles waiting for the host. Also times the first request
 after load separately from a warm one, on fresh prompts, to split one-time costs from per-launch costs.
 """
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_engine import LLM, SamplingParams  # noqa: E402
-from hybrid_engine.kernels import gemm, prefill_attention  # noqa: E402
+from hybrid_engine.kernels import prefill_attention  # noqa: E402
 from hybrid_engine.kernels._triton import set_fast_launch  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     llm = LLM(args.model, capture="off")
-    fast_default, gemm_default = set_fast_launch(True), gemm._JIT_TRITON
+    fast_default = set_fast_launch(True)
     set_fast_launch(fast_default)
     vocab = llm.model.args.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -54,17 +54,15 @@ def main() -> None:
     scratch = r.scratch_buffers()
     scratch.valid_len.fill_(args.length)
     # A/B in one process (host speed differs between processes and machines by up to 2x): launch cache on/off,
-    # JIT-path GEMM cuBLAS/Triton, fused prefill attention on the JIT path or not, interleaved round by round; two discarded rounds first (compiles new variants)
+    # fused prefill attention on the JIT path or not, interleaved round by round; two discarded rounds first (compiles new variants)
     fused_default = prefill_attention.FUSED_MAX_TOKENS_JIT
-    variants = {"cache+cublas": (True, False, fused_default), "nocache+cublas": (False, False, fused_default),
-                "cache+triton_gemm": (True, True, fused_default),
-                "cache+cublas+unfused_attn": (True, False, prefill_attention.FUSED_MAX_TOKENS)}
+    variants = {"cache": (True, fused_default), "no_cache": (False, fused_default),
+                "cache+unfused_attn": (True, prefill_attention.FUSED_MAX_TOKENS)}
     walls: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     with torch.cuda.stream(s), torch.inference_mode():
         for rnd in range(args.rounds + 2):
-            for name, (fast, triton_gemm, fused_max) in variants.items():
+            for name, (fast, fused_max) in variants.items():
                 set_fast_launch(fast)
-                gemm._JIT_TRITON = triton_gemm
                 prefill_attention.FUSED_MAX_TOKENS_JIT = fused_max
                 s.synchronize()
                 t0 = time.perf_counter()
@@ -74,7 +72,6 @@ def main() -> None:
                 if rnd >= 2:
                     walls[name].append(((t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3))
         set_fast_launch(fast_default)
-        gemm._JIT_TRITON = gemm_default
         prefill_attention.FUSED_MAX_TOKENS_JIT = fused_default
         from torch.profiler import ProfilerActivity, profile
 

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hybrid_engine.kernels import gemm, rms_norm
+from hybrid_engine.kernels import _triton, gemm, rms_norm
 from hybrid_engine.kernels._triton import set_fast_launch
 
 
@@ -72,6 +72,27 @@ def main() -> None:
                 set_fast_launch(fast)
             results[label] = per_call_us(fn, args.iters)
             print(f"{results[label]:8.2f} us  {label}", flush=True)
+    # the pieces of one cached launch (rms_norm's kernel, no residual)
+    set_fast_launch(True)
+    rms_norm.rms_norm_triton(x, norm_w, 1e-5)
+    rms_norm.rms_norm_triton(x, norm_w, 1e-5)
+    (kernel, rest), = [v for k, v in _triton._LAUNCHES.items()
+                       if k[0] is rms_norm._rms_norm_kernel and ("HAS_RESIDUAL", False) in k[3]]
+    largs = (x, x, norm_w, out, out, x.stride(0), x.stride(0), out.stride(0), out.stride(0), 4096, 1e-5)
+    spec, vals = _triton.specialise(largs)
+    get_device, get_stream, runtime = _triton._launch_api()
+    dev_i = get_device()
+    pieces = {
+        "piece: specialise(11 args)": lambda: _triton.specialise(largs),
+        "piece: get_current_device + get_current_stream": lambda: get_stream(get_device()),
+        "piece: kernel.run (addresses)": lambda: kernel.run(m, 1, 1, get_stream(dev_i), kernel.function,
+                                                            kernel.packed_metadata, None, None, None, *vals, *rest),
+        "piece: kernel.run (tensors)": lambda: kernel.run(m, 1, 1, get_stream(dev_i), kernel.function,
+                                                          kernel.packed_metadata, None, None, None, *largs, *rest),
+    }
+    for name, fn in pieces.items():
+        results[name] = per_call_us(fn, args.iters)
+        print(f"{results[name]:8.2f} us  {name}", flush=True)
     print(f"python loop 1e6: {results['python_loop_1e6_ms']} ms")
     if args.json:
         with open(args.json, "w") as f:

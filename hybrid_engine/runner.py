@@ -126,8 +126,7 @@ class ModelRunner:
         from .kernels import gemm, prefill_attention
 
         scratch = self.scratch_buffers()
-        for plan, todo in ((nullcontext(), set(lengths) | prefill_attention.warm_up_lengths()
-                            | gemm.warm_up_lengths(gemm.JIT_GEMM_CONFIGS)),
+        for plan, todo in ((nullcontext(), set(lengths) | prefill_attention.warm_up_lengths()),
                            (gemm.graph_plan(), gemm.warm_up_lengths() | prefill_attention.warm_up_lengths())):
             with plan:
                 for n in sorted(n for n in todo if n <= self.max_model_len):

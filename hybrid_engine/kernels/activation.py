@@ -28,15 +28,16 @@ def _silu_mul_kernel(X, OUT, stride_x, stride_o, inter, BLOCK: tl.constexpr):
 def silu_mul_triton(x: torch.Tensor) -> torch.Tensor:
     """Triton version of `silu_mul_ref` (fp32 math, one rounding)."""
     inter = x.shape[-1] // 2
-    x2 = x.reshape(-1, x.shape[-1])
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
-    out2 = out.view(-1, inter)
+    out2 = out if flat else out.view(-1, inter)
     block = min(1024, next_pow2(inter))
     if x2.shape[0] > 0:
         grid = (x2.shape[0], cdiv(inter, block))
         launch(_silu_mul_kernel, grid, x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK=block,
-                                   num_warps=4 if block >= 512 else 1)
+               num_warps=4 if block >= 512 else 1)
     return out
 

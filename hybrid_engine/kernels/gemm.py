@@ -13,7 +13,6 @@ inner loop) and masked on store. Output allocated like F.linear; no workspace, n
 """
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -40,20 +39,6 @@ GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int, in
     (4096, 11008): [(64, None), (112, "lt"), (128, None), (192, "lt"), (200, None),      # down M=192 53.9->45.0,
                     (240, "lt"), (256, None), (288, "lt"), (320, None), (384, "lt")],   # 208 49.7->47.1, 224 58.7->50.3
 }
-# The JIT path's projections (eager prefill of a length no graph covers yet, e.g. the first request after load) are
-# bound by host time, not GPU time. HYBRID_ENGINE_JIT_GEMM=triton sends them, up to M=128 where the Triton GEMM
-# measured within ~12% of cuBLAS in GPU time (fastest config per M from the sweep,
-# benchmarks/results/nvidia-h100-gemm-2026-11-26.json), to the Triton GEMM launched through `_triton.launch`;
-# default cuBLAS. An experiment switch (benchmarks/jit_host_profile.py compares both).
-JIT_GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int, int] | str | None]]] = {
-    (12288, 4096): [(16, (16, 128, 128, 4, 4)), (32, (32, 128, 128, 4, 4)), (64, (64, 128, 64, 4, 5)),
-                    (128, (128, 128, 128, 8, 3))],
-    (4096, 4096): [(32, (16, 32, 256, 4, 4)), (128, (64, 64, 128, 4, 4))],
-    (22016, 4096): [(16, (16, 64, 128, 4, 4)), (32, (32, 64, 128, 4, 4)), (64, (64, 64, 128, 4, 4)),
-                    (128, (64, 128, 64, 4, 5))],
-    (4096, 11008): [(32, (16, 32, 256, 4, 4)), (128, (64, 64, 128, 4, 4))],
-}
-_JIT_TRITON = os.environ.get("HYBRID_ENGINE_JIT_GEMM", "cublas").lower() == "triton"
 DEFAULT_CONFIG = (64, 64, 64, 4, 3)  # what tests and gemm_triton use when no config is given
 
 
@@ -128,9 +113,9 @@ def in_graph_plan() -> bool:
 def graph_plan() -> Iterator[None]:
     """Within this block (on this thread), `config_for` follows the plan. Outside it, every multi-row product goes
     to cuBLAS: the plan's choices were measured as GPU time in graph replays, while the JIT path is bound by host
-    launch cost (~40 us per launch), where they were not measured, and a Triton launch costs more host time than a
-    cuBLAS one. Graph captures and their warm-ups run inside it; thread-local, so a capture on the worker thread
-    does not change what the serving thread runs."""
+    time, and there the Triton GEMM did not pay (H100, 100 tokens, Triton GEMM up to M=128 with the launch cache:
+    JIT prefill 13.6 vs 12.7 ms with cuBLAS, benchmarks/NOTES.md, session 3). Graph captures and their warm-ups run
+    inside it; thread-local, so a capture on the worker thread does not change what the serving thread runs."""
     prev = getattr(_PLAN, "on", False)
     _PLAN.on = True
     try:
@@ -139,12 +124,12 @@ def graph_plan() -> Iterator[None]:
         _PLAN.on = prev
 
 
-def warm_up_lengths(table: dict | None = None) -> set[int]:
-    """Row counts that compile every Triton config of `table` (default: the graph plan, GEMM_CONFIGS) in both of
-    Triton's integer specialisations of M (a multiple of 16 or not) and make every zero bias of the "lt" entries, so
-    that a request never compiles a GEMM variant or allocates a bias (run at load, before any graph capture)."""
+def warm_up_lengths() -> set[int]:
+    """Row counts that compile every Triton config of the plan in both of Triton's integer specialisations of M (a
+    multiple of 16 or not) and make every zero bias of the "lt" entries, so that a request never compiles a GEMM
+    variant or allocates a bias (run at load, before any graph capture)."""
     out = set()
-    for entries in (GEMM_CONFIGS if table is None else table).values():
+    for entries in GEMM_CONFIGS.values():
         low = 1
         for max_m, cfg in entries:
             if isinstance(cfg, tuple):
@@ -156,10 +141,11 @@ def warm_up_lengths(table: dict | None = None) -> set[int]:
 
 
 def config_for(m: int, n: int, k: int) -> tuple[int, int, int, int, int] | str | None:
-    """The choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt) or None (cuBLAS); inside
-    `graph_plan()` from GEMM_CONFIGS, outside it (the JIT path) from JIT_GEMM_CONFIGS."""
-    table = GEMM_CONFIGS if in_graph_plan() else JIT_GEMM_CONFIGS if _JIT_TRITON else {}
-    return next((cfg for max_m, cfg in table.get((n, k), ()) if m <= max_m), None)
+    """The plan's choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt) or None (cuBLAS);
+    always None outside `graph_plan()`."""
+    if not in_graph_plan():
+        return None
+    return next((cfg for max_m, cfg in GEMM_CONFIGS.get((n, k), ()) if m <= max_m), None)
 
 
 _ZERO_BIAS: dict[tuple, torch.Tensor] = {}

@@ -41,18 +41,20 @@ def _rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """Triton version of `rms_norm_ref`: one program per row, the fused residual add written once."""
     hidden = x.shape[-1]
-    x2 = x.reshape(-1, hidden)
+    flat = x.dim() == 2  # the model's case: no reshapes (host time counts on the JIT path)
+    x2 = x if flat else x.reshape(-1, hidden)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    out2 = out.view(-1, hidden)
+    dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    out2 = out if flat else out.view(-1, hidden)
     if residual is not None:
-        r2 = residual.reshape(-1, hidden)
+        r2 = residual if residual.dim() == 2 else residual.reshape(-1, hidden)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
         new_res = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        res2 = new_res.view(-1, hidden)
+        res2 = new_res if flat else new_res.view(-1, hidden)
     else:
         r2, res2 = x2, out2
     block = next_pow2(hidden)
