@@ -158,8 +158,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         last = len(self.layers) - 1 if meta.is_prefill and meta.last_index is not None else -1
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(self.ops, x, residual, positions, self.cos_sin_cache, meta, last_row_only=i == last)
+        ops, cos_sin = self.ops, self.cos_sin_cache
+        for i, layer in enumerate(self.layers):  # .forward: no module hooks, less host time per layer (JIT path)
+            x, residual = layer.forward(ops, x, residual, positions, cos_sin, meta, last_row_only=i == last)
         return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
