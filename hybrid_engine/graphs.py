@@ -72,7 +72,8 @@ class CaptureWorker:
     def record_demand(self, key: Any) -> None:
         with self._cond:
             self.demand[key] += 1
-            self._cond.notify_all()
+            if not self._busy:  # mid-request the worker would only wake to wait again, taking the GIL from the
+                self._cond.notify_all()  # request's JIT path (host-bound); it reads the demand when idle
 
     def set_busy(self, busy: bool) -> None:
         with self._cond:
