@@ -3,7 +3,8 @@
     PYTHONPATH=. python3 benchmarks/jit_host_profile.py [--length 100] [--out DIR]
 
 Loads with capture="off" (the JIT path only), times `runner.prefill_step` wall-clock (host enqueue, then the GPU
-drains) at one length, A/B in one process: the Triton launch cache on and off, the fused prefill attention on the JIT path or not; and profiles three steps with torch.profiler CPU + CUDA activities: host time per op and
+drains) at one length, A/B in one process: the lean JIT prefill loop (models/llama_jit.py), LlamaModel.forward,
+and that without the Triton launch cache; and profiles three steps with torch.profiler CPU + CUDA activities: host time per op and
 kernel-launch API, launches per step, and how long the GPU idles waiting for the host. Also times the first request
 after load separately from a warm one, on fresh prompts, to split one-time costs from per-launch costs.
 """
@@ -22,8 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_engine import LLM, SamplingParams  # noqa: E402
-from hybrid_engine.kernels import prefill_attention  # noqa: E402
+import hybrid_engine.runner as runner_mod  # noqa: E402
 from hybrid_engine.kernels._triton import set_fast_launch  # noqa: E402
+
+
+def no_lean(*args) -> None:
+    """Stands in for models.llama_jit.jit_prefill: the runner then runs LlamaModel.forward."""
+    return None
 
 
 def main() -> None:
@@ -53,17 +59,16 @@ def main() -> None:
     r, s = llm.runner, llm.stream_ctx
     scratch = r.scratch_buffers()
     scratch.valid_len.fill_(args.length)
-    # A/B in one process (host speed differs between processes and machines by up to 2x): launch cache on/off,
-    # fused prefill attention on the JIT path or not, interleaved round by round; two discarded rounds first (compiles new variants)
-    fused_default = prefill_attention.FUSED_MAX_TOKENS_JIT
-    variants = {"cache": (True, fused_default), "no_cache": (False, fused_default),
-                "cache+unfused_attn": (True, prefill_attention.FUSED_MAX_TOKENS)}
+    # A/B in one process (host speed differs between processes and machines by up to 2x), interleaved round by
+    # round, two discarded rounds first: the lean JIT prefill loop, LlamaModel.forward, and that without the cache
+    variants = {"lean_loop": (True, runner_mod.jit_prefill), "model_forward": (True, no_lean),
+                "model_forward_no_launch_cache": (False, no_lean)}
     walls: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     with torch.cuda.stream(s), torch.inference_mode():
         for rnd in range(args.rounds + 2):
-            for name, (fast, fused_max) in variants.items():
+            for name, (fast, lean) in variants.items():
                 set_fast_launch(fast)
-                prefill_attention.FUSED_MAX_TOKENS_JIT = fused_max
+                runner_mod.jit_prefill = lean
                 s.synchronize()
                 t0 = time.perf_counter()
                 r.prefill_step(args.length, scratch)
@@ -72,7 +77,7 @@ def main() -> None:
                 if rnd >= 2:
                     walls[name].append(((t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3))
         set_fast_launch(fast_default)
-        prefill_attention.FUSED_MAX_TOKENS_JIT = fused_default
+        runner_mod.jit_prefill = variants["lean_loop"][1]
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -17,6 +17,7 @@ import torch
 
 from .kv_cache import PagedKVCache
 from .models.llama import AttentionMetadata, LlamaModel
+from .models.llama_jit import jit_prefill
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,10 @@ class ModelRunner:
         meta = AttentionMetadata(is_prefill=True, slot_mapping=b.slot_mapping[:length], valid_len=b.valid_len,
                                  block_tables=b.block_tables[:1], seq_lens=b.valid_len,
                                  last_index=(b.valid_len - 1).long())
-        last = self.model(b.input_ids[:length], b.positions[:length], meta)  # [1, H]: the last real token's
+        ids, pos = b.input_ids[:length], b.positions[:length]
+        last = jit_prefill(self.model, ids, pos, meta)  # the JIT path's leaner loop where it applies
+        if last is None:
+            last = self.model(ids, pos, meta)  # [1, H]: the last real token's hidden state
         self._sample_and_advance(b, self.model.compute_logits(last), rows=1)
         b.dec_positions[:1].copy_(b.valid_len)
 

@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import os
 import sys
+from typing import Any
 
 
 def triton_available() -> bool:
@@ -161,3 +162,61 @@ def launch(fn, grid: tuple[int, ...], *args, **kw) -> None:
     meta = kernel.launch_metadata(grid, stream, *args, *rest) if enter is not None else None
     kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, kernel.function,
                kernel.packed_metadata, meta, enter, runtime.launch_exit_hook, *vals, *rest)
+
+
+class Launch:
+    """One kernel launch bound to its arguments, re-issued with some tensor arguments replaced: the JIT prefill runs
+    the same launches in every layer, where only weight and KV-cache addresses change (models/llama_jit.py).
+
+    `Launch(fn, grid, args, kw)()` launches as `launch(fn, grid, *args, **kw)` and remembers the compiled kernel and
+    the launcher arguments; `l(i=t, ...)` - positions `i` of `args` replaced by tensors `t` - then costs the launcher
+    call and one address per replaced tensor. A replacement with another dtype or 16-byte alignment than the
+    original (Triton specialised on both), the interpreter, or the launch cache being off: a full `launch`."""
+
+    __slots__ = ("fn", "grid", "args", "kw", "_hit", "_vals", "_checks")
+
+    def __init__(self, fn, grid: tuple[int, ...], args: tuple, kw: dict) -> None:
+        self.fn, self.grid, self.args, self.kw = fn, tuple(grid) + (1,) * (3 - len(grid)), args, kw
+        self._hit = None
+
+    def __call__(self, replace: dict[int, Any] | None = None) -> None:
+        hit = self._hit
+        if hit is not None and _FAST_LAUNCH:
+            vals = self._vals
+            if replace:
+                vals = list(vals)
+                for i, t in replace.items():
+                    p = t.data_ptr()
+                    if (t.dtype, p % 16 == 0) != self._checks[i]:
+                        return self._slow(replace)
+                    vals[i] = p
+            kernel, rest, get_stream, device, runtime = hit
+            enter = runtime.launch_enter_hook
+            if enter is not None:  # a profiling hook wants metadata: take Triton's full path
+                return self._slow(replace)
+            g = self.grid
+            kernel.run(g[0], g[1], g[2], get_stream(device), kernel.function, kernel.packed_metadata, None, None,
+                       runtime.launch_exit_hook, *vals, *rest)
+            return None
+        return self._slow(replace, remember=hit is None)
+
+    def _slow(self, replace: dict[int, Any] | None, remember: bool = False) -> None:
+        args = self.args
+        if replace:
+            args = list(args)
+            for i, t in replace.items():
+                args[i] = t
+        launch(self.fn, self.grid, *args, **self.kw)
+        if remember and not replace:
+            api = _launch_api() if _FAST_LAUNCH else None
+            if api is not None:
+                get_device, get_stream, runtime = api
+                device = get_device()
+                spec, vals = specialise(args)
+                entry = _LAUNCHES.get((self.fn, device, spec, tuple(self.kw.items())))
+                if entry is not None:
+                    self._vals = vals
+                    self._checks = {i: (a.dtype, vals[i] % 16 == 0) for i, a in enumerate(args)
+                                    if hasattr(a, "data_ptr")}
+                    self._hit = (entry[0], entry[1], get_stream, device, runtime)
+        return None

@@ -34,10 +34,15 @@ def silu_mul_triton(x: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
     out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
     out2 = out if flat else out.view(-1, inter)
-    block = min(1024, next_pow2(inter))
     if x2.shape[0] > 0:
-        grid = (x2.shape[0], cdiv(inter, block))
-        launch(_silu_mul_kernel, grid, x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK=block,
-               num_warps=4 if block >= 512 else 1)
+        fn, grid, args, kw = silu_mul_launch(x2, out2)
+        launch(fn, grid, *args, **kw)
     return out
 
+
+def silu_mul_launch(x2, out2):
+    """(kernel, grid, args, kw) of one SiLU-mul launch: out2 [R, I] = silu(x2[:, :I]) * x2[:, I:], row-contiguous."""
+    inter = out2.shape[-1]
+    block = min(1024, next_pow2(inter))
+    return (_silu_mul_kernel, (x2.shape[0], cdiv(inter, block)),
+            (x2, out2, x2.stride(0), out2.stride(0), inter), {"BLOCK": block, "num_warps": 4 if block >= 512 else 1})

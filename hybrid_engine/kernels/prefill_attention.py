@@ -207,31 +207,48 @@ def prefill_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
     """Fused `prefill_attention_rope_ref` in one launch: the rotary embedding of q and k, the KV-cache writes and
     causal attention. Falls back to the unfused Triton kernels where the fused one does not apply (partial rotary,
     head_dim not a power of two >= 32: tl.dot needs K >= 16 per half; strides) or is slower (more than
-    FUSED_MAX_TOKENS tokens on the GPU inside a graph capture, more than FUSED_MAX_TOKENS_JIT on the JIT path). The fused kernel leaves q and k unrotated in memory, the fallback rotates
-    them in place: callers must not read q or k afterwards (the model does not)."""
-    num_tokens, num_q_heads, head_dim = q.shape
-    half = cos_sin_cache.shape[-1] // 2
-    limit = FUSED_MAX_TOKENS if gemm.in_graph_plan() else FUSED_MAX_TOKENS_JIT
-    if (2 * half != head_dim or half < 16 or half & (half - 1) or (q.is_cuda and num_tokens > limit)
-            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1
-            or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride()):
+    FUSED_MAX_TOKENS tokens on the GPU inside a graph capture, more than FUSED_MAX_TOKENS_JIT on the JIT path). The
+    fused kernel leaves q and k unrotated in memory, the fallback rotates them in place: callers must not read q or
+    k afterwards (the model does not)."""
+    if not fused_applies(q, k, v, cos_sin_cache, k_cache, v_cache):
         q, k = rope_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
         return prefill_attention_triton(q, k, v, scale, valid_len, config)
-    block_m, block_n, num_warps, num_stages = config or _default_config(q)
     out = torch.empty_like(q)
-    if num_tokens == 0:
+    if q.shape[0] == 0:
         return out
     if valid_len is None:
-        valid_len = torch.full((1,), num_tokens, dtype=torch.int32, device=q.device)
-    jit_helpers(globals(), ("_rotate_half", "_rope_tile", "_cos_sin"))
-    launch(_prefill_rope_kernel, (cdiv(num_tokens, block_m), num_q_heads),
-        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, out, valid_len, scale, q.stride(0),
-        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_tokens,
-        GROUP=num_q_heads // k.shape[1], HALF=half, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m,
-        BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
-        num_stages=num_stages)
+        valid_len = torch.full((1,), q.shape[0], dtype=torch.int32, device=q.device)
+    fn, grid, args, kw = prefill_attention_rope_launch(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
+                                                       slot_mapping, out, valid_len, scale, config)
+    launch(fn, grid, *args, **kw)
     return out
+
+
+def fused_applies(q, k, v, cos_sin_cache, k_cache, v_cache) -> bool:
+    """Whether the fused kernel runs for these operands (see `prefill_attention_rope_triton`)."""
+    num_tokens, head_dim = q.shape[0], q.shape[-1]
+    half = cos_sin_cache.shape[-1] // 2
+    limit = FUSED_MAX_TOKENS if gemm.in_graph_plan() else FUSED_MAX_TOKENS_JIT
+    return not (2 * half != head_dim or half < 16 or half & (half - 1) or (q.is_cuda and num_tokens > limit)
+                or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1
+                or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride())
+
+
+def prefill_attention_rope_launch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, out, valid_len,
+                                  scale: float, config=None):
+    """(kernel, grid, args, kw) of one fused prefill launch (operands for which `fused_applies`; out like q,
+    contiguous; valid_len a [1] device tensor)."""
+    num_tokens, num_q_heads, _ = q.shape
+    block_m, block_n, num_warps, num_stages = config or _default_config(q)
+    jit_helpers(globals(), ("_rotate_half", "_rope_tile", "_cos_sin"))
+    return (_prefill_rope_kernel, (cdiv(num_tokens, block_m), num_q_heads),
+            (q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, out, valid_len, scale, q.stride(0),
+             q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+             cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_tokens),
+            {"GROUP": num_q_heads // k.shape[1], "HALF": cos_sin_cache.shape[-1] // 2, "BLOCK_SIZE": k_cache.shape[1],
+             "BLOCK_M": block_m, "BLOCK_N": block_n,
+             "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32", "num_warps": num_warps,
+             "num_stages": num_stages})
 
 
 def make_xformers_prefill(xops):

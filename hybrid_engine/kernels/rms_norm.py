@@ -57,10 +57,18 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
         res2 = new_res if flat else new_res.view(-1, hidden)
     else:
         r2, res2 = x2, out2
+    if rows > 0:
+        fn, grid, args, kw = rms_norm_launch(x2, r2, weight, out2, res2, eps, residual is not None)
+        launch(fn, grid, *args, **kw)
+    return (out, new_res) if residual is not None else out
+
+
+def rms_norm_launch(x2, r2, weight, out2, res2, eps: float, has_residual: bool):
+    """(kernel, grid, args, kw) of one RMSNorm launch over 2-D row-contiguous views: out2 = rmsnorm(x2 [+ r2]),
+    res2 = x2 + r2 when `has_residual` (res2 may be r2 itself: each program reads its row before writing it)."""
+    hidden = x2.shape[-1]
     block = next_pow2(hidden)
     num_warps = 8 if block >= 4096 else 4 if block >= 1024 else 1
-    if rows > 0:
-        launch(_rms_norm_kernel, (rows,),
-            x2, r2, weight, out2, res2, x2.stride(0), r2.stride(0), out2.stride(0), res2.stride(0), hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
-    return (out, new_res) if residual is not None else out
+    return (_rms_norm_kernel, (x2.shape[0],),
+            (x2, r2, weight, out2, res2, x2.stride(0), r2.stride(0), out2.stride(0), res2.stride(0), hidden, eps),
+            {"HAS_RESIDUAL": has_residual, "BLOCK": block, "num_warps": num_warps})

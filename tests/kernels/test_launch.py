@@ -108,6 +108,24 @@ def test_float_values_and_addresses_do_not_miss(fake_triton):
     assert len(fake_triton.compiles) == 1
 
 
+def test_bound_launch_replaces_addresses_and_rechecks(fake_triton):
+    x = torch.zeros(64, dtype=torch.float16)
+    w0, w1 = torch.zeros(32, dtype=torch.float16), torch.ones(32, dtype=torch.float16)
+    bound = _triton.Launch(fake_kernel, (3,), (x, w0, 48, 1e-5, True), {"num_warps": 4})
+    bound()  # first: through Triton ('compiles'), remembered
+    assert len(fake_triton.compiles) == 1
+    bound({1: w1})
+    (kernel,) = cached_kernels()
+    assert kernel.runs[-1][:4] == (3, 1, 1, 77)
+    assert kernel.runs[-1][9:] == (x.data_ptr(), w1.data_ptr(), 48, 1e-5, True, 64)
+    assert len(fake_triton.compiles) == 1
+    misaligned, other_dtype = w1[1:], w1.float()
+    bound({1: misaligned})  # not 16-byte aligned: Triton specialised on alignment, so a full launch
+    bound({1: other_dtype})  # another dtype: a full launch
+    assert len(fake_triton.compiles) == 3
+    assert fake_triton.compiles[1][1][1] is misaligned and fake_triton.compiles[2][1][1] is other_dtype
+
+
 def test_disabled_goes_through_triton(fake_triton):
     prev = _triton.set_fast_launch(False)
     try:

@@ -1,0 +1,89 @@
+"""The JIT path's prefill with less host time per layer (Triton backend).
+
+A prefill at a length no graph covers yet (the first request after load; a bucket still being captured) runs
+eagerly, and there it is bound by host time: ~300 launches, each costing more host time than its GPU time
+(benchmarks/NOTES.md, session 3). `jit_prefill` runs the same kernels as `LlamaModel.forward`, in the same order and
+with the same configurations, so its results are the same, but:
+
+- the activations of one step live in buffers made once per step, reused by every layer (the projections write into
+  them: `torch.mm(..., out=)`; the residual stream is updated in place by the fused add + RMSNorm);
+- each Triton launch's arguments are computed once (first layer) and re-issued for later layers with that layer's
+  weight and KV-cache addresses only (`_triton.Launch`);
+- the last layer, which computes one row (`AttentionMetadata.last_index`), runs LlamaModel's own code.
+
+It returns None where it does not apply (another backend, inside a graph capture, a length past the fused
+attention's JIT limit, mixed dtypes, ...), and the caller then runs `model.forward`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..kernels import gemm
+from ..kernels._triton import Launch, launch
+from ..kernels.activation import silu_mul_launch
+from ..kernels.prefill_attention import fused_applies, prefill_attention_rope_launch
+from ..kernels.rms_norm import rms_norm_launch
+
+# positions of the per-layer tensors in the launch arguments (see the *_launch builders)
+_NORM_WEIGHT = 2
+_K_CACHE, _V_CACHE = 5, 6
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = F.linear(x, weight, bias) (what `ops.linear` runs for several rows on the JIT path), into `out`."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor | None:
+    """`model.forward(input_ids, positions, meta)` for a prefill with `meta.last_index` set (the last real row's
+    pre-norm hidden state, [1, H]), or None where this path does not apply."""
+    ops, layers = model.ops, model.layers
+    n = input_ids.shape[0]
+    if (ops is None or ops.prefill_attention_rope is None or not meta.is_prefill or meta.last_index is None
+            or meta.valid_len is None or len(layers) < 2 or n == 0 or gemm.in_graph_plan()):
+        return None
+    a, first = model.args, layers[0]
+    dtype, device = model.embed_tokens.weight.dtype, input_ids.device
+    if any(t.dtype != dtype for t in (first.input_layernorm, first.post_attention_layernorm, first.k_cache)):
+        return None
+    heads = a.num_heads + 2 * a.num_kv_heads
+
+    def empty(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    qkv = empty(n, heads, a.head_dim)
+    q, k, v = qkv.split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)
+    cos_sin = model.cos_sin_cache
+    if not fused_applies(q, k, v, cos_sin, first.k_cache, first.v_cache):
+        return None
+    hidden, inter = a.hidden_size, first.gate_up_proj.weight.shape[0] // 2
+    xn, o, h, attn = empty(n, hidden), empty(n, hidden), empty(n, hidden), empty(n, a.num_heads, a.head_dim)
+    gate_up, act = empty(n, 2 * inter), empty(n, inter)
+    qkv2, attn2 = qkv.view(n, -1), attn.view(n, -1)
+    eps = a.rms_norm_eps
+    res = model.embed_tokens(input_ids)  # the residual stream, updated in place from here on
+
+    fn, grid, args, kw = rms_norm_launch(res, res, first.input_layernorm, xn, xn, eps, False)
+    launch(fn, grid, *args, **kw)
+    attention = Launch(*prefill_attention_rope_launch(q, k, v, positions, cos_sin, first.k_cache, first.v_cache,
+                                                      meta.slot_mapping, attn, meta.valid_len, a.head_dim ** -0.5))
+    post_norm = Launch(*rms_norm_launch(o, res, first.post_attention_layernorm, xn, res, eps, True))
+    silu_mul = Launch(*silu_mul_launch(gate_up, act))
+    in_norm = Launch(*rms_norm_launch(h, res, layers[1].input_layernorm, xn, res, eps, True))
+    for i, layer in enumerate(layers[:-1]):
+        if i > 0:
+            in_norm({_NORM_WEIGHT: layer.input_layernorm} if i > 1 else None)
+        _project(xn, layer.qkv_proj.weight, layer.qkv_proj.bias, qkv2)
+        attention({_K_CACHE: layer.k_cache, _V_CACHE: layer.v_cache} if i else None)
+        _project(attn2, layer.o_proj.weight, None, o)
+        post_norm({_NORM_WEIGHT: layer.post_attention_layernorm} if i else None)
+        _project(xn, layer.gate_up_proj.weight, None, gate_up)
+        silu_mul()
+        _project(act, layer.down_proj.weight, None, h)
+    x, res = layers[-1].forward(ops, h, res, positions, cos_sin, meta, last_row_only=True)
+    return x + res

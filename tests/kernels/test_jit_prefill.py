@@ -1,0 +1,87 @@
+"""The JIT path's lean prefill loop (models/llama_jit.py) computes exactly what LlamaModel.forward computes: the same
+last-row hidden state and the same KV-cache contents, for 4 layers (so later layers re-issue the first layer's
+launches with their own weights and caches), with and without a QKV bias, GQA; and it steps aside where it does not
+apply."""
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config
+
+from hybrid_engine import LLM, SamplingParams
+from hybrid_engine.kernels import gemm
+from hybrid_engine.models.llama import AttentionMetadata
+from hybrid_engine.models.llama_jit import jit_prefill
+from hybrid_engine.models.presets import fill_random_
+
+
+def _llm(qkv_bias: bool, device: str, dtype: str, backend: str = "triton"):
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = Qwen2Config(**kw) if qkv_bias else LlamaConfig(head_dim=32, **kw)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    fill_random_(model, 0.08, seed=1)
+    return LLM(model, attention_backend=backend, dtype=dtype, device=device, max_model_len=64, capture="off")
+
+
+def _staged(llm, n: int):
+    """Stage an n-token prompt in the runner's buffers; (ids, positions, meta, blocks) as prefill_step builds them."""
+    r = llm.runner
+    blocks = llm.kv.allocator.allocate(llm.kv.blocks_for(n + 1))
+    ids = [(11 * i + 5) % 250 + 3 for i in range(n)]
+    r.stage_request(ids, blocks, SamplingParams(max_tokens=1, temperature=0.0), 0, pad_to=n)
+    b = r.buf
+    meta = AttentionMetadata(is_prefill=True, slot_mapping=b.slot_mapping[:n], valid_len=b.valid_len,
+                             block_tables=b.block_tables[:1], seq_lens=b.valid_len,
+                             last_index=(b.valid_len - 1).long())
+    return b.input_ids[:n], b.positions[:n], meta, blocks
+
+
+def _compare(llm, n: int) -> None:
+    ids, pos, meta, blocks = _staged(llm, n)
+    with torch.inference_mode():
+        want = llm.model(ids, pos, meta)
+        want_k, want_v = llm.kv.k.clone(), llm.kv.v.clone()
+        llm.kv.k.fill_(float("nan"))
+        llm.kv.v.fill_(float("nan"))
+        got = jit_prefill(llm.model, ids, pos, meta)
+    assert got is not None
+    assert torch.equal(got, want), (got - want).abs().max()
+    used = torch.tensor(blocks)  # the prompt's blocks: every slot written, the same values
+    for got_c, want_c in ((llm.kv.k, want_k), (llm.kv.v, want_v)):
+        flat_got = got_c[:, used].flatten(1, 2)[:, :n]
+        flat_want = want_c[:, used].flatten(1, 2)[:, :n]
+        assert torch.equal(flat_got, flat_want), n
+    llm.kv.allocator.free(blocks)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_jit_prefill_equals_forward_cpu(qkv_bias):
+    llm = _llm(qkv_bias, "cpu", "float32")
+    for n in (1, 7, 18):
+        _compare(llm, n)
+
+
+def test_jit_prefill_steps_aside():
+    llm = _llm(False, "cpu", "float32")
+    ids, pos, meta, blocks = _staged(llm, 5)
+    with torch.inference_mode():
+        with gemm.graph_plan():  # graph captures run the model's own code
+            assert jit_prefill(llm.model, ids, pos, meta) is None
+        no_last = AttentionMetadata(is_prefill=True, slot_mapping=meta.slot_mapping, valid_len=meta.valid_len)
+        assert jit_prefill(llm.model, ids, pos, no_last) is None
+    torch_llm = _llm(False, "cpu", "float32", backend="torch")
+    ids, pos, meta, _ = _staged(torch_llm, 5)
+    with torch.inference_mode():
+        assert jit_prefill(torch_llm.model, ids, pos, meta) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_jit_prefill_equals_forward_gpu(qkv_bias):
+    llm = _llm(qkv_bias, "cuda", "float16")
+    for n in (1, 16, 17, 100, 256):
+        _compare(llm, n)
+        _compare(llm, n)  # the second time through cached launches
