@@ -13,16 +13,17 @@ from hybrid_engine.models.llama_jit import jit_prefill
 from hybrid_engine.models.presets import fill_random_
 
 
-def _llm(qkv_bias: bool, device: str, dtype: str, backend: str = "triton"):
+def _llm(qkv_bias: bool, device: str, dtype: str, backend: str = "triton", max_model_len: int = 64):
     from transformers import AutoModelForCausalLM
 
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
-              num_key_value_heads=1, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+              num_key_value_heads=1, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     cfg = Qwen2Config(**kw) if qkv_bias else LlamaConfig(head_dim=32, **kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     fill_random_(model, 0.08, seed=1)
-    return LLM(model, attention_backend=backend, dtype=dtype, device=device, max_model_len=64, capture="off")
+    return LLM(model, attention_backend=backend, dtype=dtype, device=device, max_model_len=max_model_len,
+               capture="off")
 
 
 def _staged(llm, n: int):
@@ -81,7 +82,7 @@ def test_jit_prefill_steps_aside():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_jit_prefill_equals_forward_gpu(qkv_bias):
-    llm = _llm(qkv_bias, "cuda", "float16")
+    llm = _llm(qkv_bias, "cuda", "float16", max_model_len=512)
     for n in (1, 16, 17, 100, 256):
         _compare(llm, n)
         _compare(llm, n)  # the second time through cached launches
