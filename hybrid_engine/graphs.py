@@ -8,6 +8,8 @@ Rules from DESIGN.md that this module and the serving path obey while a capture 
   (torch.cuda.graph() would run a device-wide synchronize and empty_cache first);
 - the serving thread runs on its own (non-default) stream and waits only on its own events;
 - sampling draws from a counter-based hash, never torch's global generator;
+- the worker pauses between decoder layers while a request is in flight (GIL released), so a request that arrives
+  mid-capture does not share the host with it;
 - every graph's kernels run once outside any capture first (warm-up on scratch buffers that write only to a
   reserved scratch KV block), so Triton compiles nothing during a capture.
 """
@@ -25,6 +27,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .kernels import gemm
+from .models.llama import between_layers
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +82,19 @@ class CaptureWorker:
         with self._cond:
             self._busy = busy
             self._last_busy = time.monotonic()
-            if not busy and self.pending():  # only busy -> idle with work left can start a capture: otherwise
-                self._cond.notify_all()      # don't wake the worker (it would take the GIL for nothing)
+            if not busy and (self.pending() or self.capturing is not None):  # only busy -> idle with work left (or a
+                self._cond.notify_all()  # paused capture) wakes the worker: otherwise it would take the GIL for nothing
+
+    def _pause_while_busy(self) -> None:
+        """Between two decoder layers of a capture (or its warm-up run) on the worker thread: while a request is in
+        flight, wait with the GIL released, so the request's host work (the JIT path is host-bound) runs as if no
+        capture were open; the capture goes on when the request ends. Pausing in Python is harmless to the capture:
+        it records launches on the worker's own stream in thread-local mode."""
+        if not self._busy:
+            return
+        with self._cond:
+            while self._busy and not self._stop:
+                self._cond.wait()
 
     # -- running --
     def run_one(self, key: Any) -> None:
@@ -146,8 +160,11 @@ class CaptureWorker:
         t0 = time.perf_counter()
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, 2e-4))  # a request arriving mid-capture gets the GIL within 0.2 ms
+        # only the worker thread pauses: run_one/run_all run on the serving thread, which must never wait for itself
+        pause = self._pause_while_busy if threading.current_thread() is self._thread else None
         try:
-            self._capture(key)
+            with between_layers(pause):
+                self._capture(key)
         except Exception as exc:  # any failure leaves the engine on the JIT path for this key
             logger.warning("CUDA graph capture of %r failed; serving it on the JIT path: %s", key, exc)
             with self._cond:

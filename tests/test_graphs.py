@@ -3,6 +3,7 @@ import threading
 import time
 
 from hybrid_engine.graphs import DECODE, CaptureWorker
+from hybrid_engine.models import llama
 
 
 def _worker(policy="idle", fail=()):
@@ -83,3 +84,59 @@ def test_idle_window_starts_after_quiet_period():
     assert done == []  # still inside the quiet period after the last request
     assert w.wait_idle(timeout=10) and len(done) == 5
     w.stop()
+
+
+def test_capture_pauses_between_layers_while_a_request_is_in_flight():
+    started, layers = threading.Event(), []
+    hooks = []
+
+    def capture(key):  # stands in for a model forward inside a capture: calls the between-layers hook
+        hook = getattr(llama._LAYER_HOOK, "fn", None)
+        hooks.append(hook)
+        started.set()
+        for i in range(3):
+            time.sleep(0.05)
+            hook()
+            layers.append(i)
+
+    w = CaptureWorker([DECODE], capture, quiet_s=0.0)
+    w.start()
+    assert started.wait(5)
+    w.set_busy(True)  # a request arrives mid-capture
+    time.sleep(0.3)
+    paused_at = len(layers)
+    time.sleep(0.2)
+    assert len(layers) == paused_at < 3  # no layer ran while the request was in flight
+    w.set_busy(False)
+    assert w.wait_idle(timeout=10)
+    assert layers == [0, 1, 2] and w.captured == {DECODE}
+    w.stop()
+    assert hooks[0] is not None and getattr(llama._LAYER_HOOK, "fn", None) is None  # worker thread only
+
+
+def test_captures_on_the_serving_thread_never_pause():
+    seen = []
+    w = CaptureWorker([DECODE, 16], lambda key: seen.append(getattr(llama._LAYER_HOOK, "fn", None)))
+    w.set_busy(True)  # run_one / run_all run on the caller's thread: a pause there could never end
+    w.run_one(DECODE)
+    w.run_all()
+    assert seen == [None, None] and w.captured == {DECODE, 16}
+
+
+def test_model_forward_calls_the_hook_after_each_layer():
+    from transformers import LlamaConfig
+
+    from hybrid_engine import LLM, SamplingParams
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(AutoModelForCausalLM.from_config(cfg).eval(), device="cpu", dtype="float32", max_model_len=32)
+    calls = []
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    with llama.between_layers(lambda: calls.append(1)):
+        llm.generate({"prompt_token_ids": [5, 6, 7]}, sp)
+    assert len(calls) == 3 * 2  # prefill + one decode step, 3 layers each
+    llm.generate({"prompt_token_ids": [5, 6, 7]}, sp)
+    assert len(calls) == 6  # removed on exit

@@ -6,11 +6,28 @@ CUDA graphs alike. Shapes are flat over tokens: prefill runs T tokens of one seq
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+
+_LAYER_HOOK = threading.local()
+
+
+@contextmanager
+def between_layers(hook: Callable[[], None] | None) -> Iterator[None]:
+    """On this thread, call `hook()` after each decoder layer of `LlamaModel.forward` (the capture worker pauses
+    there while a request is in flight, so the request's host work does not share the GIL with a capture)."""
+    prev = getattr(_LAYER_HOOK, "fn", None)
+    _LAYER_HOOK.fn = hook
+    try:
+        yield
+    finally:
+        _LAYER_HOOK.fn = prev
 
 
 @dataclass(slots=True)
@@ -158,9 +175,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         last = len(self.layers) - 1 if meta.is_prefill and meta.last_index is not None else -1
-        ops, cos_sin = self.ops, self.cos_sin_cache
+        ops, cos_sin, hook = self.ops, self.cos_sin_cache, getattr(_LAYER_HOOK, "fn", None)
         for i, layer in enumerate(self.layers):  # .forward: no module hooks, less host time per layer (JIT path)
             x, residual = layer.forward(ops, x, residual, positions, cos_sin, meta, last_row_only=i == last)
+            if hook is not None:
+                hook()
         return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
