@@ -168,10 +168,11 @@ class Launch:
     """One kernel launch bound to its arguments, re-issued with some tensor arguments replaced: the JIT prefill runs
     the same launches in every layer, where only weight and KV-cache addresses change (models/llama_jit.py).
 
-    `Launch(fn, grid, args, kw)()` launches as `launch(fn, grid, *args, **kw)` and remembers the compiled kernel and
-    the launcher arguments; `l(i=t, ...)` - positions `i` of `args` replaced by tensors `t` - then costs the launcher
-    call and one address per replaced tensor. A replacement with another dtype or 16-byte alignment than the
-    original (Triton specialised on both), the interpreter, or the launch cache being off: a full `launch`."""
+    `bound = Launch(fn, grid, args, kw)`; `bound()` launches as `launch(fn, grid, *args, **kw)` and remembers the
+    compiled kernel and the launcher arguments; `bound({i: t, ...})` (tensor arguments at positions `i` replaced by
+    tensors `t`) then costs the launcher call and one address per replaced tensor. A replacement with another dtype
+    or 16-byte alignment than the original (Triton specialised on both), a position that did not hold a tensor, the
+    interpreter, or the launch cache being off: a full `launch`."""
 
     __slots__ = ("fn", "grid", "args", "kw", "_hit", "_vals", "_checks")
 
@@ -187,7 +188,7 @@ class Launch:
                 vals = list(vals)
                 for i, t in replace.items():
                     p = t.data_ptr()
-                    if (t.dtype, p % 16 == 0) != self._checks[i]:
+                    if (t.dtype, p % 16 == 0) != self._checks.get(i):
                         return self._slow(replace)
                     vals[i] = p
             kernel, rest, get_stream, device, runtime = hit
