@@ -18,10 +18,7 @@ for s in $stages; do
     gemmsweep) timeout 300 python3 benchmarks/gemm_bench.py --json "$OUT/gemm_bench.json" 2>&1 | tail -70;;
     attn) timeout 150 python3 benchmarks/prefill_attn_sweep.py --lengths ${ATTN_T:-16,32,64,128,160,208,256,384,512} --json "$OUT/prefill_attn.json" 2>&1 | tail -22;;
     ttft) timeout 150 python3 benchmarks/ttft_breakdown.py --out "$OUT" 2>&1 | grep -v Warn | tail -8;;
-    jithost) for v in ${JITHOST:-1:cublas}; do  # HYBRID_ENGINE_FAST_LAUNCH:HYBRID_ENGINE_JIT_GEMM, e.g. "1:triton 0:cublas"
-               echo "== fast launch ${v%%:*}, JIT GEMM ${v##*:}"
-               HYBRID_ENGINE_FAST_LAUNCH=${v%%:*} HYBRID_ENGINE_JIT_GEMM=${v##*:} timeout 200 python3 \
-                 benchmarks/jit_host_profile.py --out "$OUT/jithost-${v/:/-}" 2>&1 | grep -v Warn | tail -${JITHOST_TAIL:-32}; done;;
+    jithost) timeout 200 python3 benchmarks/jit_host_profile.py --out "$OUT/jithost" 2>&1 | grep -v Warn | tail -${JITHOST_TAIL:-32};;  # A/B inside
     launch) timeout 120 python3 benchmarks/launch_overhead.py --json "$OUT/launch_overhead.json" 2>&1 | tail -20;;
     coldwarm) for i in $(seq ${COLD_RUNS:-1}); do  # several runs: the first request is host-bound, and hosts differ
                 timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_warm_cache_$i.json" 2>&1 | tail -1; done;;
