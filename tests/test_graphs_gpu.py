@@ -66,3 +66,37 @@ def test_background_worker_and_forced_failure():
     assert a == off.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids
     assert llm.stats()["kv_blocks_free"] == s["kv_blocks_total"]
     llm.close()
+
+
+def test_requests_during_background_captures_match_capture_off():
+    """Requests that arrive while the worker captures (it pauses between layers while they run, with its capture
+    open) get the same greedy tokens as an engine that never captures; every graph still ends up captured."""
+    kw = dict(dtype="float32", device="cuda", prefill_buckets=(16, 32, 64, 128, 256), max_model_len=512)
+    off = LLM("tiny-llama", capture="off", **kw)
+    llm = LLM("tiny-llama", capture="idle", **kw)  # last: its worker must not capture while `off` loads
+    worker = llm.graphs.worker
+    worker.quiet_s = 0.0  # the next capture starts as soon as a request ends: the next request meets it
+    started = []
+    capture = worker._capture
+
+    def observed(key):
+        started.append(key)
+        capture(key)
+
+    worker._capture = observed
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(3)
+    overlapped = 0
+    for _ in range(30):
+        ids = torch.randint(3, 500, (int(torch.randint(1, 300, (1,), generator=g)),), generator=g).tolist()
+        capturing = llm.stats()["capturing"]
+        got = llm.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids
+        overlapped += bool(capturing)
+        assert got == off.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids, len(ids)
+    assert worker.wait_idle(timeout=300)
+    s = llm.stats()
+    assert s["graphs_failed"] == 0 and s["graphs_captured"] == 1 + 5 and len(started) == 5
+    assert s["kv_blocks_free"] == s["kv_blocks_total"]
+    print(f"{overlapped} of 30 requests started while a capture was open")
+    llm.close()
+    off.close()
