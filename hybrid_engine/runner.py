@@ -127,8 +127,9 @@ class ModelRunner:
         from .kernels import gemm, prefill_attention
 
         scratch = self.scratch_buffers()
-        for plan, todo in ((nullcontext(), set(lengths) | prefill_attention.warm_up_lengths()),
-                           (gemm.graph_plan(), gemm.warm_up_lengths() | prefill_attention.warm_up_lengths())):
+        attention = prefill_attention.warm_up_lengths()
+        for plan, todo in ((nullcontext(), set(lengths) | attention),
+                           (gemm.graph_plan(), gemm.warm_up_lengths() | attention)):
             with plan:
                 for n in sorted(n for n in todo if n <= self.max_model_len):
                     scratch.valid_len.fill_(n)

@@ -136,14 +136,15 @@ def _params(fn) -> tuple[tuple[str, ...], dict]:
                                    if p.default is not inspect.Parameter.empty}
 
 
-def launch(fn, grid: tuple[int, ...], *args, **kw) -> None:
+def launch(fn, grid: tuple[int, ...], *args, **kw) -> tuple | None:
     """Launch kernel function `fn` (a plain function, jitted on first use) on `grid` with positional runtime
     arguments `args` and keyword constexprs / launch options `kw`: `jit(fn)[grid](*args, **kw)`, with Triton's
-    per-launch work done once per specialisation (see above)."""
+    per-launch work done once per specialisation (see above). Returns (compiled kernel, trailing constexpr values,
+    argument key, launcher arguments) where the launch cache holds this specialisation, else None."""
     api = _launch_api() if _FAST_LAUNCH else None
     if api is None:
         jit(fn)[grid](*args, **kw)
-        return
+        return None
     get_device, get_stream, runtime = api
     device = get_device()
     spec, vals = specialise(args)
@@ -153,15 +154,17 @@ def launch(fn, grid: tuple[int, ...], *args, **kw) -> None:
         kernel = jit(fn)[grid](*args, **kw)
         names, defaults = _params(fn)
         rest = tuple(kw[n] if n in kw else defaults[n] for n in names[len(args):])
-        if kernel is not None and hasattr(kernel, "packed_metadata") and hasattr(kernel, "function"):
-            _LAUNCHES[key] = (kernel, rest)
-        return
-    kernel, rest = hit
-    stream = get_stream(device)
-    enter = runtime.launch_enter_hook
-    meta = kernel.launch_metadata(grid, stream, *args, *rest) if enter is not None else None
-    kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, kernel.function,
-               kernel.packed_metadata, meta, enter, runtime.launch_exit_hook, *vals, *rest)
+        if kernel is None or not hasattr(kernel, "packed_metadata") or not hasattr(kernel, "function"):
+            return None
+        _LAUNCHES[key] = hit = (kernel, rest)
+    else:
+        kernel, rest = hit
+        stream = get_stream(device)
+        enter = runtime.launch_enter_hook
+        meta = kernel.launch_metadata(grid, stream, *args, *rest) if enter is not None else None
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                   kernel.function, kernel.packed_metadata, meta, enter, runtime.launch_exit_hook, *vals, *rest)
+    return hit[0], hit[1], spec, vals
 
 
 class Launch:
@@ -174,7 +177,7 @@ class Launch:
     or 16-byte alignment than the original (Triton specialised on both), a position that did not hold a tensor, the
     interpreter, or the launch cache being off: a full `launch`."""
 
-    __slots__ = ("fn", "grid", "args", "kw", "_hit", "_vals", "_checks")
+    __slots__ = ("fn", "grid", "args", "kw", "_hit", "_vals", "_spec")
 
     def __init__(self, fn, grid: tuple[int, ...], args: tuple, kw: dict) -> None:
         self.fn, self.grid, self.args, self.kw = fn, tuple(grid) + (1,) * (3 - len(grid)), args, kw
@@ -182,42 +185,33 @@ class Launch:
 
     def __call__(self, replace: dict[int, Any] | None = None) -> None:
         hit = self._hit
-        if hit is not None and _FAST_LAUNCH:
-            vals = self._vals
-            if replace:
-                vals = list(vals)
-                for i, t in replace.items():
-                    p = t.data_ptr()
-                    if (t.dtype, p % 16 == 0) != self._checks.get(i):
-                        return self._slow(replace)
-                    vals[i] = p
-            kernel, rest, get_stream, device, runtime = hit
-            enter = runtime.launch_enter_hook
-            if enter is not None:  # a profiling hook wants metadata: take Triton's full path
-                return self._slow(replace)
-            g = self.grid
-            kernel.run(g[0], g[1], g[2], get_stream(device), kernel.function, kernel.packed_metadata, None, None,
-                       runtime.launch_exit_hook, *vals, *rest)
-            return None
-        return self._slow(replace, remember=hit is None)
+        if hit is None or not _FAST_LAUNCH:
+            return self._slow(replace)
+        vals = self._vals
+        if replace:
+            vals = list(vals)
+            for i, t in replace.items():
+                p = t.data_ptr()
+                if (t.dtype, p % 16 == 0) != self._spec[i]:  # the key `specialise` gives a tensor
+                    return self._slow(replace)
+                vals[i] = p
+        kernel, rest, get_stream, device, runtime = hit
+        if runtime.launch_enter_hook is not None:  # a profiling hook wants metadata: take Triton's full path
+            return self._slow(replace)
+        g = self.grid
+        kernel.run(g[0], g[1], g[2], get_stream(device), kernel.function, kernel.packed_metadata, None, None,
+                   runtime.launch_exit_hook, *vals, *rest)
+        return None
 
-    def _slow(self, replace: dict[int, Any] | None, remember: bool = False) -> None:
+    def _slow(self, replace: dict[int, Any] | None) -> None:
         args = self.args
         if replace:
             args = list(args)
             for i, t in replace.items():
                 args[i] = t
-        launch(self.fn, self.grid, *args, **self.kw)
-        if remember and not replace:
-            api = _launch_api() if _FAST_LAUNCH else None
-            if api is not None:
-                get_device, get_stream, runtime = api
-                device = get_device()
-                spec, vals = specialise(args)
-                entry = _LAUNCHES.get((self.fn, device, spec, tuple(self.kw.items())))
-                if entry is not None:
-                    self._vals = vals
-                    self._checks = {i: (a.dtype, vals[i] % 16 == 0) for i, a in enumerate(args)
-                                    if hasattr(a, "data_ptr")}
-                    self._hit = (entry[0], entry[1], get_stream, device, runtime)
+        done = launch(self.fn, self.grid, *args, **self.kw)
+        if done is not None and not replace and self._hit is None:  # remember the launch of the bound arguments
+            kernel, rest, self._spec, self._vals = done
+            get_device, get_stream, runtime = _launch_api()
+            self._hit = (kernel, rest, get_stream, get_device(), runtime)
         return None

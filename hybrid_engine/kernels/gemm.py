@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .._local import local_setting
 from ._triton import cdiv, launch
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
@@ -106,7 +107,7 @@ _PLAN = threading.local()
 
 def in_graph_plan() -> bool:
     """Whether this thread is inside `graph_plan()` (a graph capture or its warm-up) rather than on the JIT path."""
-    return getattr(_PLAN, "on", False)
+    return bool(getattr(_PLAN, "on", False))
 
 
 @contextmanager
@@ -116,12 +117,8 @@ def graph_plan() -> Iterator[None]:
     time, and there the Triton GEMM did not pay (H100, 100 tokens, Triton GEMM up to M=128 with the launch cache:
     JIT prefill 13.6 vs 12.7 ms with cuBLAS, benchmarks/NOTES.md, session 3). Graph captures and their warm-ups run
     inside it; thread-local, so a capture on the worker thread does not change what the serving thread runs."""
-    prev = getattr(_PLAN, "on", False)
-    _PLAN.on = True
-    try:
+    with local_setting(_PLAN, "on", True):
         yield
-    finally:
-        _PLAN.on = prev
 
 
 def warm_up_lengths() -> set[int]:

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .._local import local_setting
+
 
 _LAYER_HOOK = threading.local()
 
@@ -22,12 +24,8 @@ _LAYER_HOOK = threading.local()
 def between_layers(hook: Callable[[], None] | None) -> Iterator[None]:
     """On this thread, call `hook()` after each decoder layer of `LlamaModel.forward` (the capture worker pauses
     there while a request is in flight, so the request's host work does not share the GIL with a capture)."""
-    prev = getattr(_LAYER_HOOK, "fn", None)
-    _LAYER_HOOK.fn = hook
-    try:
+    with local_setting(_LAYER_HOOK, "fn", hook):
         yield
-    finally:
-        _LAYER_HOOK.fn = prev
 
 
 @dataclass(slots=True)
