@@ -47,7 +47,8 @@ def configs_for(m: int) -> list[tuple[int, ...]]:
 def cublas_variants(ms: list[int], shapes: list[str], reps: int = 20) -> list[dict]:
     """The same product through cuBLAS's other doors: `linear` = F.linear (x @ W^T), `lt` = F.linear with a zero
     bias (cublasLt with a bias epilogue), `wx` = W @ x^T (the transposed output, no weight copy), `nn` = x @ W^T
-    with W^T stored contiguous (a second weight copy); and the Triton GEMM's best config where M <= 64."""
+    with W^T stored contiguous (how the engine stores QKV and gate/up on CUDA), `nn_lt` the same through F.linear
+    with a zero bias (cublasLt), `xt` / `xt_lt` = x stored column-major (x^T contiguous); and the Triton GEMM's best config where M <= 64."""
     rows = []
     for name, n, k in SHAPES:
         if name not in shapes:
@@ -57,11 +58,15 @@ def cublas_variants(ms: list[int], shapes: list[str], reps: int = 20) -> list[di
         zero = torch.zeros(n, device="cuda", dtype=torch.float16)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            xt = x.t().contiguous()  # the activation stored column-major
             r = {"shape": name, "M": m,
                  "linear": graph_us(lambda i: F.linear(x, ws[i]), reps=reps),
                  "lt": graph_us(lambda i: F.linear(x, ws[i], zero), reps=reps),
                  "wx": graph_us(lambda i: torch.mm(ws[i], x.t()), reps=reps),
-                 "nn": graph_us(lambda i: torch.mm(x, wts[i]), reps=reps)}
+                 "nn": graph_us(lambda i: torch.mm(x, wts[i]), reps=reps),
+                 "nn_lt": graph_us(lambda i: F.linear(x, wts[i].t(), zero), reps=reps),
+                 "xt": graph_us(lambda i: F.linear(xt.t(), ws[i]), reps=reps),
+                 "xt_lt": graph_us(lambda i: F.linear(xt.t(), ws[i], zero), reps=reps)}
             if m <= 64:
                 tri = {c: graph_us(lambda i, c=c: gemm.gemm_triton(x, ws[i], config=c), reps=reps)
                        for c in SMALL[:6] + MID[:3]}
@@ -73,7 +78,7 @@ def cublas_variants(ms: list[int], shapes: list[str], reps: int = 20) -> list[di
         torch.cuda.empty_cache()
     for m in ms:
         sel = [r for r in rows if r["M"] == m]
-        tot = {v: round(sum(r[v] for r in sel) * LAYERS / 1e3, 3) for v in ("linear", "lt", "wx", "nn")}
+        tot = {v: round(sum(r[v] for r in sel) * LAYERS / 1e3, 3) for v in ("linear", "lt", "wx", "nn", "nn_lt", "xt", "xt_lt")}
         best = round(sum(min(r["linear"], r["lt"], r.get("triton", 1e9)) for r in sel) * LAYERS / 1e3, 3)
         print(f"M={m}: per step (ms) {tot}, best of linear/lt/triton per shape {best}", flush=True)
     return rows

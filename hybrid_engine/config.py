@@ -8,6 +8,7 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("auto", "triton", "torch", "sdpa", "xformers", "flash")
 CAPTURE_POLICIES = ("idle", "eager", "off")
+PREFILL_WEIGHT_COPY = ("auto", "on", "off")
 # Step 16 up to 256 tokens: between 128 and 256 a step is bound by weight reads and tensor cores about equally, so
 # every padded row costs (cuBLAS time is a staircase in M; 16 rows of padding cost up to 0.3 ms at ~200 tokens).
 DEFAULT_PREFILL_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240, 256, 288, 320, 384,
@@ -28,6 +29,10 @@ class EngineConfig:
     attention_backend: "auto" = triton on GPU, torch on CPU.
     capture: CUDA-graph policy: "idle" (background worker, idle windows), "eager" (capture before serving), "off".
     prefill_buckets: prompt-length buckets that get a prefill graph.
+    prefill_weight_copy: keep a second, transposed copy of the QKV and gate/up weights for multi-row (prefill)
+        projections: cuBLAS's NN kernels are 4-9% faster there on the H100 (about -0.27 ms TTFT at 200 tokens for
+        LLaMA-2-7B), for ~2/3 more weight memory (+9 GB for 7B). "auto" = on for CUDA when the copy takes at most
+        a quarter of the memory free after loading, "on" = always (any device), "off" = never.
     """
 
     model: Any = "tiny-llama"
@@ -42,6 +47,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     capture: str = "idle"
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
+    prefill_weight_copy: str = "auto"
     seed: int = 0
     trust_remote_code: bool = False
 
@@ -50,6 +56,7 @@ class EngineConfig:
         _choice("device", self.device, DEVICES)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("capture", self.capture, CAPTURE_POLICIES)
+        _choice("prefill_weight_copy", self.prefill_weight_copy, PREFILL_WEIGHT_COPY)
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size={self.block_size!r} is not allowed; use one of 8, 16, 32, 64, 128")
         if self.max_model_len is not None and not (isinstance(self.max_model_len, int) and self.max_model_len >= 2):

@@ -62,6 +62,7 @@ class LLM:
         self.max_model_len = loaded.max_model_len
         self.dtype = self.model.embed_tokens.weight.dtype
         self.ops = get_ops(self.device, cfg.attention_backend)
+        self.prefill_weight_copy_bytes = _prefill_weight_copies(cfg.prefill_weight_copy, self.model, self.device)
         n_blocks = cfg.num_kv_blocks or num_blocks_for(self.model, cfg.block_size, self.max_model_len,
                                                        cfg.max_num_seqs, self.dtype, self.device,
                                                        cfg.gpu_memory_utilization)
@@ -151,6 +152,7 @@ class LLM:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "capture": self.config.capture if self.graphs is not None else "off",
+            "prefill_weight_copy_bytes": self.prefill_weight_copy_bytes,
             "request_in_flight": self._active is not None,
             **self._counts,
             **self.ops.describe(),
@@ -319,3 +321,23 @@ def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+# "auto" makes the prefill weight copy when it takes at most this fraction of the device memory free after loading
+PREFILL_COPY_MAX_FREE_FRACTION = 0.25
+
+
+def _prefill_weight_copies(mode: str, model: Any, device: torch.device) -> int:
+    """Apply EngineConfig.prefill_weight_copy (before the KV cache is sized from the memory left): bytes added."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return 0
+    need = model.prefill_weight_copy_bytes()
+    if mode == "auto":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > PREFILL_COPY_MAX_FREE_FRACTION * free:
+            logger.info("prefill weight copy skipped: %.1f GiB needed, %.1f GiB free (auto uses at most %d%%)",
+                        need / 2**30, free / 2**30, PREFILL_COPY_MAX_FREE_FRACTION * 100)
+            return 0
+    added = model.add_prefill_weight_copies()
+    logger.info("prefill weight copy (QKV, gate/up stored transposed): %.2f GiB", added / 2**30)
+    return added

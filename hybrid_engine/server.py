@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--capture", default=None, choices=["idle", "eager", "off"], help="CUDA-graph capture policy")
+    p.add_argument("--prefill-weight-copy", default=None, choices=["auto", "on", "off"],
+                   help="transposed copy of the QKV and gate/up weights for prefill (faster, more memory)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig keywords from the CLI; options left unset keep the engine's defaults."""
     names = ("dtype", "device", "max_model_len", "num_kv_blocks", "block_size", "attention_backend", "capture",
-             "seed")
+             "prefill_weight_copy", "seed")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -20,6 +20,7 @@ from ..errors import HybridEngineError, OptionalDependencyError, require
 from ._triton import interpreter_active, interpreter_enabled, triton_available
 from .activation import silu_mul_ref
 from .decode_attention import decode_attention_ref
+from .gemm import linear_torch
 from .kv_store import store_kv_ref
 from .prefill_attention import prefill_attention_ref
 from .rms_norm import rms_norm_ref
@@ -46,7 +47,9 @@ class KernelOps:
     prefill_attention: Callable[..., Any]
     decode_attention: Callable[..., Any]
     sample: Callable[..., Any]
-    linear: Callable[..., Any] = torch.nn.functional.linear  # projections: cuBLAS unless a kernel measures faster
+    # projections (x, weight, bias=None, weight_t=None): cuBLAS unless a kernel measures faster; weight_t is the
+    # weight's transposed copy where the model keeps one (LlamaModel.add_prefill_weight_copies)
+    linear: Callable[..., Any] = linear_torch
     # Optional fused ops (None = the model composes the unfused ones):
     rope_store_kv: Callable[..., Any] | None = None    # (q, k, v, positions, cos_sin, k_cache, v_cache, slots) -> (q, k)
     silu_mul_linear: Callable[..., Any] | None = None  # (gate_up_out, down_weight) -> linear(silu_mul(.), weight)

@@ -40,6 +40,17 @@ GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int, in
     (4096, 11008): [(64, None), (112, "lt"), (128, None), (192, "lt"), (200, None),      # down M=192 53.9->45.0,
                     (240, "lt"), (256, None), (288, "lt"), (320, None), (384, "lt")],   # 208 49.7->47.1, 224 58.7->50.3
 }
+# The plan over a projection's transposed copy (`weight_t`, W^T [K, N] contiguous: LlamaModel's prefill weight copy,
+# made for QKV and gate/up), consulted first when the copy exists: "t" = cuBLAS on it (its NN kernels), "t_lt" = the
+# same through cuBLASLt, None = the GEMM_CONFIGS plan on the weight itself. Measured like GEMM_CONFIGS (H100, two
+# runs; benchmarks/results/nvidia-h100-gemm-{nn,xt}-2026-11-26-session4.json, `nn` / `nn_lt` columns): NN is 4-9%
+# faster than the weight's best entry at 16-288 rows for QKV, and for gate/up except at 192, 224 and 256 rows.
+# Comments: us, weight's best -> copy (run 1).
+GEMM_T_CONFIGS: dict[tuple[int, int], list[tuple[int, str | None]]] = {
+    (12288, 4096): [(288, "t")],                                                  # QKV M=208 42.8->39.7
+    (22016, 4096): [(176, "t"), (192, None), (208, "t"), (224, None),             # gate/up M=208 75.2->70.3,
+                    (240, "t_lt"), (256, None), (288, "t")],                      # M=240 78.6->74.0
+}
 DEFAULT_CONFIG = (64, 64, 64, 4, 3)  # what tests and gemm_triton use when no config is given
 
 
@@ -123,8 +134,8 @@ def graph_plan() -> Iterator[None]:
 
 def warm_up_lengths() -> set[int]:
     """Row counts that compile every Triton config of the plan in both of Triton's integer specialisations of M (a
-    multiple of 16 or not) and make every zero bias of the "lt" entries, so that a request never compiles a GEMM
-    variant or allocates a bias (run at load, before any graph capture)."""
+    multiple of 16 or not) and make every zero bias of the "lt" / "t_lt" entries, so that a request never compiles
+    a GEMM variant or allocates a bias (run at load, before any graph capture)."""
     out = set()
     for entries in GEMM_CONFIGS.values():
         low = 1
@@ -134,15 +145,32 @@ def warm_up_lengths() -> set[int]:
             elif cfg == "lt":  # makes the zero bias before any capture
                 out.add(max_m)
             low = max_m
+    out.update(max_m for entries in GEMM_T_CONFIGS.values() for max_m, cfg in entries if cfg == "t_lt")
     return out
 
 
-def config_for(m: int, n: int, k: int) -> tuple[int, int, int, int, int] | str | None:
-    """The plan's choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt) or None (cuBLAS);
-    always None outside `graph_plan()`."""
-    if not in_graph_plan():
+def config_for(m: int, n: int, k: int, transposed: bool = False) -> tuple[int, int, int, int, int] | str | None:
+    """The plan's choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt), None (cuBLAS), and
+    with `transposed` (the weight has a transposed copy) "t" / "t_lt" (cuBLAS / cuBLASLt on the copy). Outside
+    `graph_plan()` only "t" (its host cost is F.linear's) or None."""
+    plan = in_graph_plan()
+    if transposed:
+        choice = next((cfg for max_m, cfg in GEMM_T_CONFIGS.get((n, k), ()) if m <= max_m), None)
+        if choice == "t" or (choice is not None and plan):
+            return choice
+    if not plan:
         return None
     return next((cfg for max_m, cfg in GEMM_CONFIGS.get((n, k), ()) if m <= max_m), None)
+
+
+def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 weight_t: torch.Tensor | None = None) -> torch.Tensor:
+    """`KernelOps.linear` of the torch backend: F.linear, on the transposed copy (cuBLAS's NN product on CUDA)
+    where the plan picks it for several rows (`config_for(..., transposed=True)`)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if weight_t is not None and rows > 1 and config_for(rows, *weight.shape, transposed=True) is not None:
+        return F.linear(x, weight_t.t(), bias)
+    return F.linear(x, weight, bias)
 
 
 _ZERO_BIAS: dict[tuple, torch.Tensor] = {}

@@ -140,9 +140,11 @@ def _gemv_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return _triton_ok(x, weight, bias) and x.numel() == x.shape[-1]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           weight_t: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the Triton GEMV for one row where `GEMV_CONFIGS` says it measured faster, and for several
-    rows through whatever `gemm.GEMM_CONFIGS` picks for the row count and shape (cuBLAS, cuBLASLt, Triton GEMM)."""
+    rows through whatever the plan picks for the row count and shape (`gemm.config_for`: cuBLAS, cuBLASLt, the
+    Triton GEMM, or cuBLAS on `weight_t`, the weight's transposed copy [K, N] where the model keeps one)."""
     if _triton_ok(x, weight, bias):
         rows = x.numel() // x.shape[-1]
         if rows == 1:
@@ -150,12 +152,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             if config is not None:
                 return gemv_triton(x, weight, bias, config)
         else:
-            choice = gemm.config_for(rows, *weight.shape)
+            choice = gemm.config_for(rows, *weight.shape, transposed=weight_t is not None)
+            if choice == "t":
+                return F.linear(x, weight_t.t(), bias)
+            if choice == "t_lt":
+                return gemm.linear_lt(x, weight_t.t(), bias)
             if choice == "lt":
                 return gemm.linear_lt(x, weight, bias)
             if choice is not None:
                 return gemm.gemm_triton(x, weight, bias, choice)
-    return F.linear(x, weight, bias)
+    return gemm.linear_torch(x, weight, bias, weight_t)
 
 
 def silu_mul_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

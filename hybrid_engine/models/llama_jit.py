@@ -31,12 +31,16 @@ _NORM_WEIGHT = 2
 _K_CACHE, _V_CACHE = 5, 6
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out = F.linear(x, weight, bias) (what `ops.linear` runs for several rows on the JIT path), into `out`."""
+def _project(x: torch.Tensor, proj: Any, out: torch.Tensor) -> None:
+    """out = what `ops.linear` runs for several rows on the JIT path (F.linear, on the transposed copy where the
+    plan picks it), into `out`."""
+    weight, bias, weight_t = proj.weight, proj.bias, getattr(proj, "weight_t", None)
+    if weight_t is None or x.shape[0] < 2 or gemm.config_for(x.shape[0], *weight.shape, transposed=True) is None:
+        weight_t = weight.t()
     if bias is None:
-        torch.mm(x, weight.t(), out=out)
+        torch.mm(x, weight_t, out=out)
     else:
-        torch.addmm(bias, x, weight.t(), out=out)
+        torch.addmm(bias, x, weight_t, out=out)
 
 
 def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor | None:
@@ -78,12 +82,12 @@ def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, me
     for i, layer in enumerate(layers[:-1]):
         if i > 0:
             in_norm({_NORM_WEIGHT: layer.input_layernorm} if i > 1 else None)
-        _project(xn, layer.qkv_proj.weight, layer.qkv_proj.bias, qkv2)
+        _project(xn, layer.qkv_proj, qkv2)
         attention({_K_CACHE: layer.k_cache, _V_CACHE: layer.v_cache} if i else None)
-        _project(attn2, layer.o_proj.weight, None, o)
+        _project(attn2, layer.o_proj, o)
         post_norm({_NORM_WEIGHT: layer.post_attention_layernorm} if i else None)
-        _project(xn, layer.gate_up_proj.weight, None, gate_up)
+        _project(xn, layer.gate_up_proj, gate_up)
         silu_mul()
-        _project(act, layer.down_proj.weight, None, h)
+        _project(act, layer.down_proj, h)
     x, res = layers[-1].forward(ops, h, res, positions, cos_sin, meta, last_row_only=True)
     return x + res

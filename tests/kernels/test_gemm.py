@@ -89,3 +89,38 @@ def test_linear_gpu_llama_shapes(n, k, m, dtype):
         assert_close(gemm_triton(x, w, b, cfg), linear_ref(x, w, b).float(), dtype, "gemm+bias")
         assert_replays_like_ref(lambda: gemv.linear(x, w), x, lambda: linear_ref(x, w).float(), dtype,
                                 "linear in graph")
+
+
+def test_transposed_copy_plan(monkeypatch):
+    """With a transposed copy, GEMM_T_CONFIGS is consulted first: "t" in and out of graph_plan(), "t_lt" only in
+    it (like "lt"), None falls back to GEMM_CONFIGS; without a copy the T table is never used."""
+    monkeypatch.setitem(gemm.GEMM_T_CONFIGS, (40, 96), [(16, "t"), (32, None), (48, "t_lt")])
+    monkeypatch.setitem(gemm.GEMM_CONFIGS, (40, 96), [(32, CONFIGS[0]), (48, "lt")])
+    assert gemm.config_for(10, 40, 96, transposed=True) == "t"
+    assert gemm.config_for(10, 40, 96) is None  # JIT path, no copy: cuBLAS
+    assert gemm.config_for(20, 40, 96, transposed=True) is None
+    assert gemm.config_for(40, 40, 96, transposed=True) is None  # "t_lt" is a graph-plan choice
+    with gemm.graph_plan():
+        assert gemm.config_for(10, 40, 96, transposed=True) == "t"
+        assert gemm.config_for(10, 40, 96) == CONFIGS[0]
+        assert gemm.config_for(20, 40, 96, transposed=True) == CONFIGS[0]
+        assert gemm.config_for(40, 40, 96, transposed=True) == "t_lt"
+        assert gemm.config_for(40, 40, 96) == "lt"
+        assert gemm.config_for(60, 40, 96, transposed=True) is None
+    assert 48 in gemm.warm_up_lengths()  # makes the zero bias of "t_lt"
+
+
+def test_linear_reads_the_copy_where_planned(monkeypatch):
+    """ops.linear (torch and Triton backends on the CPU) computes on `weight_t` exactly where the plan says: a copy
+    with different values shows which one was read."""
+    monkeypatch.setitem(gemm.GEMM_T_CONFIGS, (24, 32), [(8, "t")])
+    w = torch.randn(24, 32)
+    decoy = torch.randn(32, 24)  # not w.t(): the result tells which tensor was read
+    for linear in (gemm.linear_torch, gemv.linear):
+        x = torch.randn(5, 32)
+        assert torch.allclose(linear(x, w, None, decoy), x @ decoy)
+        assert torch.allclose(linear(x, w, None, None), F.linear(x, w))
+        x9 = torch.randn(9, 32)  # past the table: the weight
+        assert torch.allclose(linear(x9, w, None, decoy), F.linear(x9, w))
+        x1 = torch.randn(1, 32)  # one row (decode) never reads the copy
+        assert torch.allclose(linear(x1, w, None, decoy), F.linear(x1, w))

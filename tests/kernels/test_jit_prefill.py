@@ -64,6 +64,19 @@ def test_jit_prefill_equals_forward_cpu(qkv_bias):
         _compare(llm, n)
 
 
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_jit_prefill_equals_forward_with_prefill_weight_copy(qkv_bias, monkeypatch):
+    """With the transposed QKV / gate-up copies, both paths read the copy where the plan says (here: up to 8 rows
+    and 17-32 rows, not 9-16) and the weight elsewhere, so they still agree exactly."""
+    llm = _llm(qkv_bias, "cpu", "float32")
+    assert llm.model.add_prefill_weight_copies() > 0
+    layer = llm.model.layers[0]
+    for proj in (layer.qkv_proj, layer.gate_up_proj):
+        monkeypatch.setitem(gemm.GEMM_T_CONFIGS, tuple(proj.weight.shape), [(8, "t"), (16, None), (32, "t")])
+    for n in (1, 7, 12, 18):
+        _compare(llm, n)
+
+
 def test_jit_prefill_steps_aside():
     llm = _llm(False, "cpu", "float32")
     ids, pos, meta, blocks = _staged(llm, 5)
