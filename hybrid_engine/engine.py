@@ -1,6 +1,7 @@
 """LLM: the user-facing engine. Tokenize, prefill, decode loop, stop conditions, streaming, metrics."""
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import threading
@@ -11,6 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from . import _gc
 from .config import EngineConfig
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
 from .kernels import get_ops
@@ -87,6 +89,8 @@ class LLM:
             self.graphs = GraphRunner(self.runner, cfg.prefill_buckets, cfg.capture, self.stream_ctx)
             self.runner.graphs = self.graphs
             self.graphs.start()
+        gc.collect()  # once, at load: what is alive now is frozen out of later collections (see _gc.py)
+        _gc.freeze()
         logger.info("LLM ready: %s on %s (%s), max_model_len=%d, attention=%s", loaded.source, self.device,
                     self.dtype, self.max_model_len, self.ops.name)
 
@@ -166,6 +170,7 @@ class LLM:
         if self.graphs is not None:
             self.graphs.stop()
             self.graphs = self.runner.graphs = None
+        _gc.unfreeze()  # the engine's objects (it has reference cycles) can be collected again
 
     def __enter__(self) -> "LLM":
         return self

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from . import _gc
 from .kernels import gemm
 from .models.llama import between_layers
 
@@ -177,7 +178,10 @@ class CaptureWorker:
             sys.setswitchinterval(switch)
             with self._cond:
                 self.capturing = None
+                done = not self.pending()
                 self._cond.notify_all()
+            if done:  # the graphs and what their captures made: frozen out of later collections (_gc.py)
+                _gc.freeze()
 
 
 class GraphRunner:
