@@ -31,16 +31,19 @@ _NORM_WEIGHT = 2
 _K_CACHE, _V_CACHE = 5, 6
 
 
-def _project(x: torch.Tensor, proj: Any, out: torch.Tensor) -> None:
-    """out = what `ops.linear` runs for several rows on the JIT path (F.linear, on the transposed copy where the
-    plan picks it), into `out`."""
-    weight, bias, weight_t = proj.weight, proj.bias, getattr(proj, "weight_t", None)
-    if weight_t is None or x.shape[0] < 2 or gemm.config_for(x.shape[0], *weight.shape, transposed=True) is None:
-        weight_t = weight.t()
+def _project(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = x @ weight_kn (+ bias), into `out`; weight_kn is W^T: the weight's transposed view or its copy."""
     if bias is None:
-        torch.mm(x, weight_t, out=out)
+        torch.mm(x, weight_kn, out=out)
     else:
-        torch.addmm(bias, x, weight_t, out=out)
+        torch.addmm(bias, x, weight_kn, out=out)
+
+
+def _reads_copy(proj: Any, rows: int) -> bool:
+    """Whether `ops.linear` reads this projection's transposed copy at `rows` rows on the JIT path (decided once
+    per step: every layer has the same shapes)."""
+    weight_t = getattr(proj, "weight_t", None)
+    return weight_t is not None and rows > 1 and gemm.config_for(rows, *proj.weight.shape, transposed=True) is not None
 
 
 def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor | None:
@@ -79,15 +82,18 @@ def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, me
     post_norm = Launch(*rms_norm_launch(o, res, first.post_attention_layernorm, xn, res, eps, True))
     silu_mul = Launch(*silu_mul_launch(gate_up, act))
     in_norm = Launch(*rms_norm_launch(h, res, layers[1].input_layernorm, xn, res, eps, True))
+    qkv_copy, gate_up_copy = _reads_copy(first.qkv_proj, n), _reads_copy(first.gate_up_proj, n)
     for i, layer in enumerate(layers[:-1]):
         if i > 0:
             in_norm({_NORM_WEIGHT: layer.input_layernorm} if i > 1 else None)
-        _project(xn, layer.qkv_proj, qkv2)
+        p = layer.qkv_proj
+        _project(xn, p.weight_t if qkv_copy else p.weight.t(), p.bias, qkv2)
         attention({_K_CACHE: layer.k_cache, _V_CACHE: layer.v_cache} if i else None)
-        _project(attn2, layer.o_proj, o)
+        _project(attn2, layer.o_proj.weight.t(), None, o)
         post_norm({_NORM_WEIGHT: layer.post_attention_layernorm} if i else None)
-        _project(xn, layer.gate_up_proj, gate_up)
+        p = layer.gate_up_proj
+        _project(xn, p.weight_t if gate_up_copy else p.weight.t(), None, gate_up)
         silu_mul()
-        _project(act, layer.down_proj, h)
+        _project(act, layer.down_proj.weight.t(), None, h)
     x, res = layers[-1].forward(ops, h, res, positions, cos_sin, meta, last_row_only=True)
     return x + res

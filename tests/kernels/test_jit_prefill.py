@@ -94,8 +94,14 @@ def test_jit_prefill_steps_aside():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_jit_prefill_equals_forward_gpu(qkv_bias):
+def test_jit_prefill_equals_forward_gpu(qkv_bias, monkeypatch):
     llm = _llm(qkv_bias, "cuda", "float16", max_model_len=512)
     for n in (1, 16, 17, 100, 256):
         _compare(llm, n)
         _compare(llm, n)  # the second time through cached launches
+    assert llm.stats()["prefill_weight_copy_bytes"] > 0  # "auto" on CUDA: the transposed copies, planned below
+    layer = llm.model.layers[0]
+    for proj in (layer.qkv_proj, layer.gate_up_proj):
+        monkeypatch.setitem(gemm.GEMM_T_CONFIGS, tuple(proj.weight.shape), [(16, "t"), (100, None), (512, "t")])
+    for n in (16, 17, 100, 256):
+        _compare(llm, n)
