@@ -5,7 +5,8 @@
     python benchmarks/report.py --check    # exit 1 if README.md is out of date
 
 "Latest" = the newest `created` among results files tracked by git under benchmarks/results/ (files with
-"floors" and "systems"), preferring GPU runs: a CPU smoke run never replaces the card's numbers.
+"floors" and "systems"), preferring GPU runs and runs that compare systems: a CPU smoke run never replaces the card's
+numbers, nor does a run of one system alone (e.g. `--systems hybrid --runs 100`) replace the comparison table.
 """
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ def latest(paths: list[Path]) -> tuple[Path, dict[str, Any]] | None:
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and "floors" in data and "systems" in data:
-            runs.append((data.get("device") == "cuda", data.get("created", ""), path, data))
+            runs.append((data.get("device") == "cuda", len(data["systems"]) > 1, data.get("created", ""), path, data))
     if not runs:
         return None
-    _, _, path, data = max(runs, key=lambda r: (r[0], r[1]))
+    *_, path, data = max(runs, key=lambda r: r[:3])
     return path, data
 
 

@@ -118,11 +118,15 @@ def test_report_rewrites_only_the_marked_block_from_the_latest_committed_gpu_run
     (results / "new-gpu.json").write_text(json.dumps(new))
     (results / "newest-cpu.json").write_text(json.dumps(fake_results("cpu", "2026-03-01T00:00:00+00:00")))
     (results / "uncommitted.json").write_text(json.dumps(fake_results("cuda", "2027-01-01T00:00:00+00:00")))
+    alone = fake_results("cuda", "2026-04-01T00:00:00+00:00")  # newest GPU run, one system: not the table
+    alone["systems"] = {"hybrid": alone["systems"]["hybrid"]}
+    (results / "hybrid-only.json").write_text(json.dumps(alone))
     (results / "pytest-benchmark.json").write_text(json.dumps({"benchmarks": []}))
     readme = tmp_path / "README.md"
     readme.write_text("# x\nbefore\n<!-- results:start -->\nold table\n<!-- results:end -->\nafter\n")
     subprocess.run([*git, "add", "README.md", "benchmarks/results/old-gpu.json", "benchmarks/results/new-gpu.json",
-                    "benchmarks/results/newest-cpu.json", "benchmarks/results/pytest-benchmark.json"], check=True)
+                    "benchmarks/results/newest-cpu.json", "benchmarks/results/pytest-benchmark.json",
+                    "benchmarks/results/hybrid-only.json"], check=True)
     assert report.main(["--readme", str(readme), "--check"]) == 1
     assert report.main(["--readme", str(readme)]) == 0
     text = readme.read_text()
