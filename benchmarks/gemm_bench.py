@@ -48,7 +48,8 @@ def cublas_variants(ms: list[int], shapes: list[str], reps: int = 20) -> list[di
     """The same product through cuBLAS's other doors: `linear` = F.linear (x @ W^T), `lt` = F.linear with a zero
     bias (cublasLt with a bias epilogue), `wx` = W @ x^T (the transposed output, no weight copy), `nn` = x @ W^T
     with W^T stored contiguous (how the engine stores QKV and gate/up on CUDA), `nn_lt` the same through F.linear
-    with a zero bias (cublasLt), `xt` / `xt_lt` = x stored column-major (x^T contiguous); and the Triton GEMM's best config where M <= 64."""
+    with a zero bias (cublasLt), `xt` / `xt_lt` = x stored column-major (x^T contiguous); and the Triton GEMM's
+    best config where M <= 64."""
     rows = []
     for name, n, k in SHAPES:
         if name not in shapes:
@@ -78,7 +79,8 @@ def cublas_variants(ms: list[int], shapes: list[str], reps: int = 20) -> list[di
         torch.cuda.empty_cache()
     for m in ms:
         sel = [r for r in rows if r["M"] == m]
-        tot = {v: round(sum(r[v] for r in sel) * LAYERS / 1e3, 3) for v in ("linear", "lt", "wx", "nn", "nn_lt", "xt", "xt_lt")}
+        tot = {v: round(sum(r[v] for r in sel) * LAYERS / 1e3, 3)
+               for v in ("linear", "lt", "wx", "nn", "nn_lt", "xt", "xt_lt")}
         best = round(sum(min(r["linear"], r["lt"], r.get("triton", 1e9)) for r in sel) * LAYERS / 1e3, 3)
         print(f"M={m}: per step (ms) {tot}, best of linear/lt/triton per shape {best}", flush=True)
     return rows

@@ -127,8 +127,8 @@ class DecoderLayer(nn.Module):
             residual, x = x, ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps)
         else:
             x, residual = ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps, residual)
-        qkv = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias, self.qkv_proj.weight_t).view(-1, a.num_heads + 2 * a.num_kv_heads,
-                                                                            a.head_dim)
+        p = self.qkv_proj
+        qkv = ops.linear(x, p.weight, p.bias, p.weight_t).view(-1, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
         q, k, v = qkv.split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)  # [T, heads, D] views
         scale = a.head_dim ** -0.5
         if meta.is_prefill and not last_row_only and ops.prefill_attention_rope is not None:
