@@ -35,6 +35,21 @@ def test_failure_is_counted_and_not_retried():
     assert w.pending() == []
 
 
+def test_worker_freezes_gc_once_its_last_capture_is_done(monkeypatch):
+    """What the captures made is frozen out of the cyclic GC (hybrid_engine/_gc.py) when nothing is left pending,
+    including after a failed last capture, and not before."""
+    from hybrid_engine import graphs
+
+    calls = []
+    w, done = _worker(fail=(128,))
+    monkeypatch.setattr(graphs._gc, "freeze", lambda: calls.append(list(done)))
+    w.run_one(DECODE)
+    w.run_one(16)
+    assert calls == []
+    w.run_all()
+    assert calls == [[DECODE, 16, 32, 64]]  # once, after the last (failed) capture
+
+
 def test_idle_policy_waits_while_busy():
     w, done = _worker()
     w.set_busy(True)
