@@ -163,12 +163,18 @@ def config_for(m: int, n: int, k: int, transposed: bool = False) -> tuple[int, i
     return next((cfg for max_m, cfg in GEMM_CONFIGS.get((n, k), ()) if m <= max_m), None)
 
 
+def reads_copy(rows: int, weight: torch.Tensor, weight_t: torch.Tensor | None) -> bool:
+    """Whether a `rows`-row product with `weight` reads its transposed copy `weight_t` (the plan's "t" / "t_lt";
+    one row never does: the GEMV reads the weight)."""
+    return (weight_t is not None and rows > 1
+            and config_for(rows, *weight.shape, transposed=True) in ("t", "t_lt"))
+
+
 def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  weight_t: torch.Tensor | None = None) -> torch.Tensor:
     """`KernelOps.linear` of the torch backend: F.linear, on the transposed copy (cuBLAS's NN product on CUDA)
-    where the plan picks it for several rows (`config_for(..., transposed=True)`)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if weight_t is not None and rows > 1 and config_for(rows, *weight.shape, transposed=True) is not None:
+    where the plan picks it (`reads_copy`)."""
+    if reads_copy(x.numel() // max(x.shape[-1], 1), weight, weight_t):
         return F.linear(x, weight_t.t(), bias)
     return F.linear(x, weight, bias)
 

@@ -2,10 +2,11 @@
 
 `linear(x, weight, bias)` is the `KernelOps.linear` of the Triton backends: x with one row, fp16/bf16 on CUDA and an
 (N, K) in `GEMV_CONFIGS` (shapes where the kernel measured faster than cuBLAS, benchmarks/gemv_bench.py) runs the
-Triton GEMV; several rows follow `gemm.GEMM_CONFIGS`, the measured plan per shape and row count (cuBLAS, cuBLASLt or
-the Triton GEMM); everything else (unknown shapes, fp32, CPU) goes to `F.linear`. `silu_mul_linear(h, weight)`
-= `linear(silu_mul(h), weight)` with the activation fused into the GEMV's input load (one kernel instead of two,
-and the [1, I] intermediate never goes through memory).
+Triton GEMV; several rows follow `gemm.config_for`, the measured plan per shape and row count (cuBLAS, cuBLASLt,
+the Triton GEMM, or cuBLAS on the weight's transposed copy); everything else (unknown shapes, fp32, CPU) goes to
+`gemm.linear_torch` (F.linear). `silu_mul_linear(h, weight)` = `linear(silu_mul(h), weight)` with the activation
+fused into the GEMV's input load (one kernel instead of two, and the [1, I] intermediate never goes through
+memory).
 
 Each program owns BLOCK_N output rows and walks K in BLOCK_K chunks, keeping a [BLOCK_N, BLOCK_K] fp32 partial
 product in registers and reducing it once at the end; the weight loads are 16-byte vectors along K. No workspace,
@@ -145,23 +146,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, through the Triton GEMV for one row where `GEMV_CONFIGS` says it measured faster, and for several
     rows through whatever the plan picks for the row count and shape (`gemm.config_for`: cuBLAS, cuBLASLt, the
     Triton GEMM, or cuBLAS on `weight_t`, the weight's transposed copy [K, N] where the model keeps one)."""
-    if _triton_ok(x, weight, bias):
-        rows = x.numel() // x.shape[-1]
-        if rows == 1:
-            config = GEMV_CONFIGS.get(tuple(weight.shape))
-            if config is not None:
-                return gemv_triton(x, weight, bias, config)
-        else:
-            choice = gemm.config_for(rows, *weight.shape, transposed=weight_t is not None)
-            if choice == "t":
-                return F.linear(x, weight_t.t(), bias)
-            if choice == "t_lt":
-                return gemm.linear_lt(x, weight_t.t(), bias)
-            if choice == "lt":
-                return gemm.linear_lt(x, weight, bias)
-            if choice is not None:
-                return gemm.gemm_triton(x, weight, bias, choice)
-    return gemm.linear_torch(x, weight, bias, weight_t)
+    if not _triton_ok(x, weight, bias):
+        return gemm.linear_torch(x, weight, bias, weight_t)
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:
+        config = GEMV_CONFIGS.get(tuple(weight.shape))
+        return F.linear(x, weight, bias) if config is None else gemv_triton(x, weight, bias, config)
+    choice = gemm.config_for(rows, *weight.shape, transposed=weight_t is not None)
+    if choice == "t":
+        return F.linear(x, weight_t.t(), bias)
+    if choice == "t_lt":
+        return gemm.linear_lt(x, weight_t.t(), bias)
+    if choice == "lt":
+        return gemm.linear_lt(x, weight, bias)
+    if choice is not None:
+        return gemm.gemm_triton(x, weight, bias, choice)
+    return F.linear(x, weight, bias)
 
 
 def silu_mul_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -39,13 +39,6 @@ def _project(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor | None
         torch.addmm(bias, x, weight_kn, out=out)
 
 
-def _reads_copy(proj: Any, rows: int) -> bool:
-    """Whether `ops.linear` reads this projection's transposed copy at `rows` rows on the JIT path (decided once
-    per step: every layer has the same shapes)."""
-    weight_t = getattr(proj, "weight_t", None)
-    return weight_t is not None and rows > 1 and gemm.config_for(rows, *proj.weight.shape, transposed=True) is not None
-
-
 def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor | None:
     """`model.forward(input_ids, positions, meta)` for a prefill with `meta.last_index` set (the last real row's
     pre-norm hidden state, [1, H]), or None where this path does not apply."""
@@ -82,7 +75,8 @@ def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, me
     post_norm = Launch(*rms_norm_launch(o, res, first.post_attention_layernorm, xn, res, eps, True))
     silu_mul = Launch(*silu_mul_launch(gate_up, act))
     in_norm = Launch(*rms_norm_launch(h, res, layers[1].input_layernorm, xn, res, eps, True))
-    qkv_copy, gate_up_copy = _reads_copy(first.qkv_proj, n), _reads_copy(first.gate_up_proj, n)
+    # whether ops.linear reads the transposed copies at n rows: decided once per step (every layer has the same shapes)
+    qkv_copy, gate_up_copy = (gemm.reads_copy(n, p.weight, p.weight_t) for p in (first.qkv_proj, first.gate_up_proj))
     for i, layer in enumerate(layers[:-1]):
         if i > 0:
             in_norm({_NORM_WEIGHT: layer.input_layernorm} if i > 1 else None)
