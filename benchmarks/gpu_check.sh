@@ -24,6 +24,8 @@ for s in $stages; do
                 timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_warm_cache_$i.json" 2>&1 | tail -1; done;;
     kbench) timeout 300 python3 benchmarks/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -40;;
     bench) timeout 560 python3 -m hybrid_engine.bench --model llama-2-7b-shape --out-dir "$OUT" --system-timeout 170 2>&1 | tail -60;;
+    hbench) timeout 300 python3 -m hybrid_engine.bench --model llama-2-7b-shape --systems hybrid --runs ${HBENCH_RUNS:-100} \
+            --out-dir "$OUT/hybrid-runs${HBENCH_RUNS:-100}" 2>&1 | grep "^| hybrid\|^| system\|wrote";;  # the engine alone: p99 of 100 runs
     pbench) timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/bench-gpu.json" 2>&1 | tail -30
           [ -f ci/baselines/gpu-llama-2-7b-shape.json ] && python3 ci/gate.py ci/baselines/gpu-llama-2-7b-shape.json \
             "$OUT/bench-gpu.json" --tolerance 0.10 --min-delta-ms 0.2 | tee "$OUT/gate.txt";;

@@ -17,6 +17,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +31,54 @@ from hybrid_engine.kernels._triton import set_fast_launch  # noqa: E402
 def no_lean(*args) -> None:
     """Stands in for models.llama_jit.jit_prefill: the runner then runs LlamaModel.forward."""
     return None
+
+
+def request_phases(llm: LLM, ids: Any, sp: SamplingParams, rounds: int) -> dict[str, float]:
+    """Where a JIT request's time goes beyond its prefill step: each phase timed on the host (instance wrappers,
+    ~1 us each), interleaved round by round with a bare `prefill_step` on the request's own staged buffers (A/B in
+    one process). `pop_wait` is how long the host waits for the GPU after enqueueing everything."""
+    r, s = llm.runner, llm.stream_ctx
+    times: dict[str, list[float]] = defaultdict(list)
+
+    def timed(obj: Any, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                times[key].append((time.perf_counter() - t) * 1e3)
+        setattr(obj, name, wrapper)
+
+    for obj, name, key in ((llm, "_acquire", "acquire"), (r, "stage_request", "stage"),
+                           (r, "prefill_step", "prefill_step_enqueue"), (llm.reader, "push", "push"),
+                           (llm.reader, "pop", "pop_wait")):
+        timed(obj, name, key)
+    for rnd in range(rounds + 2):
+        t0 = time.perf_counter()
+        out = llm.generate(ids(), sp)[0]
+        wall = (time.perf_counter() - t0) * 1e3
+        with torch.cuda.stream(s), torch.inference_mode():  # the same step again on the buffers it just used
+            s.synchronize()
+            t1 = time.perf_counter()
+            type(r).prefill_step(r, len(out.prompt_token_ids))
+            t2 = time.perf_counter()
+            s.synchronize()
+            t3 = time.perf_counter()
+        times["generate_wall"].append(wall)
+        times["ttft"].append(out.metrics.ttft_s * 1e3)
+        times["bare_step_enqueue"].append((t2 - t1) * 1e3)
+        times["bare_step_wall"].append((t3 - t1) * 1e3)
+        if rnd < 2:  # discarded warm-up rounds
+            for v in times.values():
+                v.clear()
+    for obj in (llm, r, llm.reader):  # drop the wrappers
+        for name in ("_acquire", "stage_request", "prefill_step", "push", "pop"):
+            obj.__dict__.pop(name, None)
+    res = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    print("request phases (ms, p50):", json.dumps(res))
+    return res
 
 
 def main() -> None:
@@ -57,6 +106,7 @@ def main() -> None:
         llm.generate(ids(), sp)
         firsts.append((time.perf_counter() - t) * 1e3)
     r, s = llm.runner, llm.stream_ctx
+    phases = request_phases(llm, ids, sp, args.rounds)
     scratch = r.scratch_buffers()
     scratch.valid_len.fill_(args.length)
     # A/B in one process (host speed differs between processes and machines by up to 2x), interleaved round by
@@ -97,6 +147,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "length": args.length,
         "first_requests_ms": [round(x, 3) for x in firsts],
+        "request_phases_ms_p50": phases,
         "prefill_step_ms_p50": {v: {"enqueue": round(statistics.median(w[0] for w in ws), 3),
                                     "wall": round(statistics.median(w[1] for w in ws), 3)} for v, ws in walls.items()},
         "kernel_launches_per_step": round(launches / 3, 1),

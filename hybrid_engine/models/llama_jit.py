@@ -39,6 +39,16 @@ def _project(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor | None
         torch.addmm(bias, x, weight_kn, out=out)
 
 
+def _kn(proj: Any) -> torch.Tensor:
+    """`proj.weight.t()`, made once per weight tensor and kept on the module (a view: it follows in-place updates of
+    the weight; a replaced weight gets a new one). Saves a torch op (~2-6 us of host time) per projection."""
+    w = proj.weight
+    cached = proj.__dict__.get("_jit_kn")
+    if cached is None or cached[0] is not w:
+        cached = proj.__dict__["_jit_kn"] = (w, w.t())
+    return cached[1]
+
+
 def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor | None:
     """`model.forward(input_ids, positions, meta)` for a prefill with `meta.last_index` set (the last real row's
     pre-norm hidden state, [1, H]), or None where this path does not apply."""
@@ -81,13 +91,13 @@ def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, me
         if i > 0:
             in_norm({_NORM_WEIGHT: layer.input_layernorm} if i > 1 else None)
         p = layer.qkv_proj
-        _project(xn, p.weight_t if qkv_copy else p.weight.t(), p.bias, qkv2)
+        _project(xn, p.weight_t if qkv_copy else _kn(p), p.bias, qkv2)
         attention({_K_CACHE: layer.k_cache, _V_CACHE: layer.v_cache} if i else None)
-        _project(attn2, layer.o_proj.weight.t(), None, o)
+        _project(attn2, _kn(layer.o_proj), None, o)
         post_norm({_NORM_WEIGHT: layer.post_attention_layernorm} if i else None)
         p = layer.gate_up_proj
-        _project(xn, p.weight_t if gate_up_copy else p.weight.t(), None, gate_up)
+        _project(xn, p.weight_t if gate_up_copy else _kn(p), None, gate_up)
         silu_mul()
-        _project(act, layer.down_proj.weight.t(), None, h)
+        _project(act, _kn(layer.down_proj), None, h)
     x, res = layers[-1].forward(ops, h, res, positions, cos_sin, meta, last_row_only=True)
     return x + res

@@ -77,6 +77,20 @@ def test_jit_prefill_equals_forward_with_prefill_weight_copy(qkv_bias, monkeypat
         _compare(llm, n)
 
 
+def test_jit_prefill_follows_changed_weights():
+    """The loop keeps each projection's transposed view between steps: an in-place update of a weight and a weight
+    replaced by a new tensor both reach the next step (a stale view would make it differ from forward)."""
+    llm = _llm(False, "cpu", "float32")
+    _compare(llm, 7)  # the views are made here
+    layer = llm.model.layers[1]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.down_proj.weight.mul_(-1.5)
+        layer.o_proj.weight = torch.nn.Parameter(torch.randn(layer.o_proj.weight.shape, generator=g) * 0.08,
+                                                 requires_grad=False)
+    _compare(llm, 7)
+
+
 def test_jit_prefill_steps_aside():
     llm = _llm(False, "cpu", "float32")
     ids, pos, meta, blocks = _staged(llm, 5)
