@@ -1,6 +1,7 @@
-"""GPU time per kernel inside one prefill bucket's CUDA graph (llama-2-7b-shape): where a bucket's replay goes.
+"""GPU time per kernel inside one prefill bucket's CUDA graph, or the decode graph (llama-2-7b-shape): where a
+replay goes.
 
-    PYTHONPATH=. python3 benchmarks/bucket_profile.py [--length 200] [--json out.json]
+    PYTHONPATH=. python3 benchmarks/bucket_profile.py [--length 200] [--decode] [--json out.json]
 
 Captures every bucket (capture="eager"), stages one request of --length tokens, then profiles REPLAYS replays of
 that bucket's graph with CUPTI (kernels inside a graph are recorded one by one) and prints, per kernel name, the GPU
@@ -22,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_engine import LLM, SamplingParams  # noqa: E402
+from hybrid_engine.graphs import DECODE  # noqa: E402
 
 REPLAYS = 5
 
@@ -30,13 +32,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-2-7b-shape")
     p.add_argument("--length", type=int, default=200)
+    p.add_argument("--decode", action="store_true", help="profile the decode graph (after a --length prompt)")
     p.add_argument("--json")
     args = p.parse_args()
     llm = LLM(args.model, capture="eager")
     sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     llm.generate({"prompt_token_ids": list(range(3, 3 + args.length))}, sp)  # stages the bucket's inputs
-    bucket = llm.graphs.bucket_for(args.length)
-    graph = llm.graphs.graphs[bucket]
+    bucket = DECODE if args.decode else llm.graphs.bucket_for(args.length)
+    graph = llm.graphs.graphs[bucket]  # decode: each replay advances the position on the device (15 in all)
     walls = []
     with torch.cuda.stream(llm.stream_ctx):
         for _ in range(10):

@@ -18,6 +18,8 @@ import torch
 
 from hybrid_engine import LLM, SamplingParams
 
+from phases import PhaseTimer
+
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
@@ -48,7 +50,11 @@ def main() -> None:
         ttft = llm.generate({"prompt_token_ids": ids}, p)[0].metrics.ttft_s * 1e3
         return ttft, capturing or llm.stats()["capturing"]
 
-    first, _ = request()
+    with PhaseTimer(llm) as pt:  # where the first request's time goes, against a second JIT request at once
+        first, _ = request()
+        phases = {"first": pt.take()}
+        second, _ = request()  # before the worker's first idle window: the JIT path again
+        phases["second"] = pt.take()
     during, jit_only = [], []
     think = random.Random(0)
     quiet = llm.graphs.worker.quiet_s
@@ -62,6 +68,7 @@ def main() -> None:
     steady = [request()[0] for _ in range(args.steady_runs)]
     st = llm.stats()
     res = {"model": args.model, "prompt_len": args.length, "load_s": load_s, "first_request_ttft_ms": first,
+           "second_request_ttft_ms": second, "request_phases_ms": phases,
            "all_graphs_ready_after_load_s": ready_s - load_s, "ttft_while_capturing_ms": summary(during),
            "ttft_between_captures_ms": summary(jit_only), "ttft_steady_ms": summary(steady),
            "graphs_captured": st["graphs_captured"], "graphs_failed": st["graphs_failed"],

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hybrid_engine import LLM, SamplingParams  # noqa: E402
 import hybrid_engine.runner as runner_mod  # noqa: E402
 from hybrid_engine.kernels._triton import set_fast_launch  # noqa: E402
+from phases import PhaseTimer  # noqa: E402
 
 
 def no_lean(*args) -> None:
@@ -34,48 +35,31 @@ def no_lean(*args) -> None:
 
 
 def request_phases(llm: LLM, ids: Any, sp: SamplingParams, rounds: int) -> dict[str, float]:
-    """Where a JIT request's time goes beyond its prefill step: each phase timed on the host (instance wrappers,
-    ~1 us each), interleaved round by round with a bare `prefill_step` on the request's own staged buffers (A/B in
-    one process). `pop_wait` is how long the host waits for the GPU after enqueueing everything."""
+    """Where a JIT request's time goes beyond its prefill step (phases.PhaseTimer), interleaved round by round with
+    a bare `prefill_step` on the request's own staged buffers (A/B in one process)."""
     r, s = llm.runner, llm.stream_ctx
     times: dict[str, list[float]] = defaultdict(list)
-
-    def timed(obj: Any, name: str, key: str) -> None:
-        fn = getattr(obj, name)
-
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                times[key].append((time.perf_counter() - t) * 1e3)
-        setattr(obj, name, wrapper)
-
-    for obj, name, key in ((llm, "_acquire", "acquire"), (r, "stage_request", "stage"),
-                           (r, "prefill_step", "prefill_step_enqueue"), (llm.reader, "push", "push"),
-                           (llm.reader, "pop", "pop_wait")):
-        timed(obj, name, key)
-    for rnd in range(rounds + 2):
-        t0 = time.perf_counter()
-        out = llm.generate(ids(), sp)[0]
-        wall = (time.perf_counter() - t0) * 1e3
-        with torch.cuda.stream(s), torch.inference_mode():  # the same step again on the buffers it just used
-            s.synchronize()
-            t1 = time.perf_counter()
-            type(r).prefill_step(r, len(out.prompt_token_ids))
-            t2 = time.perf_counter()
-            s.synchronize()
-            t3 = time.perf_counter()
-        times["generate_wall"].append(wall)
-        times["ttft"].append(out.metrics.ttft_s * 1e3)
-        times["bare_step_enqueue"].append((t2 - t1) * 1e3)
-        times["bare_step_wall"].append((t3 - t1) * 1e3)
-        if rnd < 2:  # discarded warm-up rounds
-            for v in times.values():
-                v.clear()
-    for obj in (llm, r, llm.reader):  # drop the wrappers
-        for name in ("_acquire", "stage_request", "prefill_step", "push", "pop"):
-            obj.__dict__.pop(name, None)
+    with PhaseTimer(llm) as pt:
+        for rnd in range(rounds + 2):
+            t0 = time.perf_counter()
+            out = llm.generate(ids(), sp)[0]
+            wall = (time.perf_counter() - t0) * 1e3
+            phases = pt.take()
+            with torch.cuda.stream(s), torch.inference_mode():  # the same step again on the buffers it just used
+                s.synchronize()
+                t1 = time.perf_counter()
+                type(r).prefill_step(r, len(out.prompt_token_ids))
+                t2 = time.perf_counter()
+                s.synchronize()
+                t3 = time.perf_counter()
+            if rnd < 2:  # discarded warm-up rounds
+                continue
+            for k, v in phases.items():
+                times[k].append(v)
+            times["generate_wall"].append(wall)
+            times["ttft"].append(out.metrics.ttft_s * 1e3)
+            times["bare_step_enqueue"].append((t2 - t1) * 1e3)
+            times["bare_step_wall"].append((t3 - t1) * 1e3)
     res = {k: round(statistics.median(v), 3) for k, v in times.items()}
     print("request phases (ms, p50):", json.dumps(res))
     return res
