@@ -84,16 +84,54 @@ def bench_rope_store() -> None:
         print(f"rope+store_kv tokens={tokens}: unfused {a:.2f} us, fused {b:.2f} us")
 
 
+GATE_UP_SILU = [(1, 2048, 4, 1), (2, 2048, 4, 1), (2, 2048, 8, 1), (4, 2048, 4, 1), (4, 2048, 8, 1),
+                (2, 1024, 4, 1), (4, 1024, 4, 1), (8, 1024, 8, 1), (2, 4096, 8, 1), (8, 512, 4, 1)]
+
+
+def bench_gate_up_silu(n: int = 22016, k: int = 4096) -> dict:
+    """Gate/up GEMV + silu_mul kernel (today's decode) vs the GEMV with SiLU-mul in its epilogue, per config."""
+    from hybrid_engine.kernels.activation import silu_mul_triton
+
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(REPS)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    ref = gemv.linear_silu_mul_ref(x, ws[0]).float()
+    unfused = graph_us(lambda i: silu_mul_triton(gemv.linear(x, ws[i])))
+    fused = {}
+    for cfg in GATE_UP_SILU:
+        try:
+            err = (gemv.gemv_silu_triton(x, ws[0], cfg).float() - ref).abs().max().item()
+            if err > 4e-3 * max(1.0, ref.abs().max().item()):
+                print(f"  gate_up_silu {cfg}: WRONG err {err}")
+                continue
+            fused[cfg] = graph_us(lambda i, c=cfg: gemv.gemv_silu_triton(x, ws[i], c))
+        except Exception as e:  # noqa: BLE001 - a config may not compile (registers)
+            print(f"  gate_up_silu {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+    best = min(fused, key=fused.get)
+    print(f"gate_up + silu_mul: unfused {unfused:.2f} us (GEMV {gemv.GEMV_CONFIGS.get((n, k))} + silu_mul kernel), "
+          f"fused {fused[best]:.2f} us {best}")
+    for c, v in sorted(fused.items(), key=lambda kv: kv[1]):
+        print(f"           {str(c):>20} {v:8.2f} us")
+    print("GATE_UP_SILU_CONFIGS =", {(n, k): best if fused[best] < unfused * 0.99 else None})
+    return {"unfused_us": unfused, "fused_us": {str(c): v for c, v in fused.items()}, "best": best}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     p.add_argument("--rope", action="store_true", help="also time rope + store_kv vs the fused kernel")
     p.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    p.add_argument("--gate-up-silu", action="store_true", help="only: gate/up GEMV + silu_mul vs the fused epilogue")
     args = p.parse_args()
     configs = QUICK if args.quick else CONFIGS
     if args.rope:
         bench_rope_store()
+    if args.gate_up_silu:
+        res = bench_gate_up_silu()
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), **res}, indent=1,
+                                                  default=str))
+        return
     torch.manual_seed(0)
     dt = torch.float16
     results, table, silu_table = [], {}, {}

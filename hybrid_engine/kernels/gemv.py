@@ -6,7 +6,8 @@ Triton GEMV; several rows follow `gemm.config_for`, the measured plan per shape 
 the Triton GEMM, or cuBLAS on the weight's transposed copy); everything else (unknown shapes, fp32, CPU) goes to
 `gemm.linear_torch` (F.linear). `silu_mul_linear(h, weight)` = `linear(silu_mul(h), weight)` with the activation
 fused into the GEMV's input load (one kernel instead of two, and the [1, I] intermediate never goes through
-memory).
+memory); it measured slower and is not used. `linear_silu_mul(x, weight)` = `silu_mul(linear(x, weight))` for the
+fused gate/up weight, with the SiLU-mul in the GEMV's epilogue (each program owns matching gate and up rows).
 
 Each program owns BLOCK_N output rows and walks K in BLOCK_K chunks, keeping a [BLOCK_N, BLOCK_K] fp32 partial
 product in registers and reducing it once at the end; the weight loads are 16-byte vectors along K. No workspace,
@@ -37,6 +38,9 @@ GEMV_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
 # Measured slower than silu_mul kernel + Triton GEMV (down: fused 35.8 us vs 1.3 + 32.7): every program recomputes
 # silu over all of K and re-reads the [1, 2I] input from L2. Kept empty, so silu_mul_linear = the two kernels.
 SILU_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {}
+# (2I, K) of a fused gate/up weight -> (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV with SiLU-mul in its
+# epilogue (`linear_silu_mul`), or absent / None where gate/up GEMV + silu_mul kernel measured faster.
+GATE_UP_SILU_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {}
 DEFAULT_CONFIG = (4, 2048, 4, 1)  # what tests and linear_triton use when no table entry exists
 
 
@@ -94,6 +98,51 @@ def _gemv_kernel(X, W, B, OUT, WS, COUNT, N, K, stride_w, k_chunk, BLOCK_N: tl.c
                 total += tl.load(B + rows, mask=row_mask, other=0.0).to(tl.float32)
             tl.store(OUT + rows, total.to(OUT.dtype.element_ty), mask=row_mask)
             tl.atomic_xchg(COUNT + pid, 0)
+
+
+def linear_silu_mul_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 reference of `silu_mul(linear(x, weight))`: weight [2I, K] = gate rows then up rows -> [1, I]."""
+    h = x.float() @ weight.float().t()
+    i = h.shape[-1] // 2
+    return (F.silu(h[..., :i]) * h[..., i:]).to(x.dtype)
+
+
+def _gemv_silu_kernel(X, W, OUT, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row through a gate/up weight [2N, K] with SiLU-mul in the epilogue: each program computes BLOCK_N gate
+    rows and the same BLOCK_N up rows and stores silu(gate) * up. Each half is rounded to OUT's dtype first and the
+    SiLU is the silu_mul kernel's formula, so the result is what GEMV + silu_mul kernel give (one launch less, and
+    the [1, 2N] intermediate never goes through memory)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    g_ptrs = W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
+    u_ptrs = W + (rows + N).to(tl.int64)[:, None] * stride_w + cols[None, :]
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + cols
+        kmask = kk < K
+        x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        mask = row_mask[:, None] & kmask[None, :]
+        acc_g += tl.load(g_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * x
+        acc_u += tl.load(u_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * x
+    dtype = OUT.dtype.element_ty
+    gate = tl.sum(acc_g, axis=1).to(dtype).to(tl.float32)
+    up = tl.sum(acc_u, axis=1).to(dtype).to(tl.float32)
+    tl.store(OUT + rows, (gate / (1.0 + tl.exp(-gate)) * up).to(dtype), mask=row_mask)
+
+
+def gemv_silu_triton(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """silu_mul(x [1, K] @ weight[2I, K].T) -> [1, I] in x's dtype, one launch. weight rows contiguous."""
+    n2, k = weight.shape
+    assert x.numel() == k and n2 % 2 == 0, (x.shape, weight.shape)
+    block_n, block_k, num_warps, num_stages, *_ = config or DEFAULT_CONFIG
+    x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], n2 // 2), dtype=x.dtype, device=x.device)
+    launch(_gemv_silu_kernel, (cdiv(n2 // 2, block_n),), x, weight, out, n2 // 2, k, weight.stride(0),
+           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return out
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -162,6 +211,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if choice is not None:
         return gemm.gemm_triton(x, weight, bias, choice)
     return F.linear(x, weight, bias)
+
+
+def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """`silu_mul(linear(x, weight))` for a gate/up weight [2I, K] in one fused Triton kernel, for one row where
+    `GATE_UP_SILU_CONFIGS` has the shape; None elsewhere (the caller then runs its own linear and silu_mul)."""
+    if _gemv_ok(x, weight, None) and weight.shape[0] % 2 == 0:
+        config = GATE_UP_SILU_CONFIGS.get(tuple(weight.shape))
+        if config is not None:
+            return gemv_silu_triton(x, weight, config)
+    return None
 
 
 def silu_mul_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

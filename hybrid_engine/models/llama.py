@@ -150,8 +150,12 @@ class DecoderLayer(nn.Module):
                 attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
         x = ops.linear(attn.reshape(-1, a.q_size), self.o_proj.weight)
         x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
-        x = ops.linear(ops.silu_mul(ops.linear(x, self.gate_up_proj.weight, None, self.gate_up_proj.weight_t)),
-                       self.down_proj.weight)
+        gu = self.gate_up_proj
+        # fused for one row where it measured faster (kernels/gemv.py), else None
+        act = ops.linear_silu_mul(x, gu.weight) if ops.linear_silu_mul is not None else None
+        if act is None:
+            act = ops.silu_mul(ops.linear(x, gu.weight, None, gu.weight_t))
+        x = ops.linear(act, self.down_proj.weight)
         return x, residual
 
 

@@ -1,11 +1,15 @@
 """Triton GEMV (M=1 projections) vs the fp32 reference: odd sizes, bias, fused silu_mul, dispatch of `linear`."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from kernel_helpers import GPU, assert_close, assert_replays_like_ref, rand
 
 from hybrid_engine.kernels import gemv
-from hybrid_engine.kernels.gemv import gemv_triton, linear_ref, silu_mul_linear_ref
+from hybrid_engine.kernels.activation import silu_mul_ref
+from hybrid_engine.kernels.gemv import (gemv_silu_triton, gemv_triton, linear_ref, linear_silu_mul_ref,
+                                        silu_mul_linear_ref)
 
 CONFIGS = [(4, 32, 1, 1), (8, 64, 2, 1), (16, 16, 1, 2)]
 
@@ -31,6 +35,55 @@ def test_gemv_silu_mul(device_dtype, config, n, k):
     w = rand(n, k, dtype=dtype, device=device, seed=5, scale=0.2)
     out = gemv_triton(h, w, None, config, silu_mul=True)
     assert_close(out, silu_mul_linear_ref(h.float(), w.float()), dtype, "silu_mul gemv")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("i,k", [(1, 1), (13, 37), (20, 96), (7, 130)])
+def test_gemv_silu_epilogue(device_dtype, config, i, k):
+    """Gate/up GEMV with SiLU-mul in the epilogue: odd sizes, a last program with fewer rows than BLOCK_N; equal to
+    the unfused GEMV + SiLU-mul it replaces (same rounding of each half) up to fp32 rounding of the SiLU."""
+    device, dtype = device_dtype
+    x = rand(1, k, dtype=dtype, device=device, seed=6)
+    w = rand(2 * i, k, dtype=dtype, device=device, seed=7, scale=0.3)
+    out = gemv_silu_triton(x, w, config)
+    assert out.shape == (1, i) and out.dtype == dtype
+    assert_close(out, linear_silu_mul_ref(x.float(), w.float()), dtype, "gemv silu epilogue")
+    unfused = silu_mul_ref(gemv_triton(x, w, None, config).float()).to(dtype)
+    torch.testing.assert_close(out, unfused, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_silu_mul_dispatch(monkeypatch):
+    """The fused kernel runs only for a one-row CUDA fp16/bf16 input whose shape is in the table; elsewhere None,
+    and the model composes its own linear and silu_mul."""
+    x, w = torch.randn(1, 16), torch.randn(10, 16)
+    monkeypatch.setitem(gemv.GATE_UP_SILU_CONFIGS, (10, 16), gemv.DEFAULT_CONFIG)
+    assert gemv.linear_silu_mul(x, w) is None  # CPU
+    if torch.cuda.is_available():
+        xc, wc = x.cuda().half(), w.cuda().half()
+        assert gemv.linear_silu_mul(xc, wc) is not None
+        assert gemv.linear_silu_mul(xc.repeat(2, 1), wc) is None  # two rows
+        assert gemv.linear_silu_mul(xc, wc[:9]) is None  # odd row count: not a gate/up pair
+        monkeypatch.delitem(gemv.GATE_UP_SILU_CONFIGS, (10, 16))
+        assert gemv.linear_silu_mul(xc, wc) is None  # not in the table
+
+
+def test_model_takes_the_fused_gate_up_silu_only_where_it_applies():
+    """LlamaModel calls ops.linear_silu_mul for the MLP input; None keeps its own linear + silu_mul (same tokens),
+    a tensor is used as the activation (a decoy of zeros changes the tokens)."""
+    from hybrid_engine import LLM, SamplingParams
+
+    llm = LLM("tiny-llama", capture="off")
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def tokens():
+        return llm.generate({"prompt_token_ids": [5, 9, 14, 3, 7]}, sp)[0].outputs[0].token_ids
+
+    base, calls = tokens(), []
+    llm.model.ops = replace(llm.ops, linear_silu_mul=lambda x, w: calls.append(tuple(x.shape)) or None)
+    assert tokens() == base and (1, llm.model.args.hidden_size) in calls
+    zeros = lambda x, w: torch.zeros(*x.shape[:-1], w.shape[0] // 2, dtype=x.dtype)  # noqa: E731
+    llm.model.ops = replace(llm.ops, linear_silu_mul=zeros)
+    assert tokens() != base
 
 
 def test_gemv_weight_view_with_row_stride():
@@ -63,6 +116,24 @@ def test_linear_gpu_llama_shapes(n, k, dtype, monkeypatch):
     assert_close(gemv.linear(x, w), linear_ref(x, w).float(), dtype, "linear")
     assert_close(gemv.linear(x, w, b), linear_ref(x, w, b).float(), dtype, "linear+bias")
     assert_replays_like_ref(lambda: gemv.linear(x, w), x, lambda: linear_ref(x, w).float(), dtype, "linear in graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_silu_mul_gpu(dtype, monkeypatch):
+    """The LLaMA-2-7B gate/up shape: the fused kernel (table config or default) against the reference, against
+    the unfused GEMV + silu_mul it replaces, and in a graph."""
+    n, k = 22016, 4096
+    monkeypatch.setitem(gemv.GATE_UP_SILU_CONFIGS, (n, k),
+                        gemv.GATE_UP_SILU_CONFIGS.get((n, k)) or (2,) + gemv.DEFAULT_CONFIG[1:])
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+    ref = linear_silu_mul_ref(x, w).float()
+    assert_close(gemv.linear_silu_mul(x, w), ref, dtype, "linear_silu_mul")  # not None: in the table
+    unfused = silu_mul_ref(gemv.linear(x, w).float())  # GEMV + silu_mul: the same up to fp32 summation order
+    torch.testing.assert_close(gemv.linear_silu_mul(x, w).float(), unfused, rtol=2e-2, atol=2e-3)
+    assert_replays_like_ref(lambda: gemv.linear_silu_mul(x, w), x, lambda: ref, dtype, "linear_silu_mul in graph")
 
 
 @pytest.mark.gpu
