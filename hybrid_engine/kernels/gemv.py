@@ -40,7 +40,10 @@ GEMV_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
 SILU_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {}
 # (2I, K) of a fused gate/up weight -> (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV with SiLU-mul in its
 # epilogue (`linear_silu_mul`), or absent / None where gate/up GEMV + silu_mul kernel measured faster.
-GATE_UP_SILU_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {}
+GATE_UP_SILU_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
+    # H100 80GB HBM3, fp16, graph replay, weights rotated past L2 (us: fused vs gate/up GEMV + silu_mul kernel)
+    (22016, 4096): (2, 4096, 8, 1),   # 58.9 vs 61.0 (results/nvidia-h100-gate-up-silu-2026-11-27.json)
+}
 DEFAULT_CONFIG = (4, 2048, 4, 1)  # what tests and linear_triton use when no table entry exists
 
 
