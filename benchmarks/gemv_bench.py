@@ -115,6 +115,52 @@ def bench_gate_up_silu(n: int = 22016, k: int = 4096) -> dict:
     return {"unfused_us": unfused, "fused_us": {str(c): v for c, v in fused.items()}, "best": best}
 
 
+QKV_ROPE = [(1, 2048, 4, 1), (2, 2048, 4, 1), (2, 2048, 8, 1), (4, 2048, 4, 1), (4, 2048, 8, 1),
+            (2, 1024, 4, 1), (4, 1024, 4, 1), (2, 4096, 8, 1), (1, 4096, 4, 1), (8, 1024, 8, 1)]
+
+
+def bench_qkv_rope(heads: int = 32, head_dim: int = 128, k: int = 4096) -> dict:
+    """Decode QKV: GEMV + rope/KV-store kernel (today's decode) vs the GEMV with rope + KV writes in its epilogue."""
+    from hybrid_engine.kernels.rope import rope_store_kv_triton
+
+    n = 3 * heads * head_dim
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(REPS)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    d = head_dim
+    freqs = torch.outer(torch.arange(4096, dtype=torch.float), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).cuda()
+    kc = torch.zeros(256, 16, heads, d, device="cuda", dtype=torch.float16)
+    vc = torch.zeros_like(kc)
+    pos, slot = torch.tensor([100], device="cuda"), torch.tensor([100], device="cuda")
+
+    def unfused(i):
+        qkv = gemv.linear(x, ws[i]).view(1, 3 * heads, d)
+        rope_store_kv_triton(qkv[:, :heads], qkv[:, heads:2 * heads], qkv[:, 2 * heads:], pos, cos_sin, kc, vc, slot)
+
+    base = graph_us(unfused)
+    kr, vr = kc.clone(), vc.clone()
+    ref = gemv.linear_rope_store_ref(x, ws[0], None, pos, cos_sin, kr, vr, slot, heads, heads).float()
+    fused = {}
+    for cfg in QKV_ROPE:
+        try:
+            q = gemv.gemv_rope_store_triton(x, ws[0], None, pos, cos_sin, kc, vc, slot, heads, heads, cfg).float()
+            err = (q - ref).abs().max().item()
+            if err > 4e-3 * max(1.0, ref.abs().max().item()):
+                print(f"  qkv_rope {cfg}: WRONG err {err}")
+                continue
+            fused[cfg] = graph_us(lambda i, c=cfg: gemv.gemv_rope_store_triton(x, ws[i], None, pos, cos_sin, kc, vc,
+                                                                                slot, heads, heads, c))
+        except Exception as e:  # noqa: BLE001 - a config may not compile (registers)
+            print(f"  qkv_rope {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+    best = min(fused, key=fused.get)
+    print(f"qkv + rope/KV store: unfused {base:.2f} us (GEMV {gemv.GEMV_CONFIGS.get((n, k))} + rope_store kernel), "
+          f"fused {fused[best]:.2f} us {best}")
+    for c, v in sorted(fused.items(), key=lambda kv: kv[1]):
+        print(f"           {str(c):>20} {v:8.2f} us")
+    print("QKV_ROPE_CONFIGS =", {(n, k): best if fused[best] < base * 0.99 else None})
+    return {"unfused_us": base, "fused_us": {str(c): v for c, v in fused.items()}, "best": best}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
@@ -122,12 +168,13 @@ def main() -> None:
     p.add_argument("--rope", action="store_true", help="also time rope + store_kv vs the fused kernel")
     p.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     p.add_argument("--gate-up-silu", action="store_true", help="only: gate/up GEMV + silu_mul vs the fused epilogue")
+    p.add_argument("--qkv-rope", action="store_true", help="only: QKV GEMV + rope/KV store vs the fused epilogue")
     args = p.parse_args()
     configs = QUICK if args.quick else CONFIGS
     if args.rope:
         bench_rope_store()
-    if args.gate_up_silu:
-        res = bench_gate_up_silu()
+    if args.gate_up_silu or args.qkv_rope:
+        res = bench_gate_up_silu() if args.gate_up_silu else bench_qkv_rope()
         if args.json:
             Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), **res}, indent=1,
                                                   default=str))

@@ -29,6 +29,7 @@ for s in $stages; do
     tail) timeout 200 python3 benchmarks/ttft_tail.py --lengths ${TAIL_LENGTHS:-50,200} --runs ${TAIL_RUNS:-200} --out "$OUT/ttft_tail.json" 2>&1 | grep -v "Warn\|INFO";;
     bprof) timeout 150 python3 benchmarks/bucket_profile.py --length ${BPROF_LEN:-200} ${BPROF_ARGS:-} --json "$OUT/bucket_profile.json" 2>&1 | grep -v "Warn\|INFO" | tail -32;;
     gusilu) timeout 150 python3 benchmarks/gemv_bench.py --gate-up-silu --json "$OUT/gate_up_silu.json" 2>&1 | tail -16;;
+    qkvrope) timeout 150 python3 benchmarks/gemv_bench.py --qkv-rope --json "$OUT/qkv_rope.json" 2>&1 | tail -16;;
     pbench) timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/bench-gpu.json" 2>&1 | tail -30
           [ -f ci/baselines/gpu-llama-2-7b-shape.json ] && python3 ci/gate.py ci/baselines/gpu-llama-2-7b-shape.json \
             "$OUT/bench-gpu.json" --tolerance 0.10 --min-delta-ms 0.2 | tee "$OUT/gate.txt";;

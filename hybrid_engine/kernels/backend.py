@@ -55,6 +55,9 @@ class KernelOps:
     silu_mul_linear: Callable[..., Any] | None = None  # (gate_up_out, down_weight) -> linear(silu_mul(.), weight)
     linear_silu_mul: Callable[..., Any] | None = None  # (x, gate_up_weight) -> silu_mul(linear(.)), or None where
     # it does not apply (the model then composes linear and silu_mul)
+    # (x, qkv_weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads, num_kv_heads) -> rotated q of a
+    # decode token with k / v written to the cache, or None where it does not apply (the model composes the ops)
+    linear_rope_store: Callable[..., Any] | None = None
     # (q, k, v, positions, cos_sin, k_cache, v_cache, slots, scale, valid_len) -> prefill attention output, with
     # rope and the KV-cache writes in the same launch
     prefill_attention_rope: Callable[..., Any] | None = None
@@ -139,7 +142,7 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
     prefill = _prefill_for(backend, device)  # missing optional package -> OptionalDependencyError first
     _check_triton_usable(device, backend)
     from .activation import silu_mul_triton
-    from .gemv import linear, linear_silu_mul
+    from .gemv import linear, linear_rope_store, linear_silu_mul
     from .prefill_attention import prefill_attention_rope_triton
     from .decode_attention import decode_attention_triton
     from .kv_store import store_kv_triton
@@ -152,7 +155,7 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
         rms_norm=rms_norm_triton, rope=rope_triton, silu_mul=silu_mul_triton, store_kv=store_kv_triton,
         prefill_attention=prefill, decode_attention=decode_attention_triton, sample=sample_triton,
         linear=linear, rope_store_kv=rope_store_kv_triton,  # silu_mul_linear: measured slower, not set
-        linear_silu_mul=linear_silu_mul,
+        linear_silu_mul=linear_silu_mul, linear_rope_store=linear_rope_store,
         prefill_attention_rope=prefill_attention_rope_triton if backend == "triton" else None,
     )
 

@@ -44,6 +44,9 @@ GATE_UP_SILU_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
     # H100 80GB HBM3, fp16, graph replay, weights rotated past L2 (us: fused vs gate/up GEMV + silu_mul kernel)
     (22016, 4096): (2, 4096, 8, 1),   # 58.9 vs 61.0 (results/nvidia-h100-gate-up-silu-2026-11-27.json)
 }
+# (Hq + 2 Hkv) * D, K) of a fused QKV weight -> (BLOCK_J, BLOCK_K, num_warps, num_stages) of the GEMV with rope and
+# the KV-cache writes in its epilogue (`linear_rope_store`; BLOCK_J column pairs per program), or absent / None.
+QKV_ROPE_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {}
 DEFAULT_CONFIG = (4, 2048, 4, 1)  # what tests and linear_triton use when no table entry exists
 
 
@@ -148,6 +151,103 @@ def gemv_silu_triton(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, .
     return out
 
 
+def linear_rope_store_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+                          cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                          num_q_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Reference of the QKV projection + rope + KV-cache writes of one decode token: returns the rotated q [T, Hq, D]
+    and writes rotated k and v at `slots` (-1: no write). Built from the unfused references."""
+    from .kv_store import store_kv_ref
+    from .rope import rope_ref
+
+    head_dim = weight.shape[0] // (num_q_heads + 2 * num_kv_heads)
+    qkv = linear_ref(x, weight, bias).view(-1, num_q_heads + 2 * num_kv_heads, head_dim)
+    q, k, v = (t.clone() for t in qkv.split([num_q_heads, num_kv_heads, num_kv_heads], dim=1))
+    q, k = rope_ref(q, k, positions, cos_sin)
+    store_kv_ref(k, v, k_cache, v_cache, slots)
+    return q
+
+
+def _gemv_rope_store_kernel(X, W, B, Q_OUT, POS, CACHE, K_CACHE, V_CACHE, SLOTS, K, stride_w, stride_cache,
+                            stride_cb, stride_co, stride_ch, num_q_heads, num_kv_heads, HALF: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                            HAS_BIAS: tl.constexpr):
+    """One decode token through a QKV weight [(Hq + 2 Hkv) * 2 HALF, K] with rope and the KV-cache writes in the
+    epilogue: each program computes BLOCK_J column pairs (j, j + HALF) of one head, so it holds both rotary halves.
+    q heads are rotated into Q_OUT, k heads rotated and v heads as they are go to their cache slot (slot < 0: no
+    write). Each projected value is rounded to the output dtype first and rotated with the rope kernel's formula,
+    so the result is what GEMV + rope/KV-store kernel give, with one launch and no [1, N] intermediate."""
+    pid = tl.program_id(0)
+    head = pid // (HALF // BLOCK_J)
+    j = (pid % (HALF // BLOCK_J)) * BLOCK_J + tl.arange(0, BLOCK_J)
+    rows_a = head * (2 * HALF) + j
+    rows_b = rows_a + HALF
+    cols = tl.arange(0, BLOCK_K)
+    a_ptrs = W + rows_a.to(tl.int64)[:, None] * stride_w + cols[None, :]
+    b_ptrs = W + rows_b.to(tl.int64)[:, None] * stride_w + cols[None, :]
+    acc_a = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + cols
+        kmask = (kk < K)[None, :]
+        x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+        acc_a += tl.load(a_ptrs + k0, mask=kmask, other=0.0).to(tl.float32) * x
+        acc_b += tl.load(b_ptrs + k0, mask=kmask, other=0.0).to(tl.float32) * x
+    dtype = Q_OUT.dtype.element_ty
+    xa = tl.sum(acc_a, axis=1)
+    xb = tl.sum(acc_b, axis=1)
+    if HAS_BIAS:
+        xa += tl.load(B + rows_a).to(tl.float32)
+        xb += tl.load(B + rows_b).to(tl.float32)
+    xa = xa.to(dtype).to(tl.float32)
+    xb = xb.to(dtype).to(tl.float32)
+    pos = tl.load(POS).to(tl.int64)
+    cos = tl.load(CACHE + pos * stride_cache + j).to(tl.float32)
+    sin = tl.load(CACHE + pos * stride_cache + HALF + j).to(tl.float32)
+    # masks from per-lane copies of the program's head and slot (a scalar condition as a store mask is not portable)
+    head_j = tl.zeros([BLOCK_J], tl.int32) + head
+    is_v = head_j >= num_q_heads + num_kv_heads  # q and k heads are rotated; v heads are stored as projected
+    ra = tl.where(is_v, xa, xa * cos - xb * sin).to(dtype)
+    rb = tl.where(is_v, xb, xb * cos + xa * sin).to(dtype)
+    is_q = head_j < num_q_heads
+    q_at = Q_OUT + head * (2 * HALF) + j
+    tl.store(q_at, ra, mask=is_q)
+    tl.store(q_at + HALF, rb, mask=is_q)
+    slot = tl.load(SLOTS).to(tl.int64)
+    kv_head = tl.where(head >= num_q_heads + num_kv_heads, head - num_q_heads - num_kv_heads, head - num_q_heads)
+    at = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + kv_head * stride_ch + j
+    slot_ok = (tl.zeros([BLOCK_J], tl.int64) + slot) >= 0
+    k_mask = slot_ok & (head_j >= num_q_heads) & (head_j < num_q_heads + num_kv_heads)
+    v_mask = slot_ok & is_v
+    tl.store(K_CACHE + at, ra.to(K_CACHE.dtype.element_ty), mask=k_mask)
+    tl.store(K_CACHE + at + HALF, rb.to(K_CACHE.dtype.element_ty), mask=k_mask)
+    tl.store(V_CACHE + at, ra.to(V_CACHE.dtype.element_ty), mask=v_mask)
+    tl.store(V_CACHE + at + HALF, rb.to(V_CACHE.dtype.element_ty), mask=v_mask)
+
+
+def gemv_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+                           cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                           num_q_heads: int, num_kv_heads: int,
+                           config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """`linear_rope_store_ref` in one launch for one token (x [1, K]); returns q [1, Hq, D]. The whole head is
+    rotated (cos_sin has D columns); caches [blocks, block_size, Hkv, D] with equal strides."""
+    n, k = weight.shape
+    heads = num_q_heads + 2 * num_kv_heads
+    head_dim = n // heads
+    half = head_dim // 2
+    block_j, block_k, num_warps, num_stages, *_ = config or (2, 2048, 4, 1)
+    assert x.numel() == k and n == heads * head_dim and cos_sin.shape[-1] == head_dim == 2 * half, \
+        (x.shape, weight.shape, cos_sin.shape)
+    assert half % block_j == 0 and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    x = x.contiguous()
+    q = torch.empty((1, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
+    launch(_gemv_rope_store_kernel, (heads * (half // block_j),), x, weight, bias if bias is not None else weight,
+           q, positions, cos_sin, k_cache, v_cache, slots, k, weight.stride(0), cos_sin.stride(0),
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_q_heads, num_kv_heads, HALF=half,
+           BLOCK_SIZE=k_cache.shape[1], BLOCK_J=block_j, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+           num_warps=num_warps, num_stages=num_stages)
+    return q
+
+
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 config: tuple[int, int, int, int] | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [1, K] (or [1, 2K] with silu_mul) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype. weight contiguous."""
@@ -224,6 +324,27 @@ def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | Non
         if config is not None:
             return gemv_silu_triton(x, weight, config)
     return None
+
+
+def linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+                      cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                      num_q_heads: int, num_kv_heads: int) -> torch.Tensor | None:
+    """A decode token's QKV projection, rope and KV-cache writes in one Triton kernel, where `QKV_ROPE_CONFIGS` has
+    the shape and the layout allows (one row, whole-head rotary, contiguous cos/sin and caches); returns q
+    [1, Hq, D], or None (the caller then runs linear, rope and the KV store itself)."""
+    if not _gemv_ok(x, weight, bias) or x.shape[0] != 1:
+        return None
+    config = QKV_ROPE_CONFIGS.get(tuple(weight.shape))
+    heads = num_q_heads + 2 * num_kv_heads
+    if config is None or weight.shape[0] % heads:
+        return None
+    head_dim = weight.shape[0] // heads
+    if (cos_sin.shape[-1] != head_dim or head_dim % 2 or (head_dim // 2) % config[0] or cos_sin.stride(-1) != 1
+            or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or k_cache.dtype != x.dtype
+            or positions.numel() != 1 or slots.numel() != 1):
+        return None
+    return gemv_rope_store_triton(x, weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads,
+                                  num_kv_heads, config)
 
 
 def silu_mul_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -127,27 +127,18 @@ class DecoderLayer(nn.Module):
             residual, x = x, ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps)
         else:
             x, residual = ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps, residual)
-        p = self.qkv_proj
-        qkv = ops.linear(x, p.weight, p.bias, p.weight_t).view(-1, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
-        q, k, v = qkv.split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)  # [T, heads, D] views
-        scale = a.head_dim ** -0.5
-        if meta.is_prefill and not last_row_only and ops.prefill_attention_rope is not None:
-            # one launch: rope, KV-cache writes and causal attention
-            attn = ops.prefill_attention_rope(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
-                                              meta.slot_mapping, scale, meta.valid_len)
+        p, scale, q = self.qkv_proj, a.head_dim ** -0.5, None
+        if not meta.is_prefill and ops.linear_rope_store is not None:  # decode: QKV, rope and KV writes in one kernel
+            q = ops.linear_rope_store(x, p.weight, p.bias, positions, cos_sin, self.k_cache, self.v_cache,
+                                      meta.slot_mapping, a.num_heads, a.num_kv_heads)  # None where it does not apply
+        if q is not None:
+            attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
         else:
-            if ops.rope_store_kv is not None:  # one fused kernel where the backend has it
-                q, k = ops.rope_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
-            else:
-                q, k = ops.rope(q, k, positions, cos_sin)
-                ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            qkv = ops.linear(x, p.weight, p.bias, p.weight_t).view(-1, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
+            q, k, v = qkv.split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)  # [T, heads, D] views
+            attn = self._attend(ops, q, k, v, positions, cos_sin, meta, scale, last_row_only)
             if last_row_only:
-                q, residual = q.index_select(0, meta.last_index), residual.index_select(0, meta.last_index)
-                attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
-            elif meta.is_prefill:
-                attn = ops.prefill_attention(q, k, v, scale, meta.valid_len)
-            else:
-                attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
+                residual = residual.index_select(0, meta.last_index)
         x = ops.linear(attn.reshape(-1, a.q_size), self.o_proj.weight)
         x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
         gu = self.gate_up_proj
@@ -157,6 +148,24 @@ class DecoderLayer(nn.Module):
             act = ops.silu_mul(ops.linear(x, gu.weight, None, gu.weight_t))
         x = ops.linear(act, self.down_proj.weight)
         return x, residual
+
+    def _attend(self, ops: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                cos_sin: torch.Tensor, meta: AttentionMetadata, scale: float, last_row_only: bool) -> torch.Tensor:
+        """Rope, KV-cache writes and attention over the projected q, k, v (last_row_only: the last row's only)."""
+        if meta.is_prefill and not last_row_only and ops.prefill_attention_rope is not None:
+            # one launch: rope, KV-cache writes and causal attention
+            return ops.prefill_attention_rope(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
+                                              meta.slot_mapping, scale, meta.valid_len)
+        if ops.rope_store_kv is not None:  # one fused kernel where the backend has it
+            q, k = ops.rope_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            q, k = ops.rope(q, k, positions, cos_sin)
+            ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.is_prefill and not last_row_only:
+            return ops.prefill_attention(q, k, v, scale, meta.valid_len)
+        if last_row_only:
+            q = q.index_select(0, meta.last_index)
+        return ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
 
 
 class LlamaModel(nn.Module):

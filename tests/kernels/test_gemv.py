@@ -8,8 +8,8 @@ from kernel_helpers import GPU, assert_close, assert_replays_like_ref, rand
 
 from hybrid_engine.kernels import gemv
 from hybrid_engine.kernels.activation import silu_mul_ref
-from hybrid_engine.kernels.gemv import (gemv_silu_triton, gemv_triton, linear_ref, linear_silu_mul_ref,
-                                        silu_mul_linear_ref)
+from hybrid_engine.kernels.gemv import (gemv_rope_store_triton, gemv_silu_triton, gemv_triton, linear_ref,
+                                        linear_rope_store_ref, linear_silu_mul_ref, silu_mul_linear_ref)
 
 CONFIGS = [(4, 32, 1, 1), (8, 64, 2, 1), (16, 16, 1, 2)]
 
@@ -86,6 +86,82 @@ def test_model_takes_the_fused_gate_up_silu_only_where_it_applies():
     assert tokens() != base
 
 
+def _rope_case(device, dtype, hq, hkv, d, k, bias, slot, pos=5, seed=0):
+    """Inputs of one decode token's QKV + rope + KV store: (args, k_cache, v_cache) with NaN-filled caches."""
+    n = (hq + 2 * hkv) * d
+    x = rand(1, k, dtype=dtype, device=device, seed=seed + 1)
+    w = rand(n, k, dtype=dtype, device=device, seed=seed + 2, scale=0.2)
+    b = rand(n, dtype=dtype, device=device, seed=seed + 3) if bias else None
+    freqs = torch.outer(torch.arange(16, dtype=torch.float), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+    caches = [torch.full((3, 4, hkv, d), float("nan"), dtype=dtype, device=device) for _ in range(2)]
+    pos_t = torch.tensor([pos], device=device)
+    slot_t = torch.tensor([slot], device=device)
+    return (x, w, b, pos_t, cos_sin), caches, slot_t
+
+
+@pytest.mark.parametrize("config", [(1, 16, 1, 1), (2, 32, 2, 1), (4, 64, 1, 1)])
+@pytest.mark.parametrize("hq,hkv,d,k,bias", [(2, 1, 8, 37, False), (3, 3, 16, 20, True), (4, 2, 8, 130, True)])
+def test_gemv_rope_store(device_dtype, config, hq, hkv, d, k, bias):
+    """QKV GEMV with rope and the KV-cache writes in its epilogue (GQA, odd K, bias): q and every cache element
+    against the references; only the token's slot is written; slot -1 writes nothing."""
+    device, dtype = device_dtype
+    if (d // 2) % config[0]:
+        pytest.skip("BLOCK_J must divide the rotary half")
+    (x, w, b, pos, cos_sin), (kc, vc), slot = _rope_case(device, dtype, hq, hkv, d, k, bias, slot=6)
+    q = gemv_rope_store_triton(x, w, b, pos, cos_sin, kc, vc, slot, hq, hkv, config)
+    kr, vr = torch.full_like(kc, float("nan")).float(), torch.full_like(vc, float("nan")).float()
+    qr = linear_rope_store_ref(x.float(), w.float(), None if b is None else b.float(), pos, cos_sin, kr, vr,
+                               slot, hq, hkv)
+    assert q.shape == (1, hq, d) and q.dtype == dtype
+    assert_close(q, qr, dtype, "q")
+    block, off = divmod(6, 4)
+    for got, want in ((kc, kr), (vc, vr)):
+        assert_close(got[block, off], want[block, off], dtype, "cache slot")
+        rest = torch.ones(got.shape[:2], dtype=torch.bool)
+        rest[block, off] = False
+        assert got[rest].isnan().all()  # nothing else written
+    (x, w, b, pos, cos_sin), (kc, vc), slot = _rope_case(device, dtype, hq, hkv, d, k, bias, slot=-1)
+    gemv_rope_store_triton(x, w, b, pos, cos_sin, kc, vc, slot, hq, hkv, config)
+    assert kc.isnan().all() and vc.isnan().all()
+
+
+def test_linear_rope_store_dispatch(monkeypatch):
+    """None on the CPU, for several rows, off the table, or for partial rotary; the kernel otherwise (GPU)."""
+    (x, w, b, pos, cos_sin), (kc, vc), slot = _rope_case("cpu", torch.float32, 2, 1, 8, 16, False, slot=3)
+    monkeypatch.setitem(gemv.QKV_ROPE_CONFIGS, tuple(w.shape), (2, 16, 1, 1))
+    assert gemv.linear_rope_store(x, w, b, pos, cos_sin, kc, vc, slot, 2, 1) is None  # CPU
+    if not torch.cuda.is_available():
+        return
+    (x, w, b, pos, cos_sin), (kc, vc), slot = _rope_case("cuda", torch.float16, 2, 1, 8, 16, False, slot=3)
+    assert gemv.linear_rope_store(x, w, b, pos, cos_sin, kc, vc, slot, 2, 1) is not None
+    assert gemv.linear_rope_store(x.repeat(2, 1), w, b, pos, cos_sin, kc, vc, slot, 2, 1) is None
+    assert gemv.linear_rope_store(x, w, b, pos, cos_sin[:, :4].contiguous(), kc, vc, slot, 2, 1) is None
+    monkeypatch.delitem(gemv.QKV_ROPE_CONFIGS, tuple(w.shape))
+    assert gemv.linear_rope_store(x, w, b, pos, cos_sin, kc, vc, slot, 2, 1) is None
+
+
+def test_model_takes_the_fused_qkv_rope_only_in_decode():
+    """LlamaModel asks ops.linear_rope_store for decode steps only; None keeps its own ops (same tokens); a decoy q
+    of zeros that writes no KV changes them."""
+    from hybrid_engine import LLM, SamplingParams
+
+    llm = LLM("tiny-llama", capture="off")
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def tokens():
+        return llm.generate({"prompt_token_ids": [5, 9, 14, 3, 7]}, sp)[0].outputs[0].token_ids
+
+    base, calls = tokens(), []
+    llm.model.ops = replace(llm.ops, linear_rope_store=lambda x, *a: calls.append(tuple(x.shape)) or None)
+    assert tokens() == base
+    layers = len(llm.model.layers)
+    assert calls == [(1, llm.model.args.hidden_size)] * (7 * layers)  # 7 decode steps, no prefill
+    q_zeros = lambda x, w, b, pos, cs, kc, vc, slots, hq, hkv: torch.zeros(1, hq, kc.shape[-1])  # noqa: E731
+    llm.model.ops = replace(llm.ops, linear_rope_store=q_zeros)
+    assert tokens() != base
+
+
 def test_gemv_weight_view_with_row_stride():
     """A weight that is a row-slice view (stride(0) > K) still works."""
     big = torch.randn(10, 48)
@@ -135,6 +211,34 @@ def test_linear_silu_mul_gpu(dtype, monkeypatch):
     torch.testing.assert_close(gemv.linear_silu_mul(x, w).float(), unfused, rtol=2e-2, atol=2e-3)
     assert_replays_like_ref(lambda: gemv.linear_silu_mul(x, w), x, lambda: linear_silu_mul_ref(x, w).float(), dtype,
                             "linear_silu_mul in graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_rope_store_gpu(dtype, monkeypatch):
+    """The LLaMA-2-7B QKV shape (32 heads of 128): the fused kernel (table config or default) against the unfused
+    GEMV + rope/KV-store kernel it replaces, q and the cache slot, and in a graph."""
+    from hybrid_engine.kernels.rope import rope_store_kv_triton
+
+    n, k, hq = 12288, 4096, 32
+    monkeypatch.setitem(gemv.QKV_ROPE_CONFIGS, (n, k), gemv.QKV_ROPE_CONFIGS.get((n, k)) or (2, 2048, 4, 1))
+    (x, w, b, pos, cos_sin), (kc, vc), slot = _rope_case("cuda", dtype, hq, hq, 128, k, False, slot=7, pos=11)
+    w.mul_(0.1)
+    q = gemv.linear_rope_store(x, w, None, pos, cos_sin, kc, vc, slot, hq, hq)
+    kr, vr = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    qr = linear_rope_store_ref(x.float(), w.float(), None, pos, cos_sin, kr, vr, slot, hq, hq)
+    assert_close(q, qr, dtype, "q")
+    assert_close(kc[1, 3], kr[1, 3].float(), dtype, "k slot")
+    assert_close(vc[1, 3], vr[1, 3].float(), dtype, "v slot")
+    qkv = gemv.linear(x, w).view(1, 3 * hq, 128)  # unfused: GEMV, then rope + KV store
+    ku, vu = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    qu, _ = rope_store_kv_triton(qkv[:, :hq], qkv[:, hq:2 * hq], qkv[:, 2 * hq:], pos, cos_sin, ku, vu, slot)
+    torch.testing.assert_close(q.float(), qu.float(), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(kc[1, 3].float(), ku[1, 3].float(), rtol=2e-2, atol=2e-3)
+    assert_replays_like_ref(lambda: gemv.linear_rope_store(x, w, None, pos, cos_sin, kc, vc, slot, hq, hq), x,
+                            lambda: linear_rope_store_ref(x.float(), w.float(), None, pos, cos_sin, kr, vr, slot,
+                                                          hq, hq).float(), dtype, "linear_rope_store in graph")
 
 
 @pytest.mark.gpu
