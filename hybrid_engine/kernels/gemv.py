@@ -46,7 +46,10 @@ GATE_UP_SILU_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
 }
 # (Hq + 2 Hkv) * D, K) of a fused QKV weight -> (BLOCK_J, BLOCK_K, num_warps, num_stages) of the GEMV with rope and
 # the KV-cache writes in its epilogue (`linear_rope_store`; BLOCK_J column pairs per program), or absent / None.
-QKV_ROPE_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {}
+QKV_ROPE_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
+    # H100 80GB HBM3, fp16, graph replay, weights rotated past L2 (us: fused vs QKV GEMV + rope/KV-store kernel)
+    (12288, 4096): (2, 2048, 4, 1),   # 35.7 vs 37.7 (results/nvidia-h100-qkv-rope-2026-11-27.json)
+}
 DEFAULT_CONFIG = (4, 2048, 4, 1)  # what tests and linear_triton use when no table entry exists
 
 
