@@ -18,12 +18,8 @@ import torch
 
 from hybrid_engine import LLM, SamplingParams
 
-from phases import PhaseTimer
+from phases import PhaseTimer, pct
 
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
 def summary(xs: list[float]) -> dict:

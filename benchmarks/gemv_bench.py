@@ -84,6 +84,28 @@ def bench_rope_store() -> None:
         print(f"rope+store_kv tokens={tokens}: unfused {a:.2f} us, fused {b:.2f} us")
 
 
+def sweep_fused(what: str, table: str, key: tuple[int, int], configs: list[tuple[int, ...]], unfused_us: float,
+                unfused_desc: str, ref: torch.Tensor, run) -> dict:
+    """Time `run(i, cfg)` (call i reads weight copy i) per config after checking `run(0, cfg)` against `ref`; print
+    the ranking against the unfused pair and the table entry to paste (None unless 1% faster)."""
+    fused = {}
+    for cfg in configs:
+        try:
+            err = (run(0, cfg).float() - ref).abs().max().item()
+            if err > 4e-3 * max(1.0, ref.abs().max().item()):
+                print(f"  {what} {cfg}: WRONG err {err}")
+                continue
+            fused[cfg] = graph_us(lambda i, c=cfg: run(i, c))
+        except Exception as e:  # noqa: BLE001 - a config may not compile (registers)
+            print(f"  {what} {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+    best = min(fused, key=fused.get)
+    print(f"{what}: unfused {unfused_us:.2f} us ({unfused_desc}), fused {fused[best]:.2f} us {best}")
+    for c, v in sorted(fused.items(), key=lambda kv: kv[1]):
+        print(f"           {str(c):>20} {v:8.2f} us")
+    print(f"{table} =", {key: best if fused[best] < unfused_us * 0.99 else None})
+    return {"unfused_us": unfused_us, "fused_us": {str(c): v for c, v in fused.items()}, "best": best}
+
+
 GATE_UP_SILU = [(1, 2048, 4, 1), (2, 2048, 4, 1), (2, 2048, 8, 1), (4, 2048, 4, 1), (4, 2048, 8, 1),
                 (2, 1024, 4, 1), (4, 1024, 4, 1), (8, 1024, 8, 1), (2, 4096, 8, 1), (8, 512, 4, 1)]
 
@@ -94,25 +116,10 @@ def bench_gate_up_silu(n: int = 22016, k: int = 4096) -> dict:
 
     ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(REPS)]
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    ref = gemv.linear_silu_mul_ref(x, ws[0]).float()
     unfused = graph_us(lambda i: silu_mul_triton(gemv.linear(x, ws[i])))
-    fused = {}
-    for cfg in GATE_UP_SILU:
-        try:
-            err = (gemv.gemv_silu_triton(x, ws[0], cfg).float() - ref).abs().max().item()
-            if err > 4e-3 * max(1.0, ref.abs().max().item()):
-                print(f"  gate_up_silu {cfg}: WRONG err {err}")
-                continue
-            fused[cfg] = graph_us(lambda i, c=cfg: gemv.gemv_silu_triton(x, ws[i], c))
-        except Exception as e:  # noqa: BLE001 - a config may not compile (registers)
-            print(f"  gate_up_silu {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
-    best = min(fused, key=fused.get)
-    print(f"gate_up + silu_mul: unfused {unfused:.2f} us (GEMV {gemv.GEMV_CONFIGS.get((n, k))} + silu_mul kernel), "
-          f"fused {fused[best]:.2f} us {best}")
-    for c, v in sorted(fused.items(), key=lambda kv: kv[1]):
-        print(f"           {str(c):>20} {v:8.2f} us")
-    print("GATE_UP_SILU_CONFIGS =", {(n, k): best if fused[best] < unfused * 0.99 else None})
-    return {"unfused_us": unfused, "fused_us": {str(c): v for c, v in fused.items()}, "best": best}
+    return sweep_fused("gate_up + silu_mul", "GATE_UP_SILU_CONFIGS", (n, k), GATE_UP_SILU, unfused,
+                       f"GEMV {gemv.GEMV_CONFIGS.get((n, k))} + silu_mul kernel",
+                       gemv.linear_silu_mul_ref(x, ws[0]).float(), lambda i, c: gemv.gemv_silu_triton(x, ws[i], c))
 
 
 QKV_ROPE = [(1, 2048, 4, 1), (2, 2048, 4, 1), (2, 2048, 8, 1), (4, 2048, 4, 1), (4, 2048, 8, 1),
@@ -137,28 +144,11 @@ def bench_qkv_rope(heads: int = 32, head_dim: int = 128, k: int = 4096) -> dict:
         qkv = gemv.linear(x, ws[i]).view(1, 3 * heads, d)
         rope_store_kv_triton(qkv[:, :heads], qkv[:, heads:2 * heads], qkv[:, 2 * heads:], pos, cos_sin, kc, vc, slot)
 
-    base = graph_us(unfused)
-    kr, vr = kc.clone(), vc.clone()
-    ref = gemv.linear_rope_store_ref(x, ws[0], None, pos, cos_sin, kr, vr, slot, heads, heads).float()
-    fused = {}
-    for cfg in QKV_ROPE:
-        try:
-            q = gemv.gemv_rope_store_triton(x, ws[0], None, pos, cos_sin, kc, vc, slot, heads, heads, cfg).float()
-            err = (q - ref).abs().max().item()
-            if err > 4e-3 * max(1.0, ref.abs().max().item()):
-                print(f"  qkv_rope {cfg}: WRONG err {err}")
-                continue
-            fused[cfg] = graph_us(lambda i, c=cfg: gemv.gemv_rope_store_triton(x, ws[i], None, pos, cos_sin, kc, vc,
-                                                                                slot, heads, heads, c))
-        except Exception as e:  # noqa: BLE001 - a config may not compile (registers)
-            print(f"  qkv_rope {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
-    best = min(fused, key=fused.get)
-    print(f"qkv + rope/KV store: unfused {base:.2f} us (GEMV {gemv.GEMV_CONFIGS.get((n, k))} + rope_store kernel), "
-          f"fused {fused[best]:.2f} us {best}")
-    for c, v in sorted(fused.items(), key=lambda kv: kv[1]):
-        print(f"           {str(c):>20} {v:8.2f} us")
-    print("QKV_ROPE_CONFIGS =", {(n, k): best if fused[best] < base * 0.99 else None})
-    return {"unfused_us": base, "fused_us": {str(c): v for c, v in fused.items()}, "best": best}
+    ref = gemv.linear_rope_store_ref(x, ws[0], None, pos, cos_sin, kc.clone(), vc.clone(), slot, heads, heads)
+    return sweep_fused("qkv + rope/KV store", "QKV_ROPE_CONFIGS", (n, k), QKV_ROPE, graph_us(unfused),
+                       f"GEMV {gemv.GEMV_CONFIGS.get((n, k))} + rope_store kernel", ref.float(),
+                       lambda i, c: gemv.gemv_rope_store_triton(x, ws[i], None, pos, cos_sin, kc, vc, slot, heads,
+                                                                heads, c))
 
 
 def main() -> None:

@@ -63,3 +63,9 @@ class PhaseTimer:
                 if gpu:
                     self._events[1].record()
         return wrapper
+
+
+def pct(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 1]) of the samples; nan for none."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")

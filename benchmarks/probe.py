@@ -14,10 +14,7 @@ import torch
 
 from hybrid_engine import LLM, SamplingParams
 
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+from phases import pct
 
 
 def replay_ms(llm: LLM, graph_key: str = "decode", iters: int = 50) -> float:
