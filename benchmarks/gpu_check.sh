@@ -8,6 +8,14 @@ for s in $stages; do
   case $s in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
          python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" | tee -a "$OUT/env.txt";;
+    host) { for f in /proc/sys/kernel/numa_balancing /sys/kernel/mm/transparent_hugepage/enabled \
+               /sys/kernel/mm/transparent_hugepage/defrag /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor; do
+               echo "$f: $(cat $f 2>&1)"; done
+           echo "numa nodes: $(ls -d /sys/devices/system/node/node* 2>&1 | xargs -n1 basename | tr '\n' ' ')"
+           echo "gpu numa node: $(cat /sys/bus/pci/devices/$(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader | \
+               tr 'A-Z' 'a-z' | sed 's/^0000\(....\)/\1/')/numa_node 2>&1)"
+           echo "allowed cpus: $(grep Cpus_allowed_list /proc/self/status)"; nproc; which numactl taskset
+           lscpu | grep -i "model name\|numa\|socket\|thread"; } 2>&1 | tee "$OUT/host.txt";;
     ktests) timeout 250 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels 2>&1 | tail -15 | tee "$OUT/gpu_kernel_tests.txt";;
     tests) timeout 300 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt";;
     probe) timeout 250 python3 benchmarks/probe.py --out "$OUT/probe.json" 2>&1 | tail -60;;
@@ -27,6 +35,8 @@ for s in $stages; do
     hbench) timeout 300 python3 -m hybrid_engine.bench --model llama-2-7b-shape --systems hybrid --runs ${HBENCH_RUNS:-100} \
             --out-dir "$OUT/hybrid-runs${HBENCH_RUNS:-100}" 2>&1 | grep "^| hybrid\|^| system\|wrote";;  # the engine alone: p99 of 100 runs
     tail) timeout 200 python3 benchmarks/ttft_tail.py --lengths ${TAIL_LENGTHS:-50,200} --runs ${TAIL_RUNS:-200} --out "$OUT/ttft_tail.json" 2>&1 | grep -v "Warn\|INFO";;
+    ntail) timeout 200 python3 benchmarks/numa_exec.py -- python3 benchmarks/ttft_tail.py --lengths ${TAIL_LENGTHS:-50,200} \
+             --runs ${TAIL_RUNS:-200} --out "$OUT/ttft_tail_numa_preferred.json" 2>&1 | grep -v "Warn\|INFO";;
     bprof) timeout 150 python3 benchmarks/bucket_profile.py --length ${BPROF_LEN:-200} ${BPROF_ARGS:-} --json "$OUT/bucket_profile.json" 2>&1 | grep -v "Warn\|INFO" | tail -32;;
     gusilu) timeout 150 python3 benchmarks/gemv_bench.py --gate-up-silu --json "$OUT/gate_up_silu.json" 2>&1 | tail -16;;
     qkvrope) timeout 150 python3 benchmarks/gemv_bench.py --qkv-rope --json "$OUT/qkv_rope.json" 2>&1 | tail -16;;

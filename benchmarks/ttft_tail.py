@@ -7,7 +7,9 @@ back (fresh random prompts, max_tokens=1, as the benchmark's TTFT runs). Reports
 TTFT and of each phase, and the phases of the five slowest requests: a tail in `prefill_gpu` is the GPU's, a tail in
 `pop_wait` with a steady `prefill_gpu` is the host waking late, a tail in `stage` / `replay_enqueue` is the host
 being late before the launch. Per request also: the serving thread's CPU time and its involuntary / voluntary
-context switches (getrusage), and per length the host's steal time, to tell a preempted thread from a slow CPU.
+context switches, its system time and page faults (getrusage), and the kernel's NUMA-balancing / migration / THP
+counters (/proc/vmstat, system-wide), and per length the host's steal time: to tell a preempted thread, a thread
+stalled in the kernel (e.g. NUMA hinting faults) and a slow CPU apart.
 """
 from __future__ import annotations
 
@@ -31,6 +33,15 @@ def _steal_ticks() -> int:
         return int(f.readline().split()[8])
 
 
+def _vmstat(keys: tuple[str, ...] = ("numa_hint_faults", "numa_pages_migrated", "pgmigrate_success",
+                                     "thp_collapse_alloc", "compact_stall")) -> dict[str, int]:
+    """System-wide kernel counters that would explain a slow CPU burst: NUMA-balancing hinting faults and
+    migrations, THP collapses, compaction stalls (absent keys are skipped)."""
+    with open("/proc/vmstat") as f:
+        rows = dict(line.split() for line in f)
+    return {k: int(rows[k]) for k in keys if k in rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-2-7b-shape")
@@ -51,12 +62,17 @@ def main() -> None:
             steal0 = _steal_ticks()
             for i in range(args.runs + 3):
                 ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+                vm0 = _vmstat()
                 ru0, cpu0 = resource.getrusage(resource.RUSAGE_THREAD), time.thread_time()
                 out = llm.generate({"prompt_token_ids": ids}, sp)[0]
                 cpu1, ru1 = time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD)
+                vm1 = _vmstat()
                 row = {"i": i, "t_s": round(time.monotonic() - t_start, 3), "ttft": round(out.metrics.ttft_s * 1e3, 3),
                        **pt.take(), "thread_cpu": round((cpu1 - cpu0) * 1e3, 3),
-                       "invol_switches": ru1.ru_nivcsw - ru0.ru_nivcsw, "vol_switches": ru1.ru_nvcsw - ru0.ru_nvcsw}
+                       "invol_switches": ru1.ru_nivcsw - ru0.ru_nivcsw, "vol_switches": ru1.ru_nvcsw - ru0.ru_nvcsw,
+                       "sys_ms": round((ru1.ru_stime - ru0.ru_stime) * 1e3, 3),
+                       "minflt": ru1.ru_minflt - ru0.ru_minflt, "majflt": ru1.ru_majflt - ru0.ru_majflt,
+                       **{k: vm1[k] - vm0[k] for k in vm0}}
                 if i >= 3:  # three warm-up requests per length
                     rows.append(row)
             res.setdefault("host_steal_ticks", {})[str(n)] = _steal_ticks() - steal0
