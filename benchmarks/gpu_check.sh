@@ -38,6 +38,7 @@ for s in $stages; do
     ptail) timeout 120 python3 benchmarks/cpu_probe.py --cpus ${PROBE_CPUS:-0,5,10,15} --seconds ${PROBE_S:-75} --out "$OUT/cpu_probe.json" &
            sleep 2; timeout 200 python3 benchmarks/ttft_tail.py --lengths ${TAIL_LENGTHS:-50,200} --runs ${TAIL_RUNS:-200} \
              --out "$OUT/ttft_tail.json" 2>&1 | grep -v "Warn\|INFO\|slow:"; wait;;
+    hostpath) timeout 150 python3 benchmarks/host_path.py --length ${HP_LEN:-50} 2>&1 | grep -v "Warn\|INFO" | tee "$OUT/host_path.txt";;
     bprof) timeout 150 python3 benchmarks/bucket_profile.py --length ${BPROF_LEN:-200} ${BPROF_ARGS:-} --json "$OUT/bucket_profile.json" 2>&1 | grep -v "Warn\|INFO" | tail -32;;
     gusilu) timeout 150 python3 benchmarks/gemv_bench.py --gate-up-silu --json "$OUT/gate_up_silu.json" 2>&1 | tail -16;;
     qkvrope) timeout 150 python3 benchmarks/gemv_bench.py --qkv-rope --json "$OUT/qkv_rope.json" 2>&1 | tail -16;;

@@ -6,7 +6,6 @@ import logging
 import random
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -20,6 +19,7 @@ from .kv_cache import PagedKVCache, num_blocks_for
 from .models import loader
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamDelta
 from .runner import ModelRunner
+from .streams import stream_scope
 from .sampling_params import SamplingParams
 from .token_reader import TokenReader
 
@@ -71,7 +71,8 @@ class LLM:
         self.kv = PagedKVCache(self.model, n_blocks, cfg.block_size, self.max_model_len, self.dtype, self.device)
         self.stream_ctx = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.runner = ModelRunner(self.model, self.kv, self.ops, self.max_model_len, cfg.max_num_seqs, self.device)
-        self.reader = TokenReader(self.runner.buf.tokens, self.device)
+        self.scope = stream_scope(self.stream_ctx)  # the serving stream, current only around GPU work
+        self.reader = TokenReader(self.runner.buf.tokens, self.device, stream=self.stream_ctx)
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
         self._lock = threading.Lock()
         self._active: _Active | None = None
@@ -227,38 +228,41 @@ class LLM:
         t0 = time.perf_counter()
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         ttft, n_out = 0.0, 0
-        ctx = torch.cuda.stream(self.stream_ctx) if self.stream_ctx is not None else nullcontext()
-        with ctx, torch.inference_mode():
-            self.reader.reset()
-            self._count_path(self.runner.prefill(ids, active.blocks, params, seed))
+        scope = self.scope  # current only while enqueueing: a suspended stream leaves the thread's stream alone
+        self.reader.reset()
+        with scope:
+            path = self.runner.prefill(ids, active.blocks, params, seed)
             self.reader.push()
-            detok = IncrementalDetokenizer(self.tokenizer, ids)  # host work made while the GPU runs the prefill
-            stops = StopStringMatcher(params.stop)
-            enqueued = 1
-            lookahead = self.device.type == "cuda"  # on a CPU a step runs synchronously: read first, then step
-            while not active.cancelled:
-                if enqueued < params.max_tokens and (lookahead or n_out == enqueued):
-                    self._count_path(self.runner.decode())  # enqueue the next step before reading this one
+        self._count_path(path)
+        detok = IncrementalDetokenizer(self.tokenizer, ids)  # host work made while the GPU runs the prefill
+        stops = StopStringMatcher(params.stop)
+        enqueued = 1
+        lookahead = self.device.type == "cuda"  # on a CPU a step runs synchronously: read first, then step
+        while not active.cancelled:
+            if enqueued < params.max_tokens and (lookahead or n_out == enqueued):
+                with scope:  # enqueue the next step before reading this one
+                    path = self.runner.decode()
                     self.reader.push()
-                    enqueued += 1
-                tok = self.reader.pop()[0]
-                n_out += 1
-                if n_out == 1:
-                    ttft = time.perf_counter() - t0
-                finish, stop_reason = self._finish_reason(tok, n_out, params)
-                text = stops.feed(detok.step(tok))
-                if stops.matched is not None:
-                    finish, stop_reason = "stop", stops.matched
-                elif finish is not None:
-                    text += stops.flush()
-                if finish is None:
-                    yield StreamDelta(text, [tok])
-                    continue
-                e2e = time.perf_counter() - t0
-                tpot = (e2e - ttft) / (n_out - 1) if n_out > 1 else 0.0
-                yield StreamDelta(text, [tok], finish, RequestMetrics(ttft, tpot, e2e, len(ids), n_out),
-                                  stop_reason)
-                return
+                self._count_path(path)
+                enqueued += 1
+            tok = self.reader.pop()[0]
+            n_out += 1
+            if n_out == 1:
+                ttft = time.perf_counter() - t0
+            finish, stop_reason = self._finish_reason(tok, n_out, params)
+            text = stops.feed(detok.step(tok))
+            if stops.matched is not None:
+                finish, stop_reason = "stop", stops.matched
+            elif finish is not None:
+                text += stops.flush()
+            if finish is None:
+                yield StreamDelta(text, [tok])
+                continue
+            e2e = time.perf_counter() - t0
+            tpot = (e2e - ttft) / (n_out - 1) if n_out > 1 else 0.0
+            yield StreamDelta(text, [tok], finish, RequestMetrics(ttft, tpot, e2e, len(ids), n_out),
+                              stop_reason)
+            return
 
     def _finish_reason(self, tok: int, n_out: int, params: SamplingParams) -> tuple[str | None, int | None]:
         """(finish_reason, stop_reason) after the n_out-th token `tok`; (None, None) while generation goes on."""

@@ -62,6 +62,7 @@ class CaptureWorker:
         self.failed: dict[Any, str] = {}
         self.demand: Counter = Counter()
         self._busy = False
+        self._done = False  # set once nothing is pending or capturing (keys are fixed, failures never retried)
         self._stop = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -80,6 +81,10 @@ class CaptureWorker:
                 self._cond.notify_all()  # request's JIT path (host-bound); it reads the demand when idle
 
     def set_busy(self, busy: bool) -> None:
+        if self._done:  # every key captured or failed: nothing waits on the flag, so no lock or wake-up (on the
+            self._busy = busy  # request's critical path, twice per request)
+            self._last_busy = time.monotonic()
+            return
         with self._cond:
             self._busy = busy
             self._last_busy = time.monotonic()
@@ -178,7 +183,7 @@ class CaptureWorker:
             sys.setswitchinterval(switch)
             with self._cond:
                 self.capturing = None
-                done = not self.pending()
+                done = self._done = not self.pending()
                 self._cond.notify_all()
             if done:  # the graphs and what their captures made: frozen out of later collections (_gc.py)
                 _gc.freeze()

@@ -33,11 +33,11 @@ class BlockAllocator:
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if b not in self._used:
-                raise HybridEngineError(f"block {b} freed twice or never allocated")
-            self._used.remove(b)
-            self._free.append(b)
+        if not self._used.issuperset(blocks) or len(set(blocks)) != len(blocks):
+            bad = sorted({b for b in blocks if b not in self._used or blocks.count(b) > 1})
+            raise HybridEngineError(f"blocks {bad[:5]} freed twice or never allocated")
+        self._used.difference_update(blocks)
+        self._free.extend(blocks)
 
 
 class PagedKVCache:
@@ -64,11 +64,6 @@ class PagedKVCache:
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
-
-    def slot_mapping(self, block_table, positions):
-        """Flat cache slot of each position of a request whose blocks are `block_table` (1-D int64 tensors or
-        numpy arrays, both the same kind)."""
-        return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     @staticmethod
     def bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:

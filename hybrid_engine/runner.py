@@ -12,7 +12,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from .kv_cache import PagedKVCache
@@ -24,33 +23,45 @@ logger = logging.getLogger(__name__)
 
 
 _FIELDS = (  # name, shape (in terms of L = max_model_len, B = batch, M = max blocks per sequence), dtype
-    ("input_ids", "L", torch.int64), ("positions", "L", torch.int64), ("slot_mapping", "L", torch.int64),
-    ("valid_len", "1", torch.int32), ("tokens", "B", torch.int64), ("dec_positions", "B", torch.int64),
-    ("block_tables", "BM", torch.int32), ("temperature", "B", torch.float32), ("top_k", "B", torch.int32),
-    ("top_p", "B", torch.float32), ("seeds", "B", torch.int64), ("offsets", "B", torch.int64),
+    # staged from the host per request, in this order (input_ids last: a request copies only its first tokens' ids)
+    ("valid_len", "1", torch.int32), ("block_tables", "BM", torch.int32), ("temperature", "B", torch.float32),
+    ("top_k", "B", torch.int32), ("top_p", "B", torch.float32), ("seeds", "B", torch.int64),
+    ("offsets", "B", torch.int64), ("tokens", "B", torch.int64), ("dec_positions", "B", torch.int64),
+    ("input_ids", "L", torch.int64),
+    # written on the device only
+    ("positions", "L", torch.int64), ("slot_mapping", "L", torch.int64), ("dec_slots", "B", torch.int64),
+    ("seq_lens", "B", torch.int32),
 )
+_STAGED = "input_ids"  # the last staged field
 
 
 @dataclass(slots=True)
 class StepBuffers:
-    """Static inputs/outputs, all views into one byte buffer so a request is staged with a single H2D copy.
-
-    Prefill fields hold up to max_model_len tokens; decode fields one row per sequence.
+    """Static inputs/outputs, all views into one byte buffer so a request is staged with a single small H2D copy of
+    its leading bytes (`staged_bytes`). Prefill fields hold up to max_model_len tokens; decode fields one row per
+    sequence.
     """
 
     storage: torch.Tensor  # uint8, every field below is a view into it
-    input_ids: torch.Tensor  # [L] int64
-    positions: torch.Tensor  # [L] int64
-    slot_mapping: torch.Tensor  # [L] int64, -1 = padding
     valid_len: torch.Tensor  # [1] int32: real prompt length
-    tokens: torch.Tensor  # [B] int64: last sampled token = next decode input
-    dec_positions: torch.Tensor  # [B] int64: position of `tokens`
     block_tables: torch.Tensor  # [B, M] int32
     temperature: torch.Tensor  # [B] fp32
     top_k: torch.Tensor  # [B] int32
     top_p: torch.Tensor  # [B] fp32
     seeds: torch.Tensor  # [B] int64
     offsets: torch.Tensor  # [B] int64: sampling counter, advanced per step
+    tokens: torch.Tensor  # [B] int64: last sampled token = next decode input
+    dec_positions: torch.Tensor  # [B] int64: position of `tokens`
+    input_ids: torch.Tensor  # [L] int64
+    positions: torch.Tensor  # [L] int64: 0..L-1, set once
+    slot_mapping: torch.Tensor  # [L] int64: prefill tokens' cache slots, -1 = padding (computed in the step)
+    dec_slots: torch.Tensor  # [B] int64: decode tokens' cache slots (computed in the step)
+    seq_lens: torch.Tensor  # [B] int32: decode attention lengths (computed in the step)
+    ids_offset: int = 0  # byte offset of input_ids in storage
+
+    def staged_bytes(self, num_tokens: int) -> int:
+        """Bytes to copy for a request of num_tokens (padded) prompt tokens: every staged field."""
+        return self.ids_offset + num_tokens * self.input_ids.element_size()
 
     @classmethod
     def allocate(cls, max_len: int, batch: int, max_blocks: int, device: torch.device, pin: bool) -> "StepBuffers":
@@ -66,7 +77,8 @@ class StepBuffers:
         if pin:
             storage = storage.pin_memory()
         views = {name: storage[off:off + size].view(dtype).view(shape) for name, shape, dtype, off, size in layout}
-        return cls(storage=storage, **views)
+        offsets = {name: off for name, _, _, off, _ in layout}
+        return cls(storage=storage, **views, ids_offset=offsets[_STAGED])
 
 
 class ModelRunner:
@@ -80,40 +92,44 @@ class ModelRunner:
         self.block_size = kv.block_size
         pin = device.type == "cuda"
         self.buf = StepBuffers.allocate(max_model_len, max_num_seqs, kv.max_blocks_per_seq, device, pin=False)
+        self.buf.positions.copy_(torch.arange(max_model_len))  # never changes: positions 0..L-1
         self.host = StepBuffers.allocate(max_model_len, max_num_seqs, kv.max_blocks_per_seq, torch.device("cpu"),
                                          pin=pin)
-        self.host.positions.copy_(torch.arange(max_model_len))  # never changes: positions 0..L-1
         # numpy views of the pinned host fields: staging a request is a few numpy writes (~1 us each, a torch op on
-        # a small CPU tensor costs several), then one H2D copy
+        # a small CPU tensor costs several), then one H2D copy of the staged bytes (views per length made once)
         self._np = {name: getattr(self.host, name).numpy() for name, _, _ in _FIELDS}
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.graphs: Any = None  # graphs.GraphRunner, attached by the engine when capture != "off"
 
     # ---- host -> device staging (one request at a time, row 0) ----
     def stage_request(self, prompt_ids: list[int], block_table: list[int], params: SamplingParams, seed: int,
                       pad_to: int) -> None:
-        """Copy a request's inputs into the static buffers; slots past the prompt (bucket padding) get -1."""
+        """Copy a request's inputs into the static buffers: token ids (padding ids 0), block table, sampling
+        parameters. The step computes the cache slots on the device (padding slots -1)."""
         n, h = len(prompt_ids), self._np
         h["input_ids"][:n] = prompt_ids
         h["input_ids"][n:pad_to] = 0
-        table = np.asarray(block_table, dtype=np.int64)
-        h["slot_mapping"][:n] = self.kv.slot_mapping(table, h["positions"][:n])
-        h["slot_mapping"][n:pad_to] = -1
         h["valid_len"][0] = n
-        h["block_tables"][0] = 0
-        h["block_tables"][0, : len(table)] = table
+        table = h["block_tables"][0]
+        table[: len(block_table)] = block_table
+        table[len(block_table):] = 0
         h["temperature"][0] = params.temperature
         h["top_k"][0] = params.top_k
         h["top_p"][0] = params.top_p
         h["seeds"][0] = seed
         h["offsets"][0] = 0
-        self.buf.storage.copy_(self.host.storage, non_blocking=True)  # one copy for everything; stream-ordered
+        copy = self._copies.get(pad_to)
+        if copy is None:
+            size = self.host.staged_bytes(pad_to)
+            copy = self._copies[pad_to] = (self.buf.storage[:size], self.host.storage[:size])
+        copy[0].copy_(copy[1], non_blocking=True)  # one small copy, stream-ordered before the step
 
     def scratch_buffers(self) -> StepBuffers:
-        """Buffers for warm-up runs: same shapes as `buf`; KV writes go nowhere (slot -1) or to the scratch block."""
+        """Buffers for warm-up runs: same shapes as `buf`; every block-table entry is the scratch block, so the KV
+        writes of a warm-up step land there and nowhere else."""
         b = StepBuffers.allocate(self.max_model_len, self.buf.tokens.shape[0], self.kv.max_blocks_per_seq,
                                  self.device, pin=False)
         b.positions.copy_(torch.arange(self.max_model_len, device=self.device))
-        b.slot_mapping.fill_(-1)
         b.valid_len.fill_(1)
         b.block_tables.fill_(self.kv.scratch_block)
         return b
@@ -139,7 +155,8 @@ class ModelRunner:
     def prefill_step(self, length: int, buf: StepBuffers | None = None) -> None:
         """Prefill `length` staged tokens (exact or a padded bucket); sample the first token into buf.tokens."""
         b = buf or self.buf
-        meta = AttentionMetadata(is_prefill=True, slot_mapping=b.slot_mapping[:length], valid_len=b.valid_len,
+        slots = self.ops.prefill_slots(b.block_tables[0], b.valid_len, self.block_size, b.slot_mapping[:length])
+        meta = AttentionMetadata(is_prefill=True, slot_mapping=slots, valid_len=b.valid_len,
                                  block_tables=b.block_tables[:1], seq_lens=b.valid_len,
                                  last_index=(b.valid_len - 1).long())
         ids, pos = b.input_ids[:length], b.positions[:length]
@@ -150,13 +167,13 @@ class ModelRunner:
         b.dec_positions[:1].copy_(b.valid_len)
 
     def decode_step(self, buf: StepBuffers | None = None) -> None:
-        """One token per sequence: the KV slot is computed on the device from the position and block table."""
+        """One token per sequence: its KV slot and attention length are computed on the device from its position
+        and block table."""
         b = buf or self.buf
         pos = b.dec_positions
-        block = b.block_tables.gather(1, torch.div(pos, self.block_size, rounding_mode="floor").unsqueeze(1))
-        slots = block.squeeze(1).long() * self.block_size + pos % self.block_size
-        meta = AttentionMetadata(is_prefill=False, slot_mapping=slots, block_tables=b.block_tables,
-                                 seq_lens=(pos + 1).int())
+        self.ops.decode_slots(b.block_tables, pos, self.block_size, b.dec_slots, b.seq_lens)
+        meta = AttentionMetadata(is_prefill=False, slot_mapping=b.dec_slots, block_tables=b.block_tables,
+                                 seq_lens=b.seq_lens)
         hidden = self.model(b.tokens, pos, meta)
         self._sample_and_advance(b, self.model.compute_logits(hidden), rows=b.tokens.shape[0])
         pos.add_(1)
@@ -168,21 +185,22 @@ class ModelRunner:
         b.offsets[:rows].add_(1)
 
     # ---- dispatch: graph replay when ready, else the JIT path ----
-    @torch.inference_mode()
     def prefill(self, prompt_ids: list[int], block_table: list[int], params: SamplingParams, seed: int) -> str:
-        """Stage and prefill a prompt; replays the bucket's graph when captured. Returns "graph" or "jit"."""
+        """Stage and prefill a prompt; replays the bucket's graph when captured. Returns "graph" or "jit". Called with
+        the serving stream current; a replay needs no inference mode (no autograd-visible op runs)."""
         n = len(prompt_ids)
         bucket = self.graphs.ready_prefill_bucket(n) if self.graphs is not None else None
         self.stage_request(prompt_ids, block_table, params, seed, pad_to=bucket or n)
         if bucket is not None:
             self.graphs.replay_prefill(bucket)
             return "graph"
-        self.prefill_step(n)
+        with torch.inference_mode():
+            self.prefill_step(n)
         return "jit"
 
-    @torch.inference_mode()
     def decode(self) -> str:
         if self.graphs is not None and self.graphs.replay_decode():
             return "graph"
-        self.decode_step()
+        with torch.inference_mode():
+            self.decode_step()
         return "jit"

@@ -5,13 +5,17 @@ import torch
 
 
 class TokenReader:
-    """push() after each enqueued step copies the token buffer into a pinned slot and records an event;
-    pop() waits on that event only (never a device-wide synchronize) and returns the oldest tokens."""
+    """push() after each enqueued step copies the token buffer into a pinned slot and records an event on `stream`
+    (the serving stream: given, so that no current-stream lookup costs host time); pop() waits on that event only
+    (never a device-wide synchronize) and returns the oldest tokens, read through a numpy view of the pinned ring."""
 
-    def __init__(self, src: torch.Tensor, device: torch.device, depth: int = 4) -> None:
-        self.src, self.depth = src, depth
+    def __init__(self, src: torch.Tensor, device: torch.device, depth: int = 4,
+                 stream: torch.cuda.Stream | None = None) -> None:
+        self.src, self.depth, self.stream = src, depth, stream
         cuda = device.type == "cuda"
         self.ring = torch.zeros((depth, *src.shape), dtype=src.dtype, pin_memory=cuda)
+        self._slots = list(self.ring)  # views made once, not per push
+        self._host = self.ring.numpy()
         self.events = [torch.cuda.Event() for _ in range(depth)] if cuda else None
         self.head = self.tail = 0
 
@@ -22,9 +26,9 @@ class TokenReader:
         if self.head - self.tail >= self.depth:
             raise RuntimeError("TokenReader overrun: pop() before pushing more steps")
         slot = self.head % self.depth
-        self.ring[slot].copy_(self.src, non_blocking=True)
+        self._slots[slot].copy_(self.src, non_blocking=True)
         if self.events is not None:
-            self.events[slot].record()
+            self.events[slot].record(self.stream)
         self.head += 1
 
     def pop(self) -> list[int]:
@@ -32,4 +36,4 @@ class TokenReader:
         if self.events is not None:
             self.events[slot].synchronize()
         self.tail += 1
-        return self.ring[slot].tolist()
+        return self._host[slot].tolist()

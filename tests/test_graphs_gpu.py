@@ -100,3 +100,28 @@ def test_requests_during_background_captures_match_capture_off():
     print(f"{overlapped} of 30 requests started while a capture was open")
     llm.close()
     off.close()
+
+
+def test_serving_stream_is_current_only_while_enqueueing(engines):
+    """The engine makes its stream current around its GPU work only: the caller's stream is current again after a
+    request and while a stream of tokens is suspended between deltas, and StreamScope nests and restores."""
+    from hybrid_engine.streams import StreamScope
+
+    graph, _ = engines
+    mine = torch.cuda.Stream()
+    p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with torch.cuda.stream(mine):
+        graph.generate({"prompt_token_ids": [5, 6, 7]}, p)
+        assert torch.cuda.current_stream() == mine
+        it = graph.stream_deltas({"prompt_token_ids": [5, 6, 7]}, p)
+        next(it)
+        assert torch.cuda.current_stream() == mine  # suspended mid-request
+        list(it)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    scope = StreamScope(graph.stream_ctx)
+    with scope:
+        assert torch.cuda.current_stream() == graph.stream_ctx
+        with StreamScope(mine), scope:
+            assert torch.cuda.current_stream() == graph.stream_ctx
+        assert torch.cuda.current_stream() == graph.stream_ctx
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()

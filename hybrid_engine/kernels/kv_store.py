@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import launch, next_pow2
+from ._triton import cdiv, launch, next_pow2
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -45,3 +45,70 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_kv_heads, head_dim,
             BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h, BLOCK_D=block_d,
             num_warps=4 if block_h * block_d >= 2048 else 1)
+
+
+# --- Slot mapping on the device --------------------------------------------------------------------------------------
+# A prefill's tokens sit at positions 0..n-1 of one sequence (row 0 of the block tables); a decode token b at
+# dec_positions[b] of sequence b. Computing their flat slots inside the step (one launch, part of every graph) keeps the
+# host's staging to the token ids and the block table, and the H2D copy to a few KB.
+
+def prefill_slots_ref(block_table: torch.Tensor, valid_len: torch.Tensor, block_size: int,
+                      out: torch.Tensor) -> torch.Tensor:
+    """out[p] = block_table[p // block_size] * block_size + p % block_size for p < valid_len[0], else -1 (padding).
+    block_table: [max_blocks] int32, valid_len: [1] int32, out: [n] int64 (n = the bucket or the exact length)."""
+    pos = torch.arange(out.shape[0], device=out.device)
+    blocks = block_table.long()[(pos // block_size).clamp(max=block_table.shape[0] - 1)]
+    out.copy_(torch.where(pos < valid_len.long(), blocks * block_size + pos % block_size, -1))
+    return out
+
+
+def decode_slots_ref(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int, slots: torch.Tensor,
+                     seq_lens: torch.Tensor) -> None:
+    """Sequence b's token at positions[b]: slots[b] (int64) its flat cache slot, seq_lens[b] (int32) = positions[b]
+    + 1, the tokens attention reads. block_tables: [B, max_blocks] int32, positions: [B] int64."""
+    blocks = block_tables.long().gather(1, (positions // block_size).unsqueeze(1)).squeeze(1)
+    slots.copy_(blocks * block_size + positions % block_size)
+    seq_lens.copy_(positions + 1)
+
+
+def _slots_kernel(BT, stride_bt, POS, VALID, SLOTS, SEQ_LENS, n, BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = t < n
+    if DECODE:
+        pos = tl.load(POS + t, mask=live, other=0)
+        real = live
+        row = t.to(tl.int64)
+    else:
+        pos = t.to(tl.int64)
+        real = live & (t < tl.load(VALID))
+        row = t.to(tl.int64) * 0
+    block = tl.load(BT + row * stride_bt + pos // BLOCK_SIZE, mask=real, other=0).to(tl.int64)
+    tl.store(SLOTS + t, tl.where(real, block * BLOCK_SIZE + pos % BLOCK_SIZE, -1), mask=live)
+    if DECODE:
+        tl.store(SEQ_LENS + t, (pos + 1).to(tl.int32), mask=live)
+
+
+def _slots_block(n: int) -> int:
+    return min(1024, next_pow2(max(n, 16)))
+
+
+def prefill_slots_triton(block_table: torch.Tensor, valid_len: torch.Tensor, block_size: int,
+                         out: torch.Tensor) -> torch.Tensor:
+    """Triton version of `prefill_slots_ref` (one launch, no host read of valid_len)."""
+    n = out.shape[0]
+    if n > 0:
+        block = _slots_block(n)
+        launch(_slots_kernel, (cdiv(n, block),), block_table, 0, out, valid_len, out, out, n,
+               BLOCK_SIZE=block_size, DECODE=False, BLOCK=block, num_warps=4 if block >= 512 else 1)
+    return out
+
+
+def decode_slots_triton(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int, slots: torch.Tensor,
+                        seq_lens: torch.Tensor) -> None:
+    """Triton version of `decode_slots_ref` (one launch)."""
+    n = positions.shape[0]
+    if n > 0:
+        block = _slots_block(n)
+        launch(_slots_kernel, (cdiv(n, block),), block_tables, block_tables.stride(0), positions, slots, slots,
+               seq_lens, n, BLOCK_SIZE=block_size, DECODE=True, BLOCK=block, num_warps=1)

@@ -27,13 +27,15 @@ def _llm(qkv_bias: bool, device: str, dtype: str, backend: str = "triton", max_m
 
 
 def _staged(llm, n: int):
-    """Stage an n-token prompt in the runner's buffers; (ids, positions, meta, blocks) as prefill_step builds them."""
+    """Stage an n-token prompt in the runner's buffers; (ids, positions, meta, blocks) as prefill_step builds them
+    (its first launch computes the cache slots from the staged block table)."""
     r = llm.runner
     blocks = llm.kv.allocator.allocate(llm.kv.blocks_for(n + 1))
     ids = [(11 * i + 5) % 250 + 3 for i in range(n)]
     r.stage_request(ids, blocks, SamplingParams(max_tokens=1, temperature=0.0), 0, pad_to=n)
     b = r.buf
-    meta = AttentionMetadata(is_prefill=True, slot_mapping=b.slot_mapping[:n], valid_len=b.valid_len,
+    slots = r.ops.prefill_slots(b.block_tables[0], b.valid_len, r.block_size, b.slot_mapping[:n])
+    meta = AttentionMetadata(is_prefill=True, slot_mapping=slots, valid_len=b.valid_len,
                              block_tables=b.block_tables[:1], seq_lens=b.valid_len,
                              last_index=(b.valid_len - 1).long())
     return b.input_ids[:n], b.positions[:n], meta, blocks

@@ -1,9 +1,10 @@
 """KV store: each token to its flat slot, -1 writes nothing, every other slot untouched."""
 import pytest
 import torch
-from kernel_helpers import assert_close, rand
+from kernel_helpers import GPU, assert_close, rand
 
-from hybrid_engine.kernels.kv_store import store_kv_ref, store_kv_triton
+from hybrid_engine.kernels.kv_store import (decode_slots_ref, decode_slots_triton, prefill_slots_ref,
+                                            prefill_slots_triton, store_kv_ref, store_kv_triton)
 
 POISON = 123.0
 
@@ -42,3 +43,46 @@ def test_store_kv_int32_slots_and_views():
     store_kv_ref(k, v, kc, vc, slots)
     store_kv_triton(k, v, kc2, vc2, slots)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+# --- slot mapping on the device ---
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=GPU)]
+
+
+def _expected_slots(table: list[int], n: int, valid: int, block_size: int) -> list[int]:
+    """Plain-Python spelling of the mapping, independent of both implementations."""
+    return [table[p // block_size] * block_size + p % block_size if p < valid else -1 for p in range(n)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size,n,valid", [(16, 1, 1), (16, 37, 23), (16, 48, 48), (32, 7, 5), (8, 300, 291)])
+def test_prefill_slots(device, block_size, n, valid):
+    g = torch.Generator().manual_seed(n)
+    max_blocks = -(-n // block_size) + 2
+    table = torch.randperm(97, generator=g)[:max_blocks].to(torch.int32)
+    table[-(-valid // block_size):] = 0  # unallocated tail entries, as staged
+    want = _expected_slots(table.tolist(), n, valid, block_size)
+    valid_len = torch.tensor([valid], dtype=torch.int32)
+    ref = prefill_slots_ref(table, valid_len, block_size, torch.full((n,), -7, dtype=torch.int64))
+    assert ref.tolist() == want
+    out = torch.full((n + 3,), -7, dtype=torch.int64, device=device)  # a view of a longer buffer, as in the runner
+    prefill_slots_triton(table.to(device), valid_len.to(device), block_size, out[:n])
+    assert out[:n].tolist() == want
+    assert out[n:].tolist() == [-7] * 3  # nothing past the step's length is written
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,block_size", [(1, 16), (3, 16), (5, 32)])
+def test_decode_slots(device, batch, block_size):
+    g = torch.Generator().manual_seed(batch)
+    max_blocks = 9
+    tables = torch.randperm(200, generator=g)[: batch * max_blocks].view(batch, max_blocks).to(torch.int32)
+    positions = torch.randint(0, max_blocks * block_size, (batch,), generator=g)
+    want = [tables[b, p // block_size].item() * block_size + p % block_size for b, p in enumerate(positions.tolist())]
+    slots, seq_lens = torch.full((batch,), -7), torch.full((batch,), -7, dtype=torch.int32)
+    decode_slots_ref(tables, positions, block_size, slots, seq_lens)
+    assert slots.tolist() == want and seq_lens.tolist() == (positions + 1).tolist()
+    slots2 = torch.full((batch,), -7, device=device)
+    lens2 = torch.full((batch,), -7, dtype=torch.int32, device=device)
+    decode_slots_triton(tables.to(device), positions.to(device), block_size, slots2, lens2)
+    assert slots2.tolist() == want and lens2.tolist() == (positions + 1).tolist()

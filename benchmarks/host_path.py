@@ -1,0 +1,56 @@
+"""Line-level host time of a graph-replayed request (the TTFT critical path's host part), with line_profiler.
+
+    PYTHONPATH=. python3 benchmarks/host_path.py [--length 50] [--runs 300]
+
+Loads with capture="idle", waits for every capture, then sends `--runs` max_tokens=1 requests of `--length` tokens
+(fresh random ids) with the engine's serving-path functions under line_profiler, and prints, per function, the
+lines costing more than 1 us per hit. line_profiler adds ~0.3-1 us per line: compare lines, not totals.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+
+import torch
+
+from hybrid_engine import LLM, SamplingParams
+from hybrid_engine import engine, graphs, runner, token_reader
+
+
+def main() -> None:
+    from line_profiler import LineProfiler
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-2-7b-shape")
+    ap.add_argument("--length", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=300)
+    args = ap.parse_args()
+    llm = LLM(args.model, capture="idle")
+    llm.graphs.worker.wait_idle(timeout=120)
+    fns = [engine.LLM.generate, engine.LLM._prompt_ids, engine.LLM._acquire, engine.LLM._run, engine.LLM._collect,
+           engine.LLM._decode_loop, engine._Active.release, runner.ModelRunner.prefill,
+           runner.ModelRunner.stage_request, graphs.GraphRunner.ready_prefill_bucket, graphs.CaptureWorker.set_busy,
+           token_reader.TokenReader.push, token_reader.TokenReader.pop]
+    lp = LineProfiler(*fns)
+    g = torch.Generator().manual_seed(0)
+    sp = SamplingParams(max_tokens=1, temperature=0)
+    prompts = [{"prompt_token_ids": torch.randint(3, llm.model.args.vocab_size, (args.length,), generator=g).tolist()}
+               for _ in range(args.runs + 10)]
+    for p in prompts[:10]:
+        llm.generate(p, sp)
+    lp.enable()
+    for p in prompts[10:]:
+        llm.generate(p, sp)
+    lp.disable()
+    buf = io.StringIO()
+    lp.print_stats(stream=buf, output_unit=1e-6)
+    for line in buf.getvalue().splitlines():
+        cols = line.split()
+        if line.startswith(("Total time", "File:", "Function:")) or (
+                len(cols) > 4 and cols[0].isdigit() and cols[1].isdigit() and float(cols[3]) >= 1.0):
+            print(line[:150])
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
