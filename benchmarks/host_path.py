@@ -4,17 +4,22 @@
 
 Loads with capture="idle", waits for every capture, then sends `--runs` max_tokens=1 requests of `--length` tokens
 (fresh random ids) with the engine's serving-path functions under line_profiler, and prints, per function, the
-lines costing more than 1 us per hit. line_profiler adds ~0.3-1 us per line: compare lines, not totals.
+lines costing more than 1 us per hit. line_profiler adds ~0.3-1 us per line: compare lines, not totals. Then, without
+the profiler, the same requests with the critical path's CUDA calls through the driver (cuda_driver.py) and through
+torch, interleaved request by request: p50 / p99 of the engine's TTFT and of generate()'s wall time for each.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import time
 
 import torch
 
 from hybrid_engine import LLM, SamplingParams
-from hybrid_engine import engine, graphs, runner, token_reader
+from hybrid_engine import cuda_driver, engine, graphs, runner, token_reader
+
+from phases import pct
 
 
 def main() -> None:
@@ -49,6 +54,18 @@ def main() -> None:
         if line.startswith(("Total time", "File:", "Function:")) or (
                 len(cols) > 4 and cols[0].isdigit() and cols[1].isdigit() and float(cols[3]) >= 1.0):
             print(line[:150])
+    ab: dict[bool, dict[str, list[float]]] = {True: {"ttft": [], "wall": []}, False: {"ttft": [], "wall": []}}
+    for i, p in enumerate(prompts[10:] * 2):
+        on = i % 2 == 0
+        cuda_driver.set_enabled(on)
+        t = time.perf_counter()
+        out = llm.generate(p, sp)[0]
+        ab[on]["wall"].append((time.perf_counter() - t) * 1e3)
+        ab[on]["ttft"].append(out.metrics.ttft_s * 1e3)
+    cuda_driver.set_enabled(True)
+    for on, d in ab.items():
+        print(f"driver calls {'on ' if on else 'off'}:", {k: {"p50": round(pct(v, 0.5), 3), "p99": round(pct(v, 0.99), 3)}
+                                                       for k, v in d.items()})
     llm.close()
 
 

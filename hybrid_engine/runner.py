@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import cuda_driver
 from .kv_cache import PagedKVCache
 from .models.llama import AttentionMetadata, LlamaModel
 from .models.llama_jit import jit_prefill
@@ -122,7 +123,10 @@ class ModelRunner:
         if copy is None:
             size = self.host.staged_bytes(pad_to)
             copy = self._copies[pad_to] = (self.buf.storage[:size], self.host.storage[:size])
-        copy[0].copy_(copy[1], non_blocking=True)  # one small copy, stream-ordered before the step
+        if self.device.type == "cuda" and cuda_driver.available():  # one small copy, stream-ordered before the step
+            cuda_driver.copy_to_device(*copy)
+        else:
+            copy[0].copy_(copy[1], non_blocking=True)
 
     def scratch_buffers(self) -> StepBuffers:
         """Buffers for warm-up runs: same shapes as `buf`; every block-table entry is the scratch block, so the KV

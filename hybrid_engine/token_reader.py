@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from . import cuda_driver
+
 
 class TokenReader:
-    """push() after each enqueued step copies the token buffer into a pinned slot and records an event on `stream`
-    (the serving stream: given, so that no current-stream lookup costs host time); pop() waits on that event only
-    (never a device-wide synchronize) and returns the oldest tokens, read through a numpy view of the pinned ring."""
+    """push() after each enqueued step copies the token buffer into a pinned slot and records an event, on the
+    current stream (through the driver where cuda_driver.available(); else torch, recording on `stream`, the serving
+    stream, given so that no current-stream lookup costs host time); pop() waits on that event only (never a
+    device-wide synchronize) and returns the oldest tokens, read through a numpy view of the pinned ring."""
 
     def __init__(self, src: torch.Tensor, device: torch.device, depth: int = 4,
                  stream: torch.cuda.Stream | None = None) -> None:
@@ -26,9 +29,13 @@ class TokenReader:
         if self.head - self.tail >= self.depth:
             raise RuntimeError("TokenReader overrun: pop() before pushing more steps")
         slot = self.head % self.depth
-        self._slots[slot].copy_(self.src, non_blocking=True)
-        if self.events is not None:
-            self.events[slot].record(self.stream)
+        if self.events is not None and cuda_driver.available():
+            cuda_driver.copy_to_host(self._slots[slot], self.src)
+            cuda_driver.record(self.events[slot], self.src.device.index)
+        else:
+            self._slots[slot].copy_(self.src, non_blocking=True)
+            if self.events is not None:
+                self.events[slot].record(self.stream)
         self.head += 1
 
     def pop(self) -> list[int]:

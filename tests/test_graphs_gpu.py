@@ -125,3 +125,30 @@ def test_serving_stream_is_current_only_while_enqueueing(engines):
             assert torch.cuda.current_stream() == graph.stream_ctx
         assert torch.cuda.current_stream() == graph.stream_ctx
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
+def test_driver_calls_match_torch_calls_and_serve_from_a_fresh_thread(engines):
+    """The critical path's driver calls (cuda_driver.py: staging copy, graph launch, token copy and event) give the
+    same tokens as torch's calls, for graph replays and the JIT path, including on a thread that never touched CUDA
+    before (the driver needs the primary context made current there)."""
+    import threading
+
+    from hybrid_engine import cuda_driver
+
+    assert cuda_driver.available()
+    graph, off = engines
+    p = SamplingParams(max_tokens=12, temperature=0.8, top_k=50, seed=3, ignore_eos=True)
+    ids = [{"prompt_token_ids": torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()}
+           for n in (5, 31, 100)]  # two buckets and one past the largest (JIT)
+    want = [o.outputs[0].token_ids for o in off.generate(ids, p)]
+    prev = cuda_driver.set_enabled(False)
+    try:
+        torch_calls = [o.outputs[0].token_ids for o in graph.generate(ids, p)]
+    finally:
+        cuda_driver.set_enabled(prev)
+    driver_calls = [o.outputs[0].token_ids for o in graph.generate(ids, p)]
+    fresh: list = []
+    t = threading.Thread(target=lambda: fresh.extend(o.outputs[0].token_ids for o in graph.generate(ids, p)))
+    t.start()
+    t.join()
+    assert torch_calls == want and driver_calls == want and fresh == want
