@@ -3,9 +3,8 @@
     PYTHONPATH=. python3 benchmarks/jit_host_profile.py [--length 100] [--out DIR]
 
 Loads with capture="off" (the JIT path only), times `runner.prefill_step` wall-clock (host enqueue, then the GPU
-drains) at one length, A/B in one process: the lean JIT prefill loop (models/llama_jit.py), that with torch.mm
-instead of direct cublasGemmEx calls (kernels/cublas.py), LlamaModel.forward, and that without the Triton launch
-cache; and profiles three steps with torch.profiler CPU + CUDA activities: host time per op and
+drains) at one length, A/B in one process: the lean JIT prefill loop (models/llama_jit.py), LlamaModel.forward,
+and that without the Triton launch cache; and profiles three steps with torch.profiler CPU + CUDA activities: host time per op and
 kernel-launch API, launches per step, and how long the GPU idles waiting for the host. Also times the first request
 after load separately from a warm one, on fresh prompts, to split one-time costs from per-launch costs.
 """
@@ -26,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_engine import LLM, SamplingParams  # noqa: E402
 import hybrid_engine.runner as runner_mod  # noqa: E402
-from hybrid_engine.kernels import cublas  # noqa: E402
 from hybrid_engine.kernels._triton import set_fast_launch  # noqa: E402
 from phases import PhaseTimer  # noqa: E402
 
@@ -97,15 +95,13 @@ def main() -> None:
     scratch.valid_len.fill_(args.length)
     # A/B in one process (host speed differs between processes and machines by up to 2x), interleaved round by
     # round, two discarded rounds first: the lean JIT prefill loop, LlamaModel.forward, and that without the cache
-    variants = {"lean_loop": (True, runner_mod.jit_prefill, True),
-                "lean_loop_torch_mm": (True, runner_mod.jit_prefill, False),
-                "model_forward": (True, no_lean, True), "model_forward_no_launch_cache": (False, no_lean, True)}
+    variants = {"lean_loop": (True, runner_mod.jit_prefill), "model_forward": (True, no_lean),
+                "model_forward_no_launch_cache": (False, no_lean)}
     walls: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     with torch.cuda.stream(s), torch.inference_mode():
         for rnd in range(args.rounds + 2):
-            for name, (fast, lean, direct_cublas) in variants.items():
+            for name, (fast, lean) in variants.items():
                 set_fast_launch(fast)
-                cublas.set_enabled(direct_cublas)
                 runner_mod.jit_prefill = lean
                 s.synchronize()
                 t0 = time.perf_counter()
@@ -115,7 +111,6 @@ def main() -> None:
                 if rnd >= 2:
                     walls[name].append(((t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3))
         set_fast_launch(fast_default)
-        cublas.set_enabled(True)
         runner_mod.jit_prefill = variants["lean_loop"][1]
         from torch.profiler import ProfilerActivity, profile
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..kernels import cublas, gemm
+from ..kernels import gemm
 from ..kernels._triton import Launch, launch
 from ..kernels.activation import silu_mul_launch
 from ..kernels.prefill_attention import fused_applies, prefill_attention_rope_launch
@@ -31,13 +31,10 @@ _NORM_WEIGHT = 2
 _K_CACHE, _V_CACHE = 5, 6
 
 
-def _project(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-             blas: int | None) -> None:
-    """out = x @ weight_kn (+ bias), into `out`; weight_kn is W^T: the weight's transposed view or its copy. With
-    `blas` (cublas.handle()), a bias-free product is one direct cublasGemmEx call (torch.mm's kernel, less host)."""
+def _project(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = x @ weight_kn (+ bias), into `out`; weight_kn is W^T: the weight's transposed view or its copy."""
     if bias is None:
-        if blas is None or not cublas.mm_into(blas, x, weight_kn, out):
-            torch.mm(x, weight_kn, out=out)
+        torch.mm(x, weight_kn, out=out)
     else:
         torch.addmm(bias, x, weight_kn, out=out)
 
@@ -90,18 +87,17 @@ def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, me
     in_norm = Launch(*rms_norm_launch(h, res, layers[1].input_layernorm, xn, res, eps, True))
     # whether ops.linear reads the transposed copies at n rows: decided once per step (every layer has the same shapes)
     qkv_copy, gate_up_copy = (gemm.reads_copy(n, p.weight, p.weight_t) for p in (first.qkv_proj, first.gate_up_proj))
-    blas = cublas.handle(dtype) if device.type == "cuda" else None
     for i, layer in enumerate(layers[:-1]):
         if i > 0:
             in_norm({_NORM_WEIGHT: layer.input_layernorm} if i > 1 else None)
         p = layer.qkv_proj
-        _project(xn, p.weight_t if qkv_copy else _kn(p), p.bias, qkv2, blas)
+        _project(xn, p.weight_t if qkv_copy else _kn(p), p.bias, qkv2)
         attention({_K_CACHE: layer.k_cache, _V_CACHE: layer.v_cache} if i else None)
-        _project(attn2, _kn(layer.o_proj), None, o, blas)
+        _project(attn2, _kn(layer.o_proj), None, o)
         post_norm({_NORM_WEIGHT: layer.post_attention_layernorm} if i else None)
         p = layer.gate_up_proj
-        _project(xn, p.weight_t if gate_up_copy else _kn(p), None, gate_up, blas)
+        _project(xn, p.weight_t if gate_up_copy else _kn(p), None, gate_up)
         silu_mul()
-        _project(act, _kn(layer.down_proj), None, h, blas)
+        _project(act, _kn(layer.down_proj), None, h)
     x, res = layers[-1].forward(ops, h, res, positions, cos_sin, meta, last_row_only=True)
     return x + res
