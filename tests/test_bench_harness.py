@@ -95,6 +95,11 @@ def test_ratios_table_and_plot(tmp_path):
     md = paths["md"].read_text()
     assert "| hybrid | 5.00 / 6.00 |" in md and "3 MiB" in md and "timed out" in md and "(0.25×)" in md
     assert paths["png"].stat().st_size > 10_000
+    assert "¹" not in md  # no system kept partial results
+    res["systems"]["transformers_eager"]["error"] = "timed out after 170 s (--system-timeout); partial results kept"
+    partial = output.markdown(res)
+    assert "| transformers_eager ¹ | 20.00 / 24.00 |" in partial
+    assert "¹ transformers_eager: timed out after 170 s" in partial
     assert FORMAT_KEYS <= json.loads(paths["json"].read_text()).keys()
 
 

@@ -62,7 +62,7 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
         cells += [_pair(res.get("tpot_ms")), _pair(res.get("tpot_streamed_ms")),
                   f"{_ms(res.get('first_request_ttft_ms'), 1)} / {_ms(res.get('first_request_e2e_ms'), 0)}",
                   f"{res['graph_pool_bytes'] / 2**20:.0f} MiB" if "graph_pool_bytes" in res else "–"]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append(f"| {name}{' ¹' if res.get('error') else ''} | " + " | ".join(cells) + " |")
     rows.append("| floor | " + " | ".join([_ms(fl["ttft_ms"][n]) for n in lengths]
                                           + [_ms(fl["tpot_ms"])] * 2 + ["–", "–"]) + " |")
     ratio_cols = [f"TTFT L={n}" for n in lengths] + ["per token (a)"]
@@ -80,7 +80,9 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
     text_rows += [f"| {name} | " + " | ".join(_pair(res["ttft_text_ms"].get(n)) for n in lengths) + " |"
                   for name, res in results["systems"].items() if "ttft_text_ms" in res]
     plot = f"\n![TTFT and per-token latency vs prompt length]({plot_name})\n" if plot_name else ""
-    tables = ["\n".join(rows), "\n".join(ratio_rows), "\n".join(text_rows)]
+    notes = [f"¹ {name}: {res['error']}" for name, res in results["systems"].items()
+             if res.get("error") and "ttft_ms" in res]
+    tables = ["\n".join(rows) + "".join(f"\n\n{n}" for n in notes), "\n".join(ratio_rows), "\n".join(text_rows)]
     return head + "\n" + "\n\n".join(tables) + "\n" + plot
 
 
