@@ -23,7 +23,11 @@ from phases import pct
 
 
 def main() -> None:
-    from line_profiler import LineProfiler
+    try:
+        from line_profiler import LineProfiler
+    except ImportError:
+        raise SystemExit("host_path.py needs line_profiler (pip install line_profiler; on the GPU host, carry its "
+                         "wheel and install it to a --target on PYTHONPATH)") from None
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-2-7b-shape")
