@@ -172,3 +172,17 @@ def test_stop_reason_travels_with_the_last_delta(llm):
 def test_batch_size_above_one_is_rejected_clearly():
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineConfig(max_num_seqs=4)
+
+
+def test_block_allocator_rejects_a_bad_free_and_loses_nothing():
+    from hybrid_engine.errors import HybridEngineError
+    from hybrid_engine.kv_cache import BlockAllocator
+
+    a = BlockAllocator(6)
+    blocks = a.allocate(3)
+    for bad in ([blocks[0], blocks[0]], [blocks[1], 5], [99]):
+        with pytest.raises(HybridEngineError, match="freed twice or never allocated"):
+            a.free(bad)
+        assert a.num_free == 3  # nothing freed by a rejected call
+    a.free(blocks)
+    assert a.num_free == 6 and sorted(a.allocate(6)) == list(range(6))

@@ -153,3 +153,38 @@ def test_model_forward_calls_the_hook_after_each_layer():
     assert len(calls) == 3 * 2  # prefill + one decode step, 3 layers each
     llm.generate({"prompt_token_ids": [5, 6, 7]}, sp)
     assert len(calls) == 6  # removed on exit
+
+
+def test_set_busy_takes_no_lock_once_every_key_is_done():
+    """After the last capture (or failure) set_busy only flips the flags: no lock, no wake-up, on the request's
+    critical path. Before that it wakes the worker when a request ends with work left."""
+    w, done = _worker(fail=(64,))
+    w.run_one(DECODE)
+
+    class CountingCondition:
+        def __init__(self, cond):
+            self.cond, self.entered, self.notified = cond, 0, 0
+
+        def __enter__(self):
+            self.entered += 1
+            return self.cond.__enter__()
+
+        def __exit__(self, *exc):
+            return self.cond.__exit__(*exc)
+
+        def notify_all(self):
+            self.notified += 1
+            self.cond.notify_all()
+
+    counting = w._cond = CountingCondition(w._cond)
+    w.set_busy(True)
+    w.set_busy(False)
+    assert counting.entered == 2 and counting.notified == 1  # work left: the worker is woken
+    w.run_all()
+    entered, notified = counting.entered, counting.notified
+    w.set_busy(True)
+    assert w._busy
+    w.set_busy(False)
+    assert not w._busy and w._last_busy > 0
+    assert (counting.entered, counting.notified) == (entered, notified)
+    assert done == [DECODE, 16, 32, 128] and 64 in w.failed
