@@ -10,7 +10,8 @@ import torch
 
 
 class StreamScope:
-    """`with scope:` makes `stream` current (and its device) on this thread; nests; restores both on exit."""
+    """`with scope:` makes `stream` current (and its device) on this thread; nests; restores both on exit. One
+    thread at a time per scope object (the engine uses its scope only while holding its request lock)."""
 
     __slots__ = ("stream", "_ids", "_saved")
 
