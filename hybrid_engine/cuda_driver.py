@@ -89,17 +89,19 @@ def _stream(device_index: int) -> int:
 def copy_to_device(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src, non_blocking=True) for a pinned contiguous host `src` and a contiguous device `dst` of equal
     size, on the current stream."""
-    nbytes = src.numel() * src.element_size()
-    stream = _stream(dst.device.index)
-    _check(_lib().cuMemcpyHtoDAsync_v2(dst.data_ptr(), src.data_ptr(), nbytes, stream), "cuMemcpyHtoDAsync")
+    _copy("cuMemcpyHtoDAsync_v2", dst, src, dst.device.index)
 
 
 def copy_to_host(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src, non_blocking=True) for a contiguous device `src` and a pinned contiguous host `dst` of equal
     size, on the current stream."""
+    _copy("cuMemcpyDtoHAsync_v2", dst, src, src.device.index)
+
+
+def _copy(name: str, dst: torch.Tensor, src: torch.Tensor, device_index: int) -> None:
     nbytes = src.numel() * src.element_size()
-    stream = _stream(src.device.index)
-    _check(_lib().cuMemcpyDtoHAsync_v2(dst.data_ptr(), src.data_ptr(), nbytes, stream), "cuMemcpyDtoHAsync")
+    stream = _stream(device_index)
+    _check(getattr(_lib(), name)(dst.data_ptr(), src.data_ptr(), nbytes, stream), name)
 
 
 def record(event: torch.cuda.Event, device_index: int) -> None:

@@ -4,6 +4,7 @@ measured (it builds Stream objects under device guards), and a request pays it o
 does the same through torch's C bindings in a few microseconds, restoring the previous stream and device on exit."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -33,18 +34,6 @@ class StreamScope:
             torch._C._cuda_setDevice(device)
 
 
-class NoStream:
-    """StreamScope's stand-in on the CPU."""
-
-    __slots__ = ()
-    stream = None
-
-    def __enter__(self) -> "NoStream":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def stream_scope(stream: torch.cuda.Stream | None) -> StreamScope | NoStream:
-    return StreamScope(stream) if stream is not None else NoStream()
+def stream_scope(stream: torch.cuda.Stream | None) -> StreamScope | nullcontext:
+    """StreamScope for `stream`; on the CPU (no stream) a reusable no-op context."""
+    return StreamScope(stream) if stream is not None else nullcontext()
