@@ -24,8 +24,10 @@ class EngineConfig:
     device: "auto" = cuda when available.
     max_model_len: longest prompt + generation; None = min(checkpoint's max positions, 4096).
     block_size: tokens per KV-cache block.
-    num_kv_blocks: fixed block count; None = sized from free GPU memory (gpu_memory_utilization) or, on CPU,
-        enough for max_model_len * max_num_seqs.
+    num_kv_blocks: fixed block count (at least one max_model_len request's); None = sized from free GPU memory
+        (gpu_memory_utilization) or, on CPU, max_num_seqs full requests within 1 GiB. Blocks are taken as sequences
+        grow; when they run out the newest sequence is preempted and recomputed later.
+    max_num_seqs: most sequences decoded together (batch rows; decode graphs for 1, 2, 4, ... up to it).
     attention_backend: "auto" = triton on GPU, torch on CPU.
     capture: CUDA-graph policy: "idle" (background worker, idle windows), "eager" (capture before serving), "off".
     prefill_buckets: prompt-length buckets that get a prefill graph.
@@ -43,7 +45,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.85
-    max_num_seqs: int = 1  # batch size; only 1 for now
+    max_num_seqs: int = 32
     attention_backend: str = "auto"
     capture: str = "idle"
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
@@ -65,8 +67,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks!r} must be a positive int or None")
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r} must be in [0.05, 0.99]")
-        if self.max_num_seqs != 1:  # the buffers and decode graph have a batch axis; the scheduler does not yet
-            raise ValueError(f"max_num_seqs={self.max_num_seqs!r} is not supported yet; only 1 (batch size 1)")
+        if not (isinstance(self.max_num_seqs, int) and not isinstance(self.max_num_seqs, bool)
+                and 1 <= self.max_num_seqs <= 256):
+            raise ValueError(f"max_num_seqs={self.max_num_seqs!r} must be an int in [1, 256]")
         buckets = tuple(int(b) for b in self.prefill_buckets)
         if any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"prefill_buckets={self.prefill_buckets!r} must be strictly increasing positive ints")

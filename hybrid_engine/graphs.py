@@ -1,7 +1,8 @@
 """CUDA graphs for the static parts of a step, captured by a background worker while the engine serves.
 
 `CaptureWorker` decides what to capture and when (device-independent, unit-tested on the CPU); `GraphRunner` owns
-the CUDA graphs: one decode graph (batch 1) and one prefill graph per length bucket, all in one memory pool.
+the CUDA graphs: one decode graph per batch bucket (key ("decode", rows)) and one prefill graph per length bucket,
+all in one memory pool.
 
 Rules from DESIGN.md that this module and the serving path obey while a capture may be running:
 - capture with capture_error_mode="thread_local" on the worker's own stream, via CUDAGraph.capture_begin/end
@@ -33,6 +34,19 @@ from .models.llama import between_layers
 logger = logging.getLogger(__name__)
 
 DECODE = "decode"
+
+
+def is_decode(key: Any) -> bool:
+    return isinstance(key, tuple) and key[0] == DECODE
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    """Batch buckets that get a decode graph: powers of two up to max_num_seqs, and max_num_seqs itself."""
+    out, b = [], 1
+    while b < max_num_seqs:
+        out.append(b)
+        b *= 2
+    return out + [max_num_seqs]
 _LIVE_WORKERS: "weakref.WeakSet[CaptureWorker]" = weakref.WeakSet()
 
 
@@ -44,7 +58,8 @@ def _stop_workers_at_exit() -> None:
 
 
 class CaptureWorker:
-    """Schedules captures, one at a time: decode first, then prefill buckets by observed demand, then the ladder.
+    """Schedules captures, one at a time: decode buckets first, then prefill buckets by observed demand, then the
+    ladder.
 
     policy "idle": capture only while no request is in flight (a request arriving mid-capture is served at once;
     the capture in progress finishes). "eager": capture everything now, before serving. A failed capture is logged,
@@ -72,7 +87,7 @@ class CaptureWorker:
     def pending(self) -> list[Any]:
         """Keys not yet captured or failed, in capture order."""
         rest = [k for k in self.ladder if k not in self.captured and k not in self.failed]
-        return sorted(rest, key=lambda k: (k != DECODE, -self.demand[k], self.ladder.index(k)))
+        return sorted(rest, key=lambda k: (not is_decode(k), -self.demand[k], self.ladder.index(k)))
 
     def record_demand(self, key: Any) -> None:
         with self._cond:
@@ -195,6 +210,7 @@ class GraphRunner:
     def __init__(self, runner: Any, buckets: Iterable[int], policy: str, serve_stream: torch.cuda.Stream) -> None:
         self.runner = runner
         self.buckets = sorted(b for b in buckets if b <= runner.max_model_len)
+        self.decode_buckets = decode_buckets(runner.max_num_seqs)
         self.pool = torch.cuda.graph_pool_handle()
         self.all_pools = [self.pool]
         self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
@@ -204,16 +220,19 @@ class GraphRunner:
             self._device_index = torch.cuda.current_device()
         self.serve_stream = serve_stream
         self.capture_stream = torch.cuda.Stream(runner.device)
-        self.worker = CaptureWorker([DECODE, *self.buckets], self._capture, policy)
+        self.worker = CaptureWorker([*((DECODE, b) for b in self.decode_buckets), *self.buckets], self._capture,
+                                    policy)
         self.pool_bytes = 0
         self._scratch: Any = None  # warm-up buffers of the worker, made on its first capture
         self.fail_next_capture = False  # test hook: the next capture raises inside the capture
 
     def start(self) -> None:
-        """Decode graph at load for "idle" (every request needs it; ~0.1 s once kernels are warm), so the first
-        request never shares the GIL with its capture; prefill buckets then follow in the background."""
+        """Decode graphs at load for "idle" (every request needs them; ~0.1 s each once kernels are warm), so no
+        request shares the GIL with their capture and batches are graphed under sustained load, which has no idle
+        window; prefill buckets then follow in the background."""
         if self.worker.policy == "idle":
-            self.worker.run_one(DECODE)
+            for b in self.decode_buckets:
+                self.worker.run_one((DECODE, b))
         self.worker.start()
 
     def stop(self) -> None:
@@ -222,6 +241,15 @@ class GraphRunner:
     # -- serving side --
     def bucket_for(self, length: int) -> int | None:
         return next((b for b in self.buckets if b >= length), None)
+
+    def ready_decode_bucket(self, rows: int) -> int | None:
+        bucket = next((b for b in self.decode_buckets if b >= rows), None)
+        if bucket is None:
+            return None
+        if (DECODE, bucket) not in self.worker.captured:
+            self.worker.record_demand((DECODE, bucket))
+            return None
+        return bucket
 
     def ready_prefill_bucket(self, length: int) -> int | None:
         bucket = self.bucket_for(length)
@@ -235,11 +263,8 @@ class GraphRunner:
     def replay_prefill(self, bucket: int) -> None:
         self._replay(bucket)
 
-    def replay_decode(self) -> bool:
-        if DECODE not in self.worker.captured:
-            return False
-        self._replay(DECODE)
-        return True
+    def replay_decode(self, bucket: int) -> None:
+        self._replay((DECODE, bucket))
 
     def _replay(self, key: Any) -> None:
         """On the current stream: the graph's launch through the driver (cuda_driver.py: ~10 us less host time and
@@ -264,8 +289,8 @@ class GraphRunner:
 
     # -- worker side --
     def _step_fn(self, key: Any, buf: Any) -> Callable[[], None]:
-        if key == DECODE:
-            return lambda: self.runner.decode_step(buf)
+        if is_decode(key):
+            return lambda: self.runner.decode_step(key[1], buf)
         return lambda: self.runner.prefill_step(key, buf)
 
     @torch.inference_mode()
@@ -277,7 +302,7 @@ class GraphRunner:
             if self._scratch is None:
                 self._scratch = self.runner.scratch_buffers()
             scratch = self._scratch
-            scratch.valid_len.fill_(1 if key == DECODE else key)
+            scratch.valid_len.fill_(1 if is_decode(key) else key)
             self._step_fn(key, scratch)()
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()

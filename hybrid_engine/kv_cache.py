@@ -1,9 +1,8 @@
-"""Paged KV cache: one block pool shared by all layers, per-request block tables, flat slot mapping."""
+"""Paged KV cache: one block pool shared by all layers (which sequence holds which block: engine/block_manager.py)."""
 from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 
 import torch
 
@@ -11,33 +10,6 @@ from .errors import HybridEngineError
 from .models.llama import LlamaModel
 
 logger = logging.getLogger(__name__)
-
-
-class BlockAllocator:
-    """Hands out block ids; every id is either free or owned by exactly one request."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise HybridEngineError(f"KV cache full: {n} blocks wanted, {len(self._free)} free of {self.num_blocks}")
-        blocks = [self._free.popleft() for _ in range(n)]
-        self._used.update(blocks)
-        return blocks
-
-    def free(self, blocks: list[int]) -> None:
-        if not self._used.issuperset(blocks) or len(set(blocks)) != len(blocks):
-            bad = sorted({b for b in blocks if b not in self._used or blocks.count(b) > 1})
-            raise HybridEngineError(f"blocks {bad[:5]} freed twice or never allocated")
-        self._used.difference_update(blocks)
-        self._free.extend(blocks)
 
 
 class PagedKVCache:
@@ -53,7 +25,7 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.max_blocks_per_seq = self.blocks_for(max_model_len + 1)  # +1: the discarded look-ahead step
-        self.allocator = BlockAllocator(num_blocks)
+        self.num_blocks = num_blocks
         for i, layer in enumerate(model.layers):
             layer.k_cache, layer.v_cache = self.k[i], self.v[i]
         logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size, self.nbytes / 2**20)
@@ -73,15 +45,20 @@ class PagedKVCache:
 
 def num_blocks_for(model: LlamaModel, block_size: int, max_model_len: int, max_num_seqs: int,
                    dtype: torch.dtype, device: torch.device, utilization: float) -> int:
-    """CPU: room for max_num_seqs full-length requests. GPU: a fraction of the free memory (capped at 8x that)."""
+    """GPU: a fraction of the free memory (capped at room for max_num_seqs full-length requests). CPU: room for
+    max_num_seqs full-length requests within CPU_KV_BUDGET bytes, and at least one."""
     per_seq = math.ceil((max_model_len + 1) / block_size)
     needed = per_seq * max_num_seqs
+    per_block = PagedKVCache.bytes_per_block(model, block_size, dtype)
     if device.type != "cuda":
-        return needed
+        return max(per_seq, min(needed, CPU_KV_BUDGET // per_block))
     free, total = torch.cuda.mem_get_info(device)
     budget = free - (1 - utilization) * total
-    by_memory = int(budget // PagedKVCache.bytes_per_block(model, block_size, dtype))
+    by_memory = int(budget // per_block)
     if by_memory < per_seq:
         raise HybridEngineError(f"not enough GPU memory for one {max_model_len}-token request: {by_memory} blocks fit, "
                                 f"{per_seq} needed; lower max_model_len or raise gpu_memory_utilization")
-    return min(by_memory, 8 * needed)
+    return min(by_memory, needed)
+
+
+CPU_KV_BUDGET = 1 << 30  # blocks grow as sequences grow and preemption makes room: the CPU cache need not be full size

@@ -101,14 +101,20 @@ def test_abandoned_stream_frees_blocks(llm):
     it.close()
     assert _all_free(llm)
     it2 = llm.stream_deltas("left open", SamplingParams(max_tokens=50, ignore_eos=True))
-    next(it2)  # left open on this thread: the next request cancels it instead of deadlocking
+    first = next(it2)  # left open on this thread: the next request runs beside it, batched
     assert len(llm.generate("next", SamplingParams(max_tokens=4))[0].outputs[0].token_ids) <= 4
+    assert llm.stats()["requests_running"] == 1
+    rest = list(it2)
+    assert len(first.token_ids) + sum(len(d.token_ids) for d in rest) == 50
     assert _all_free(llm)
-    assert list(it2) == []
+    it3 = llm.stream_deltas("dropped", SamplingParams(max_tokens=50, ignore_eos=True))
+    next(it3)
+    del it3  # dropped without closing: cancelled, its blocks free
+    assert _all_free(llm)
 
 
 def test_failure_mid_request_frees_blocks(llm, monkeypatch):
-    def boom():
+    def boom(*args):
         raise RuntimeError("injected")
 
     monkeypatch.setattr(llm.runner, "decode_step", boom)
@@ -169,14 +175,20 @@ def test_stop_reason_travels_with_the_last_delta(llm):
     assert all(d.stop_reason is None for d in deltas[:-1])
 
 
-def test_batch_size_above_one_is_rejected_clearly():
+@pytest.mark.parametrize("bad", [0, -1, 257, 2.0, True])
+def test_bad_max_num_seqs_is_rejected_clearly(bad):
     with pytest.raises(ValueError, match="max_num_seqs"):
-        EngineConfig(max_num_seqs=4)
+        EngineConfig(max_num_seqs=bad)
+
+
+def test_kv_cache_too_small_for_one_request_is_rejected_at_construction():
+    with pytest.raises(ValueError, match=r"num_kv_blocks=3 .*max_model_len=256.*needs 17 blocks"):
+        LLM("tiny-llama", max_model_len=256, num_kv_blocks=3)
 
 
 def test_block_allocator_rejects_a_bad_free_and_loses_nothing():
     from hybrid_engine.errors import HybridEngineError
-    from hybrid_engine.kv_cache import BlockAllocator
+    from hybrid_engine.engine.block_manager import BlockAllocator
 
     a = BlockAllocator(6)
     blocks = a.allocate(3)

@@ -20,7 +20,7 @@ from ..errors import HybridEngineError, OptionalDependencyError, require
 from ._triton import interpreter_active, interpreter_enabled, triton_available
 from .activation import silu_mul_ref
 from .decode_attention import decode_attention_ref
-from .gemm import linear_torch
+from .gemm import linear_rows, linear_torch
 from .kv_store import decode_slots_ref, prefill_slots_ref, store_kv_ref
 from .prefill_attention import prefill_attention_ref
 from .rms_norm import rms_norm_ref
@@ -50,6 +50,8 @@ class KernelOps:
     # projections (x, weight, bias=None, weight_t=None): cuBLAS unless a kernel measures faster; weight_t is the
     # weight's transposed copy where the model keeps one (LlamaModel.add_prefill_weight_copies)
     linear: Callable[..., Any] = linear_torch
+    # decode projections (one row per sequence): each row's result must not depend on the other rows
+    decode_linear: Callable[..., Any] = linear_torch
     # flat KV-cache slots computed in the step from the block tables (kv_store.py): (block_table, valid_len,
     # block_size, out) for a prefill; (block_tables, positions, block_size, slots, seq_lens) for a decode step
     prefill_slots: Callable[..., Any] = prefill_slots_ref
@@ -83,6 +85,7 @@ def torch_ops(device: torch.device) -> KernelOps:
         name="torch", prefill_name="sdpa", device=str(device),
         rms_norm=rms_norm_ref, rope=rope_ref, silu_mul=silu_mul_ref, store_kv=store_kv_ref,
         prefill_attention=prefill_attention_ref, decode_attention=decode_attention_ref, sample=sample_ref,
+        decode_linear=linear_rows,
     )
 
 
@@ -158,7 +161,7 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
         name=backend, prefill_name="triton" if backend == "triton" else backend, device=str(device),
         rms_norm=rms_norm_triton, rope=rope_triton, silu_mul=silu_mul_triton, store_kv=store_kv_triton,
         prefill_attention=prefill, decode_attention=decode_attention_triton, sample=sample_triton,
-        linear=linear, rope_store_kv=rope_store_kv_triton,
+        linear=linear, decode_linear=linear, rope_store_kv=rope_store_kv_triton,
         prefill_slots=prefill_slots_triton, decode_slots=decode_slots_triton,  # silu_mul_linear: measured slower, not set
         linear_silu_mul=linear_silu_mul, linear_rope_store=linear_rope_store,
         prefill_attention_rope=prefill_attention_rope_triton if backend == "triton" else None,

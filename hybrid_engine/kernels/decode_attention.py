@@ -16,6 +16,9 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
+    if q.device.type == "cpu" and batch > 1:  # per sequence: a row's result must not depend on the others' lengths
+        return torch.cat([decode_attention_ref(q[i:i + 1], k_cache, v_cache, block_tables[i:i + 1],
+                                               seq_lens[i:i + 1], scale) for i in range(batch)])
     tables = block_tables.long().clamp(min=0)
     if q.device.type == "cpu":  # a host read is free here: gather only the blocks in use, not the whole table
         tables = tables[:, : (int(seq_lens.max()) + block_size - 1) // block_size]
@@ -110,13 +113,14 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def decode_launch_config(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
+def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
                          device: torch.device) -> tuple[int, int]:
-    """(num_splits, block_n) from shapes only, so a captured graph stays valid for every sequence length."""
+    """(num_splits, block_n) from the cache's shapes only: a captured graph stays valid for every sequence length,
+    and never from the batch size, so a sequence's attention sums in the same order whatever else is batched."""
     on_gpu = device.type == "cuda"
     block_n = 64 if on_gpu else 16
     max_tokens = max_blocks * block_size
-    target = cdiv(4 * _sm_count(device), batch * num_kv_heads) if on_gpu else 2
+    target = cdiv(4 * _sm_count(device), num_kv_heads) if on_gpu else 2
     return max(1, min(target, cdiv(max_tokens, block_n), 64)), block_n
 
 
@@ -135,7 +139,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or block_tables.stride(-1) != 1:
         return decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
     group = num_q_heads // num_kv_heads
-    splits, block_n = decode_launch_config(batch, num_kv_heads, block_tables.shape[1], block_size, q.device)
+    splits, block_n = decode_launch_config(num_kv_heads, block_tables.shape[1], block_size, q.device)
     if num_splits is not None:
         splits = num_splits
     block_d = next_pow2(max(head_dim, 16))

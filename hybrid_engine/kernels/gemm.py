@@ -182,6 +182,15 @@ def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 _ZERO_BIAS: dict[tuple, torch.Tensor] = {}
 
 
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                weight_t: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear one row at a time: a row's result is the same whatever the other rows are (CPU BLAS picks its
+    blocking, and so its summation order, by the number of rows). For decode steps on the reference backend."""
+    if x.shape[0] <= 1:
+        return F.linear(x, weight, bias)
+    return torch.cat([F.linear(x[i:i + 1], weight, bias) for i in range(x.shape[0])])
+
+
 def linear_lt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear through cuBLASLt: a biased linear takes torch's cublasLt path, so a missing bias becomes a cached
     zero vector (made once per (N, dtype, device), at warm-up)."""

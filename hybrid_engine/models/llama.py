@@ -123,6 +123,7 @@ class DecoderLayer(nn.Module):
                 cos_sin: torch.Tensor, meta: AttentionMetadata,
                 last_row_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args
+        linear = ops.linear if meta.is_prefill else ops.decode_linear
         if residual is None:
             residual, x = x, ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps)
         else:
@@ -134,19 +135,19 @@ class DecoderLayer(nn.Module):
         if q is not None:
             attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
         else:
-            qkv = ops.linear(x, p.weight, p.bias, p.weight_t).view(-1, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
+            qkv = linear(x, p.weight, p.bias, p.weight_t).view(-1, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
             q, k, v = qkv.split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)  # [T, heads, D] views
             attn = self._attend(ops, q, k, v, positions, cos_sin, meta, scale, last_row_only)
             if last_row_only:
                 residual = residual.index_select(0, meta.last_index)
-        x = ops.linear(attn.reshape(-1, a.q_size), self.o_proj.weight)
+        x = linear(attn.reshape(-1, a.q_size), self.o_proj.weight)
         x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
         gu = self.gate_up_proj
         # fused for one row where it measured faster (kernels/gemv.py), else None
         act = ops.linear_silu_mul(x, gu.weight) if ops.linear_silu_mul is not None else None
         if act is None:
-            act = ops.silu_mul(ops.linear(x, gu.weight, None, gu.weight_t))
-        x = ops.linear(act, self.down_proj.weight)
+            act = ops.silu_mul(linear(x, gu.weight, None, gu.weight_t))
+        x = linear(act, self.down_proj.weight)
         return x, residual
 
     def _attend(self, ops: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -212,7 +213,7 @@ class LlamaModel(nn.Module):
                 hook()
         return x + residual
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] pre-norm residual stream -> [N, vocab] fp32 logits."""
+    def compute_logits(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """hidden: [N, H] pre-norm residual stream -> [N, vocab] fp32 logits (decode: one row per sequence)."""
         x = self.ops.rms_norm(hidden, self.norm, self.args.rms_norm_eps)
-        return self.ops.linear(x, self.lm_head.weight).float()
+        return (self.ops.decode_linear if decode else self.ops.linear)(x, self.lm_head.weight).float()

@@ -50,10 +50,20 @@ def test_decode_attention_split_counts_agree(num_splits):
 
 
 def test_decode_launch_depends_only_on_shapes():
-    """Graph safety: the split count comes from (batch, kv heads, max_blocks), never from seq_lens values."""
-    cfg = decode_launch_config(1, 32, 256, 16, torch.device("cpu"))
-    assert cfg == decode_launch_config(1, 32, 256, 16, torch.device("cpu"))
+    """Graph safety: the split count comes from (kv heads, max_blocks), never from seq_lens values or the batch."""
+    cfg = decode_launch_config(32, 256, 16, torch.device("cpu"))
+    assert cfg == decode_launch_config(32, 256, 16, torch.device("cpu"))
     assert cfg[0] >= 1
+
+
+@pytest.mark.parametrize("attention", [decode_attention_triton, decode_attention_ref])
+def test_decode_attention_is_batch_invariant(attention):
+    """A sequence's output is bit-identical alone and in a batch with other lengths (fixed reduction order)."""
+    q, kc, vc, tables, lens = paged_case("cpu", torch.float32, 16, 8, 2, 64, [37, 5, 90, 1, 64], seed=3)
+    batched = attention(q, kc, vc, tables, lens, 0.125)
+    for i in range(q.shape[0]):
+        alone = attention(q[i:i + 1], kc, vc, tables[i:i + 1], lens[i:i + 1], 0.125)
+        assert torch.equal(alone, batched[i:i + 1]), i
 
 
 def test_decode_matches_prefill_last_row():

@@ -1,55 +1,76 @@
-"""LLM: the user-facing engine. Tokenize, prefill, decode loop, stop conditions, streaming, metrics."""
+"""LLM: the user-facing engine. Validates and tokenizes requests, hands them to the step loop (core.py), and
+turns each sequence's deltas into streams and outputs. Requests from any number of threads are batched."""
 from __future__ import annotations
 
 import gc
 import logging
 import random
-import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
-from . import _gc
-from .config import EngineConfig
-from .detokenize import IncrementalDetokenizer, StopStringMatcher
-from .kernels import get_ops
-from .kv_cache import PagedKVCache, num_blocks_for
-from .models import loader
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamDelta
-from .runner import ModelRunner
-from .streams import stream_scope
-from .sampling_params import SamplingParams
-from .token_reader import TokenReader
+from .. import _gc
+from ..config import EngineConfig
+from ..detokenize import IncrementalDetokenizer, StopStringMatcher
+from ..kernels import get_ops
+from ..kv_cache import PagedKVCache, num_blocks_for
+from ..models import loader
+from ..outputs import CompletionOutput, RequestOutput, StreamDelta
+from ..runner import ModelRunner
+from ..sampling_params import SamplingParams
+from ..streams import stream_scope
+from ..token_reader import TokenReader
+from .block_manager import BlockManager
+from .core import EngineCore
+from .scheduler import Scheduler
+from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | dict
 
 
-@dataclass(slots=True)
-class _Active:
-    """The request holding the engine; release() is idempotent so cancellation and `finally` can both call it."""
+class RequestStream:
+    """Iterator over one request's StreamDeltas. Closing it (or dropping it) before the end cancels the request and
+    frees its KV blocks at once; the other requests keep running."""
 
-    engine: "LLM"
-    blocks: list[int]
-    owner: int = field(default_factory=threading.get_ident)
-    cancelled: bool = False
-    released: bool = False
+    def __init__(self, core: EngineCore, seq: Sequence) -> None:
+        self._core, self.seq, self._done = core, seq, False
 
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.engine.kv.allocator.free(self.blocks)
-            self.engine._active = None
-            self.engine._lock.release()
-            if self.engine.graphs is not None:
-                self.engine.graphs.notify_idle()
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+    def __iter__(self) -> "RequestStream":
+        return self
+
+    def __next__(self) -> StreamDelta:
+        if self._done:
+            raise StopIteration
+        try:
+            delta = self._core.next_delta(self.seq)
+        except BaseException:
+            self._done = True
+            raise
+        if delta.finish_reason is not None:
+            self._done = True
+        return delta
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._core.cancel(self.seq)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to free
+            pass
 
 
 class LLM:
-    """A model loaded for low-latency generation (batch size 1). Keywords are `EngineConfig` fields.
+    """A model loaded for low-latency generation; concurrent requests are batched. Keywords are `EngineConfig`
+    fields.
 
     >>> llm = LLM("tiny-llama")
     >>> out = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0))[0]
@@ -69,38 +90,43 @@ class LLM:
                                                        cfg.max_num_seqs, self.dtype, self.device,
                                                        cfg.gpu_memory_utilization)
         self.kv = PagedKVCache(self.model, n_blocks, cfg.block_size, self.max_model_len, self.dtype, self.device)
+        _check_kv_fits(n_blocks, self.kv.max_blocks_per_seq, self.max_model_len, cfg.block_size)
         self.stream_ctx = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.runner = ModelRunner(self.model, self.kv, self.ops, self.max_model_len, cfg.max_num_seqs, self.device)
-        self.scope = stream_scope(self.stream_ctx)  # the serving stream, current only around GPU work
-        self.reader = TokenReader(self.runner.buf.tokens, self.device, stream=self.stream_ctx)
+        self.reader = TokenReader(self.runner.buf.tokens, self.device, depth=cfg.max_num_seqs + 4,
+                                  stream=self.stream_ctx)
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
-        self._lock = threading.Lock()
-        self._active: _Active | None = None
+        self.scheduler = Scheduler(BlockManager(n_blocks, cfg.block_size), cfg.max_num_seqs)
         self._rng = random.Random(cfg.seed)
-        self._counts = {"requests_served": 0, "requests_failed": 0, "requests_cancelled": 0, "jit_steps": 0,
-                        "graph_steps": 0}
         self.graphs = None
         # Once, at load: what is alive now is frozen out of later collections (see _gc.py). Before the warm-up and
-        # the decode capture, so that load ends with GPU work, not with a collection (~0.1-0.3 s) on an idle GPU.
+        # the decode captures, so that load ends with GPU work, not with a collection (~0.1-0.3 s) on an idle GPU.
         gc.collect()
         _gc.freeze()
         if self.device.type == "cuda":
+            from ..graphs import decode_buckets
+
             with torch.cuda.stream(self.stream_ctx):
-                self.runner.warm_up()
+                self.runner.warm_up(decode_rows=tuple(decode_buckets(cfg.max_num_seqs)))
             self.stream_ctx.synchronize()
         if cfg.capture != "off" and self.device.type == "cuda":
-            from .graphs import GraphRunner
+            from ..graphs import GraphRunner
 
             self.graphs = GraphRunner(self.runner, cfg.prefill_buckets, cfg.capture, self.stream_ctx)
             self.runner.graphs = self.graphs
             self.graphs.start()
-        logger.info("LLM ready: %s on %s (%s), max_model_len=%d, attention=%s", loaded.source, self.device,
-                    self.dtype, self.max_model_len, self.ops.name)
+        elif cfg.capture == "eager" and self.device.type != "cuda":
+            logger.warning("capture='eager' needs a CUDA device; on %s no graphs are captured", self.device)
+        self.core = EngineCore(self.runner, self.scheduler, self.reader, stream_scope(self.stream_ctx),
+                               self.eos_token_ids, self.graphs, lookahead=self.device.type == "cuda")
+        logger.info("LLM ready: %s on %s (%s), max_model_len=%d, max_num_seqs=%d, %d KV blocks, attention=%s",
+                    loaded.source, self.device, self.dtype, self.max_model_len, cfg.max_num_seqs, n_blocks,
+                    self.ops.name)
 
     # ---------------- public API ----------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[
             SamplingParams] | None = None, *, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for one prompt or a list (run one after another); returns one RequestOutput per prompt."""
+        """Generate for one prompt or a list (run together, batched); one RequestOutput per prompt, in order."""
         single = isinstance(prompts, (str, dict))
         plist = [prompts] if single else list(prompts)
         if not plist:
@@ -110,25 +136,37 @@ class LLM:
         if len(plist_params) != len(plist):
             raise ValueError(f"got {len(plist_params)} SamplingParams for {len(plist)} prompts")
         requests = [(*self._prompt_ids(p), sp) for p, sp in zip(plist, plist_params)]  # validate all first
-        for text, ids, sp in requests:
+        for _, ids, sp in requests:
             self._check_lengths(ids, sp)
-        it = requests
-        if use_tqdm:
-            from tqdm import tqdm
+        streams = [self._submit(text, ids, sp) for text, ids, sp in requests]
+        try:
+            it = streams
+            if use_tqdm:
+                from tqdm import tqdm
 
-            it = tqdm(requests, desc="generate")
-        return [self._collect(text, ids, sp) for text, ids, sp in it]
+                it = tqdm(streams, desc="generate")
+            return [self._collect(s) for s in it]
+        finally:
+            for s in streams:
+                s.close()
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas as tokens are generated. Closing the iterator early cancels the request."""
-        return (d.text for d in self.stream_deltas(prompt, sampling_params) if d.text)
+        deltas = self.stream_deltas(prompt, sampling_params)
+        try:
+            for d in deltas:
+                if d.text:
+                    yield d.text
+        finally:
+            deltas.close()
 
-    def stream_deltas(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
-        """StreamDelta per generated token; the last carries finish_reason and metrics. Validates eagerly."""
+    def stream_deltas(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> RequestStream:
+        """StreamDelta per generated token; the last carries finish_reason and metrics. Validates and submits at
+        once (so several streams opened together are batched); closing the stream cancels the request."""
         text, ids = self._prompt_ids(prompt)
         params = sampling_params or SamplingParams()
         self._check_lengths(ids, params)
-        return self._run(ids, params)
+        return self._submit(text, ids, params)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """Apply the tokenizer's chat template to `messages` and generate the assistant's reply."""
@@ -150,18 +188,25 @@ class LLM:
 
     def stats(self) -> dict[str, Any]:
         """Engine counters and configuration, e.g. for /metrics and /health."""
+        sched = self.scheduler
+        running, waiting = len(sched.running), len(sched.waiting) + len(self.core._inbox)
         s: dict[str, Any] = {
-            "kv_blocks_total": self.kv.allocator.num_blocks,
-            "kv_blocks_free": self.kv.allocator.num_free,
+            "kv_blocks_total": sched.blocks.allocator.num_blocks,
+            "kv_blocks_free": sched.blocks.num_free,
             "kv_cache_bytes": self.kv.nbytes,
             "block_size": self.kv.block_size,
             "max_model_len": self.max_model_len,
+            "max_num_seqs": self.config.max_num_seqs,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "capture": self.config.capture if self.graphs is not None else "off",
             "prefill_weight_copy_bytes": self.prefill_weight_copy_bytes,
-            "request_in_flight": self._active is not None,
-            **self._counts,
+            "request_in_flight": running + waiting > 0,
+            "requests_running": running,
+            "requests_waiting": waiting,
+            "preemptions": sched.num_preemptions,
+            "decode_batch_sizes": dict(sorted(sched.batch_sizes.items())),
+            **self.core.counts,
             **self.ops.describe(),
         }
         s.update(self.graphs.stats() if self.graphs is not None else
@@ -182,98 +227,22 @@ class LLM:
         self.close()
 
     # ---------------- internals ----------------
-    def _collect(self, text: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
+    def _submit(self, text: str | None, ids: list[int], params: SamplingParams) -> RequestStream:
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        seq = Sequence(ids, params, seed, text, IncrementalDetokenizer(self.tokenizer, ids),
+                       StopStringMatcher(params.stop))
+        self.core.add(seq)
+        return RequestStream(self.core, seq)
+
+    def _collect(self, stream: RequestStream) -> RequestOutput:
         out_text, out_ids, last = [], [], None
-        for d in self._run(ids, params):
+        for d in stream:
             out_text.append(d.text)
             out_ids.extend(d.token_ids)
             last = d
+        seq = stream.seq
         comp = CompletionOutput(0, "".join(out_text), out_ids, last.finish_reason, last.stop_reason)
-        return RequestOutput(f"req-{self._counts['requests_served']}", text, ids, [comp], last.metrics)
-
-    def _run(self, ids: list[int], params: SamplingParams) -> Iterator[StreamDelta]:
-        active = self._acquire(ids, params)
-        try:
-            yield from self._decode_loop(active, ids, params)
-            if not active.cancelled:  # a stream cancelled by a newer request on its thread was counted there
-                self._counts["requests_served"] += 1
-        except GeneratorExit:
-            self._counts["requests_cancelled"] += 1
-            raise
-        except Exception:
-            self._counts["requests_failed"] += 1
-            raise
-        finally:
-            active.release()
-
-    def _acquire(self, ids: list[int], params: SamplingParams) -> _Active:
-        prev = self._active
-        if prev is not None and prev.owner == threading.get_ident():
-            logger.warning("a stream on this thread was left open; cancelling it to serve the new request")
-            prev.cancelled = True
-            self._counts["requests_cancelled"] += 1
-            prev.release()
-        self._lock.acquire()
-        try:
-            if self.graphs is not None:
-                self.graphs.notify_busy()
-            blocks = self.kv.allocator.allocate(self.kv.blocks_for(len(ids) + params.max_tokens + 1))
-        except BaseException:
-            self._lock.release()
-            raise
-        self._active = _Active(self, blocks)
-        return self._active
-
-    def _decode_loop(self, active: _Active, ids: list[int], params: SamplingParams) -> Iterator[StreamDelta]:
-        t0 = time.perf_counter()
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
-        ttft, n_out = 0.0, 0
-        scope = self.scope  # current only while enqueueing: a suspended stream leaves the thread's stream alone
-        self.reader.reset()
-        with scope:
-            path = self.runner.prefill(ids, active.blocks, params, seed)
-            self.reader.push()
-        self._count_path(path)
-        detok = IncrementalDetokenizer(self.tokenizer, ids)  # host work made while the GPU runs the prefill
-        stops = StopStringMatcher(params.stop)
-        enqueued = 1
-        lookahead = self.device.type == "cuda"  # on a CPU a step runs synchronously: read first, then step
-        while not active.cancelled:
-            if enqueued < params.max_tokens and (lookahead or n_out == enqueued):
-                with scope:  # enqueue the next step before reading this one
-                    path = self.runner.decode()
-                    self.reader.push()
-                self._count_path(path)
-                enqueued += 1
-            tok = self.reader.pop()[0]
-            n_out += 1
-            if n_out == 1:
-                ttft = time.perf_counter() - t0
-            finish, stop_reason = self._finish_reason(tok, n_out, params)
-            text = stops.feed(detok.step(tok))
-            if stops.matched is not None:
-                finish, stop_reason = "stop", stops.matched
-            elif finish is not None:
-                text += stops.flush()
-            if finish is None:
-                yield StreamDelta(text, [tok])
-                continue
-            e2e = time.perf_counter() - t0
-            tpot = (e2e - ttft) / (n_out - 1) if n_out > 1 else 0.0
-            yield StreamDelta(text, [tok], finish, RequestMetrics(ttft, tpot, e2e, len(ids), n_out),
-                              stop_reason)
-            return
-
-    def _finish_reason(self, tok: int, n_out: int, params: SamplingParams) -> tuple[str | None, int | None]:
-        """(finish_reason, stop_reason) after the n_out-th token `tok`; (None, None) while generation goes on."""
-        if tok in params.stop_token_ids:
-            return "stop", tok
-        if not params.ignore_eos and tok in self.eos_token_ids:
-            return "stop", None
-        return ("length" if n_out >= params.max_tokens else None), None
-
-    def _count_path(self, path: str) -> None:
-        self._counts["jit_steps" if path == "jit" else "graph_steps"] += 1
+        return RequestOutput(seq.request_id, seq.prompt_text, seq.prompt_ids, [comp], last.metrics)
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -311,6 +280,13 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError(f"{what} need a tokenizer; pass tokenizer=... or use {{'prompt_token_ids': [...]}}")
         return self.tokenizer
+
+
+def _check_kv_fits(num_blocks: int, per_seq: int, max_model_len: int, block_size: int) -> None:
+    if num_blocks < per_seq:
+        raise ValueError(f"num_kv_blocks={num_blocks} cannot hold one request of max_model_len={max_model_len} "
+                         f"tokens: that needs {per_seq} blocks of {block_size} tokens; raise num_kv_blocks or lower "
+                         "max_model_len")
 
 
 def _resolve_device(name: str) -> torch.device:

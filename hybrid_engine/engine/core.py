@@ -1,0 +1,218 @@
+"""EngineCore: the step loop over the scheduler, the model runner and the token reader.
+
+There is no engine thread: whichever caller is waiting for a token drives the loop (one at a time), and every step
+it runs serves every running sequence, delivering each one's deltas to that sequence's outbox. A request alone thus
+runs on its caller's thread with no hand-off, and concurrent callers share batched steps. On the GPU the loop reads
+tokens one step behind: it enqueues the next decode step before it reads the previous one (the step advances
+tokens, positions and sampling counters on the device), so the GPU never waits for Python.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from ..outputs import RequestMetrics, StreamDelta
+from .scheduler import RowOps, Scheduler
+from .sequence import Sequence, Status
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, runner: Any, scheduler: Scheduler, reader: Any, scope: Any, eos_token_ids: set[int],
+                 graphs: Any, lookahead: bool) -> None:
+        self.runner, self.sched, self.reader, self.scope = runner, scheduler, reader, scope
+        self.eos_token_ids, self.graphs, self.lookahead = eos_token_ids, graphs, lookahead
+        self.cv = threading.Condition()
+        self._driving = False
+        self._inbox: list[Sequence] = []
+        self.inflight: deque[tuple[list[tuple[Sequence, int, int]], str]] = deque()
+        self.counts = {"requests_served": 0, "requests_failed": 0, "requests_cancelled": 0, "jit_steps": 0,
+                       "graph_steps": 0}
+
+    # ---- callers (any thread) ----
+    def add(self, seq: Sequence) -> None:
+        with self.cv:
+            self._inbox.append(seq)
+            if self.graphs is not None:
+                self.graphs.notify_busy()
+            self.cv.notify_all()
+
+    def next_delta(self, seq: Sequence) -> StreamDelta:
+        """The sequence's next delta; drives the loop while no other caller does."""
+        while True:
+            with self.cv:
+                while not seq.outbox:
+                    if seq.error is not None:
+                        raise seq.error
+                    if not self._driving:
+                        self._driving = True
+                        break
+                    self.cv.wait()
+                else:
+                    return seq.outbox.popleft()
+            self._drive(self.step)
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop `seq` now: its blocks and row are free when this returns (its outbox is dropped)."""
+        with self.cv:
+            if seq.finished:
+                return
+            seq.cancelled = True
+            while self._driving:
+                self.cv.wait()
+            self._driving = True
+        self._drive(lambda: self._cancel_now(seq))
+
+    def drive_until_idle(self) -> None:
+        """Run steps until no sequence is waiting or running (no consumer needed)."""
+        while True:
+            with self.cv:
+                if not self._inbox and not self.sched.has_work() and not self.inflight:
+                    return
+                while self._driving:
+                    self.cv.wait()
+                self._driving = True
+            self._drive(self.step)
+
+    def _drive(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # the step broke (not one request's input): fail what it was serving, go on
+            logger.exception("engine step failed; failing the requests in it")
+            self._fail_all(exc)
+        finally:
+            with self.cv:
+                self._driving = False
+                if self.graphs is not None and not self.sched.has_work() and not self._inbox:
+                    self.graphs.notify_idle()
+                self.cv.notify_all()
+
+    # ---- the step (the driving thread only) ----
+    def step(self) -> None:
+        """Admit and prefill, decode every running row, then read back all but the newest step."""
+        sched = self.sched
+        with self.cv:
+            for seq in self._inbox:
+                sched.add(seq)
+            self._inbox.clear()
+        for seq in sched.drop_cancelled_waiting():
+            self.counts["requests_cancelled"] += 1
+        for seq in [s for s in sched.running if s.cancelled]:
+            self._retire(seq, "requests_cancelled")
+        plan = None
+        with self.scope:
+            self._apply(sched.compact())
+            for seq in sched.admit():
+                self._prefill(seq)
+            plan, _ = sched.plan_decode()
+            if plan is not None:
+                self._apply(plan.row_ops)
+                self._count(self.runner.decode(plan.num_rows, plan.table_updates))
+                self._push([(s, s.epoch, s.row) for s in plan.rows])
+                for seq in plan.rows:
+                    if seq.wants_tokens:
+                        seq.num_enqueued += 1
+                    seq.kv_len += 1
+        keep = 1 if self.lookahead and plan is not None else 0
+        while len(self.inflight) > keep:
+            self._read_one()
+        if not sched.has_work():
+            self._drain()
+
+    def _prefill(self, seq: Sequence) -> None:
+        ids = seq.prefill_ids
+        self._count(self.runner.prefill(ids, seq.row, seq.block_table, seq.params, seq.seed, len(seq.output_ids)))
+        self._push([(seq, seq.epoch, seq.row)])
+        seq.num_enqueued, seq.kv_len = len(seq.output_ids) + 1, len(ids)
+
+    def _apply(self, ops: RowOps | None) -> None:
+        if ops is None:
+            return
+        for src, dst in ops.moves:
+            self.runner.move_row(src, dst)
+        if ops.reset is not None:
+            self.runner.reset_rows(*ops.reset)
+
+    def _push(self, entries: list[tuple[Sequence, int, int]]) -> None:
+        self.reader.push()
+        self.inflight.append((entries, ""))
+
+    def _count(self, path: str) -> None:
+        self.counts["jit_steps" if path == "jit" else "graph_steps"] += 1
+
+    def _read_one(self) -> None:
+        entries, _ = self.inflight.popleft()
+        tokens = self.reader.pop()
+        for seq, epoch, row in entries:
+            if seq.status is Status.RUNNING and seq.epoch == epoch and not seq.cancelled:
+                self._accept(seq, tokens[row])
+
+    def _accept(self, seq: Sequence, tok: int) -> None:
+        seq.output_ids.append(tok)
+        n, now = len(seq.output_ids), time.perf_counter()
+        if n == 1:
+            seq.first_token_at = now
+        finish, stop_reason = self._finish_reason(seq, tok, n)
+        text = seq.stops.feed(seq.detok.step(tok))
+        if seq.stops.matched is not None:
+            finish, stop_reason = "stop", seq.stops.matched
+        elif finish is not None:
+            text += seq.stops.flush()
+        if finish is None:
+            return self._deliver(seq, StreamDelta(text, [tok]))
+        seq.finish_reason, seq.stop_reason = finish, stop_reason
+        ttft, e2e = seq.first_token_at - seq.arrival, now - seq.arrival
+        metrics = RequestMetrics(ttft, (e2e - ttft) / (n - 1) if n > 1 else 0.0, e2e, len(seq.prompt_ids), n)
+        self._retire(seq, "requests_served")
+        self._deliver(seq, StreamDelta(text, [tok], finish, metrics, stop_reason))
+
+    def _finish_reason(self, seq: Sequence, tok: int, n: int) -> tuple[str | None, int | None]:
+        params = seq.params
+        if tok in params.stop_token_ids:
+            return "stop", tok
+        if not params.ignore_eos and tok in self.eos_token_ids:
+            return "stop", None
+        return ("length" if n >= params.max_tokens else None), None
+
+    def _retire(self, seq: Sequence, counter: str) -> None:
+        self.sched.finish(seq)
+        self.counts[counter] += 1
+
+    def _drain(self) -> None:
+        while self.inflight:
+            self._read_one()
+
+    def _deliver(self, seq: Sequence, delta: StreamDelta) -> None:
+        with self.cv:
+            seq.outbox.append(delta)
+            self.cv.notify_all()
+        if seq.consumer is not None:
+            seq.consumer(delta)
+
+    def _cancel_now(self, seq: Sequence) -> None:
+        with self.cv:
+            if seq in self._inbox:
+                self._inbox.remove(seq)
+        if not seq.finished:
+            self._retire(seq, "requests_cancelled")
+        seq.outbox.clear()
+        if not self.sched.has_work():
+            self._drain()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self.inflight.clear()
+        self.reader.reset()
+        with self.cv:
+            victims = self.sched.running + list(self.sched.waiting) + self._inbox
+            self._inbox.clear()
+        for seq in victims:
+            if not seq.finished:
+                self.sched.finish(seq)
+                seq.error = exc
+                self.counts["requests_failed"] += 1
+                if seq.consumer is not None:
+                    seq.consumer(exc)

@@ -1,0 +1,70 @@
+"""Sequence: one request's whole state, from waiting to finished (vLLM's Request, nano-vllm's Sequence)."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..detokenize import IncrementalDetokenizer, StopStringMatcher
+from ..outputs import StreamDelta
+from ..sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"    # queued, or preempted (its KV freed; it is recomputed when readmitted)
+    RUNNING = "running"    # holds a batch row and KV blocks
+    FINISHED = "finished"  # stopped, cancelled or failed; holds nothing
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Token ids, sampling parameters, block table, batch row, detokenizer, stop state and output queue of one
+    request. `num_enqueued` counts the output tokens whose steps the GPU has been given (the host reads them one
+    step later); `epoch` changes on preemption, so tokens of steps enqueued before it are recognised and dropped."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    prompt_text: str | None = None
+    detok: IncrementalDetokenizer | None = None
+    stops: StopStringMatcher | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.perf_counter)
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    row: int = -1
+    num_enqueued: int = 0
+    kv_len: int = 0  # positions the KV cache holds for it once every enqueued step has run
+    epoch: int = 0
+    cancelled: bool = False
+    first_token_at: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: BaseException | None = None
+    outbox: deque[StreamDelta] = field(default_factory=deque)
+    consumer: Any = None  # an async consumer's (loop, queue), else None
+
+    @property
+    def request_id(self) -> str:
+        return f"req-{self.seq_id}"
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What a (re)admission prefills: the prompt and every output token read so far (recompute preemption)."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
+    def wants_tokens(self) -> bool:
+        """Whether another decode step is needed: fewer output tokens enqueued than max_tokens."""
+        return self.status is Status.RUNNING and not self.cancelled and self.num_enqueued < self.params.max_tokens
+

@@ -1,0 +1,143 @@
+"""Many requests at once on the CPU: batched decode gives each request the tokens it gets alone, preemption and
+cancellation lose nothing, and the step loop's read-one-step-behind mode (the GPU's) gives the same tokens."""
+import threading
+
+import pytest
+
+from hybrid_engine import LLM, SamplingParams
+
+PROMPTS = [[1, 5, 9], [1, 77, 3, 200, 41, 8, 15], [1, 300], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
+           [1, 42] * 9, [1, 499, 498, 497], [1, 250, 12, 12, 12]]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("tiny-llama", max_model_len=128, max_num_seqs=4)
+
+
+def _all_free(llm):
+    s = llm.stats()
+    return s["kv_blocks_free"] == s["kv_blocks_total"] and not s["request_in_flight"]
+
+
+def _alone(llm, params):
+    return [llm.generate({"prompt_token_ids": p}, sp)[0].outputs[0].token_ids for p, sp in zip(PROMPTS, params)]
+
+
+def _together(llm, params):
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
+
+
+def _greedy(n=24):
+    return [SamplingParams(max_tokens=n + 3 * i, temperature=0, ignore_eos=True) for i in range(len(PROMPTS))]
+
+
+def test_batched_greedy_equals_alone(llm):
+    alone = _alone(llm, _greedy())
+    together = _together(llm, _greedy())
+    assert together == alone
+    sizes = llm.stats()["decode_batch_sizes"]
+    assert max(sizes) == 4 and len(sizes) > 1  # really batched (7 prompts over 4 rows), and the batch shrank
+    assert _all_free(llm)
+
+
+def test_seeded_sampling_repeats_whatever_the_batch(llm):
+    params = [SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=100 + i, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    alone = _alone(llm, params)
+    assert _together(llm, params) == alone
+    assert len({tuple(t) for t in alone}) == len(PROMPTS)
+
+
+def test_read_one_step_behind_gives_the_same_tokens(llm):
+    """The GPU's mode: the next decode step is enqueued before the previous one is read, so finished sequences
+    ride along one step, rows are compacted while a step is in flight, and stale tokens must be dropped."""
+    want = _together(llm, _greedy())
+    llm.core.lookahead = True
+    try:
+        stops = [SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[w[5]]) for w in want]
+        got_stop = _together(llm, stops)
+        got = _together(llm, _greedy())
+    finally:
+        llm.core.lookahead = False
+    assert got == want
+    assert got_stop == [w[:w.index(w[5]) + 1] for w in want]
+    assert _all_free(llm)
+
+
+def test_preemption_under_a_tiny_kv_cache_completes_every_request():
+    small = LLM("tiny-llama", max_model_len=64, max_num_seqs=4, num_kv_blocks=6, block_size=16)
+    roomy = LLM("tiny-llama", max_model_len=64, max_num_seqs=4)
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.8, seed=7, ignore_eos=True)] * 3
+    prompts = [{"prompt_token_ids": p[:20]} for p in PROMPTS[:6]]
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params)]
+    for lookahead in (False, True):
+        small.core.lookahead = lookahead
+        got = [o.outputs[0].token_ids for o in small.generate(prompts, params)]
+        assert got == want
+    assert small.stats()["preemptions"] > 0
+    assert _all_free(small)
+
+
+def test_cancelling_one_stream_leaves_the_others_unchanged(llm):
+    params = _greedy()
+    params[2] = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)  # still running when cancelled
+    want = _alone(llm, params)
+    streams = [llm.stream_deltas({"prompt_token_ids": p}, sp) for p, sp in zip(PROMPTS, params)]
+    got = [[] for _ in streams]
+    for step in range(40):
+        for i, s in enumerate(streams):
+            if i == 2 and step == 3:
+                s.close()
+            if i == 2 and step >= 3:
+                continue
+            for d in s:
+                got[i].extend(d.token_ids)
+                break
+    for i, s in enumerate(streams):
+        if i != 2:
+            for d in s:
+                got[i].extend(d.token_ids)
+    assert [g for i, g in enumerate(got) if i != 2] == [w for i, w in enumerate(want) if i != 2]
+    assert got[2] == want[2][:3]
+    assert llm.stats()["requests_cancelled"] >= 1 and _all_free(llm)
+    assert list(streams[2]) == []
+
+
+def test_streams_from_several_threads_run_concurrently(llm):
+    want = _alone(llm, _greedy())
+    got = [None] * len(PROMPTS)
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def run(i):
+        barrier.wait()
+        got[i] = [t for d in llm.stream_deltas({"prompt_token_ids": PROMPTS[i]}, _greedy()[i]) for t in d.token_ids]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    before = sum(k * v for k, v in llm.stats()["decode_batch_sizes"].items() if k > 1)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == want
+    assert sum(k * v for k, v in llm.stats()["decode_batch_sizes"].items() if k > 1) > before
+    assert _all_free(llm)
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatch):
+    calls = {"n": 0}
+    real = llm.runner.decode_step
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llm.runner, "decode_step", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], _greedy()[:3])
+    assert _all_free(llm)
+    monkeypatch.undo()
+    assert _together(llm, _greedy()) == _alone(llm, _greedy())
