@@ -38,7 +38,7 @@ def main() -> None:
     llm = LLM(args.model, capture="eager")
     sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     llm.generate({"prompt_token_ids": list(range(3, 3 + args.length))}, sp)  # stages the bucket's inputs
-    bucket = DECODE if args.decode else llm.graphs.bucket_for(args.length)
+    bucket = (DECODE, 1) if args.decode else llm.graphs.bucket_for(args.length)
     graph = llm.graphs.graphs[bucket]  # decode: each replay advances the position on the device (15 in all)
     walls = []
     with torch.cuda.stream(llm.stream_ctx):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the H100: GPU tests + latency benchmark; results under $OUT. Usage: bash benchmarks/gpu_check.sh [stage...]
+# One call on the GPU (H200): GPU tests + latency benchmark; results under $OUT. Usage: bash benchmarks/gpu_check.sh [stage...]
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -45,5 +45,9 @@ for s in $stages; do
     pbench) timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/bench-gpu.json" 2>&1 | tail -30
           [ -f ci/baselines/gpu-llama-2-7b-shape.json ] && python3 ci/gate.py ci/baselines/gpu-llama-2-7b-shape.json \
             "$OUT/bench-gpu.json" --tolerance 0.10 --min-delta-ms 0.2 | tee "$OUT/gate.txt";;
+    batch) timeout ${BATCH_T:-300} python3 benchmarks/batch_bench.py --out "$OUT/batch_bench.json" 2>&1 | grep -v "Warn\|INFO" | tail -8;;
+    ab) for i in $(seq ${AB_ROUNDS:-2}); do  # same-lease A/B of batch-1 latency: the tree in .ab/ (a base commit) vs this one
+          PYTHONPATH=.ab timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_base_$i.json" 2>&1 | tail -1
+          timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_new_$i.json" 2>&1 | tail -1; done;;
   esac
 done

@@ -1,9 +1,9 @@
-"""The engine worker: one thread that serves requests one at a time from a bounded FIFO queue.
+"""The engine workers: threads that take requests from a bounded FIFO queue, each streaming one request at a time.
 
-HTTP handlers run on the asyncio loop; the engine is synchronous and serves batch size 1. A handler submits a
-`Job`; the worker runs `llm.stream_deltas` for it and hands every delta back to the loop through the job's
-asyncio queue. A handler whose client went away calls `job.cancel()`; the worker then closes the engine's
-generator at the next token, which cancels the request and frees its KV blocks.
+HTTP handlers run on the asyncio loop. A handler submits a `Job`; a worker runs `llm.stream_deltas` for it and
+hands every delta back to the loop through the job's asyncio queue. The engine batches the workers' concurrent
+requests (up to its max_num_seqs). A handler whose client went away calls `job.cancel()`; the worker then closes
+the engine's stream at the next token, which cancels the request and frees its KV blocks.
 """
 from __future__ import annotations
 
@@ -65,9 +65,10 @@ class Job:
 
 
 class EngineWorker:
-    """Owns the LLM's generation calls; everything else only reads llm.stats()."""
+    """Owns the LLM's generation calls; everything else only reads llm.stats(). `concurrency` serving threads
+    (default: the engine's max_num_seqs) each stream one job at a time; the engine batches their requests."""
 
-    def __init__(self, llm: Any, max_queue: int) -> None:
+    def __init__(self, llm: Any, max_queue: int, concurrency: int | None = None) -> None:
         if not (isinstance(max_queue, int) and max_queue >= 1):
             raise ValueError(f"max_queue={max_queue!r} must be an int >= 1")
         self.llm = llm
@@ -75,9 +76,11 @@ class EngineWorker:
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
         self._handoff = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="hybrid-engine-worker", daemon=True)
+        n = concurrency or getattr(getattr(llm, "config", None), "max_num_seqs", 1)
+        self._threads = [threading.Thread(target=self._loop, name=f"hybrid-engine-worker-{i}", daemon=True)
+                         for i in range(n)]
         self._running = 0
-        self._current: Job | None = None
+        self._current: set[Job] = set()
         self._mean_e2e_s = 1.0
         self.metrics = ServerMetrics(llm.stats, self.queued, self.running)
 
@@ -89,26 +92,28 @@ class EngineWorker:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return all(t.is_alive() for t in self._threads)
 
     def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
+        for t in self._threads:
+            if not t.is_alive():
+                t.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Cancel the running request, answer the queued ones, join the thread."""
-        with self._handoff:  # either the loop sees the stop flag, or this sees the job it took from the queue
+        """Cancel the running requests, answer the queued ones, join the threads."""
+        with self._handoff:  # either a loop sees the stop flag, or this sees the job it took from the queue
             self._stop.set()
-            current = self._current
-        if current is not None:
-            current.cancel()
+            current = list(self._current)
+        for job in current:
+            job.cancel()
         while True:
             try:
                 self._queue.get_nowait().emit(Event("end"))
             except queue.Empty:
                 break
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout_s)
 
     def submit(self, job: Job) -> None:
         """Queue a job or raise QueueFull (with a Retry-After estimate)."""
@@ -128,7 +133,8 @@ class EngineWorker:
             with self._handoff:
                 stopping = self._stop.is_set()
                 if not (job.cancelled or stopping):
-                    self._running, self._current = 1, job
+                    self._running += 1
+                    self._current.add(job)
             if job.cancelled or stopping:  # taken from the queue as stop() drained it: answered like the queued
                 self.metrics.cancelled.inc()
                 job.emit(Event("end"))
@@ -136,7 +142,9 @@ class EngineWorker:
             try:
                 self._serve(job)
             finally:
-                self._running, self._current = 0, None
+                with self._handoff:
+                    self._running -= 1
+                    self._current.discard(job)
 
     def _serve(self, job: Job) -> None:
         self.metrics.queue_wait.observe(time.perf_counter() - job.arrived)

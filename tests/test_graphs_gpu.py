@@ -24,7 +24,7 @@ def engines():
 def test_all_graphs_captured(engines):
     graph, _ = engines
     s = graph.stats()
-    assert s["graphs_captured"] == 1 + len(BUCKETS) and s["graphs_failed"] == 0 and s["graphs_pending"] == 0
+    assert s["graphs_captured"] == len(graph.graphs.decode_buckets) + len(BUCKETS) and s["graphs_failed"] == 0 and s["graphs_pending"] == 0
     assert 0 < s["graph_pool_bytes"] < 2**30
 
 
@@ -49,14 +49,15 @@ def test_seeded_sampling_same_in_graph_and_jit(engines):
 
 def test_background_worker_and_forced_failure():
     llm = LLM("tiny-llama", dtype="float32", device="cuda", prefill_buckets=BUCKETS, capture="idle")
-    assert llm.stats()["graphs"] == ["decode"]  # decode graph at load; buckets wait for an idle window
+    assert llm.stats()["graphs"] == [str(("decode", b)) for b in llm.graphs.decode_buckets]  # decode graphs at
+    # load; prefill buckets wait for an idle window
     llm.graphs.fail_next_capture = True  # the first bucket capture fails
     p = SamplingParams(max_tokens=8, temperature=0)
     ids = list(range(3, 20))  # 17 tokens -> bucket 32, demanded first
     first = llm.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids
     assert llm.graphs.worker.wait_idle(timeout=300)
     s = llm.stats()
-    assert s["graphs_failed"] == 1 and s["graphs_captured"] == len(BUCKETS)
+    assert s["graphs_failed"] == 1 and s["graphs_captured"] == len(BUCKETS) - 1 + len(llm.graphs.decode_buckets)
     failed = int(next(iter(s["graph_failures"])))
     ids = list(range(3, 3 + failed))
     jit_before = s["jit_steps"]
@@ -95,7 +96,7 @@ def test_requests_during_background_captures_match_capture_off():
         assert got == off.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids, len(ids)
     assert worker.wait_idle(timeout=300)
     s = llm.stats()
-    assert s["graphs_failed"] == 0 and s["graphs_captured"] == 1 + 5 and len(started) == 5
+    assert s["graphs_failed"] == 0 and s["graphs_captured"] == len(llm.graphs.decode_buckets) + 5 and len(started) == 5
     assert s["kv_blocks_free"] == s["kv_blocks_total"]
     print(f"{overlapped} of 30 requests started while a capture was open")
     llm.close()

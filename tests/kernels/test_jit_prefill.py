@@ -30,13 +30,14 @@ def _staged(llm, n: int):
     """Stage an n-token prompt in the runner's buffers; (ids, positions, meta, blocks) as prefill_step builds them
     (its first launch computes the cache slots from the staged block table)."""
     r = llm.runner
-    blocks = llm.kv.allocator.allocate(llm.kv.blocks_for(n + 1))
+    allocator = llm.scheduler.blocks.allocator
+    blocks = allocator.allocate(llm.scheduler.blocks.blocks_for(n + 1))
     ids = [(11 * i + 5) % 250 + 3 for i in range(n)]
-    r.stage_request(ids, blocks, SamplingParams(max_tokens=1, temperature=0.0), 0, pad_to=n)
+    r.stage_prefill(ids, 0, blocks, SamplingParams(max_tokens=1, temperature=0.0), 0, 0, pad_to=n)
     b = r.buf
-    slots = r.ops.prefill_slots(b.block_tables[0], b.valid_len, r.block_size, b.slot_mapping[:n])
+    slots = r.ops.prefill_slots(b.prefill_table[0], b.valid_len, r.block_size, b.slot_mapping[:n])
     meta = AttentionMetadata(is_prefill=True, slot_mapping=slots, valid_len=b.valid_len,
-                             block_tables=b.block_tables[:1], seq_lens=b.valid_len,
+                             block_tables=b.prefill_table, seq_lens=b.valid_len,
                              last_index=(b.valid_len - 1).long())
     return b.input_ids[:n], b.positions[:n], meta, blocks
 
@@ -56,7 +57,7 @@ def _compare(llm, n: int) -> None:
         flat_got = got_c[:, used].flatten(1, 2)[:, :n]
         flat_want = want_c[:, used].flatten(1, 2)[:, :n]
         assert torch.equal(flat_got, flat_want), n
-    llm.kv.allocator.free(blocks)
+    llm.scheduler.blocks.allocator.free(blocks)
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])

@@ -1,0 +1,157 @@
+"""Batching on the GPU: decode step time by batch, batch invariance, concurrent streams vs one at a time, and
+batch-1 latency (the `--batch1-only` part runs on any version of the engine's public API, for same-lease A/B).
+
+  python benchmarks/batch_bench.py --out results.json            # everything, llama-2-7b-shape
+  python benchmarks/batch_bench.py --batch1-only --out a.json    # TTFT p50 at 10..500 tokens, TPOT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+import torch
+
+from hybrid_engine import LLM, SamplingParams
+
+LENGTHS = (10, 50, 100, 200, 500)
+
+
+def _ids(gen: torch.Generator, n: int, vocab: int) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=gen).tolist()
+
+
+def batch1(llm: LLM, runs: int, vocab: int) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    for n in LENGTHS:  # warm-up: every bucket once (and captured where the policy captures on demand)
+        for _ in range(3):
+            llm.generate({"prompt_token_ids": _ids(gen, n, vocab)}, one)
+    if llm.graphs is not None:
+        llm.graphs.worker.wait_idle(300)
+    ttft = {}
+    for n in LENGTHS:
+        xs = []
+        for _ in range(runs):
+            ids = _ids(gen, n, vocab)
+            t0 = time.perf_counter()
+            llm.generate({"prompt_token_ids": ids}, one)
+            xs.append((time.perf_counter() - t0) * 1e3)
+        ttft[str(n)] = statistics.median(xs)
+    tp = []
+    for _ in range(max(5, runs // 6)):
+        ids = _ids(gen, 100, vocab)
+        t0 = time.perf_counter()
+        llm.generate({"prompt_token_ids": ids}, one)
+        t1 = time.perf_counter()
+        llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))
+        t2 = time.perf_counter()
+        tp.append(((t2 - t1) - (t1 - t0)) * 1e3 / 127)
+    return {"ttft_p50_ms": ttft, "tpot_p50_ms": statistics.median(tp)}
+
+
+def decode_step_by_batch(llm: LLM, vocab: int) -> dict:
+    """GPU time of one replayed decode step with B sequences at ~128 cached tokens (CUDA events)."""
+    gen = torch.Generator().manual_seed(2)
+    out = {}
+    for b in llm.graphs.decode_buckets:
+        streams = [llm.stream_deltas({"prompt_token_ids": _ids(gen, 128, vocab)},
+                                     SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)) for _ in range(b)]
+        for s in streams:
+            next(s)
+        assert llm.stats()["requests_running"] == b
+        s_ = llm.stream_ctx
+        with torch.cuda.stream(s_):
+            s_.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):  # writes past the rows' allocated blocks land in the scratch block
+                llm.graphs.replay_decode(b)
+            end.record()
+            end.synchronize()
+        out[str(b)] = start.elapsed_time(end) / 20
+        for s in streams:
+            s.close()
+    return out
+
+
+def invariance(llm: LLM, vocab: int, prompts: int = 64, tokens: int = 128, batch: int = 16) -> dict:
+    gen = torch.Generator().manual_seed(3)
+    ps = [{"prompt_token_ids": _ids(gen, int(torch.randint(8, 200, (1,), generator=gen)), vocab)} for _ in range(prompts)]
+    sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    alone = [llm.generate(p, sp)[0].outputs[0].token_ids for p in ps]
+    together = []
+    for i in range(0, prompts, batch):
+        together += [o.outputs[0].token_ids for o in llm.generate(ps[i:i + batch], sp)]
+    same = sum(a == t for a, t in zip(alone, together))
+    first_diff = [next((j for j, (x, y) in enumerate(zip(a, t)) if x != y), None) for a, t in zip(alone, together)]
+    return {"prompts": prompts, "tokens": tokens, "batch": batch, "agreement": same / prompts,
+            "first_divergence": [d for d in first_diff if d is not None]}
+
+
+def concurrent_streams(llm: LLM, vocab: int, clients: int = 32, prompt: int = 128, tokens: int = 128) -> dict:
+    """`clients` threads streaming at once vs the same requests one after another (in-process, no HTTP)."""
+    gen = torch.Generator().manual_seed(4)
+    ps = [{"prompt_token_ids": _ids(gen, prompt, vocab)} for _ in range(clients)]
+    sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    serial = [llm.generate(p, sp)[0].outputs[0].token_ids for p in ps]
+    serial_s = time.perf_counter() - t0
+    got, gaps = [None] * clients, []
+    barrier = threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        toks, last, mine = [], None, []
+        for d in llm.stream_deltas(ps[i], sp):
+            now = time.perf_counter()
+            if last is not None:
+                mine.append((now - last) * 1e3)
+            last = now
+            toks += d.token_ids
+        got[i] = toks
+        gaps.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    conc_s = time.perf_counter() - t0
+    gaps.sort()
+    return {"clients": clients, "prompt_tokens": prompt, "max_tokens": tokens,
+            "client_tpot_p50_ms": gaps[len(gaps) // 2], "client_tpot_p99_ms": gaps[int(len(gaps) * 0.99)],
+            "throughput_tok_s": clients * tokens / conc_s, "serial_throughput_tok_s": clients * tokens / serial_s,
+            "all_correct": got == serial}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-2-7b-shape")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--batch1-only", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    llm = LLM(args.model, capture="eager")
+    vocab = llm.model_config.vocab_size
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    res = {"card": card, "model": args.model, "torch": torch.__version__,
+           "created": time.strftime("%Y-%m-%d %H:%M:%S"), "batch1": batch1(llm, args.runs, vocab)}
+    print(json.dumps(res["batch1"]), flush=True)
+    if not args.batch1_only:
+        res["decode_step_ms_by_batch"] = decode_step_by_batch(llm, vocab)
+        print(json.dumps(res["decode_step_ms_by_batch"]), flush=True)
+        res["batch_invariance"] = invariance(llm, vocab)
+        print(json.dumps(res["batch_invariance"]), flush=True)
+        res["concurrent_streams"] = concurrent_streams(llm, vocab)
+        print(json.dumps(res["concurrent_streams"]), flush=True)
+        res["stats"] = {k: v for k, v in llm.stats().items() if isinstance(v, (int, float, str, dict))}
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
