@@ -56,12 +56,15 @@ class EngineCore:
                     return seq.outbox.popleft()
             self._drive(self.step)
 
-    def cancel(self, seq: Sequence) -> None:
-        """Stop `seq` now: its blocks and row are free when this returns (its outbox is dropped)."""
+    def cancel(self, seq: Sequence, wait: bool = True) -> None:
+        """Stop `seq`: its blocks and row are free when this returns. With wait=False (finalizers) it only marks the
+        sequence when another caller is driving; that caller's next step frees it."""
         with self.cv:
             if seq.finished:
                 return
             seq.cancelled = True
+            if self._driving and not wait:
+                return
             while self._driving:
                 self.cv.wait()
             self._driving = True

@@ -62,10 +62,9 @@ class RequestStream:
             self._core.cancel(self.seq)
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to free
-            pass
+        if not self._done:  # never blocks: a finalizer may run on the thread that is driving the loop
+            self._done = True
+            self._core.cancel(self.seq, wait=False)
 
 
 class LLM:
@@ -205,7 +204,7 @@ class LLM:
             "requests_running": running,
             "requests_waiting": waiting,
             "preemptions": sched.num_preemptions,
-            "decode_batch_sizes": dict(sorted(sched.batch_sizes.items())),
+            "decode_batch_sizes": {rows: n for rows, n in enumerate(list(sched.batch_sizes)) if n},
             **self.core.counts,
             **self.ops.describe(),
         }

@@ -8,7 +8,7 @@ recomputed from its prompt and the tokens it already produced (vLLM's recompute 
 """
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -45,7 +45,7 @@ class Scheduler:
         self.rows: list[Sequence | None] = []
         self._high_water = 0  # rows 0.._high_water-1 may hold state on the device
         self.num_preemptions = 0
-        self.batch_sizes: Counter = Counter()
+        self.batch_sizes = [0] * (max_num_seqs + 1)  # decode steps by rows (a list: stats() reads it unlocked)
 
     # ---- queues ----
     def add(self, seq: Sequence) -> None:
