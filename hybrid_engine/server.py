@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together (default 32)")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--capture", default=None, choices=["idle", "eager", "off"], help="CUDA-graph capture policy")
@@ -168,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig keywords from the CLI; options left unset keep the engine's defaults."""
-    names = ("dtype", "device", "max_model_len", "num_kv_blocks", "block_size", "attention_backend", "capture",
-             "prefill_weight_copy", "seed")
+    names = ("dtype", "device", "max_model_len", "num_kv_blocks", "max_num_seqs", "block_size", "attention_backend",
+             "capture", "prefill_weight_copy", "seed")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

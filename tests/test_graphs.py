@@ -2,7 +2,9 @@
 import threading
 import time
 
-from hybrid_engine.graphs import DECODE, CaptureWorker
+from hybrid_engine.graphs import DECODE as _DECODE, CaptureWorker, decode_buckets
+
+DECODE = (_DECODE, 1)  # the batch-1 decode graph's key
 from hybrid_engine.models import llama
 
 
@@ -25,6 +27,14 @@ def test_decode_first_then_demand_then_ladder():
     assert w.pending() == [DECODE, 64, 128, 16, 32]
     w.run_all()
     assert done == [DECODE, 64, 128, 16, 32] and w.pending() == []
+
+
+def test_every_decode_bucket_before_any_prefill_bucket():
+    w = CaptureWorker([16, (_DECODE, 4), 32, DECODE], lambda key: None)
+    w.record_demand(32)
+    assert w.pending() == [(_DECODE, 4), DECODE, 32, 16]
+    assert decode_buckets(32) == [1, 2, 4, 8, 16, 32] and decode_buckets(12) == [1, 2, 4, 8, 12]
+    assert decode_buckets(1) == [1]
 
 
 def test_failure_is_counted_and_not_retried():

@@ -58,7 +58,8 @@ class Server:
         self.log_path = tmp / "server.log"
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         cmd = [sys.executable, "-m", "hybrid_engine.server", "--model", model, "--port", str(self.port),
-               "--max-model-len", str(max_model_len), "--max-queue", str(MAX_QUEUE), "--no-access-log",
+               "--max-model-len", str(max_model_len), "--max-queue", str(MAX_QUEUE), "--max-num-seqs", "1",
+               "--no-access-log",
                "--log-level", "warning", *extra]
         self._log = self.log_path.open("wb")  # a file, not a pipe: a full pipe would block the server
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
