@@ -88,6 +88,8 @@ class LLM:
             with torch.cuda.stream(self.stream_ctx):
                 self.runner.warm_up()
             self.stream_ctx.synchronize()
+        if cfg.capture == "eager" and self.device.type != "cuda":
+            logger.warning("capture='eager' needs a CUDA device; on %s nothing is captured (as 'off')", self.device)
         if cfg.capture != "off" and self.device.type == "cuda":
             from .graphs import GraphRunner
 
