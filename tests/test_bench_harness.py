@@ -1,5 +1,5 @@
 """The latency harness (hybrid_engine.bench) and benchmarks/report.py: floors, statistics, prompts, the results
-file format of BENCHMARKS.md, the table, the plot, the README block, and one tiny end-to-end run."""
+file format, the table, the plot, the README block, and one tiny end-to-end run."""
 from __future__ import annotations
 
 import importlib.util
