@@ -1,5 +1,5 @@
 """`hybrid-engine bench`: this engine against transformers eager and static-cache `generate`, same weights, same
-card, one run. Writes <card>-<date>.json / .md / .png into --out-dir (default ./hybrid-engine-results).
+card, one run. Writes <card>-<model>-<date>.json / .md / .png into --out-dir (default ./hybrid-engine-results).
 
 On a GPU every system runs in its own child process (`--isolate auto`): its memory is gone before the next loads,
 and `--system-timeout` bounds it, which is what bounds the static-cache peer's torch.compile time. A child writes
@@ -222,7 +222,13 @@ def _worker(args: argparse.Namespace) -> int:
 def _write(results: dict[str, Any], out_dir: Path, t0: float) -> dict[str, Path]:
     """Written after every system too: a run cut short still leaves the systems it finished."""
     results["wall_s"] = round(time.perf_counter() - t0, 1)
-    return output.write_all(results, out_dir, f"{hardware.card_slug(results['card'])}-{results['created'][:10]}")
+    return output.write_all(results, out_dir, results_stem(results))
+
+
+def results_stem(results: dict[str, Any]) -> str:
+    """card-model-date, the name results files go by (a checkpoint path contributes its folder's name)."""
+    model = hardware.card_slug(Path(str(results["model"])).name)
+    return f"{hardware.card_slug(results['card'])}-{model}-{results['created'][:10]}"
 
 
 def main(argv: list[str] | None = None) -> int:
