@@ -174,8 +174,8 @@ class ChatMessage(_Strict):
     def _content_required(self) -> ChatMessage:
         # OpenAI's schema: content is required, except for an assistant message that carries tool_calls
         # (or the legacy function_call).
-        calls = {k for k in ("tool_calls", "function_call") if (self.model_extra or {}).get(k)}
-        if self.content is None and not (self.role == "assistant" and calls):
+        has_calls = any((self.model_extra or {}).get(k) for k in ("tool_calls", "function_call"))
+        if self.content is None and not (self.role == "assistant" and has_calls):
             allowed = "required" if self.role != "assistant" else "required unless the message has tool_calls"
             raise ValueError(f"a {self.role!r} message needs 'content' ({allowed})")
         return self
