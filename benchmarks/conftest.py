@@ -23,6 +23,13 @@ def pytest_addoption(parser):
                           "op waits for its slowest thread, which makes medians swing)")
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The card goes into the JSON: ci/gate.py picks the baseline stored for it (ci/baselines/gpu-<card>.json)."""
+    from hybrid_engine.bench.hardware import card_name
+
+    machine_info["card"] = card_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 @pytest.fixture(scope="session")
 def bench_rounds(request) -> int:
     return request.config.getoption("--bench-rounds")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the GPU (H200): GPU tests + latency benchmark; results under $OUT. Usage: bash benchmarks/gpu_check.sh [stage...]
+# One call on a GPU machine: GPU tests + latency benchmark; results under $OUT. Usage: bash benchmarks/gpu_check.sh [stage...]
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -43,8 +43,23 @@ for s in $stages; do
     gusilu) timeout 150 python3 benchmarks/gemv_bench.py --gate-up-silu --json "$OUT/gate_up_silu.json" 2>&1 | tail -16;;
     qkvrope) timeout 150 python3 benchmarks/gemv_bench.py --qkv-rope --json "$OUT/qkv_rope.json" 2>&1 | tail -16;;
     pbench) timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/bench-gpu.json" 2>&1 | tail -30
-          [ -f ci/baselines/gpu-llama-2-7b-shape.json ] && python3 ci/gate.py ci/baselines/gpu-llama-2-7b-shape.json \
-            "$OUT/bench-gpu.json" --tolerance 0.10 --min-delta-ms 0.2 | tee "$OUT/gate.txt";;
+          python3 ci/gate.py "$OUT/bench-gpu.json" --tolerance 0.10 --min-delta-ms 0.2 | tee "$OUT/gate.txt";;  # this card's baseline
+    gate) # This card's TTFT baseline and the proof that the gate bites: the TTFT suite three times, real (-> $OUT/gpu-<card>.json,
+          # commit it as ci/baselines/gpu-<card>.json), real again (gate must PASS), slowed by $SLOW_S s per request (must FAIL).
+          # CPU dry run: GATE_MARK="not gpu" GATE_K="test_ttft and (L50 or L200)" GATE_ARGS="--bench-rounds 8" SLOW_S=0.3 GATE_OPTS="--tolerance 0.5 --min-delta-ms 100"
+          card=$(python3 -c "import torch; from hybrid_engine.bench.hardware import card_name as c; print(c(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))")
+          base="$OUT/$(basename "$(python3 ci/gate.py --which --card "$card")")"
+          suite=(python3 -m pytest benchmarks -m "${GATE_MARK:-gpu}" -k "${GATE_K:-test_ttft}" -q -p no:cacheprovider ${GATE_ARGS:-})
+          timeout 280 "${suite[@]}" --benchmark-json="$base" 2>&1 | tail -2
+          timeout 280 "${suite[@]}" --benchmark-json="$OUT/gate-current-real.json" 2>&1 | tail -2
+          HYBRID_ENGINE_SLOW_S=${SLOW_S:-0.002} PYTHONPATH=ci:$PYTHONPATH timeout 280 "${suite[@]}" -p slow_engine \
+            --benchmark-json="$OUT/gate-current-slowed.json" 2>&1 | tail -2
+          for run in real slowed; do
+            python3 ci/gate.py "$base" "$OUT/gate-current-$run.json" ${GATE_OPTS:---tolerance 0.10 --min-delta-ms 0.2} > "$OUT/gate-$run.txt"
+            rc=$?; want=$([ $run = real ] && echo 0 || echo 1)
+            echo "gate, $run engine: exit $rc (want $want)" >> "$OUT/gate-$run.txt"; cat "$OUT/gate-$run.txt"
+          done
+          echo "baseline for '$card': $base -> commit as ci/baselines/$(basename "$base")";;
     batch) timeout ${BATCH_T:-300} python3 benchmarks/batch_bench.py --out "$OUT/batch_bench.json" 2>&1 | grep -v "Warn\|INFO" | tail -8;;
     ab) for i in $(seq ${AB_ROUNDS:-2}); do  # same-lease A/B of batch-1 latency: the tree in .ab/ (a base commit) vs this one
           PYTHONPATH=.ab timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_base_$i.json" 2>&1 | tail -1

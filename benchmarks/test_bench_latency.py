@@ -5,7 +5,7 @@ llama-2-7b-shape on a GPU (marker `gpu`). Fresh random prompt ids every round.
   (extra_info["metric"] == "ttft").
 - test_per_token: one streamed decode step as a client sees it (the request keeps streaming across rounds; a fresh
   one starts before it runs out).
-- test_generate: a whole request of N tokens, way (a) of BENCHMARKS.md: per token = (its median - the TTFT median
+- test_generate: a whole request of N tokens, way (a) of hybrid_engine/bench/measure.py: per token = (its median - the TTFT median
   at the same length) / (N - 1).
 """
 from __future__ import annotations

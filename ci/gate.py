@@ -2,23 +2,31 @@
 """TTFT regression gate over pytest-benchmark JSON files.
 
     python ci/gate.py BASELINE.json CURRENT.json [--tolerance 0.10] [--tolerance-for 10=0.15,500=0.08]
+    python ci/gate.py CURRENT.json [--card "NVIDIA H200"]    # baseline: ci/baselines/gpu-<card slug>.json
+    python ci/gate.py --which [--card "NVIDIA H200" | CURRENT.json]   # print that baseline's path
+
+With one file, the baseline is the one stored for the card that produced CURRENT (--card, else CURRENT's
+machine_info["card"], which benchmarks/conftest.py records); where none is stored the gate says so and exits 3.
 
 Compares the median of every TTFT benchmark (extra_info["metric"] == "ttft", one per preset and prompt length) in
 CURRENT with the same benchmark in BASELINE. A benchmark regresses when
     current_median > baseline_median * (1 + tolerance)   and   current_median - baseline_median > --min-delta-ms.
 It prints one table row per benchmark and exits 1 on any regression or on a baseline benchmark missing from
-CURRENT, 2 on unusable input, 0 otherwise. Benchmarks only in CURRENT are listed as "new" and do not fail.
+CURRENT, 2 on unusable input, 3 when no baseline is stored for the card, 0 otherwise. Benchmarks only in CURRENT are listed as "new" and do not fail.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 DEFAULT_TOLERANCE = 0.10
+BASELINES = Path(__file__).resolve().with_name("baselines")
+NO_BASELINE = 3
 
 
 class GateInputError(ValueError):
@@ -50,6 +58,26 @@ def load_ttft(path: Path, metric: str) -> dict[str, tuple[int | None, float]]:
         n = info.get("prompt_len", (b.get("params") or {}).get("prompt_len"))
         out[b.get("fullname") or b["name"]] = (int(n) if n is not None else None, b["stats"]["median"] * 1e3)
     return out
+
+
+def card_slug(card: str) -> str:
+    """The rule of hybrid_engine.bench.hardware.card_slug (this script runs without the package)."""
+    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "unknown"
+
+
+def baseline_for(card: str, directory: Path = BASELINES) -> Path:
+    return directory / f"gpu-{card_slug(card)}.json"
+
+
+def card_of(path: Path) -> str:
+    """machine_info["card"] of a pytest-benchmark JSON."""
+    try:
+        card = json.loads(Path(path).read_text()).get("machine_info", {}).get("card")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise GateInputError(f"{path}: not a pytest-benchmark JSON file ({exc})") from None
+    if not card:
+        raise GateInputError(f"{path} does not say which card produced it (no machine_info.card); pass --card")
+    return str(card)
 
 
 def _metric_from_name(name: str) -> str | None:
@@ -111,17 +139,42 @@ def _per_len(text: str) -> dict[int, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("baseline", type=Path)
-    p.add_argument("current", type=Path)
+    p.add_argument("files", type=Path, nargs="*", metavar="[BASELINE] CURRENT")
+    p.add_argument("--card", help="the card whose stored baseline to use (default: CURRENT's machine_info.card)")
+    p.add_argument("--baseline-dir", type=Path, default=BASELINES, help=f"stored baselines (default {BASELINES})")
+    p.add_argument("--which", action="store_true", help="print the stored baseline's path for --card and exit")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"allowed median increase as a fraction (default {DEFAULT_TOLERANCE})")
     p.add_argument("--tolerance-for", type=_per_len, default={}, help="per prompt length, e.g. 10=0.15,500=0.08")
     p.add_argument("--min-delta-ms", type=float, default=0.0, help="ignore increases smaller than this")
     p.add_argument("--metric", default="ttft", help='extra_info["metric"] to gate (default ttft)')
-    args = p.parse_args(argv)
+    return p
+
+
+def resolve_files(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(baseline, current): given, or the stored baseline of the card."""
+    if len(args.files) == 2:
+        return args.files[0], args.files[1]
+    if len(args.files) != 1:
+        raise GateInputError(f"expected BASELINE CURRENT or CURRENT, got {len(args.files)} file(s)")
+    return baseline_for(args.card or card_of(args.files[0]), args.baseline_dir), args.files[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
+        if args.which:
+            if not (args.card or len(args.files) == 1):
+                raise GateInputError("--which needs --card or one CURRENT file")
+            print(baseline_for(args.card or card_of(args.files[0]), args.baseline_dir))
+            return 0
+        args.baseline, args.current = resolve_files(args)
+        if not args.baseline.exists() and len(args.files) == 1:
+            print(f"gate: NO BASELINE for this card: {args.baseline} does not exist; the gate did not run. Store "
+                  f"one measured on that card (bash benchmarks/gpu_check.sh gate writes it)", file=sys.stderr)
+            return NO_BASELINE
         base, cur = load_ttft(args.baseline, args.metric), load_ttft(args.current, args.metric)
     except GateInputError as exc:
         print(f"gate: {exc}", file=sys.stderr)

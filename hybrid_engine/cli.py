@@ -5,43 +5,99 @@ import argparse
 import logging
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+
+if TYPE_CHECKING:
+    from . import LLM, SamplingParams
+
+
+class UsageError(Exception):
+    """A bad command-line value: main() prints it as one `error: ...` line on stderr and exits 2."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's own errors (bad choice, wrong type, missing argument) as a UsageError: one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _as_flag(message: str) -> str:
+    """'max_tokens=0 must be ...' -> '--max-tokens=0 must be ...': name the flag the user typed."""
+    name, sep, rest = message.partition("=")
+    return f"--{name.replace('_', '-')}={rest}" if sep and name.isidentifier() else message
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from --max-tokens/--temperature/--top-k/--top-p/--seed/--ignore-eos, checked before any model
+    loads; a bad value is a UsageError naming its flag and the allowed range."""
+    from . import SamplingParams
+
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+    except ValueError as exc:
+        raise UsageError(_as_flag(_one_line(exc))) from None
+
+
+def model_for_device(args: argparse.Namespace) -> str:
+    """--model, or the default preset for the device; --device cuda without a GPU is a UsageError."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device=cuda: no CUDA GPU is available to torch here; use --device cpu or auto")
+    return args.model or ("llama-2-7b-shape" if torch.cuda.is_available() else "tiny-llama")
+
+
+def load_llm(model: str, **engine_kwargs: Any) -> LLM:
+    """LLM(model, ...); a path or preset that cannot be loaded is a UsageError naming it."""
+    from . import LLM
+
+    try:
+        return LLM(model, **engine_kwargs)
+    except (ValueError, OSError) as exc:  # ModelLoadError is both
+        raise UsageError(f"--model={model!r} could not be loaded: {_one_line(exc)}") from None
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import LLM, SamplingParams
-
-    model = args.model or ("llama-2-7b-shape" if torch.cuda.is_available() else "tiny-llama")
+    if not args.prompt:
+        raise UsageError("the prompt is empty; pass the text to continue, e.g. hybrid-engine generate \"Hello\"")
+    params = sampling_params_from_args(args)
+    model = model_for_device(args)
     t0 = time.perf_counter()
-    llm = LLM(model, dtype=args.dtype, device=args.device, capture=args.capture)
+    llm = load_llm(model, dtype=args.dtype, device=args.device, capture=args.capture)
     print(f"[hybrid-engine] loaded {model} on {llm.device} ({llm.dtype}) in {time.perf_counter() - t0:.1f}s; "
           f"attention={llm.ops.name}", file=sys.stderr)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     try:
-        if args.stream:
-            for delta in llm.stream_deltas(args.prompt, params):
-                print(delta.text, end="", flush=True)
-            print()
-            metrics = delta.metrics
-        else:
-            out = llm.generate(args.prompt, params)[0]
-            print(out.outputs[0].text)
-            metrics = out.metrics
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        metrics = _print_generation(llm, args.prompt, params, args.stream)
+    except ValueError as exc:  # e.g. an empty prompt, or one longer than max_model_len
+        raise UsageError(_one_line(exc)) from None
+    finally:
+        llm.close()
     print(f"[hybrid-engine] {metrics.prompt_tokens} prompt + {metrics.generated_tokens} generated tokens; "
           f"TTFT {metrics.ttft_s * 1e3:.2f} ms, per token {metrics.tpot_s * 1e3:.2f} ms", file=sys.stderr)
-    llm.close()
     return 0
 
 
+def _print_generation(llm: LLM, prompt: str, params: SamplingParams, stream: bool) -> Any:
+    if not stream:
+        out = llm.generate(prompt, params)[0]
+        print(out.outputs[0].text)
+        return out.metrics
+    delta = None
+    for delta in llm.stream_deltas(prompt, params):
+        print(delta.text, end="", flush=True)
+    print()
+    return delta.metrics
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hybrid-engine", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = OneLineErrorParser(prog="hybrid-engine", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)  # subparsers are OneLineErrorParsers too
     g = sub.add_parser("generate", help="generate text for one prompt")
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="checkpoint dir or preset (default: tiny-llama on CPU, "
@@ -73,8 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .server import main as serve_main
 
         return serve_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """The few CUDA calls on a request's critical path, made through the driver API (ctypes) instead of torch.
 
-Measured with line_profiler on the H100 host (benchmarks/host_path.py, session 6): torch spends 20-40 us of host time
+Measured with line_profiler on the H100 host (benchmarks/host_path.py, 2026-11-27): torch spends 20-40 us of host time
 on a 2 KB pinned host-to-device `copy_` (dispatch, TensorIterator, and an event the pinned-memory allocator records
 per copy), 10-20 us on `CUDAGraph.replay()` (which also launches two small fill kernels per replay for the default
 generator's philox seed and offset, although no graph here draws from it), 8-15 us on the token's device-to-host
 copy and 4-8 us on an event record. Here each is one ctypes call into libcuda (~1-3 us), on the thread's *current*
 stream, exactly as the torch call would be. Host time before a replay launch is what a slow-CPU burst on the host
-multiplies (benchmarks/NOTES.md, session 5-6), so it is kept small.
+multiplies (benchmarks/NOTES.md, 2026-11-27), so it is kept small.
 
 What the torch calls did and these do not, and why that is safe here:
 - the copies record no event in torch's pinned-memory allocator: the engine's pinned buffers are never freed while

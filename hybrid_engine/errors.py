@@ -5,10 +5,12 @@ class HybridEngineError(RuntimeError):
     """Base class for engine failures that are not a caller's bad value (those raise ValueError)."""
 
 
-class ModelLoadError(HybridEngineError, ValueError):
+class ModelLoadError(HybridEngineError, ValueError, OSError):
     """A checkpoint, preset or tokenizer could not be loaded; the message names the file or preset.
 
-    Also a ValueError: the cause is a value the caller passed (a path, a preset name)."""
+    Also a ValueError: the cause is a value the caller passed (a path, a preset name); and an OSError, which is what
+    transformers' `from_pretrained` raises for a missing or unreadable checkpoint, so `except OSError` written for
+    transformers catches it too (as io.UnsupportedOperation is both an OSError and a ValueError)."""
 
 
 class OptionalDependencyError(ImportError):

@@ -177,6 +177,8 @@ class HybridModelForCausalLM:
 
     def _sampling_params(self, prompt_len: int, opts: dict[str, Any]) -> SamplingParams:
         max_new = opts["max_new_tokens"]
+        if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
+            raise ValueError(f"max_new_tokens={max_new!r} must be an int >= 1")  # named as the caller passed it
         if max_new is None:
             max_new = opts["max_length"] - prompt_len
             if max_new < 1:

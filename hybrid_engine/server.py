@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from hybrid_engine.server_generation import Generation, ServerState  # noqa: E402
+from hybrid_engine.server_limits import (  # noqa: E402
+    DEFAULT_MAX_REQUEST_BYTES, RequestLimits, derived_max_prompt_chars, prompt_chars)
 from hybrid_engine.server_protocol import (  # noqa: E402
     APIError, ChatCompletionRequest, CompletionRequest, bad_value, parse_request)
 
@@ -36,9 +38,11 @@ CAPTURE_KEYS = ("graphs_captured", "graphs_pending", "graphs_failed", "graph_poo
 
 async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    req = parse_request(CompletionRequest, await request.body())
+    limits: RequestLimits = request.app.state.limits
+    req = parse_request(CompletionRequest, await limits.read_body(request))
     state.check_model(req.model)
     prompt = req.engine_prompt()
+    limits.check_prompt_chars(prompt_chars(prompt), "prompt")
     max_tokens = req.resolved_max_tokens() or DEFAULT_COMPLETION_MAX_TOKENS
     state.check_length(await state.count_prompt_tokens(prompt), max_tokens, "prompt")
     params = req.sampling_params(max_tokens)
@@ -48,8 +52,10 @@ async def completions(request: Request) -> Response:
 
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    req = parse_request(ChatCompletionRequest, await request.body())
+    limits: RequestLimits = request.app.state.limits
+    req = parse_request(ChatCompletionRequest, await limits.read_body(request))
     state.check_model(req.model)
+    limits.check_prompt_chars(req.content_chars(), "messages")
     try:
         ids = await asyncio.to_thread(state.llm.encode_chat, req.template_messages())
     except ValueError as exc:
@@ -116,9 +122,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
-def create_app(llm: Any, *, served_model_name: str | None = None, max_queue: int = 64) -> FastAPI:
-    """A FastAPI app serving `llm`. The engine worker starts with the app's lifespan and stops with it."""
+def create_app(llm: Any, *, served_model_name: str | None = None, max_queue: int = 64,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_prompt_chars: int | None = None) -> FastAPI:
+    """A FastAPI app serving `llm`. The engine worker starts with the app's lifespan and stops with it.
+
+    Bodies over `max_request_bytes` are answered 413 unread; prompts over `max_prompt_chars` characters (default:
+    the most that could fit max_model_len with the model's tokenizer) are answered 400 untokenized."""
     name = served_model_name or _default_model_name(llm)
+    limits = RequestLimits(max_request_bytes, max_prompt_chars or derived_max_prompt_chars(llm))
     state = ServerState(llm, name, max_queue)
 
     @contextlib.asynccontextmanager
@@ -129,6 +140,7 @@ def create_app(llm: Any, *, served_model_name: str | None = None, max_queue: int
 
     app = FastAPI(title="hybrid_engine", summary="OpenAI-compatible server", lifespan=lifespan)
     app.state.server = state
+    app.state.limits = limits
     _install_error_handlers(app)
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
@@ -151,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the engine before 429")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"larger request bodies are answered 413 unread (default {DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longer prompts are answered 400 before tokenizing (default: max_model_len x the longest "
+                        "token in the vocabulary x 2)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--max-model-len", type=int, default=None)
@@ -177,9 +194,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Load the model, then serve until SIGINT/SIGTERM. Returns the process exit code."""
     args = build_parser().parse_args(argv)
-    if args.max_queue < 1:
-        print(f"error: --max-queue={args.max_queue} must be >= 1", file=sys.stderr)
-        return 2
+    for flag in ("max_queue", "max_request_bytes", "max_prompt_chars"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"error: --{flag.replace('_', '-')}={value} must be >= 1", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)  # the server owns the process: its --log-level wins over the CLI's default
     import torch
@@ -195,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not load {model!r}: {exc}", file=sys.stderr)
         return 2
     try:
-        app = create_app(llm, served_model_name=args.served_model_name or model, max_queue=args.max_queue)
+        app = create_app(llm, served_model_name=args.served_model_name or model, max_queue=args.max_queue,
+                         max_request_bytes=args.max_request_bytes, max_prompt_chars=args.max_prompt_chars)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 access_log=not args.no_access_log, timeout_graceful_shutdown=5)
         uvicorn.Server(config).run()

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hybrid_engine.sampling_params import SamplingParams
 
@@ -79,7 +79,7 @@ class StreamOptions(_Strict):
 
 
 class _SamplingRequest(_Strict):
-    model: str | None = None
+    model: str  # required, as in OpenAI's API (400 without it)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -170,12 +170,28 @@ class ChatMessage(_Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
-    def as_template_dict(self) -> dict[str, str]:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        # OpenAI's schema: content is required, except for an assistant message that carries tool_calls
+        # (or the legacy function_call).
+        has_calls = any((self.model_extra or {}).get(k) for k in ("tool_calls", "function_call"))
+        if self.content is None and not (self.role == "assistant" and has_calls):
+            allowed = "required" if self.role != "assistant" else "required unless the message has tool_calls"
+            raise ValueError(f"a {self.role!r} message needs 'content' ({allowed})")
+        return self
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def as_template_dict(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        out: dict[str, Any] = {"role": role, "content": self.text()}
+        tool_calls = (self.model_extra or {}).get("tool_calls")
+        if tool_calls:
+            out["tool_calls"] = tool_calls
+        return out
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -185,8 +201,11 @@ class ChatCompletionRequest(_SamplingRequest):
     def resolved_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.as_template_dict() for m in self.messages]
+
+    def content_chars(self) -> int:
+        return sum(len(m.text()) for m in self.messages)
 
 
 def parse_request(model: type[_SamplingRequest], body: bytes) -> Any:
@@ -204,6 +223,8 @@ def validation_error(exc: ValidationError) -> APIError:
     if first["type"] == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {first['msg']}", code="invalid_json")
     loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    if first["type"] == "missing":  # its "input" is the whole enclosing object
+        return APIError(400, f"{loc}: required field is missing", param=loc)
     message = f"{loc or 'body'}: {first['msg']}" + (f" (got {first['input']!r})" if loc and "input" in first else "")
     return APIError(400, message[:500], param=loc or None)
 

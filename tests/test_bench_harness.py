@@ -1,5 +1,5 @@
 """The latency harness (hybrid_engine.bench) and benchmarks/report.py: floors, statistics, prompts, the results
-file format of BENCHMARKS.md, the table, the plot, the README block, and one tiny end-to-end run."""
+file format, the table, the plot, the README block, and one tiny end-to-end run."""
 from __future__ import annotations
 
 import importlib.util
@@ -141,11 +141,16 @@ def test_report_rewrites_only_the_marked_block_from_the_latest_committed_gpu_run
     assert report.main(["--readme", str(readme)]) == 2
 
 
+def res_card(path) -> str:
+    return json.loads(path.read_text())["card"]
+
+
 def test_quick_run_end_to_end_on_cpu(tmp_path, capsys):
     argv = ["--device", "cpu", "--lengths", "10,20", "--runs", "3", "--gen-tokens", "4", "--tpot-runs", "2",
             "--stream-runs", "1", "--tpot-prompt-len", "20", "--out-dir", str(tmp_path), "--no-progress"]
     assert harness.main(argv) == 0
     (path,) = tmp_path.glob("cpu-*.json")
+    assert path.stem == f"{hardware.card_slug(res_card(path))}-tiny-llama-{path.stem[-10:]}"  # card-model-date
     res = json.loads(path.read_text())
     assert FORMAT_KEYS <= res.keys() and FLOOR_KEYS <= res["floors"].keys()
     assert res["command"].startswith("hybrid-engine bench --device cpu")

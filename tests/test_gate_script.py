@@ -25,14 +25,16 @@ def _load_gate():
 gate = _load_gate()
 
 
-def bench_json(path: Path, medians_ms: dict[int, float], extra: list[dict] | None = None) -> Path:
+def bench_json(path: Path, medians_ms: dict[int, float], extra: list[dict] | None = None,
+               card: str | None = None) -> Path:
     benches = [{
         "name": f"test_ttft[tiny-llama-L{n}]", "fullname": f"benchmarks/test_bench_latency.py::test_ttft[tiny-llama-L{n}]",
         "params": {"preset": "tiny-llama", "prompt_len": n}, "group": "ttft tiny-llama",
         "extra_info": {"metric": "ttft", "prompt_len": n, "preset": "tiny-llama"},
         "stats": {"median": ms / 1e3, "mean": ms / 1e3, "min": ms / 1e3, "max": ms / 1e3, "rounds": 30},
     } for n, ms in medians_ms.items()]
-    path.write_text(json.dumps({"machine_info": {}, "benchmarks": benches + (extra or [])}))
+    machine_info = {"card": card} if card else {}
+    path.write_text(json.dumps({"machine_info": machine_info, "benchmarks": benches + (extra or [])}))
     return path
 
 
@@ -110,3 +112,76 @@ def test_baseline_without_ttft_exits_2(tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"benchmarks": []}))
     assert run_cli(empty, empty).returncode == 2
+
+
+# ---------------- the baseline stored for the card ----------------
+
+def test_one_file_picks_the_baseline_of_its_card(tmp_path):
+    stored = tmp_path / "baselines"
+    stored.mkdir()
+    bench_json(stored / "gpu-nvidia-h200.json", BASE)
+    bench_json(stored / "gpu-nvidia-h100-80gb-hbm3.json", {n: v / 2 for n, v in BASE.items()})
+    ok = bench_json(tmp_path / "ok.json", {n: v * 1.08 for n, v in BASE.items()}, card="NVIDIA H200")
+    slow = bench_json(tmp_path / "slow.json", {**BASE, 100: 8.0 * 1.25}, card="NVIDIA H200")
+    proc = run_cli(ok, "--baseline-dir", stored)
+    assert proc.returncode == 0 and "gpu-nvidia-h200.json" in proc.stdout, proc.stdout + proc.stderr
+    proc = run_cli(slow, "--baseline-dir", stored)
+    assert proc.returncode == 1 and "REGRESSED" in proc.stdout
+    proc = run_cli(ok, "--baseline-dir", stored, "--card", "NVIDIA H100 80GB HBM3")  # --card wins over the JSON
+    assert proc.returncode == 1 and "gpu-nvidia-h100-80gb-hbm3.json" in proc.stdout
+
+
+def test_no_baseline_for_the_card_exits_3_and_names_the_file(tmp_path):
+    cur = bench_json(tmp_path / "cur.json", BASE, card="NVIDIA B200")
+    proc = run_cli(cur, "--baseline-dir", tmp_path)
+    assert proc.returncode == gate.NO_BASELINE == 3
+    assert "NO BASELINE" in proc.stderr and str(tmp_path / "gpu-nvidia-b200.json") in proc.stderr
+    assert "gate: PASS" not in proc.stdout
+
+
+def test_one_file_without_a_card_is_unusable(tmp_path):
+    cur = bench_json(tmp_path / "cur.json", BASE)
+    proc = run_cli(cur, "--baseline-dir", tmp_path)
+    assert proc.returncode == 2 and "machine_info.card" in proc.stderr
+
+
+@pytest.mark.parametrize("card", ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "cpu: Intel(R) Xeon(R)"])
+def test_which_uses_the_harness_card_slug(card, tmp_path):
+    from hybrid_engine.bench.hardware import card_slug
+
+    proc = run_cli("--which", "--card", card, "--baseline-dir", tmp_path)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == str(tmp_path / f"gpu-{card_slug(card)}.json")
+    cur = bench_json(tmp_path / "cur.json", BASE, card=card)
+    assert run_cli("--which", cur, "--baseline-dir", tmp_path).stdout == proc.stdout
+
+
+def _workflow_step(name_start: str) -> str:
+    yaml = pytest.importorskip("yaml")
+    steps = yaml.safe_load((ROOT / "ci" / "github-gpu.yml").read_text())["jobs"]["gpu-bench"]["steps"]
+    return next(s["run"] for s in steps if s.get("name", "").startswith(name_start))
+
+
+def test_workflow_gate_step_warns_where_the_card_has_no_baseline(tmp_path):
+    script = _workflow_step("TTFT regression gate").replace(".venv/bin/python", sys.executable)
+    assert "gpu-llama-2-7b-shape" not in script
+    bench_json(tmp_path / "bench-gpu.json", BASE, card="NVIDIA No Such Card")
+    (tmp_path / "ci").symlink_to(ROOT / "ci")
+    summary = tmp_path / "summary.md"
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "GITHUB_STEP_SUMMARY": str(summary)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "::warning title=TTFT gate did not run::" in proc.stdout and "gpu-nvidia-no-such-card.json" in proc.stdout
+    assert "did not run" in summary.read_text()
+
+
+def test_workflow_gate_step_fails_on_a_regression(tmp_path):
+    script = _workflow_step("TTFT regression gate").replace(".venv/bin/python", sys.executable)
+    card = "NVIDIA Test Card"
+    bench_json(tmp_path / "bench-gpu.json", {**BASE, 100: 8.0 * 1.5}, card=card)
+    (tmp_path / "ci" / "baselines").mkdir(parents=True)
+    (tmp_path / "ci" / "gate.py").write_text(GATE.read_text())  # a copy: its baselines/ folder is the one here
+    bench_json(tmp_path / "ci" / "baselines" / "gpu-nvidia-test-card.json", BASE)
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "GITHUB_STEP_SUMMARY": str(tmp_path / "s.md")})
+    assert proc.returncode == 1 and "REGRESSED" in proc.stdout, proc.stdout + proc.stderr

@@ -2,7 +2,7 @@
 
 - CPU ratio gate (ci/cpu_gate.py, what .ci/run calls): in-process, against the committed ci/cpu_baseline.json.
 - pytest-benchmark gate (ci/gate.py, what the GPU workflow calls): the tiny TTFT suite run in a child pytest three
-  times: real (baseline), real again, and with LLM.generate delayed by a plugin.
+  times: real (baseline), real again, and with LLM.generate delayed by the plugin ci/slow_engine.py.
 """
 from __future__ import annotations
 
@@ -73,31 +73,15 @@ def test_cpu_gate_fails_on_a_slowed_engine(systems, monkeypatch):
     assert all("REGRESSED" in line for line in table.splitlines() if line.startswith("ttft_"))
 
 
-SLOW_PLUGIN = """
-import time
-import hybrid_engine
-
-_generate = hybrid_engine.LLM.generate
-
-
-def generate(self, *args, **kwargs):
-    time.sleep({delay})
-    return _generate(self, *args, **kwargs)
-
-
-hybrid_engine.LLM.generate = generate
-"""
-
-
-def _suite(tmp_path: Path, name: str, plugin: str | None = None) -> Path:
+def _suite(tmp_path: Path, name: str, slow_s: float | None = None) -> Path:
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, "-m", "pytest", "benchmarks/test_bench_latency.py", "-q", "-p", "no:cacheprovider",
            "-k", "test_ttft and (L50 or L200)", "--bench-rounds", "8", f"--benchmark-json={out}"]
     env = dict(os.environ)
-    if plugin:
-        (tmp_path / "slow_engine.py").write_text(plugin)
+    if slow_s is not None:  # the plugin benchmarks/gpu_check.sh's `gate` stage uses on the GPU
         cmd += ["-p", "slow_engine"]
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+        env["HYBRID_ENGINE_SLOW_S"] = str(slow_s)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "ci"), env.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -106,7 +90,7 @@ def _suite(tmp_path: Path, name: str, plugin: str | None = None) -> Path:
 def test_benchmark_gate_fails_on_slowed_engine_and_passes_on_real(tmp_path, capsys):
     base = _suite(tmp_path, "base")
     again = _suite(tmp_path, "again")
-    slowed = _suite(tmp_path, "slowed", SLOW_PLUGIN.format(delay=0.3))
+    slowed = _suite(tmp_path, "slowed", slow_s=0.3)
     # Absolute CPU medians drift with the machine's load: a +50% and +100 ms bar is crossed by the 300 ms delay
     # and not by the drift between two real runs.
     opts = ["--tolerance", "0.5", "--min-delta-ms", "100"]
@@ -114,3 +98,4 @@ def test_benchmark_gate_fails_on_slowed_engine_and_passes_on_real(tmp_path, caps
     assert gate.main([str(base), str(slowed), *opts]) == 1
     out = capsys.readouterr().out
     assert out.count("REGRESSED") == 2 and "gate: FAIL (2 of 2)" in out
+    assert json.loads(base.read_text())["machine_info"]["card"]  # what the one-file mode picks the baseline by

@@ -409,13 +409,15 @@ def test_engine_exception_is_500_for_that_request_only(llm: LLM, expected: dict[
     try:
         while not srv.started:
             time.sleep(0.02)
-        r = httpx.post(f"{base}/v1/completions", json={"prompt": "FAIL", "max_tokens": 8}, timeout=60)
+        r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "FAIL", "max_tokens": 8},
+                       timeout=60)
         assert r.status_code == 500 and "injected engine failure" in r.json()["error"]["message"]
-        body = {"prompt": "FAIL", "max_tokens": 8, "stream": True}
+        body = {"model": MODEL, "prompt": "FAIL", "max_tokens": 8, "stream": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as resp:
             events = [ln[6:] for ln in resp.iter_lines() if ln.startswith("data: ")]
         assert events[-1] == "[DONE]" and "injected engine failure" in json.loads(events[-2])["error"]["message"]
-        r = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+        r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4,
+                                                         "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[PROMPTS[0]]
         stats = llm.stats()
         assert stats["kv_blocks_free"] == stats["kv_blocks_total"]

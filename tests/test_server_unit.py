@@ -5,6 +5,7 @@ particular the engine-failure path (500 for one request) that a healthy engine c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -68,10 +69,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
-def served() -> Iterator[tuple[FakeLLM, str]]:
-    llm = FakeLLM()
-    app = create_app(llm, served_model_name="fake", max_queue=2)
+@contextlib.contextmanager
+def _serving(llm: FakeLLM, **app_kw: Any) -> Iterator[str]:
+    app = create_app(llm, served_model_name="fake", max_queue=2, **app_kw)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -79,10 +79,19 @@ def served() -> Iterator[tuple[FakeLLM, str]]:
     deadline = time.time() + 10
     while not server.started and time.time() < deadline:
         time.sleep(0.02)
-    yield llm, f"http://127.0.0.1:{port}"
-    llm.gate.set()
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        llm.gate.set()
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture()
+def served() -> Iterator[tuple[FakeLLM, str]]:
+    llm = FakeLLM()
+    with _serving(llm) as base:
+        yield llm, base
 
 
 def _post(base: str, path: str, body: Any, **kw: Any) -> httpx.Response:
@@ -105,7 +114,7 @@ def test_completion_and_chat_json(served: tuple[FakeLLM, str]) -> None:
 
 def test_streaming_chunks_and_usage(served: tuple[FakeLLM, str]) -> None:
     _, base = served
-    body = {"prompt": "x", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": "fake", "prompt": "x", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=10) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -120,17 +129,18 @@ def test_streaming_chunks_and_usage(served: tuple[FakeLLM, str]) -> None:
 @pytest.mark.parametrize(("body", "param"), [
     (b"{not json", None),
     (b"[1, 2]", None),
-    ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "temperature": -1}, "temperature"),
-    ({"prompt": "x", "top_p": 0}, "top_p"),
-    ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "stop": [""]}, "stop"),
-    ({"prompt": "x", "logprobs": 3}, "logprobs"),
-    ({"prompt": ["a", "b"]}, "prompt"),
-    ({}, "prompt"),
-    ({"prompt": "x " * 70}, None),
+    ({"model": "fake", "prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ({"model": "fake", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "fake", "prompt": "x", "temperature": -1}, "temperature"),
+    ({"model": "fake", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "fake", "prompt": "x", "n": 2}, "n"),
+    ({"model": "fake", "prompt": "x", "stream": "yes"}, "stream"),
+    ({"model": "fake", "prompt": "x", "stop": [""]}, "stop"),
+    ({"model": "fake", "prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"model": "fake", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "fake"}, "prompt"),
+    ({"prompt": "x", "max_tokens": 1}, "model"),  # OpenAI requires `model`
+    ({"model": "fake", "prompt": "x " * 70}, None),
 ])
 def test_bad_requests_are_400(served: tuple[FakeLLM, str], body: Any, param: str | None) -> None:
     _, base = served
@@ -148,15 +158,15 @@ def test_unknown_model_404_and_unknown_field_ignored(served: tuple[FakeLLM, str]
     _, base = served
     r = _post(base, "/v1/completions", {"model": "gpt-4", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    r = _post(base, "/v1/completions", {"prompt": "x", "max_tokens": 1, "frobnicate": 3})
+    r = _post(base, "/v1/completions", {"model": "fake", "prompt": "x", "max_tokens": 1, "frobnicate": 3})
     assert r.status_code == 200
 
 
 def test_engine_error_is_500_for_that_request_only(served: tuple[FakeLLM, str]) -> None:
     _, base = served
-    r = _post(base, "/v1/completions", {"prompt": "boom"})
+    r = _post(base, "/v1/completions", {"model": "fake", "prompt": "boom"})
     assert r.status_code == 500 and "injected engine failure" in r.json()["error"]["message"]
-    r = _post(base, "/v1/completions", {"prompt": "fine", "max_tokens": 2})
+    r = _post(base, "/v1/completions", {"model": "fake", "prompt": "fine", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "w0 w1 "
 
 
@@ -164,12 +174,13 @@ def test_full_queue_429_with_retry_after(served: tuple[FakeLLM, str]) -> None:
     llm, base = served
     llm.gate.clear()
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(
-        _post(base, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code)) for _ in range(3)]
+    body = {"model": "fake", "prompt": "x", "max_tokens": 1}
+    threads = [threading.Thread(target=lambda: results.append(_post(base, "/v1/completions", body).status_code))
+               for _ in range(3)]
     for t in threads:  # 1 running (held at the gate) + 2 queued = the bound
         t.start()
         time.sleep(0.2)
-    r = _post(base, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+    r = _post(base, "/v1/completions", {"model": "fake", "prompt": "x", "max_tokens": 1})
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "queue_full"
     llm.gate.set()
@@ -181,7 +192,7 @@ def test_full_queue_429_with_retry_after(served: tuple[FakeLLM, str]) -> None:
 def test_disconnect_mid_stream_cancels(served: tuple[FakeLLM, str]) -> None:
     llm, base = served
     llm.token_delay_s = 0.05
-    body = {"prompt": "x", "max_tokens": 60, "stream": True}
+    body = {"model": "fake", "prompt": "x", "max_tokens": 60, "stream": True}
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=10) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -212,7 +223,7 @@ def test_non_streaming_client_timeout_cancels(served: tuple[FakeLLM, str]) -> No
     llm, base = served
     llm.token_delay_s = 0.05
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 60}, timeout=0.5)
+        httpx.post(base + "/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 60}, timeout=0.5)
     deadline = time.time() + 5
     while llm.held and time.time() < deadline:
         time.sleep(0.02)
@@ -234,7 +245,7 @@ def test_unstarted_request_at_shutdown_is_503() -> None:
     state = app.state.server
     codes: list[int] = []
     workers = [threading.Thread(target=lambda: codes.append(_post(
-        f"http://127.0.0.1:{port}", "/v1/completions", {"prompt": "x", "max_tokens": 5}).status_code))
+        f"http://127.0.0.1:{port}", "/v1/completions", {"model": "fake", "prompt": "x", "max_tokens": 5}).status_code))
         for _ in range(2)]
     for w in workers:
         w.start()
@@ -247,3 +258,113 @@ def test_unstarted_request_at_shutdown_is_503() -> None:
     server.should_exit = True
     thread.join(10)
     assert codes == [503, 503], codes
+
+
+class SpyTokenizer:
+    """Counts its calls; its longest vocabulary entry is 4 characters."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        self.calls += 1
+        return {"input_ids": list(range(len(text.split())))}
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"a": 0, "abcd": 1}
+
+
+def _spied_llm() -> tuple[FakeLLM, list[int]]:
+    llm = FakeLLM()
+    llm.tokenizer = SpyTokenizer()
+    chat_calls: list[int] = []
+    encode_chat = llm.encode_chat
+    llm.encode_chat = lambda messages: chat_calls.append(1) or encode_chat(messages)
+    return llm, chat_calls
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_oversized_body_is_413_and_never_tokenized(path: str) -> None:
+    llm, chat_calls = _spied_llm()
+    huge = "x" * 3_000_000
+    body = {"model": "fake", "prompt": huge} if "chat" not in path else \
+        {"model": "fake", "messages": [{"role": "user", "content": huge}]}
+    with _serving(llm, max_request_bytes=4096) as base:
+        r = _post(base, path, body)
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert "4096" in err["message"] and "--max-request-bytes" in err["message"]
+        assert err["code"] == "request_too_large" and err["type"] == "invalid_request_error"
+        assert llm.tokenizer.calls == 0 and chat_calls == []
+        ok = _post(base, path, {"model": "fake", "prompt": "a b", "max_tokens": 1} if "chat" not in path else
+                   {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert ok.status_code == 200, ok.text  # the connection pool and the server are fine afterwards
+
+
+def test_oversized_body_without_content_length_is_413_while_streaming() -> None:
+    llm, _ = _spied_llm()
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: httpx sends it chunked
+        yield b'{"model": "fake", "prompt": "'
+        for _ in range(64):
+            yield b"y" * 65536
+        yield b'"}'
+
+    with _serving(llm, max_request_bytes=100_000) as base:
+        r = httpx.post(base + "/v1/completions", content=chunks(), headers={"content-type": "application/json"},
+                       timeout=10)
+    assert r.status_code == 413, r.text
+    assert "100000" in r.json()["error"]["message"]
+    assert llm.tokenizer.calls == 0
+
+
+def test_declared_oversized_body_is_answered_before_it_is_sent() -> None:
+    llm, _ = _spied_llm()
+    with _serving(llm, max_request_bytes=4096) as base, socket.create_connection(
+            ("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=5) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 50000000\r\n\r\n")  # headers only: the 50 MB never come
+        head = conn.recv(65536).decode()
+    assert head.startswith("HTTP/1.1 413"), head
+    assert "4096" in head and llm.tokenizer.calls == 0
+
+
+def test_prompt_over_the_character_cap_is_400_before_tokenizing() -> None:
+    llm, chat_calls = _spied_llm()
+    with _serving(llm) as base:  # cap derived: max_model_len 64 x longest vocab entry 4 x 2 = 512 characters
+        r = _post(base, "/v1/completions", {"model": "fake", "prompt": "z" * 513})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert "max_prompt_chars=512" in r.json()["error"]["message"]
+        messages = [{"role": "user", "content": "z" * 300}, {"role": "user", "content": "z" * 300}]
+        r = _post(base, "/v1/chat/completions", {"model": "fake", "messages": messages})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert llm.tokenizer.calls == 0 and chat_calls == []
+        r = _post(base, "/v1/completions", {"model": "fake", "prompt": "z" * 512, "max_tokens": 1})
+        assert r.status_code == 200 and llm.tokenizer.calls == 1, r.text
+
+
+@pytest.mark.parametrize(("message", "status"), [
+    ({"role": "user"}, 400),
+    ({"role": "user", "content": None}, 400),
+    ({"role": "system"}, 400),
+    ({"role": "tool"}, 400),
+    ({"role": "assistant"}, 400),
+    ({"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                           "function": {"name": "f", "arguments": "{}"}}]}, 200),
+    ({"role": "assistant", "content": ""}, 200),
+])
+def test_chat_message_content_as_openai(served: tuple[FakeLLM, str], message: dict, status: int) -> None:
+    _, base = served
+    messages = [{"role": "user", "content": "hi"}, message, {"role": "user", "content": "and?"}]
+    r = _post(base, "/v1/chat/completions", {"model": "fake", "messages": messages, "max_tokens": 1})
+    assert r.status_code == status, r.text
+    if status == 400:
+        err = r.json()["error"]
+        assert err["param"] == "messages.1" and "content" in err["message"] and message["role"] in err["message"]
+
+
+def test_chat_without_model_is_400(served: tuple[FakeLLM, str]) -> None:
+    _, base = served
+    r = _post(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    assert "required" in r.json()["error"]["message"]

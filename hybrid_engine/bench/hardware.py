@@ -1,5 +1,5 @@
 """What a results file says about the machine: card, library versions, measured copy bandwidth and GEMM rate,
-and the latency floors they imply for a model (BENCHMARKS.md, "floor")."""
+and the latency floors they imply for a model (the "floor" rows of the results)."""
 from __future__ import annotations
 
 import platform

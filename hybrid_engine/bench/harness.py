@@ -1,5 +1,5 @@
 """`hybrid-engine bench`: this engine against transformers eager and static-cache `generate`, same weights, same
-card, one run. Writes <card>-<date>.json / .md / .png (BENCHMARKS.md).
+card, one run. Writes <card>-<model>-<date>.json / .md / .png into --out-dir (default ./hybrid-engine-results).
 
 On a GPU every system runs in its own child process (`--isolate auto`): its memory is gone before the next loads,
 and `--system-timeout` bounds it, which is what bounds the static-cache peer's torch.compile time. A child writes
@@ -28,6 +28,7 @@ from .systems import SYSTEMS, free, load_system
 logger = logging.getLogger(__name__)
 QUICK = dict(lengths=[10, 50, 100], runs=5, gen_tokens=16, tpot_runs=5, stream_runs=1, warmup=1)
 CPU = dict(gen_tokens=32, tpot_runs=10, threads=1)
+DEFAULT_OUT_DIR = Path("hybrid-engine-results")  # never a tracked folder of a checkout (.gitignore lists it)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tpot-prompt-len", type=int, default=100, help="prompt length of the TPOT runs")
     p.add_argument("--systems", type=_names, default=list(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     p.add_argument("--capture", default="idle", choices=["idle", "eager", "off"], help="engine graph policy")
-    p.add_argument("--out-dir", default="benchmarks/results", type=Path)
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, type=Path,
+                   help=f"where the results go (default ./{DEFAULT_OUT_DIR}, a new folder of the working directory)")
     p.add_argument("--quick", action="store_true", help=f"CI smoke run: {QUICK}")
     p.add_argument("--isolate", default="auto", choices=["auto", "on", "off"],
                    help="one child process per system (auto: on for cuda)")
@@ -169,7 +171,7 @@ def _strip(argv: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace, argv: list[str], on_system=lambda results: None) -> dict[str, Any]:
     """Measure floors, then every system (calling on_system(results) after each); returns the results dict
-    (BENCHMARKS.md format + extra fields)."""
+    (the format output.py writes and reads)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     from hybrid_engine.models.presets import preset_config
 
@@ -220,7 +222,13 @@ def _worker(args: argparse.Namespace) -> int:
 def _write(results: dict[str, Any], out_dir: Path, t0: float) -> dict[str, Path]:
     """Written after every system too: a run cut short still leaves the systems it finished."""
     results["wall_s"] = round(time.perf_counter() - t0, 1)
-    return output.write_all(results, out_dir, f"{hardware.card_slug(results['card'])}-{results['created'][:10]}")
+    return output.write_all(results, out_dir, results_stem(results))
+
+
+def results_stem(results: dict[str, Any]) -> str:
+    """card-model-date, the name results files go by (a checkpoint path contributes its folder's name)."""
+    model = hardware.card_slug(Path(str(results["model"])).name)
+    return f"{hardware.card_slug(results['card'])}-{model}-{results['created'][:10]}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""One system's measurements (BENCHMARKS.md "Definitions"): first request, TTFT p50/p99 per prompt length with and
+"""One system's measurements (their definitions are the docstrings below): first request, TTFT p50/p99 per prompt length with and
 without tokenization, TPOT both ways, graph memory. Fresh random prompt ids every run; lengths interleaved."""
 from __future__ import annotations
 

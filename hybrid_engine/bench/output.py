@@ -1,4 +1,4 @@
-"""Results file (BENCHMARKS.md "Results file format"), its Markdown table and its plot."""
+"""Results file (JSON: the dict harness.run returns, plus ratios), its Markdown table and its plot."""
 from __future__ import annotations
 
 import json

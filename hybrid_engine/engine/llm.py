@@ -108,14 +108,14 @@ class LLM:
             with torch.cuda.stream(self.stream_ctx):
                 self.runner.warm_up(decode_rows=tuple(decode_buckets(cfg.max_num_seqs)))
             self.stream_ctx.synchronize()
+        if cfg.capture == "eager" and self.device.type != "cuda":
+            logger.warning("capture='eager' needs a CUDA device; on %s nothing is captured (as 'off')", self.device)
         if cfg.capture != "off" and self.device.type == "cuda":
             from ..graphs import GraphRunner
 
             self.graphs = GraphRunner(self.runner, cfg.prefill_buckets, cfg.capture, self.stream_ctx)
             self.runner.graphs = self.graphs
             self.graphs.start()
-        elif cfg.capture == "eager" and self.device.type != "cuda":
-            logger.warning("capture='eager' needs a CUDA device; on %s no graphs are captured", self.device)
         self.core = EngineCore(self.runner, self.scheduler, self.reader, stream_scope(self.stream_ctx),
                                self.eos_token_ids, self.graphs, lookahead=self.device.type == "cuda")
         logger.info("LLM ready: %s on %s (%s), max_model_len=%d, max_num_seqs=%d, %d KV blocks, attention=%s",

@@ -31,7 +31,8 @@ tl = None  # triton.language, bound on first launch (see _triton.py)
 # this Triton GEMM with (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). M above the last entry, or a shape not
 # listed: cuBLAS. Measured on the H100 80GB HBM3 (fp16, weights rotated past L2, CUDA-graph replay), best of
 # cuBLAS / cuBLASLt / Triton per bucket, a non-default choice only where >= 2% faster: `benchmarks/gemm_bench.py
-# --cublas-variants`, benchmarks/results/nvidia-h100-gemm-variants-2026-11-26.json. Comments: us, cuBLAS -> choice.
+# --cublas-variants`, benchmarks/results/nvidia-h100-80gb-hbm3-llama-2-7b-shape-2026-11-26-gemm-variants.json.
+# Comments: us, cuBLAS -> choice.
 GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int, int] | str | None]]] = {
     (12288, 4096): [(16, None), (32, (32, 128, 128, 4, 4)), (240, None), (256, "lt")],  # QKV M=32 40.3->38.0
     (4096, 4096): [(16, (16, 64, 128, 4, 4))],                                          # O M=16 17.7->16.6
@@ -43,8 +44,9 @@ GEMM_CONFIGS: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int, in
 # The plan over a projection's transposed copy (`weight_t`, W^T [K, N] contiguous: LlamaModel's prefill weight copy,
 # made for QKV and gate/up), consulted first when the copy exists: "t" = cuBLAS on it (its NN kernels), "t_lt" = the
 # same through cuBLASLt, None = the GEMM_CONFIGS plan on the weight itself. Measured like GEMM_CONFIGS (H100, two
-# runs; benchmarks/results/nvidia-h100-gemm-{nn,xt}-2026-11-26-session4.json, `nn` / `nn_lt` columns): NN is 4-9%
-# faster than the weight's best entry at 16-288 rows for QKV, and for gate/up except at 192, 224 and 256 rows.
+# runs; benchmarks/results/nvidia-h100-80gb-hbm3-llama-2-7b-shape-2026-11-26-gemm-{nn,xt}.json, `nn` / `nn_lt`
+# columns): NN is 4-9% faster than the weight's best entry at 16-288 rows for QKV, and for gate/up except at 192,
+# 224 and 256 rows.
 # Comments: us, weight's best -> copy (run 1).
 GEMM_T_CONFIGS: dict[tuple[int, int], list[tuple[int, str | None]]] = {
     (12288, 4096): [(288, "t")],                                                  # QKV M=208 42.8->39.7
@@ -126,8 +128,9 @@ def graph_plan() -> Iterator[None]:
     """Within this block (on this thread), `config_for` follows the plan. Outside it, every multi-row product goes
     to cuBLAS: the plan's choices were measured as GPU time in graph replays, while the JIT path is bound by host
     time, and there the Triton GEMM did not pay (H100, 100 tokens, Triton GEMM up to M=128 with the launch cache:
-    JIT prefill 13.6 vs 12.7 ms with cuBLAS, benchmarks/NOTES.md, session 3). Graph captures and their warm-ups run
-    inside it; thread-local, so a capture on the worker thread does not change what the serving thread runs."""
+    JIT prefill 13.6 vs 12.7 ms with cuBLAS, benchmarks/NOTES.md, 2026-11-26 21:47). Graph captures and their
+    warm-ups run inside it; thread-local, so a capture on the worker thread does not change what the serving thread
+    runs."""
     with local_setting(_PLAN, "on", True):
         yield
 

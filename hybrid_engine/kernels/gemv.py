@@ -42,13 +42,15 @@ SILU_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {}
 # epilogue (`linear_silu_mul`), or absent / None where gate/up GEMV + silu_mul kernel measured faster.
 GATE_UP_SILU_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
     # H100 80GB HBM3, fp16, graph replay, weights rotated past L2 (us: fused vs gate/up GEMV + silu_mul kernel)
-    (22016, 4096): (2, 4096, 8, 1),   # 58.9 vs 61.0 (results/nvidia-h100-gate-up-silu-2026-11-27.json)
+    # 58.9 vs 61.0 (results/nvidia-h100-80gb-hbm3-llama-2-7b-shape-2026-11-27-gate-up-silu.json)
+    (22016, 4096): (2, 4096, 8, 1),
 }
 # (Hq + 2 Hkv) * D, K) of a fused QKV weight -> (BLOCK_J, BLOCK_K, num_warps, num_stages) of the GEMV with rope and
 # the KV-cache writes in its epilogue (`linear_rope_store`; BLOCK_J column pairs per program), or absent / None.
 QKV_ROPE_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
     # H100 80GB HBM3, fp16, graph replay, weights rotated past L2 (us: fused vs QKV GEMV + rope/KV-store kernel)
-    (12288, 4096): (2, 2048, 4, 1),   # 35.7 vs 37.7 (results/nvidia-h100-qkv-rope-2026-11-27.json)
+    # 35.7 vs 37.7 (results/nvidia-h100-80gb-hbm3-llama-2-7b-shape-2026-11-27-qkv-rope.json)
+    (12288, 4096): (2, 2048, 4, 1),
 }
 DEFAULT_CONFIG = (4, 2048, 4, 1)  # what tests and linear_triton use when no table entry exists
 

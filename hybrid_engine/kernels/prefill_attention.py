@@ -70,8 +70,9 @@ def _prefill_kernel(Q, K, V, OUT, VALID_LEN, scale, stride_qt, stride_qh, stride
 
 # GPU tile config (BLOCK_M, BLOCK_N, num_warps, num_stages) by prompt length: the first entry with T <= max_T.
 # Measured on the H100 with benchmarks/prefill_attn_sweep.py (LLaMA-2-7B heads, fp16).
-# (benchmarks/results/nvidia-h100-prefill-attn-2026-11-26.json; us per call at T = 16 / 64 / 128 / 208 / 512:
-# 3.0 / 3.4 / 4.8 / 7.4 / 17.1, against 64x64 tiles with 2 stages everywhere: ~3.7 / 4.1 / 5.4 / 7.95 / 18.5)
+# (benchmarks/results/nvidia-h100-80gb-hbm3-llama-2-7b-shape-2026-11-26-prefill-attn.json;
+# us per call at T = 16 / 64 / 128 / 208 / 512: 3.0 / 3.4 / 4.8 / 7.4 / 17.1, against 64x64 tiles with 2 stages
+# everywhere: ~3.7 / 4.1 / 5.4 / 7.95 / 18.5)
 PREFILL_CONFIGS: list[tuple[int, tuple[int, int, int, int]]] = [
     (32, (16, 32, 4, 2)), (64, (16, 64, 4, 2)), (128, (32, 128, 4, 2)), (1 << 30, (64, 64, 4, 3))]
 CPU_CONFIG = (16, 16, 4, 2)  # the interpreter: small tiles keep the CPU tests fast

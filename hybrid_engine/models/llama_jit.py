@@ -2,8 +2,8 @@
 
 A prefill at a length no graph covers yet (the first request after load; a bucket still being captured) runs
 eagerly, and there it is bound by host time: ~300 launches, each costing more host time than its GPU time
-(benchmarks/NOTES.md, session 3). `jit_prefill` runs the same kernels as `LlamaModel.forward`, in the same order and
-with the same configurations, so its results are the same, but:
+(benchmarks/NOTES.md, 2026-11-26 21:47). `jit_prefill` runs the same kernels as `LlamaModel.forward`, in the same
+order and with the same configurations, so its results are the same, but:
 
 - the activations of one step live in buffers made once per step, reused by every layer (the projections write into
   them: `torch.mm(..., out=)`; the residual stream is updated in place by the fused add + RMSNorm);
