@@ -29,8 +29,8 @@ def pipeline(task: str | None = "text-generation", model: Any = None, tokenizer:
              **kwargs: Any) -> Any:
     """Build a text-generation pipeline whose generation runs on the hybrid engine (or the stock one).
 
-    model: checkpoint directory, engine preset ("tiny-llama"), a transformers `PreTrainedModel` (its weights are
-        copied into the engine), or an existing `hybrid_engine.LLM`.
+    model: checkpoint directory, .gguf file, engine preset ("tiny-llama", "smollm2-135m-instruct"), a transformers
+        `PreTrainedModel` (its weights are copied into the engine), or an existing `hybrid_engine.LLM`.
     tokenizer: a tokenizer or a local tokenizer directory; None = the checkpoint's / preset's.
     engine: "hybrid" (default) or "transformers" (returns `transformers.pipeline(...)` with the same arguments).
     device / device_map / dtype: as for transformers; mapped onto the engine's single device and dtype.
@@ -68,13 +68,14 @@ def pipeline(task: str | None = "text-generation", model: Any = None, tokenizer:
 
 def _stock_pipeline(task: str | None, model: Any, tokenizer: Any, engine_kwargs: dict[str, Any] | None,
                     **kwargs: Any) -> Any:
-    """transformers.pipeline(...); an engine preset name becomes its transformers model (same weights for
-    "tiny-llama", so the two engines can be compared)."""
+    """transformers.pipeline(...); an engine preset name or a .gguf file becomes its transformers model (same weights
+    for "tiny-llama" and the GGUF presets, so the two engines can be compared)."""
     import torch
     import transformers
 
     from .engine import LLM
-    from .models.presets import PRESETS, build_hf_model
+    from .models import gguf
+    from .models.presets import GGUF_PRESETS, PRESETS, build_hf_model, packaged_gguf
 
     if engine_kwargs:
         raise ValueError(f"engine_kwargs {sorted(engine_kwargs)} only apply to engine='hybrid'")
@@ -86,6 +87,12 @@ def _stock_pipeline(task: str | None, model: Any, tokenizer: Any, engine_kwargs:
         model, preset_tokenizer = build_hf_model(model, getattr(torch, dtype if dtype not in (None, "auto")
                                                                 else "float32"))  # the pipeline moves it
         tokenizer = tokenizer if tokenizer is not None else preset_tokenizer
+    elif isinstance(model, str) and (model in GGUF_PRESETS or gguf.is_gguf_file(model)):
+        dtype = _engine_dtype(kwargs.pop("dtype", None))
+        path = packaged_gguf(model) if model in GGUF_PRESETS else model
+        model, gguf_tokenizer = gguf.transformers_model(path, getattr(torch, dtype if dtype not in (None, "auto")
+                                                                       else "float32"))
+        tokenizer = tokenizer if tokenizer is not None else gguf_tokenizer
     return transformers.pipeline(task=task, model=model, tokenizer=tokenizer,
                                  **{k: v for k, v in kwargs.items() if v is not None})
 

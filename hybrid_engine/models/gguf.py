@@ -170,3 +170,16 @@ def _name_map(arch: str, hf_config: Any) -> tuple[dict[str, str], Any]:
         if (gguf_name := table.get_name(base)) is not None:
             name_map[f"{gguf_name}.{suffix}"] = hf_name
     return name_map, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_config.to_dict())
+
+
+def transformers_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """transformers' own model and tokenizer for a GGUF file (`from_pretrained(dir, gguf_file=...)`): the
+    reference the engine is compared with."""
+    from transformers import AutoModelForCausalLM
+
+    reader = open_reader(path)
+    check_supported(reader, path)
+    del reader
+    directory, name = os.path.split(os.path.abspath(path))
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype, local_files_only=True)
+    return model.eval(), read_tokenizer(path)
