@@ -23,7 +23,7 @@ import torch
 
 from . import hardware, output
 from .measure import Plan, Prompts, measure_system
-from .systems import SYSTEMS, free, load_system
+from .systems import SYSTEMS, free, load_system, model_config
 
 logger = logging.getLogger(__name__)
 QUICK = dict(lengths=[10, 50, 100], runs=5, gen_tokens=16, tpot_runs=5, stream_runs=1, warmup=1)
@@ -33,7 +33,8 @@ DEFAULT_OUT_DIR = Path("hybrid-engine-results")  # never a tracked folder of a c
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hybrid-engine bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="preset name (default: tiny-llama on CPU, llama-2-7b-shape on GPU)")
+    p.add_argument("--model", help="preset name (tiny-llama, llama-2-7b-shape, smollm2-135m-instruct) or a .gguf "
+                                   "file (default: tiny-llama on CPU, llama-2-7b-shape on GPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--dtype", help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--lengths", type=_ints, help="prompt lengths, comma-separated (default 10,50,100,200,500)")
@@ -125,9 +126,7 @@ def run_system(name: str, args: argparse.Namespace, checkpoint=lambda r: None, b
 
 
 def _vocab_size(model: str) -> int:
-    from hybrid_engine.models.presets import preset_config
-
-    return preset_config(model).vocab_size
+    return model_config(model).vocab_size
 
 
 def _run_child(name: str, argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -173,15 +172,13 @@ def run(args: argparse.Namespace, argv: list[str], on_system=lambda results: Non
     """Measure floors, then every system (calling on_system(results) after each); returns the results dict
     (the format output.py writes and reads)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    from hybrid_engine.models.presets import preset_config
-
     card = hardware.card_name(device)
     results: dict[str, Any] = {
         "card": card, **hardware.versions(), "model": args.model, "dtype": args.dtype,
         "command": "hybrid-engine bench " + shlex.join(argv), "argv": sys.argv,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device,
         "python": sys.version.split()[0],
-        "floors": hardware.measure_floors(device, preset_config(args.model), dtype, args.lengths),
+        "floors": hardware.measure_floors(device, model_config(args.model), dtype, args.lengths),
         "plan": {k: getattr(args, k) for k in ("lengths", "runs", "gen_tokens", "tpot_runs", "stream_runs",
                                                "tpot_prompt_len", "warmup", "capture", "seed", "threads")},
         "systems": {},

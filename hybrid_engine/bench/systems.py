@@ -199,16 +199,40 @@ def _check_tokens(tokens: list[int], n: int, who: str) -> None:
         raise RuntimeError(f"{who}: generated {len(tokens)} tokens, expected {n}")
 
 
+def gguf_source(model: str) -> str | None:
+    """The GGUF file of a GGUF preset or .gguf path, else None (a random-weight preset)."""
+    from hybrid_engine.models import gguf
+    from hybrid_engine.models.presets import GGUF_PRESETS, packaged_gguf
+
+    return packaged_gguf(model) if model in GGUF_PRESETS else model if gguf.is_gguf_file(model) else None
+
+
+def model_config(model: str) -> Any:
+    """The transformers config of a benchmark model (random-weight preset, GGUF preset or .gguf file)."""
+    from hybrid_engine.models import gguf
+    from hybrid_engine.models.presets import preset_config
+
+    path = gguf_source(model)
+    return gguf.read_config(path) if path is not None else preset_config(model)
+
+
 def build_hf(model: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple[Any, Any]:
+    """transformers model + tokenizer: a preset's seeded random weights, or a GGUF file read by transformers."""
+    from hybrid_engine.models import gguf
     from hybrid_engine.models.presets import build_hf_model
 
-    return build_hf_model(model, dtype=dtype, device=device, seed=seed)
+    path = gguf_source(model)
+    if path is None:
+        return build_hf_model(model, dtype=dtype, device=device, seed=seed)
+    hf_model, tokenizer = gguf.transformers_model(path, dtype)
+    return hf_model.to(device), tokenizer
 
 
 def load_system(name: str, model: str, dtype: torch.dtype, device: torch.device, capture: str,
                 max_cache_len: int, seed: int = 0) -> tuple[Any, dict[str, float]]:
-    """Build one system on the preset's seeded weights. Returns it and {"weights_s", "load_s"}: the time to
-    materialise the random weights on the device, then (hybrid only) the `LLM(...)` construction alone."""
+    """Build one system on the model's weights (a preset's seeded random ones, or a GGUF file's, both read into a
+    transformers model that the engine copies). Returns it and {"weights_s", "load_s"}: the time to materialise the
+    weights on the device, then (hybrid only) the `LLM(...)` construction alone."""
     if name not in SYSTEMS:
         raise ValueError(f"unknown system {name!r}; choose from {list(SYSTEMS)}")
     t0 = time.perf_counter()
