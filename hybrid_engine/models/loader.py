@@ -3,8 +3,8 @@
 The native module is created under accelerate's `init_empty_weights` (parameters on the meta device, no memory), then
 each parameter is allocated once on the target device and filled tensor by tensor: from safetensors files opened
 lazily with `safe_open`, from a GGUF file dequantized tensor by tensor (`gguf.py`), or from a `PreTrainedModel`'s
-state dict. q/k/v and gate/up are written into their fused
-buffers as they arrive, so a checkpoint is never held twice.
+state dict. q/k/v and gate/up are written into their fused buffers as they arrive, so a checkpoint is never held
+twice.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..errors import ModelLoadError
-from .llama import LlamaModel, ModelArgs, rope_cos_sin_cache
 from . import gguf
+from .llama import LlamaModel, ModelArgs, rope_cos_sin_cache
 from .presets import GGUF_PRESETS, PRESETS, build_hf_model, build_tokenizer, packaged_gguf, preset_config
 from .registry import resolve_architecture
 
@@ -274,7 +274,9 @@ def load_gguf(path: str, tokenizer: Any, dtype: torch.dtype | None, device: torc
     del reader
     if isinstance(tokenizer, str):
         tokenizer = _load_tokenizer(tokenizer)
-    return LoadedModel(model, hf_config, tokenizer or gguf.read_tokenizer(path), path, max_len)
+    if tokenizer is None:
+        tokenizer = gguf.read_tokenizer(path)
+    return LoadedModel(model, hf_config, tokenizer, path, max_len)
 
 
 def _has_tokenizer(path: str) -> bool:
