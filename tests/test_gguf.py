@@ -73,9 +73,13 @@ def test_tiny_gguf_matches_the_preset_it_was_written_from(tiny_gguf, form):
     assert _greedy(llm) == _greedy(LLM("tiny-llama", device="cpu", max_model_len=128))
 
 
-def test_gguf_file_needs_a_directory(tiny_gguf):
+def test_gguf_file_needs_a_directory_and_a_name(tiny_gguf):
     with pytest.raises(ValueError, match="gguf_file='x.gguf' needs model= to be the directory"):
         LLM(str(tiny_gguf[0]), gguf_file="x.gguf", device="cpu")
+    with pytest.raises(ValueError, match="gguf_file=7 must be the name of a GGUF file"):
+        LLM(str(tiny_gguf[0].parent), gguf_file=7, device="cpu")
+    with pytest.raises(ValueError, match="cannot be combined with the preset 'smollm2-135m-instruct'"):
+        LLM("smollm2-135m-instruct", gguf_file="x.gguf", device="cpu")
 
 
 @pytest.mark.parametrize("keep", [0.001, 0.999])

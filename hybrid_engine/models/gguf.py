@@ -33,6 +33,8 @@ def gguf_path(model: Any, gguf_file: str | None) -> str | None:
     """The GGUF file that `model` (and `gguf_file`) name, or None for other checkpoint formats."""
     if gguf_file is None:
         return os.fspath(model) if is_gguf_file(model) else None
+    if not isinstance(gguf_file, str) or not gguf_file:
+        raise ValueError(f"gguf_file={gguf_file!r} must be the name of a GGUF file (a non-empty str) or None")
     if not isinstance(model, (str, os.PathLike)) or not os.path.isdir(model):
         raise ValueError(f"gguf_file={gguf_file!r} needs model= to be the directory that holds it; got {model!r}")
     return os.path.join(os.fspath(model), gguf_file)
