@@ -77,14 +77,14 @@ def test_empty_prompt(capsys, no_model_load):
 
 
 def test_prompt_the_engine_rejects_after_loading(capsys):
-    rc = cli.main(["generate", "hello " * 3000, "--max-tokens", "2"])
+    rc = cli.main(["generate", "hello " * 3000, "--max-tokens", "2", "--model", "tiny-llama"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
     assert err.splitlines()[-1].startswith("error: ") and "max_model_len" in err.splitlines()[-1]
 
 
 def test_a_good_run_still_generates(capsys):
-    assert cli.main(["generate", "hi", "--max-tokens", "3", "--stream"]) == 0
+    assert cli.main(["generate", "hi", "--max-tokens", "3", "--stream", "--model", "tiny-llama"]) == 0
     captured = capsys.readouterr()
     assert "3 generated tokens" in captured.err and "error" not in captured.err
 

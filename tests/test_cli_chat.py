@@ -5,7 +5,7 @@ import pytest
 
 from hybrid_engine import LLM, SamplingParams
 from hybrid_engine.chat_repl import ChatHistory, run_chat
-from hybrid_engine.cli import main
+from hybrid_engine.cli import build_parser, main, model_for_device
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0)
 
@@ -66,4 +66,10 @@ def test_generate_applies_the_chat_template_unless_told_not_to(llm, capsys, chat
 
 def test_generate_reports_a_load_error_in_one_line(capsys):
     assert main(["generate", "hi", "--model", "/nonexistent/model.gguf", "--device", "cpu"]) == 2
-    assert "error: GGUF file '/nonexistent/model.gguf' does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GGUF file '/nonexistent/model.gguf' does not exist" in err
+
+
+def test_the_real_model_is_the_default_of_generate_and_chat():
+    for command in (["generate", "hi"], ["chat"]):
+        assert model_for_device(build_parser().parse_args([*command, "--device", "cpu"])) == "smollm2-135m-instruct"
