@@ -42,8 +42,8 @@ class LogitRecorder:
         self._inner = model.compute_logits
         model.compute_logits = self
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self._inner(hidden)
+    def __call__(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        logits = self._inner(hidden, *args, **kwargs)
         self.rows.append(logits[0].float().clone())
         return logits
 
