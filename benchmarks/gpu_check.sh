@@ -45,7 +45,7 @@ for s in $stages; do
     gguf) timeout 300 python3 benchmarks/gguf_agreement.py --gguf "${GGUF:?set GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf}" \
             --out "$OUT/gguf" 2>&1 | grep -v "Warn\|INFO\|Convert\|Loading" | tail -3
           timeout 560 python3 -m hybrid_engine.bench --model "$GGUF" --systems hybrid,transformers_eager \
-            --out-dir "$OUT/gguf-bench" --system-timeout 250 2>&1 | grep -v "Convert\|Loading" | tail -30;;  # needs gguf
+            --out-dir "$OUT/gguf-bench" --system-timeout ${GGUF_SYS_T:-250} ${GGUF_BENCH_ARGS:-} 2>&1 | grep -v "Convert\|Loading" | tail -30;;  # needs gguf
     pbench) timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/bench-gpu.json" 2>&1 | tail -30
           python3 ci/gate.py "$OUT/bench-gpu.json" --tolerance 0.10 --min-delta-ms 0.2 | tee "$OUT/gate.txt";;  # this card's baseline
     gate) # This card's TTFT baseline and the proof that the gate bites: the TTFT suite three times, real (-> $OUT/gpu-<card>.json,
