@@ -83,6 +83,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     graphs = LLM(args.gguf, dtype=args.dtype, device=args.device, capture="eager", max_model_len=1024)
     eager = LLM(args.gguf, dtype=args.dtype, device=args.device, capture="off", max_model_len=1024)
     recorder = LogitRecorder(eager.model)
+    same_dtype = None  # transformers in the engine's dtype: how far that dtype alone moves greedy tokens
+    if args.transformers_baseline and args.dtype != "float32":
+        same_dtype = transformers_model(args.gguf, getattr(torch, args.dtype))[0].to(args.device)
     load_s = time.perf_counter() - t0
     rows = []
     for chat in chat_prompts(args.prompts):
@@ -93,6 +96,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row = {"prompt": chat[-1]["content"], "system": len(chat) > 1,
                "graphs": compare(engine_greedy(graphs, ids, args.tokens), ref, None, None),
                "no_graphs": compare(eager_tokens, ref, recorder.rows[:args.tokens], ref_logits)}
+        if same_dtype is not None:
+            row["transformers_same_dtype"] = compare(hf_greedy(same_dtype, ids, args.tokens)[0], ref, None, None)
         rows.append(row)
     return summarize(args, rows, load_s)
 
@@ -101,7 +106,10 @@ def summarize(args: argparse.Namespace, rows: list[dict[str, Any]], load_s: floa
     def share(key: str) -> float:
         return sum(r[key]["identical"] for r in rows) / len(rows)
 
+    extra = {"identical_share_transformers_same_dtype": share("transformers_same_dtype")} \
+        if "transformers_same_dtype" in rows[0] else {}
     return {
+        **extra,
         "gguf": str(args.gguf), "dtype": args.dtype, "reference": "transformers float32", "device": args.device,
         "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__, "prompts": len(rows), "tokens": args.tokens, "load_s": round(load_s, 1),
@@ -117,6 +125,8 @@ def main() -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--transformers-baseline", action="store_true",
+                   help="also report transformers in --dtype against transformers float32 (the dtype's own effect)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     args = p.parse_args()
@@ -130,6 +140,9 @@ def main() -> None:
           f"float32 on {result['card']}: identical {result['identical_share_graphs']:.1%} (capture=eager), "
           f"{result['identical_share_no_graphs']:.1%} (capture=off); largest logit difference "
           f"{result['max_logit_diff']:.3g}; wrote {args.out / 'gguf_agreement.json'}")
+    if "identical_share_transformers_same_dtype" in result:
+        print(f"transformers {args.dtype} vs transformers float32: identical "
+              f"{result['identical_share_transformers_same_dtype']:.1%}")
 
 
 if __name__ == "__main__":
