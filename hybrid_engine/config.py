@@ -30,6 +30,8 @@ class EngineConfig:
         (gpu_memory_utilization) or, on CPU, max_num_seqs full requests within 1 GiB. Blocks are taken as sequences
         grow; when they run out the newest sequence is preempted and recomputed later.
     max_num_seqs: most sequences decoded together (batch rows; decode graphs for 1, 2, 4, ... up to it).
+    prefill_chunk_size: a prompt longer than this that arrives while others decode is prefilled in chunks of this
+        many tokens, one chunk per step, so that the running streams wait at most about one chunk per token.
     attention_backend: "auto" = triton on GPU, torch on CPU.
     capture: CUDA-graph policy: "idle" (background worker, idle windows), "eager" (capture before serving), "off".
     prefill_buckets: prompt-length buckets that get a prefill graph.
@@ -48,6 +50,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.85
     max_num_seqs: int = 32
+    prefill_chunk_size: int = 512
     attention_backend: str = "auto"
     capture: str = "idle"
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
@@ -73,6 +76,9 @@ class EngineConfig:
         if not (isinstance(self.max_num_seqs, int) and not isinstance(self.max_num_seqs, bool)
                 and 1 <= self.max_num_seqs <= 256):
             raise ValueError(f"max_num_seqs={self.max_num_seqs!r} must be an int in [1, 256]")
+        if not (isinstance(self.prefill_chunk_size, int) and not isinstance(self.prefill_chunk_size, bool)
+                and self.prefill_chunk_size >= 16):
+            raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size!r} must be an int >= 16")
         buckets = tuple(int(b) for b in self.prefill_buckets)
         if any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"prefill_buckets={self.prefill_buckets!r} must be strictly increasing positive ints")

@@ -229,18 +229,23 @@ class ModelRunner:
                 for rows in decode_rows:
                     self.decode_step(rows, scratch)
 
-    def prefill_step(self, length: int, buf: StepBuffers | None = None) -> None:
-        """Prefill `length` staged tokens (exact or a padded bucket) of one sequence; sample its first token and
-        install the sequence in its row (block table, sampling parameters, token, position, counter)."""
+    def prefill_step(self, length: int, buf: StepBuffers | None = None, start: int = 0, final: bool = True) -> None:
+        """Prefill `length` staged tokens (exact or a padded bucket) of one sequence, at positions start.. (start > 0:
+        a prompt chunk after `start` cached positions, JIT path only). The final (or only) part samples the first
+        token and installs the sequence in its row (block table, sampling parameters, token, position, counter)."""
         b = buf or self.buf
         table = b.prefill_table
-        slots = self.ops.prefill_slots(table[0], b.valid_len, self.block_size, b.slot_mapping[:length])
+        slots = self.ops.prefill_slots(table[0], b.valid_len, self.block_size, b.slot_mapping[:length], start)
+        total = b.valid_len + start if start else b.valid_len
         meta = AttentionMetadata(is_prefill=True, slot_mapping=slots, valid_len=b.valid_len, block_tables=table,
-                                 seq_lens=b.valid_len, last_index=(b.valid_len - 1).long())
-        ids, pos = b.input_ids[:length], b.positions[:length]
-        last = jit_prefill(self.model, ids, pos, meta)  # the JIT path's leaner loop where it applies
+                                 seq_lens=total, last_index=(b.valid_len - 1).long() if final else None,
+                                 context_start=start)
+        ids, pos = b.input_ids[:length], b.positions[start:start + length]
+        last = jit_prefill(self.model, ids, pos, meta) if final else None  # the JIT path's leaner loop
         if last is None:
-            last = self.model(ids, pos, meta)  # [1, H]: the last real token's hidden state
+            last = self.model(ids, pos, meta)  # final: [1, H], the last real token's hidden state
+        if not final:
+            return
         tok = self.ops.sample(self.model.compute_logits(last), b.p_temperature, b.p_top_k, b.p_top_p, b.p_seed,
                               b.prefill_offset)
         row = b.prefill_row
@@ -249,7 +254,7 @@ class ModelRunner:
             getattr(b, name).index_copy_(0, row, getattr(b, staged))
         b.tokens.index_copy_(0, row, tok)
         b.offsets.index_copy_(0, row, b.prefill_offset + 1)
-        b.dec_positions.index_copy_(0, row, b.valid_len.long())
+        b.dec_positions.index_copy_(0, row, total.long())
 
     def decode_step(self, rows: int, buf: StepBuffers | None = None) -> None:
         """One token for each of rows 0..rows-1: the staged block-table entries are added first; each row's KV
@@ -280,6 +285,17 @@ class ModelRunner:
             return "graph"
         with torch.inference_mode():
             self.prefill_step(n)
+        return "jit"
+
+    def prefill_chunk(self, ids: list[int], start: int, row: int, table: list[int], params: SamplingParams,
+                      seed: int, offset: int, final: bool) -> str:
+        """One chunk of a long prompt, `ids` at positions start.., after `start` positions already cached; the final
+        chunk samples the first token and installs the sequence in `row`. Always the JIT path."""
+        if start + len(ids) > self.max_model_len:
+            raise ValueError(f"chunk ends at position {start + len(ids)} > max_model_len={self.max_model_len}")
+        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=len(ids))
+        with torch.inference_mode():
+            self.prefill_step(len(ids), start=start, final=final)
         return "jit"
 
     def decode(self, rows: int, updates: list[tuple[int, int, int]]) -> str:

@@ -141,3 +141,43 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatc
     assert _all_free(llm)
     monkeypatch.undo()
     assert _together(llm, _greedy()) == _alone(llm, _greedy())
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_long_prompt_beside_decoding_streams_is_prefilled_in_chunks(lookahead):
+    llm = LLM("tiny-llama", max_model_len=256, max_num_seqs=4, prefill_chunk_size=16)
+    llm.core.lookahead = lookahead
+    long_prompt = [1] + [(7 * i + 3) % 500 for i in range(69)]  # 70 tokens: 5 chunks of at most 16
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    want_long = llm.generate({"prompt_token_ids": long_prompt}, greedy)[0].outputs[0].token_ids  # alone: whole
+    want_short = llm.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=40, temperature=0,
+                                                                                  ignore_eos=True))
+    assert llm.stats()["prefill_chunks"] == 0
+    short = llm.stream_deltas({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=40, temperature=0,
+                                                                                ignore_eos=True))
+    got_short = list(next(short).token_ids)  # decoding now
+    got_long = llm.generate({"prompt_token_ids": long_prompt}, greedy)[0].outputs[0].token_ids
+    got_short += [t for d in short for t in d.token_ids]
+    assert llm.stats()["prefill_chunks"] == 5
+    assert got_long == want_long
+    assert got_short == want_short[0].outputs[0].token_ids
+    assert _all_free(llm)
+
+
+def test_chunked_attention_matches_whole_prompt_attention():
+    import torch
+
+    from hybrid_engine.kernels.prefill_attention import cached_prefill_attention_ref, prefill_attention_ref
+    from hybrid_engine.kernels.kv_store import store_kv_ref
+
+    g = torch.Generator().manual_seed(5)
+    n, hq, hkv, dim, bs = 37, 8, 2, 16, 8
+    q, k, v = (torch.randn(n, h, dim, generator=g) for h in (hq, hkv, hkv))
+    kc, vc = torch.zeros(9, bs, hkv, dim), torch.zeros(9, bs, hkv, dim)
+    table = torch.tensor([4, 0, 7, 2, 8], dtype=torch.int32)
+    slots = torch.tensor([int(table[p // bs]) * bs + p % bs for p in range(n)])
+    store_kv_ref(k, v, kc, vc, slots)
+    whole = prefill_attention_ref(q, k, v, 0.25)
+    for start in (1, 16, 30):
+        part = cached_prefill_attention_ref(q[start:], kc, vc, table, start, 0.25)
+        torch.testing.assert_close(part, whole[start:], rtol=1e-5, atol=1e-5)

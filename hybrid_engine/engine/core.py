@@ -23,13 +23,15 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, runner: Any, scheduler: Scheduler, reader: Any, scope: Any, eos_token_ids: set[int],
-                 graphs: Any, lookahead: bool) -> None:
+                 graphs: Any, lookahead: bool, chunk_size: int = 512) -> None:
         self.runner, self.sched, self.reader, self.scope = runner, scheduler, reader, scope
+        self.chunk_size = chunk_size
         self.eos_token_ids, self.graphs, self.lookahead = eos_token_ids, graphs, lookahead
         self.cv = threading.Condition()
         self._driving = False
         self._inbox: list[Sequence] = []
         self.inflight: deque[tuple[list[tuple[Sequence, int, int]], str]] = deque()
+        self.chunks = 0  # prompt chunks run (long prompts beside running decodes)
         self.counts = {"requests_served": 0, "requests_failed": 0, "requests_cancelled": 0, "jit_steps": 0,
                        "graph_steps": 0}
 
@@ -109,14 +111,17 @@ class EngineCore:
         plan = None
         with self.scope:
             self._apply(sched.compact())
-            for seq in sched.admit():
-                self._prefill(seq)
+            decoding = any(not s.in_prefill for s in sched.running)
+            sched.admit()
+            self._prefills(decoding)
             plan, _ = sched.plan_decode()
             if plan is not None:
                 self._apply(plan.row_ops)
                 self._count(self.runner.decode(plan.num_rows, plan.table_updates))
-                self._push([(s, s.epoch, s.row) for s in plan.rows])
+                self._push([(s, s.epoch, s.row) for s in plan.rows if not s.in_prefill])
                 for seq in plan.rows:
+                    if seq.in_prefill:
+                        continue
                     if seq.wants_tokens:
                         seq.num_enqueued += 1
                     seq.kv_len += 1
@@ -126,11 +131,42 @@ class EngineCore:
         if not sched.has_work():
             self._drain()
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefills(self, decoding: bool) -> None:
+        """Prompts of admitted sequences: short ones (or any while nothing decodes) whole, through the bucket graphs;
+        a long one beside running decodes in chunks of chunk_size, one chunk per step, so that no decode step waits
+        for more than one chunk."""
+        chunked = False
+        for seq in self.sched.running:
+            if not seq.in_prefill:
+                continue
+            if seq.prefilled == 0 and (seq.prefill_len <= self.chunk_size or not decoding):
+                self._prefill_whole(seq)
+            elif not chunked:
+                self._prefill_chunk(seq)
+                chunked = True
+
+    def _prefill_whole(self, seq: Sequence) -> None:
         ids = seq.prefill_ids
         self._count(self.runner.prefill(ids, seq.row, seq.block_table, seq.params, seq.seed, len(seq.output_ids)))
+        self._prefilled(seq, len(ids))
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        start = seq.prefilled
+        end = min(seq.prefill_len, start + self.chunk_size)
+        ids = seq.prefill_ids[start:end]
+        final = end == seq.prefill_len
+        self._count(self.runner.prefill_chunk(ids, start, seq.row, seq.block_table, seq.params, seq.seed,
+                                              len(seq.output_ids), final))
+        self.chunks += 1
+        if final:
+            self._prefilled(seq, end)
+        else:
+            seq.prefilled = end
+
+    def _prefilled(self, seq: Sequence, length: int) -> None:
         self._push([(seq, seq.epoch, seq.row)])
-        seq.num_enqueued, seq.kv_len = len(seq.output_ids) + 1, len(ids)
+        seq.prefilled = length
+        seq.num_enqueued, seq.kv_len = len(seq.output_ids) + 1, length
 
     def _apply(self, ops: RowOps | None) -> None:
         if ops is None:

@@ -117,7 +117,8 @@ class LLM:
             self.runner.graphs = self.graphs
             self.graphs.start()
         self.core = EngineCore(self.runner, self.scheduler, self.reader, stream_scope(self.stream_ctx),
-                               self.eos_token_ids, self.graphs, lookahead=self.device.type == "cuda")
+                               self.eos_token_ids, self.graphs, lookahead=self.device.type == "cuda",
+                               chunk_size=cfg.prefill_chunk_size)
         logger.info("LLM ready: %s on %s (%s), max_model_len=%d, max_num_seqs=%d, %d KV blocks, attention=%s",
                     loaded.source, self.device, self.dtype, self.max_model_len, cfg.max_num_seqs, n_blocks,
                     self.ops.name)
@@ -204,6 +205,7 @@ class LLM:
             "requests_running": running,
             "requests_waiting": waiting,
             "preemptions": sched.num_preemptions,
+            "prefill_chunks": self.core.chunks,
             "decode_batch_sizes": {rows: n for rows, n in enumerate(list(sched.batch_sizes)) if n},
             **self.core.counts,
             **self.ops.describe(),

@@ -85,6 +85,7 @@ class Scheduler:
             self.blocks.grow(seq.block_table, len(seq.prefill_ids))
             seq.row, seq.status = len(self.rows), Status.RUNNING
             seq.num_enqueued = len(seq.output_ids)
+            seq.prefill_len, seq.prefilled = len(seq.prefill_ids), 0
             self.rows.append(seq)
             admitted.append(seq)
         self._high_water = max(self._high_water, len(self.rows))
@@ -105,6 +106,8 @@ class Scheduler:
         row_ops = self.compact()
         updates = []
         for seq in self.running:
+            if seq.in_prefill:  # its row rides along on the scratch block until its prompt is in
+                continue
             start = len(seq.block_table)
             for i, block in enumerate(self.blocks.grow(seq.block_table, seq.kv_len + 1)):
                 updates.append((seq.row, start + i, block))
@@ -129,12 +132,12 @@ class Scheduler:
         return ops
 
     def _missing(self, running: list[Sequence]) -> int:
-        return sum(self.blocks.missing(s.block_table, s.kv_len + 1) for s in running)
+        return sum(self.blocks.missing(s.block_table, s.kv_len + 1) for s in running if not s.in_prefill)
 
     def _preempt(self, seq: Sequence) -> None:
         self._vacate(seq)
         seq.status, seq.epoch = Status.WAITING, seq.epoch + 1
-        seq.num_enqueued, seq.kv_len = len(seq.output_ids), 0
+        seq.num_enqueued, seq.kv_len, seq.prefill_len, seq.prefilled = len(seq.output_ids), 0, 0, 0
         self.waiting.appendleft(seq)  # newest first, so older preempted sequences end up ahead of it
         self.num_preemptions += 1
 

@@ -41,6 +41,8 @@ class Sequence:
     row: int = -1
     num_enqueued: int = 0
     kv_len: int = 0  # positions the KV cache holds for it once every enqueued step has run
+    prefill_len: int = 0  # tokens its current (re)admission prefills
+    prefilled: int = 0  # of those, how many are enqueued (a long prompt goes in chunks)
     epoch: int = 0
     cancelled: bool = False
     first_token_at: float = 0.0
@@ -64,7 +66,13 @@ class Sequence:
         return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
 
     @property
+    def in_prefill(self) -> bool:
+        """Admitted, but its prompt is not wholly enqueued yet: it takes no part in decode steps."""
+        return self.prefilled < self.prefill_len
+
+    @property
     def wants_tokens(self) -> bool:
         """Whether another decode step is needed: fewer output tokens enqueued than max_tokens."""
-        return self.status is Status.RUNNING and not self.cancelled and self.num_enqueued < self.params.max_tokens
+        return (self.status is Status.RUNNING and not self.cancelled and not self.in_prefill
+                and self.num_enqueued < self.params.max_tokens)
 

@@ -22,7 +22,7 @@ from .activation import silu_mul_ref
 from .decode_attention import decode_attention_ref
 from .gemm import linear_rows, linear_torch
 from .kv_store import decode_slots_ref, prefill_slots_ref, store_kv_ref
-from .prefill_attention import prefill_attention_ref
+from .prefill_attention import cached_prefill_attention_ref, prefill_attention_ref
 from .rms_norm import rms_norm_ref
 from .rope import rope_ref
 from .sampling import sample_ref
@@ -55,6 +55,8 @@ class KernelOps:
     # flat KV-cache slots computed in the step from the block tables (kv_store.py): (block_table, valid_len,
     # block_size, out) for a prefill; (block_tables, positions, block_size, slots, seq_lens) for a decode step
     prefill_slots: Callable[..., Any] = prefill_slots_ref
+    # attention of a prompt chunk over the cached context and itself: (q, k_cache, v_cache, block_table, start, scale)
+    cached_prefill_attention: Callable[..., Any] = cached_prefill_attention_ref
     decode_slots: Callable[..., Any] = decode_slots_ref
     # Optional fused ops (None = the model composes the unfused ones):
     rope_store_kv: Callable[..., Any] | None = None    # (q, k, v, positions, cos_sin, k_cache, v_cache, slots) -> (q, k)

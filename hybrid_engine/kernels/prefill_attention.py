@@ -27,6 +27,29 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     return out.transpose(0, 1)
 
 
+def cached_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_table: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Attention of a prompt chunk after `start` cached positions: q [n, Hq, D] at positions start..start+n-1,
+    whose k/v are already in the paged cache with the earlier ones (block_table [max_blocks] int32). Query i sees
+    positions 0..start+i. The context is gathered into contiguous k/v, then SDPA with the offset causal mask (a
+    chunk runs on the JIT path only, so `start` is a host int)."""
+    n, _, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    total = start + n
+    pos = torch.arange(total, device=q.device)
+    slots = block_table.long()[pos // block_size] * block_size + pos % block_size
+    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    mask = pos[None, :] <= (pos[start:, None])  # [n, total]
+    group = q.shape[1] // num_kv_heads
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).to(q.dtype),
+                                         v.transpose(0, 1).to(q.dtype), attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
 def _prefill_kernel(Q, K, V, OUT, VALID_LEN, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                     stride_vh, stride_ot, stride_oh, num_tokens, head_dim,
                     GROUP: tl.constexpr, HAS_VALID_LEN: tl.constexpr, BLOCK_M: tl.constexpr,

@@ -82,6 +82,9 @@ class AttentionMetadata:
     # residual for that row only (the logits need nothing else; its K/V for every row are cached before), and the
     # model returns that one row. Its attention is the decode kernel over the cache, which now holds the prompt.
     last_index: torch.Tensor | None = None
+    # prefill of a prompt chunk: positions before this one are already in the cache (a host int: chunks run on the
+    # JIT path). Attention then reads the cached context too; 0 for a whole prompt.
+    context_start: int = 0
 
 
 def rope_cos_sin_cache(config: Any, head_dim: int, max_positions: int) -> torch.Tensor:
@@ -153,7 +156,8 @@ class DecoderLayer(nn.Module):
     def _attend(self, ops: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 cos_sin: torch.Tensor, meta: AttentionMetadata, scale: float, last_row_only: bool) -> torch.Tensor:
         """Rope, KV-cache writes and attention over the projected q, k, v (last_row_only: the last row's only)."""
-        if meta.is_prefill and not last_row_only and ops.prefill_attention_rope is not None:
+        chunk = meta.context_start > 0
+        if meta.is_prefill and not last_row_only and not chunk and ops.prefill_attention_rope is not None:
             # one launch: rope, KV-cache writes and causal attention
             return ops.prefill_attention_rope(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
                                               meta.slot_mapping, scale, meta.valid_len)
@@ -162,6 +166,9 @@ class DecoderLayer(nn.Module):
         else:
             q, k = ops.rope(q, k, positions, cos_sin)
             ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.is_prefill and not last_row_only and chunk:
+            return ops.cached_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables[0],
+                                                meta.context_start, scale)
         if meta.is_prefill and not last_row_only:
             return ops.prefill_attention(q, k, v, scale, meta.valid_len)
         if last_row_only:

@@ -86,3 +86,19 @@ def test_decode_slots(device, batch, block_size):
     lens2 = torch.full((batch,), -7, dtype=torch.int32, device=device)
     decode_slots_triton(tables.to(device), positions.to(device), block_size, slots2, lens2)
     assert slots2.tolist() == want and lens2.tolist() == (positions + 1).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size,start,n,valid", [(16, 16, 20, 20), (16, 37, 11, 9), (8, 5, 30, 30)])
+def test_prefill_slots_of_a_chunk_after_cached_positions(device, block_size, start, n, valid):
+    g = torch.Generator().manual_seed(start)
+    max_blocks = -(-(start + n) // block_size) + 1
+    table = torch.randperm(97, generator=g)[:max_blocks].to(torch.int32)
+    want = [int(table[p // block_size]) * block_size + p % block_size if p - start < valid else -1
+            for p in range(start, start + n)]
+    valid_len = torch.tensor([valid], dtype=torch.int32)
+    ref = prefill_slots_ref(table, valid_len, block_size, torch.full((n,), -7, dtype=torch.int64), start)
+    assert ref.tolist() == want
+    out = torch.full((n,), -7, dtype=torch.int64, device=device)
+    prefill_slots_triton(table.to(device), valid_len.to(device), block_size, out, start)
+    assert out.tolist() == want
