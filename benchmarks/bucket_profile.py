@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_engine import LLM, SamplingParams  # noqa: E402
-from hybrid_engine.graphs import DECODE  # noqa: E402
+from hybrid_engine.runtime.graphs import DECODE  # noqa: E402
 
 REPLAYS = 5
 

@@ -17,7 +17,8 @@ import time
 import torch
 
 from hybrid_engine import LLM, SamplingParams
-from hybrid_engine import cuda_driver, engine, graphs, runner, token_reader
+from hybrid_engine.engine import core, llm as engine_llm, scheduler
+from hybrid_engine.runtime import cuda_driver, graphs, runner, token_reader
 
 from phases import pct
 
@@ -36,10 +37,11 @@ def main() -> None:
     args = ap.parse_args()
     llm = LLM(args.model, capture="idle")
     llm.graphs.worker.wait_idle(timeout=120)
-    fns = [engine.LLM.generate, engine.LLM._prompt_ids, engine.LLM._acquire, engine.LLM._run, engine.LLM._collect,
-           engine.LLM._decode_loop, engine._Active.release, runner.ModelRunner.prefill,
-           runner.ModelRunner.stage_request, graphs.GraphRunner.ready_prefill_bucket, graphs.CaptureWorker.set_busy,
-           token_reader.TokenReader.push, token_reader.TokenReader.pop]
+    fns = [engine_llm.LLM.generate, engine_llm.LLM._prompt_ids, engine_llm.LLM._submit, engine_llm.LLM._collect,
+           core.EngineCore.next_delta, core.EngineCore.step, core.EngineCore._read_one, core.EngineCore._accept,
+           scheduler.Scheduler.admit, scheduler.Scheduler.plan_decode, runner.ModelRunner.prefill,
+           runner.ModelRunner.stage_prefill, runner.ModelRunner.decode, graphs.GraphRunner.ready_prefill_bucket,
+           graphs.CaptureWorker.set_busy, token_reader.TokenReader.push, token_reader.TokenReader.pop]
     lp = LineProfiler(*fns)
     g = torch.Generator().manual_seed(0)
     sp = SamplingParams(max_tokens=1, temperature=0)

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_engine import LLM, SamplingParams  # noqa: E402
-import hybrid_engine.runner as runner_mod  # noqa: E402
+import hybrid_engine.runtime.runner as runner_mod  # noqa: E402
 from hybrid_engine.kernels._triton import set_fast_launch  # noqa: E402
 from phases import PhaseTimer  # noqa: E402
 

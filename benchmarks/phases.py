@@ -3,7 +3,7 @@ prefill (CUDA events around the JIT step or the graph replay).
 
     with PhaseTimer(llm) as pt:
         llm.generate(...)
-        phases = pt.take()   # {"acquire": ms, "stage": ms, "prefill_enqueue" | "replay_enqueue": ms,
+        phases = pt.take()   # {"submit": ms, "stage": ms, "prefill_enqueue" | "replay_enqueue": ms,
                              #  "push": ms, "pop_wait": ms, "prefill_gpu": ms}
 
 `pop_wait` is how long the host waited for the first token after enqueueing everything: large when the GPU is the
@@ -25,7 +25,7 @@ class PhaseTimer:
         self.times: dict[str, float] = {}
         self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         r = llm.runner
-        self._targets = [(llm, "_acquire", "acquire", False), (r, "stage_request", "stage", False),
+        self._targets = [(llm, "_submit", "submit", False), (r, "stage_prefill", "stage", False),
                          (r, "prefill_step", "prefill_enqueue", True), (llm.reader, "push", "push", False),
                          (llm.reader, "pop", "pop_wait", False)]
         if llm.graphs is not None:

@@ -33,11 +33,11 @@ def main() -> None:
     r = llm.runner
     with torch.cuda.stream(llm.stream_ctx), torch.inference_mode():
         for _ in range(3):
-            r.decode_step()
+            r.decode_step(1)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                r.decode_step()
+                r.decode_step(1)
             torch.cuda.synchronize()
     table(prof, "decode step", 10)
     scratch = r.scratch_buffers()  # KV writes go nowhere (slot -1); valid_len must not exceed the step length

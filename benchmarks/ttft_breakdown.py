@@ -73,7 +73,7 @@ def main() -> None:
     rng = torch.Generator().manual_seed(0)
     vocab = llm.model.args.vocab_size
     clock = PhaseClock()
-    clock.wrap(llm.runner, "stage_request", "stage")
+    clock.wrap(llm.runner, "stage_prefill", "stage")
     clock.wrap(llm.graphs, "replay_prefill", "replay")
     clock.wrap(llm.reader, "push", "push")
     clock.wrap(llm.reader, "pop", "pop")

@@ -1,4 +1,4 @@
-"""The engine freezes what is alive after loading out of Python's cyclic GC (hybrid_engine/_gc.py) and unfreezes on
+"""The engine freezes what is alive after loading out of Python's cyclic GC (hybrid_engine/runtime/_gc.py) and unfreezes on
 close(), so a closed engine's reference cycles are collectable again."""
 import gc
 import weakref

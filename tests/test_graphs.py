@@ -2,7 +2,7 @@
 import threading
 import time
 
-from hybrid_engine.graphs import DECODE as _DECODE, CaptureWorker, decode_buckets
+from hybrid_engine.runtime.graphs import DECODE as _DECODE, CaptureWorker, decode_buckets
 
 DECODE = (_DECODE, 1)  # the batch-1 decode graph's key
 from hybrid_engine.models import llama
@@ -46,9 +46,9 @@ def test_failure_is_counted_and_not_retried():
 
 
 def test_worker_freezes_gc_once_its_last_capture_is_done(monkeypatch):
-    """What the captures made is frozen out of the cyclic GC (hybrid_engine/_gc.py) when nothing is left pending,
+    """What the captures made is frozen out of the cyclic GC (hybrid_engine/runtime/_gc.py) when nothing is left pending,
     including after a failed last capture, and not before."""
-    from hybrid_engine import graphs
+    from hybrid_engine.runtime import graphs
 
     calls = []
     w, done = _worker(fail=(128,))

@@ -106,7 +106,7 @@ def test_requests_during_background_captures_match_capture_off():
 def test_serving_stream_is_current_only_while_enqueueing(engines):
     """The engine makes its stream current around its GPU work only: the caller's stream is current again after a
     request and while a stream of tokens is suspended between deltas, and StreamScope nests and restores."""
-    from hybrid_engine.streams import StreamScope
+    from hybrid_engine.runtime.streams import StreamScope
 
     graph, _ = engines
     mine = torch.cuda.Stream()
@@ -134,7 +134,7 @@ def test_driver_calls_match_torch_calls_and_serve_from_a_fresh_thread(engines):
     before (the driver needs the primary context made current there)."""
     import threading
 
-    from hybrid_engine import cuda_driver
+    from hybrid_engine.runtime import cuda_driver
 
     assert cuda_driver.available()
     graph, off = engines

@@ -9,17 +9,17 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
-from .. import _gc
+from ..runtime import _gc
 from ..config import EngineConfig
 from ..detokenize import IncrementalDetokenizer, StopStringMatcher
 from ..kernels import get_ops
-from ..kv_cache import PagedKVCache, num_blocks_for
+from ..runtime.kv_cache import PagedKVCache, num_blocks_for
 from ..models import loader
 from ..outputs import CompletionOutput, RequestOutput, StreamDelta
-from ..runner import ModelRunner
+from ..runtime.runner import ModelRunner
 from ..sampling_params import SamplingParams
-from ..streams import stream_scope
-from ..token_reader import TokenReader
+from ..runtime.streams import stream_scope
+from ..runtime.token_reader import TokenReader
 from .block_manager import BlockManager
 from .core import EngineCore
 from .scheduler import Scheduler
@@ -103,7 +103,7 @@ class LLM:
         gc.collect()
         _gc.freeze()
         if self.device.type == "cuda":
-            from ..graphs import decode_buckets
+            from ..runtime.graphs import decode_buckets
 
             with torch.cuda.stream(self.stream_ctx):
                 self.runner.warm_up(decode_rows=tuple(decode_buckets(cfg.max_num_seqs)))
@@ -111,7 +111,7 @@ class LLM:
         if cfg.capture == "eager" and self.device.type != "cuda":
             logger.warning("capture='eager' needs a CUDA device; on %s nothing is captured (as 'off')", self.device)
         if cfg.capture != "off" and self.device.type == "cuda":
-            from ..graphs import GraphRunner
+            from ..runtime.graphs import GraphRunner
 
             self.graphs = GraphRunner(self.runner, cfg.prefill_buckets, cfg.capture, self.stream_ctx)
             self.runner.graphs = self.graphs

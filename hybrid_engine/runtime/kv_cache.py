@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .errors import HybridEngineError
-from .models.llama import LlamaModel
+from ..errors import HybridEngineError
+from ..models.llama import LlamaModel
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import _gc, cuda_driver
-from .kernels import gemm
-from .models.llama import between_layers
+from ..kernels import gemm
+from ..models.llama import between_layers
 
 logger = logging.getLogger(__name__)
 

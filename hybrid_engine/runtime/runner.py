@@ -18,9 +18,9 @@ import torch
 
 from . import cuda_driver
 from .kv_cache import PagedKVCache
-from .models.llama import AttentionMetadata, LlamaModel
-from .models.llama_jit import jit_prefill
-from .sampling_params import SamplingParams
+from ..models.llama import AttentionMetadata, LlamaModel
+from ..models.llama_jit import jit_prefill
+from ..sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class ModelRunner:
         arguments equal to 1 or divisible by 16; prefill attention's tiles change with the length), so the first
         request compiles and loads nothing; and every projection and attention variant that graph captures use
         (inside gemm.graph_plan, whose choices differ), so that no capture compiles."""
-        from .kernels import gemm, prefill_attention
+        from ..kernels import gemm, prefill_attention
 
         scratch = self.scratch_buffers()
         attention = prefill_attention.warm_up_lengths()
