@@ -128,6 +128,67 @@ def concurrent_streams(llm: LLM, vocab: int, clients: int = 32, prompt: int = 12
             "all_correct": got == serial}
 
 
+def chunk_prefill_ms(llm: LLM, vocab: int, prompt: int, chunk: int) -> float:
+    """GPU time of the last chunk of a `prompt`-token prefill (the longest context a chunk attends over)."""
+    blocks = llm.scheduler.blocks
+    table = blocks.allocator.allocate(blocks.blocks_for(prompt))
+    gen = torch.Generator().manual_seed(6)
+    ids, s_ = _ids(gen, chunk, vocab), llm.stream_ctx
+    sp = SamplingParams(max_tokens=1, temperature=0)
+    try:
+        with torch.cuda.stream(s_):
+            llm.runner.prefill_chunk(ids, prompt - chunk, 0, table, sp, 0, 0, final=False)  # warm-up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                llm.runner.prefill_chunk(ids, prompt - chunk, 0, table, sp, 0, 0, final=False)
+            end.record()
+            end.synchronize()
+    finally:
+        blocks.allocator.free(table)
+    return start.elapsed_time(end) / 5
+
+
+def long_prompt_while_decoding(llm: LLM, vocab: int, streams: int = 8, prompt: int = 2000) -> dict:
+    """`streams` sequences decode; a `prompt`-token request arrives: the streams' worst inter-token gap while it
+    is prefilled (in chunks of prefill_chunk_size), against one chunk's GPU time."""
+    gen = torch.Generator().manual_seed(5)
+    sp = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    running = [llm.stream_deltas({"prompt_token_ids": _ids(gen, 128, vocab)}, sp) for _ in range(streams)]
+    for s in running:
+        next(s)
+    gaps: list[float] = []
+    window = {"on": False}
+
+    def consume(s) -> None:
+        last = time.perf_counter()
+        for _ in s:
+            now = time.perf_counter()
+            if window["on"]:
+                gaps.append((now - last) * 1e3)
+            last = now
+
+    threads = [threading.Thread(target=consume, args=(s,)) for s in running]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    chunks0 = llm.stats()["prefill_chunks"]
+    window["on"] = True
+    t0 = time.perf_counter()
+    llm.generate({"prompt_token_ids": _ids(gen, prompt, vocab)}, SamplingParams(max_tokens=1, temperature=0))
+    ttft = (time.perf_counter() - t0) * 1e3
+    window["on"] = False
+    for s in running:
+        s.close()
+    for t in threads:
+        t.join()
+    chunk = llm.config.prefill_chunk_size
+    return {"streams": streams, "prompt_tokens": prompt, "chunk_tokens": chunk,
+            "chunks": llm.stats()["prefill_chunks"] - chunks0, "long_prompt_ttft_ms": ttft,
+            "worst_gap_ms": max(gaps) if gaps else None, "gap_p50_ms": statistics.median(gaps) if gaps else None,
+            "chunk_prefill_ms": chunk_prefill_ms(llm, vocab, prompt, chunk)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-2-7b-shape")
@@ -148,6 +209,8 @@ def main() -> None:
         print(json.dumps(res["batch_invariance"]), flush=True)
         res["concurrent_streams"] = concurrent_streams(llm, vocab)
         print(json.dumps(res["concurrent_streams"]), flush=True)
+        res["long_prompt_while_decoding"] = long_prompt_while_decoding(llm, vocab)
+        print(json.dumps(res["long_prompt_while_decoding"]), flush=True)
         res["stats"] = {k: v for k, v in llm.stats().items() if isinstance(v, (int, float, str, dict))}
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -181,3 +181,22 @@ def test_chunked_attention_matches_whole_prompt_attention():
     for start in (1, 16, 30):
         part = cached_prefill_attention_ref(q[start:], kc, vc, table, start, 0.25)
         torch.testing.assert_close(part, whole[start:], rtol=1e-5, atol=1e-5)
+
+
+def test_closing_a_stream_another_thread_is_reading_ends_that_reader(llm):
+    stream = llm.stream_deltas({"prompt_token_ids": PROMPTS[1]}, SamplingParams(max_tokens=120, temperature=0,
+                                                                                 ignore_eos=True))
+    got, started = [], threading.Event()
+
+    def read():
+        for d in stream:
+            got.extend(d.token_ids)
+            started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(60)
+    stream.close()
+    reader.join(60)
+    assert not reader.is_alive() and 0 < len(got) < 120
+    assert _all_free(llm)

@@ -43,13 +43,16 @@ class EngineCore:
                 self.graphs.notify_busy()
             self.cv.notify_all()
 
-    def next_delta(self, seq: Sequence) -> StreamDelta:
-        """The sequence's next delta; drives the loop while no other caller does."""
+    def next_delta(self, seq: Sequence) -> StreamDelta | None:
+        """The sequence's next delta; drives the loop while no other caller does. None once the sequence has ended
+        without one (cancelled, e.g. closed from another thread)."""
         while True:
             with self.cv:
                 while not seq.outbox:
                     if seq.error is not None:
                         raise seq.error
+                    if seq.finished:
+                        return None
                     if not self._driving:
                         self._driving = True
                         break

@@ -52,6 +52,9 @@ class RequestStream:
         except BaseException:
             self._done = True
             raise
+        if delta is None:  # cancelled (closed from another thread)
+            self._done = True
+            raise StopIteration
         if delta.finish_reason is not None:
             self._done = True
         return delta
