@@ -65,6 +65,8 @@ for s in $stages; do
           done
           echo "baseline for '$card': $base -> commit as ci/baselines/$(basename "$base")";;
     batch) timeout ${BATCH_T:-300} python3 benchmarks/batch_bench.py --out "$OUT/batch_bench.json" 2>&1 | grep -v "Warn\|INFO" | tail -8;;
+    serve) timeout ${SERVE_T:-400} python3 benchmarks/serve_load.py --model llama-2-7b-shape --clients ${CLIENTS:-32} \
+             --out "$OUT/serve_load.json" 2>&1 | tail -2;;
     ab) for i in $(seq ${AB_ROUNDS:-2}); do  # same-lease A/B of batch-1 latency: the tree in .ab/ (a base commit) vs this one
           PYTHONPATH=.ab timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_base_$i.json" 2>&1 | tail -1
           timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_new_$i.json" 2>&1 | tail -1; done;;
