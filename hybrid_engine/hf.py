@@ -147,8 +147,8 @@ class HybridModelForCausalLM:
         if streamer is None and not opts["stop_strings"] and not opts["stopping_criteria"]:
             news = self._generate_together(prompts, opts)
         else:
-            tokenizer = kwargs.get("tokenizer")
-            news = [self._stream_one(p, self._sampling_params(len(p), opts), opts, streamer, tokenizer) for p in prompts]
+            tok = kwargs.get("tokenizer")
+            news = [self._stream_one(p, self._sampling_params(len(p), opts), opts, streamer, tok) for p in prompts]
         rows = [input_ids[i].tolist() + new for i, new in enumerate(news)]
         pad = opts["pad_token_id"] if opts["pad_token_id"] is not None else (opts["eos_ids"] or [0])[0]
         width = max(len(r) for r in rows)

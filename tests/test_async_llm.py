@@ -141,6 +141,8 @@ def test_bad_request_raises_at_once_and_names_the_value(llm):
             await llm.agenerate([5])
 
     asyncio.run(run())
+    with pytest.raises(RuntimeError, match="running event loop"):
+        llm.astream_deltas({"prompt_token_ids": PROMPTS[0]})
     _wait_all_free(llm)
 
 

@@ -83,7 +83,12 @@ class AsyncRequestStream:
 
     def __init__(self, driver: AsyncDriver, seq: Sequence) -> None:
         self.seq, self._driver, self._done = seq, driver, False
-        self._loop = asyncio.get_running_loop()
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._done = True
+            raise RuntimeError("the async API needs a running event loop (call it from a coroutine); synchronous "
+                               "code uses LLM.stream_deltas / LLM.generate") from None
         self._queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
         seq.consumer = self._push
         driver.submit(seq)
