@@ -1,6 +1,6 @@
 """hybrid_engine: low-latency LLM inference with CUDA-graph replays, Triton JIT kernels and background capture."""
 from .config import EngineConfig
-from .engine import LLM
+from .engine import LLM, AsyncLLM
 from .errors import HybridEngineError, ModelLoadError, OptionalDependencyError
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamDelta
 from .sampling_params import SamplingParams
@@ -15,5 +15,5 @@ def pipeline(*args, **kwargs):  # noqa: ANN002, ANN003 - forwards transformers.p
     return _pipeline(*args, **kwargs)
 
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "RequestMetrics",
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "RequestMetrics",
            "StreamDelta", "HybridEngineError", "ModelLoadError", "OptionalDependencyError", "pipeline"]

@@ -140,10 +140,16 @@ class HybridModelForCausalLM:
         if streamer is not None and input_ids.shape[0] != 1:
             raise ValueError(f"streamer= needs a batch of one prompt, got {input_ids.shape[0]}")
         mask = attention_mask.detach().cpu().bool() if attention_mask is not None else None
-        rows = []
-        for i in range(input_ids.shape[0]):
-            prompt = input_ids[i][mask[i]] if mask is not None else input_ids[i]
-            rows.append(self._generate_one(prompt.tolist(), input_ids[i], opts, kwargs))
+        prompts = [(input_ids[i][mask[i]] if mask is not None else input_ids[i]).tolist()
+                   for i in range(input_ids.shape[0])]
+        if not all(prompts):
+            raise ValueError("a prompt has no tokens after removing padding (attention_mask is all zero)")
+        if streamer is None and not opts["stop_strings"] and not opts["stopping_criteria"]:
+            news = self._generate_together(prompts, opts)
+        else:
+            tok = kwargs.get("tokenizer")
+            news = [self._stream_one(p, self._sampling_params(len(p), opts), opts, streamer, tok) for p in prompts]
+        rows = [input_ids[i].tolist() + new for i, new in enumerate(news)]
         pad = opts["pad_token_id"] if opts["pad_token_id"] is not None else (opts["eos_ids"] or [0])[0]
         width = max(len(r) for r in rows)
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
@@ -193,17 +199,15 @@ class HybridModelForCausalLM:
         return SamplingParams(max_tokens=max_new, temperature=opts["temperature"], top_k=opts["top_k"],
                               top_p=opts["top_p"], seed=seed, stop_token_ids=opts["eos_ids"], ignore_eos=True)
 
-    def _generate_one(self, prompt: list[int], padded_prompt: torch.Tensor, opts: dict[str, Any],
-                      kwargs: dict[str, Any]) -> list[int]:
-        if not prompt:
-            raise ValueError("a prompt has no tokens after removing padding (attention_mask is all zero)")
-        params = self._sampling_params(len(prompt), opts)
-        streamer = kwargs.get("streamer")
-        if streamer is None and not opts["stop_strings"] and not opts["stopping_criteria"]:
-            new = list(self.llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids)
-        else:
-            new = self._stream_one(prompt, params, opts, streamer, kwargs.get("tokenizer"))
-        return padded_prompt.tolist() + new
+    def is_greedy(self, kwargs: dict[str, Any]) -> bool:
+        """Whether `generate(**kwargs)` decodes greedily (merged with the generation config as generate does)."""
+        return self._resolve_options(kwargs)["greedy"]
+
+    def _generate_together(self, prompts: list[list[int]], opts: dict[str, Any]) -> list[list[int]]:
+        """Every row in one engine call (batched); seeds drawn in row order, as one row at a time would."""
+        params = [self._sampling_params(len(p), opts) for p in prompts]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        return [list(o.outputs[0].token_ids) for o in outs]
 
     def _stream_one(self, prompt: list[int], params: SamplingParams, opts: dict[str, Any], streamer: Any,
                     tokenizer: Any) -> list[int]:

@@ -123,6 +123,15 @@ def hybrid_pipeline_class() -> type:
             _check_inputs(text_inputs)
             return super().__call__(text_inputs, **kwargs)
 
+        def get_iterator(self, inputs: Any, num_workers: int, batch_size: int, preprocess_params: dict,
+                         forward_params: dict, postprocess_params: dict) -> Any:
+            """A list of inputs at batch_size 1 (the default) runs together: each input is prepared, generated and
+            decoded as alone, with up to max_num_seqs generations in flight at once, which the engine batches."""
+            if _runs_together(self, inputs, batch_size, forward_params):
+                return iter(_run_together(self, inputs, preprocess_params, forward_params, postprocess_params))
+            return super().get_iterator(inputs, num_workers, batch_size, preprocess_params, forward_params,
+                                        postprocess_params)
+
     HybridTextGenerationPipeline.__module__ = __name__
     HybridTextGenerationPipeline.__qualname__ = "HybridTextGenerationPipeline"
     return HybridTextGenerationPipeline
@@ -132,6 +141,31 @@ def __getattr__(name: str) -> Any:
     if name == "HybridTextGenerationPipeline":
         return hybrid_pipeline_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _runs_together(pipe: Any, inputs: Any, batch_size: int, forward_params: dict[str, Any]) -> bool:
+    """Greedy lists without a streamer: sampled ones stay one at a time, so that each input draws its seed from
+    torch's generator in order (reproducible with transformers.set_seed, as with the stock pipeline)."""
+    if not isinstance(inputs, list) or len(inputs) < 2 or batch_size != 1 or "streamer" in forward_params:
+        return False
+    kwargs = dict(forward_params)
+    kwargs.pop("prefix_length", None)
+    kwargs = pipe._prepare_generate_kwargs(kwargs)  # what _forward hands to model.generate
+    try:
+        return pipe.model.is_greedy(kwargs)
+    except ValueError:  # bad options: the one-at-a-time path raises the error it always raised
+        return False
+
+
+def _run_together(pipe: Any, inputs: list[Any], preprocess_params: dict[str, Any], forward_params: dict[str, Any],
+                  postprocess_params: dict[str, Any]) -> list[Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model_inputs = [pipe.preprocess(item, **preprocess_params) for item in inputs]
+    workers = min(len(inputs), pipe.model.llm.config.max_num_seqs)
+    with ThreadPoolExecutor(workers, thread_name_prefix="hybrid-pipeline") as pool:
+        outputs = list(pool.map(lambda item: pipe.forward(item, **forward_params), model_inputs))
+    return [pipe.postprocess(out, **postprocess_params) for out in outputs]
 
 
 def _check_task(task: str | None) -> None:

@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP server: `hybrid-engine serve` / `python -m hybrid_engine.server`.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streaming), GET /v1/models, /health,
-/metrics (Prometheus). Worker threads (as many as the engine's max_num_seqs) take requests from a bounded FIFO
-queue and the engine batches them; past the bound the server answers 429 with Retry-After. A client that disconnects cancels its request and frees its KV blocks.
+/metrics (Prometheus). Requests run through the engine's async API (AsyncLLM), up to the engine's max_num_seqs at
+once, batched by its scheduler; more wait in a bounded FIFO queue, and past the bound the server answers 429 with
+Retry-After. A client that disconnects cancels its request and frees its KV blocks.
 """
 from __future__ import annotations
 

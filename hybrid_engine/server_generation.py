@@ -58,7 +58,7 @@ class ServerState:
     def admit(self, prompt: Any, params: SamplingParams) -> Job:
         if not self.worker.alive:
             raise APIError(503, "the engine worker is not running; see the server log", code="worker_dead")
-        job = Job(prompt, params, asyncio.get_running_loop())
+        job = Job(prompt, params)
         try:
             self.worker.submit(job)
         except QueueFull as exc:

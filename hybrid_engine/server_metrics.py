@@ -26,7 +26,9 @@ ENGINE_GAUGES = {
     "graph_pool_bytes": "bytes held by the shared CUDA-graph memory pool",
     "requests_served": "requests the engine finished",
     "requests_failed": "requests the engine failed",
+    "decode_batch_sizes": "decode steps run, by batch size (rows)",
 }
+ENGINE_LABELLED = {"decode_batch_sizes": "batch_size"}  # dict-valued stats: one gauge per key, as this label
 ENGINE_INFO_KEYS = ("attention_backend", "device", "dtype", "capture")
 
 
@@ -51,6 +53,12 @@ class EngineStatsCollector(Collector):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key.isidentifier():
                 help_text = ENGINE_GAUGES.get(key, f"engine stat {key!r} from llm.stats()")
                 yield GaugeMetricFamily(engine_metric_name(key), help_text, value=float(value))
+        for key, label in ENGINE_LABELLED.items():
+            if isinstance(stats.get(key), dict):
+                family = GaugeMetricFamily(engine_metric_name(key), ENGINE_GAUGES[key], labels=[label])
+                for name, value in sorted(stats[key].items()):
+                    family.add_metric([str(name)], float(value))
+                yield family
         info = {k: str(stats[k]) for k in ENGINE_INFO_KEYS if k in stats}
         if info:
             yield InfoMetricFamily(f"{PREFIX}_engine", "engine configuration", value=info)

@@ -1,17 +1,17 @@
-"""The engine workers: threads that take requests from a bounded FIFO queue, each streaming one request at a time.
+"""Admission to the engine: a bounded FIFO queue in front of up to max_num_seqs running requests, all on the event
+loop (no worker threads).
 
-HTTP handlers run on the asyncio loop. A handler submits a `Job`; a worker runs `llm.stream_deltas` for it and
-hands every delta back to the loop through the job's asyncio queue. The engine batches the workers' concurrent
-requests (up to its max_num_seqs). A handler whose client went away calls `job.cancel()`; the worker then closes
-the engine's stream at the next token, which cancels the request and frees its KV blocks.
+An HTTP handler submits a `Job`; its task waits for a slot (FIFO), then streams the request through the engine's
+async API (`llm.astream_deltas`) and hands every delta to the handler through the job's queue. The engine batches
+the running requests. A handler whose client went away calls `job.cancel()`: the task is cancelled, which closes the
+engine stream, cancelling the request and freeing its KV blocks.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,118 +38,103 @@ class Event:
 
 
 class Job:
-    """One generation request travelling from an HTTP handler to the worker and back."""
+    """One generation request travelling from an HTTP handler to the engine and back (event loop only)."""
 
-    def __init__(self, prompt: Any, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, prompt: Any, params: SamplingParams) -> None:
         self.prompt = prompt
         self.params = params
         self.arrived = time.perf_counter()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self._loop = loop
-        self._cancelled = threading.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.slot: asyncio.Future[None] | None = None  # resolved when a queued job is handed a slot
+        self.holds_slot = False
+        self.done = False  # its last event is out
         self.released = False
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
     def cancel(self) -> None:
-        self._cancelled.set()
+        """Stop the job (client gone, server stopping); a no-op once its last event is out."""
+        if not self.done and self.task is not None:
+            self.task.cancel()
 
     def emit(self, event: Event) -> None:
-        """Called from the worker thread."""
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            self.cancel()
+        if event.kind != "delta" or event.delta is None or event.delta.finish_reason is not None:
+            self.done = True
+        self.events.put_nowait(event)
 
 
 class EngineWorker:
-    """Owns the LLM's generation calls; everything else only reads llm.stats(). `concurrency` serving threads
-    (default: the engine's max_num_seqs) each stream one job at a time; the engine batches their requests."""
+    """Runs at most `concurrency` jobs at once (default: the engine's max_num_seqs) and queues up to `max_queue`
+    more; everything else only reads llm.stats()."""
 
     def __init__(self, llm: Any, max_queue: int, concurrency: int | None = None) -> None:
         if not (isinstance(max_queue, int) and max_queue >= 1):
             raise ValueError(f"max_queue={max_queue!r} must be an int >= 1")
         self.llm = llm
         self.max_queue = max_queue
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self._stop = threading.Event()
-        self._handoff = threading.Lock()
-        n = concurrency or getattr(getattr(llm, "config", None), "max_num_seqs", 1)
-        self._threads = [threading.Thread(target=self._loop, name=f"hybrid-engine-worker-{i}", daemon=True)
-                         for i in range(n)]
+        self.slots = concurrency or getattr(getattr(llm, "config", None), "max_num_seqs", 1)
+        self._waiting: deque[Job] = deque()
         self._running = 0
-        self._current: set[Job] = set()
+        self._jobs: set[Job] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
         self._mean_e2e_s = 1.0
         self.metrics = ServerMetrics(llm.stats, self.queued, self.running)
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
     def running(self) -> int:
         return self._running
 
     @property
     def alive(self) -> bool:
-        return all(t.is_alive() for t in self._threads)
+        return self._loop is not None and not self._stopped
 
     def start(self) -> None:
-        for t in self._threads:
-            if not t.is_alive():
-                t.start()
+        """Bind to the running event loop (the app's lifespan calls this)."""
+        self._loop, self._stopped = asyncio.get_running_loop(), False
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Cancel the running requests, answer the queued ones, join the threads."""
-        with self._handoff:  # either a loop sees the stop flag, or this sees the job it took from the queue
-            self._stop.set()
-            current = list(self._current)
-        for job in current:
+        """Cancel the running and queued jobs (each answers as cancelled); callable from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if _running_loop() is loop:
+            self._stop_now()
+            return
+        asyncio.run_coroutine_threadsafe(self._stop_async(), loop).result(timeout_s)
+
+    async def _stop_async(self) -> None:
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        self._stopped = True
+        for job in list(self._jobs):
             job.cancel()
-        while True:
-            try:
-                self._queue.get_nowait().emit(Event("end"))
-            except queue.Empty:
-                break
-        for t in self._threads:
-            if t.is_alive():
-                t.join(timeout_s)
 
     def submit(self, job: Job) -> None:
-        """Queue a job or raise QueueFull (with a Retry-After estimate)."""
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
+        """Start the job, queue it, or raise QueueFull (with a Retry-After estimate). On the event loop."""
+        loop = asyncio.get_running_loop()
+        if self._running < self.slots:
+            self._running += 1
+            job.holds_slot = True
+        elif len(self._waiting) < self.max_queue:
+            job.slot = loop.create_future()
+            self._waiting.append(job)
+        else:
             self.metrics.rejected.inc()
-            waiting = self._queue.qsize() + self._running
-            raise QueueFull(max(1, round(waiting * self._mean_e2e_s))) from None
+            raise QueueFull(max(1, round((len(self._waiting) + self._running) * self._mean_e2e_s)))
+        self._jobs.add(job)
+        job.task = loop.create_task(self._serve(job))
+        job.task.add_done_callback(lambda _: self._finished(job))
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                job = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            with self._handoff:
-                stopping = self._stop.is_set()
-                if not (job.cancelled or stopping):
-                    self._running += 1
-                    self._current.add(job)
-            if job.cancelled or stopping:  # taken from the queue as stop() drained it: answered like the queued
-                self.metrics.cancelled.inc()
-                job.emit(Event("end"))
-                continue
-            try:
-                self._serve(job)
-            finally:
-                with self._handoff:
-                    self._running -= 1
-                    self._current.discard(job)
-
-    def _serve(self, job: Job) -> None:
-        self.metrics.queue_wait.observe(time.perf_counter() - job.arrived)
+    async def _serve(self, job: Job) -> None:
+        """Wait for a slot, then stream; a cancellation propagates and `_finished` answers the job."""
         try:
-            self._generate(job)
+            if job.slot is not None:
+                await job.slot
+            self.metrics.queue_wait.observe(time.perf_counter() - job.arrived)
+            await self._generate(job)
         except ValueError as exc:  # the engine's verdict on a bad request: a 400 if nothing was sent yet
             job.emit(Event("error", error=exc))
         except Exception as exc:
@@ -158,20 +143,39 @@ class EngineWorker:
         else:
             job.emit(Event("end"))
 
-    def _generate(self, job: Job) -> None:
-        stream = self.llm.stream_deltas(job.prompt, job.params)
+    def _finished(self, job: Job) -> None:
+        """The job's task is over, however it ended (even cancelled before it started): free what it held."""
+        self._jobs.discard(job)
+        if job in self._waiting:
+            self._waiting.remove(job)
+        if job.holds_slot:
+            job.holds_slot = False
+            self._release_slot()
+        if not job.done:  # cancelled: the client went away or the server is stopping
+            self.metrics.cancelled.inc()
+            job.emit(Event("end"))
+
+    def _release_slot(self) -> None:
+        """Hand the slot to the oldest waiting job, or free it."""
+        while self._waiting:
+            job = self._waiting.popleft()
+            if job.slot is not None and not job.slot.done():
+                job.holds_slot = True
+                job.slot.set_result(None)
+                return
+        self._running -= 1
+
+    async def _generate(self, job: Job) -> None:
+        stream = self.llm.astream_deltas(job.prompt, job.params)
         last = None
         try:
-            for delta in stream:
+            async for delta in stream:
                 now = time.perf_counter()
                 self._observe(delta, job, last, now)
                 last = now
                 job.emit(Event("delta", delta=delta))
-                if job.cancelled:
-                    self.metrics.cancelled.inc()
-                    break
         finally:
-            stream.close()  # on cancel: the engine cancels the request and frees its KV blocks
+            await stream.aclose()  # unfinished: the engine cancels the request and frees its KV blocks
 
     def _observe(self, delta: StreamDelta, job: Job, last: float | None, now: float) -> None:
         m = self.metrics
@@ -188,3 +192,10 @@ class EngineWorker:
             self._mean_e2e_s = 0.8 * self._mean_e2e_s + 0.2 * e2e
             if delta.metrics is not None:
                 m.prompt_tokens.inc(delta.metrics.prompt_tokens)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

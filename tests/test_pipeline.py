@@ -77,6 +77,24 @@ def test_batched_left_padded_prompts_equal_transformers(hybrid, stock):
     assert hybrid(prompts, batch_size=2, **GREEDY) == stock(prompts, batch_size=2, **GREEDY)
 
 
+def _batched_rows(pipe) -> int:
+    return sum(k * v for k, v in pipe.model.llm.stats()["decode_batch_sizes"].items() if k > 1)
+
+
+def test_a_list_of_inputs_runs_batched_with_outputs_as_one_at_a_time(hybrid):
+    prompts = ["a b c", "The quick brown fox", "Once upon", "x", "A much longer prompt than the first"]
+    chats = [CHAT, [{"role": "user", "content": "Hi!"}], [{"role": "user", "content": "Name a number."}]]
+    kw = dict(max_new_tokens=24, do_sample=False)
+    alone = [hybrid(p, **kw) for p in prompts]
+    alone_chats = [hybrid(c, **kw) for c in chats]
+    alone_ids = [hybrid(p, return_tensors=True, **kw) for p in prompts]
+    before = _batched_rows(hybrid)
+    assert hybrid(prompts, **kw) == alone
+    assert _batched_rows(hybrid) > before  # generated together, not one after another
+    assert hybrid(chats, **kw) == alone_chats
+    assert hybrid(prompts, return_tensors=True, **kw) == alone_ids
+
+
 def test_eos_token_id_stops_like_transformers(hybrid, stock):
     ids = new_ids(stock, "Hello there")
     eos = ids[5]  # a token the greedy run emits: both must stop there and keep it

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,32 @@ def test_models_health_and_metrics_endpoints(server: Server) -> None:
         assert name in m, name
 
 
+def test_concurrent_streams_are_batched_and_equal_served_alone(tmp_path: Path, llm: LLM) -> None:
+    """N streaming clients at once against a server with --max-num-seqs N: each gets the text its request gets
+    alone, and the engine decoded them together (decode steps with more than one row)."""
+    n = 4
+    want = [llm.generate(p, greedy(48, ignore_eos=True))[0].outputs[0].text for p in PROMPTS[:n]]
+    srv = Server(tmp_path, extra=("--max-num-seqs", str(n)))
+    try:
+        srv.wait_ready()
+        barrier = threading.Barrier(n)
+
+        def one(i: int) -> str:
+            barrier.wait()
+            chunks = srv.client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=48, temperature=0,
+                                                   stream=True, extra_body={"ignore_eos": True})
+            return "".join(c.choices[0].text for c in chunks if c.choices)
+
+        with ThreadPoolExecutor(n) as pool:
+            got = list(pool.map(one, range(n)))
+        batched = {k: v for k, v in srv.metrics().items()
+                   if k.startswith("hybrid_engine_decode_batch_sizes{") and v > 0}
+    finally:
+        srv.stop()
+    assert got == want
+    assert any(int(k.split("=")[1].rstrip("}")) > 1 for k in batched), batched
+
+
 def _chat(srv: Server, messages: list[dict[str, str]], max_tokens: int = 4, stream: bool = False) -> str:
     kw = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     if not stream:
@@ -368,30 +394,23 @@ class _FailingLLM:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
 
-    def stream_deltas(self, prompt: Any, params: SamplingParams) -> Iterator[Any]:
-        inner = self._llm.stream_deltas(prompt, params)
+    def astream_deltas(self, prompt: Any, params: SamplingParams) -> AsyncIterator[Any]:
+        inner = self._llm.astream_deltas(prompt, params)
         if prompt != "FAIL":
             return inner
         return self._fail_after_two(inner)
 
     @staticmethod
-    def _fail_after_two(inner: Iterator[Any]) -> Iterator[Any]:
-        with _closing(inner):
-            for i, delta in enumerate(inner):
+    async def _fail_after_two(inner: Any) -> AsyncIterator[Any]:
+        try:
+            i = 0
+            async for delta in inner:
                 if i == 2:
                     raise RuntimeError("injected engine failure")
+                i += 1
                 yield delta
-
-
-class _closing:
-    def __init__(self, gen: Any) -> None:
-        self.gen = gen
-
-    def __enter__(self) -> Any:
-        return self.gen
-
-    def __exit__(self, *exc: Any) -> None:
-        self.gen.close()
+        finally:
+            await inner.aclose()
 
 
 def test_engine_exception_is_500_for_that_request_only(llm: LLM, expected: dict[str, str]) -> None:

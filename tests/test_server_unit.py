@@ -5,12 +5,13 @@ particular the engine-failure path (500 for one request) that a healthy engine c
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class FakeLLM:
-    """Emits "w0 w1 ..." one word per token; 'boom' raises mid-engine; a gate can hold generation."""
+    """Emits "w0 w1 ..." one word per token through the async API; 'boom' raises mid-engine; a gate can hold
+    generation."""
 
     def __init__(self, total_blocks: int = 8) -> None:
         self.config = SimpleNamespace(model="fake", capture="off", max_model_len=64)
@@ -45,7 +47,7 @@ class FakeLLM:
         return {"kv_blocks_total": self.total_blocks, "kv_blocks_free": self.total_blocks - self.held,
                 "graphs_captured": 0, "graphs_pending": 0, "graphs_failed": 0, "device": "cpu"}
 
-    def stream_deltas(self, prompt: Any, params: Any) -> Iterator[StreamDelta]:
+    async def astream_deltas(self, prompt: Any, params: Any) -> AsyncIterator[StreamDelta]:
         ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt.split()
         if len(ids) + params.max_tokens > 64:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds max_model_len=64")
@@ -54,8 +56,9 @@ class FakeLLM:
         self.held += 1
         try:
             for i in range(params.max_tokens):
-                self.gate.wait()
-                time.sleep(self.token_delay_s)
+                while not self.gate.is_set():
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(self.token_delay_s)
                 last = i == params.max_tokens - 1
                 metrics = RequestMetrics(prompt_tokens=len(ids), generated_tokens=i + 1) if last else None
                 yield StreamDelta(f"w{i} ", [i], "length" if last else None, metrics)
@@ -387,3 +390,29 @@ def test_chat_without_model_is_400(served: tuple[FakeLLM, str]) -> None:
     r = _post(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
     assert "required" in r.json()["error"]["message"]
+
+
+def test_runs_max_num_seqs_at_once_and_a_queued_disconnect_frees_its_place() -> None:
+    llm = FakeLLM()
+    llm.config.max_num_seqs = 2
+    llm.gate.clear()
+    with _serving(llm) as base:  # 2 running + max_queue=2 waiting
+        codes: list[int] = []
+        body = {"model": "fake", "prompt": "x", "max_tokens": 1}
+        running = [threading.Thread(target=lambda: codes.append(_post(base, "/v1/completions", body)
+                                                                      .status_code)) for _ in range(2)]
+        for t in running:
+            t.start()
+        deadline = time.time() + 5
+        while llm.held < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        assert llm.held == 2  # both in the engine at once, neither waits for the other
+        with pytest.raises(httpx.ReadTimeout):  # a queued client gives up
+            httpx.post(base + "/v1/completions", json=body, timeout=0.3)
+        health = httpx.get(base + "/health").json()["queue"]
+        assert health["running"] == 2 and health["queued"] == 0, health
+        llm.gate.set()
+        for t in running:
+            t.join(10)
+        assert codes == [200, 200]
+        assert "hybrid_engine_requests_cancelled_total 1.0" in httpx.get(base + "/metrics").text

@@ -1,4 +1,5 @@
-"""The engine: the LLM front end, sequences, the scheduler, KV block bookkeeping and the step loop."""
+"""The engine: the LLM and AsyncLLM front ends, sequences, the scheduler, KV block bookkeeping and the step loop."""
+from .async_llm import AsyncLLM, AsyncRequestStream, EngineClosed
 from .llm import LLM, RequestStream
 
-__all__ = ["LLM", "RequestStream"]
+__all__ = ["LLM", "AsyncLLM", "RequestStream", "AsyncRequestStream", "EngineClosed"]

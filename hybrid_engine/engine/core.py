@@ -86,6 +86,28 @@ class EngineCore:
                 self._driving = True
             self._drive(self.step)
 
+    def drive_until(self, done: Callable[[], bool]) -> None:
+        """Run steps until `done()` (called under the lock) is true. While another caller drives, wait for its steps
+        instead; `done` must turn true once the sequences it watches finish (for the async front end's thread)."""
+        while True:
+            with self.cv:
+                while not done():
+                    if not self._driving:
+                        self._driving = True
+                        break
+                    self.cv.wait()
+                else:
+                    return
+            self._drive(self.step)
+
+    def mark_cancelled(self, seq: Sequence) -> None:
+        """Cancel `seq` without driving or waiting (safe on an event loop): the next step, whoever runs it, frees its
+        row and blocks."""
+        with self.cv:
+            if not seq.finished:
+                seq.cancelled = True
+            self.cv.notify_all()
+
     def _drive(self, fn: Callable[[], None]) -> None:
         try:
             fn()

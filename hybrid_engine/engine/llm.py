@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
-from typing import Any, Iterator, Sequence as Seq
+from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 import torch
 
@@ -20,6 +20,7 @@ from ..runtime.runner import ModelRunner
 from ..sampling_params import SamplingParams
 from ..runtime.streams import stream_scope
 from ..runtime.token_reader import TokenReader
+from .async_llm import AsyncLLM, AsyncRequestStream
 from .block_manager import BlockManager
 from .core import EngineCore
 from .scheduler import Scheduler
@@ -122,6 +123,7 @@ class LLM:
         self.core = EngineCore(self.runner, self.scheduler, self.reader, stream_scope(self.stream_ctx),
                                self.eos_token_ids, self.graphs, lookahead=self.device.type == "cuda",
                                chunk_size=cfg.prefill_chunk_size)
+        self.aio = AsyncLLM(self)  # the async front end; its driver thread starts with the first async request
         logger.info("LLM ready: %s on %s (%s), max_model_len=%d, max_num_seqs=%d, %d KV blocks, attention=%s",
                     loaded.source, self.device, self.dtype, self.max_model_len, cfg.max_num_seqs, n_blocks,
                     self.ops.name)
@@ -130,18 +132,7 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[
             SamplingParams] | None = None, *, use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for one prompt or a list (run together, batched); one RequestOutput per prompt, in order."""
-        single = isinstance(prompts, (str, dict))
-        plist = [prompts] if single else list(prompts)
-        if not plist:
-            raise ValueError("prompts is empty; pass a string, a {'prompt_token_ids': [...]} dict or a list of them")
-        params = sampling_params or SamplingParams()
-        plist_params = list(params) if isinstance(params, (list, tuple)) else [params] * len(plist)
-        if len(plist_params) != len(plist):
-            raise ValueError(f"got {len(plist_params)} SamplingParams for {len(plist)} prompts")
-        requests = [(*self._prompt_ids(p), sp) for p, sp in zip(plist, plist_params)]  # validate all first
-        for _, ids, sp in requests:
-            self._check_lengths(ids, sp)
-        streams = [self._submit(text, ids, sp) for text, ids, sp in requests]
+        streams = [self._submit(seq) for seq in self.sequences(prompts, sampling_params)]
         try:
             it = streams
             if use_tqdm:
@@ -166,10 +157,37 @@ class LLM:
     def stream_deltas(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> RequestStream:
         """StreamDelta per generated token; the last carries finish_reason and metrics. Validates and submits at
         once (so several streams opened together are batched); closing the stream cancels the request."""
-        text, ids = self._prompt_ids(prompt)
+        return self._submit(self.sequences([prompt], sampling_params)[0])
+
+    def sequences(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[
+            SamplingParams] | None = None) -> list[Sequence]:
+        """Validate and tokenize requests into unsubmitted Sequences (all are checked before any is returned)."""
+        plist = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if not plist:
+            raise ValueError("prompts is empty; pass a string, a {'prompt_token_ids': [...]} dict or a list of them")
         params = sampling_params or SamplingParams()
-        self._check_lengths(ids, params)
-        return self._submit(text, ids, params)
+        plist_params = list(params) if isinstance(params, (list, tuple)) else [params] * len(plist)
+        if len(plist_params) != len(plist):
+            raise ValueError(f"got {len(plist_params)} SamplingParams for {len(plist)} prompts")
+        requests = [(*self._prompt_ids(p), sp) for p, sp in zip(plist, plist_params)]
+        for _, ids, sp in requests:
+            self._check_lengths(ids, sp)
+        return [self._sequence(text, ids, sp) for text, ids, sp in requests]
+
+    # ---------------- async API (engine/async_llm.py; one background thread drives the steps) ----------------
+    async def agenerate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[
+            SamplingParams] | None = None) -> list[RequestOutput]:
+        """`generate` for asyncio callers: awaits the outputs without blocking the event loop."""
+        return await self.aio.generate(prompts, sampling_params)
+
+    def astream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> AsyncIterator[str]:
+        """`stream` for asyncio callers (`async for text in llm.astream(...)`)."""
+        return self.aio.stream(prompt, sampling_params)
+
+    def astream_deltas(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> AsyncRequestStream:
+        """`stream_deltas` for asyncio callers; validates and submits at once. Closing it (`aclose()`), dropping it
+        or cancelling the task that awaits it cancels the request."""
+        return self.aio.stream_deltas(prompt, sampling_params)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """Apply the tokenizer's chat template to `messages` and generate the assistant's reply."""
@@ -219,6 +237,7 @@ class LLM:
 
     def close(self) -> None:
         """Stop the capture worker and drop GPU memory held by the engine."""
+        self.aio.close()
         if self.graphs is not None:
             self.graphs.stop()
             self.graphs = self.runner.graphs = None
@@ -231,22 +250,17 @@ class LLM:
         self.close()
 
     # ---------------- internals ----------------
-    def _submit(self, text: str | None, ids: list[int], params: SamplingParams) -> RequestStream:
+    def _sequence(self, text: str | None, ids: list[int], params: SamplingParams) -> Sequence:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
-        seq = Sequence(ids, params, seed, text, IncrementalDetokenizer(self.tokenizer, ids),
-                       StopStringMatcher(params.stop))
+        return Sequence(ids, params, seed, text, IncrementalDetokenizer(self.tokenizer, ids),
+                        StopStringMatcher(params.stop))
+
+    def _submit(self, seq: Sequence) -> RequestStream:
         self.core.add(seq)
         return RequestStream(self.core, seq)
 
     def _collect(self, stream: RequestStream) -> RequestOutput:
-        out_text, out_ids, last = [], [], None
-        for d in stream:
-            out_text.append(d.text)
-            out_ids.extend(d.token_ids)
-            last = d
-        seq = stream.seq
-        comp = CompletionOutput(0, "".join(out_text), out_ids, last.finish_reason, last.stop_reason)
-        return RequestOutput(seq.request_id, seq.prompt_text, seq.prompt_ids, [comp], last.metrics)
+        return request_output(stream.seq, list(stream))
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -284,6 +298,14 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError(f"{what} need a tokenizer; pass tokenizer=... or use {{'prompt_token_ids': [...]}}")
         return self.tokenizer
+
+
+def request_output(seq: Sequence, deltas: list[StreamDelta]) -> RequestOutput:
+    """The RequestOutput of a finished sequence from all of its deltas."""
+    last = deltas[-1]
+    comp = CompletionOutput(0, "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids],
+                            last.finish_reason, last.stop_reason)
+    return RequestOutput(seq.request_id, seq.prompt_text, seq.prompt_ids, [comp], last.metrics)
 
 
 def _check_kv_fits(num_blocks: int, per_seq: int, max_model_len: int, block_size: int) -> None:

@@ -50,7 +50,7 @@ class Sequence:
     stop_reason: str | int | None = None
     error: BaseException | None = None
     outbox: deque[StreamDelta] = field(default_factory=deque)
-    consumer: Any = None  # an async consumer's (loop, queue), else None
+    consumer: Any = None  # async streams: called on the driving thread with each StreamDelta or the failure
 
     @property
     def request_id(self) -> str:

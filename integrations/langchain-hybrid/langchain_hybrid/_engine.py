@@ -1,14 +1,11 @@
-"""What the LLM and the chat model share: the engine fields, per-call sampling options, the async bridge."""
+"""What the LLM and the chat model share: the engine fields and per-call sampling options."""
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-T = TypeVar("T")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed")
 
 
@@ -75,48 +72,3 @@ class HybridEngineFields(BaseModel):
     def engine_params(self) -> dict[str, Any]:
         """The identifying parameters: model and default sampling options."""
         return {"model": self.model, **{name: getattr(self, name) for name in SAMPLING_FIELDS}, "stop": self.stop}
-
-
-async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Run a blocking iterator in one worker thread and yield its items as they come.
-
-    One thread for the whole iteration (the engine's stream is a generator that must be advanced and closed by the
-    thread that started it). Leaving the `async for` early closes the iterator, which cancels the request.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
-    abandoned = threading.Event()
-
-    def send(done: bool, item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (done, item))
-        except RuntimeError:  # the event loop is gone; nobody is listening
-            abandoned.set()
-
-    def work() -> None:
-        iterator = make_iterator()
-        try:
-            for item in iterator:
-                if abandoned.is_set():
-                    break
-                send(False, item)
-            send(True, None)
-        except BaseException as exc:  # handed to the consumer, raised there
-            send(True, exc)
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=work, name="hybrid-engine-astream", daemon=True)
-    thread.start()
-    try:
-        while True:
-            done, item = await queue.get()
-            if done:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        abandoned.set()

@@ -11,8 +11,10 @@ from langchain_core.messages import (AIMessage, AIMessageChunk, BaseMessage, Cha
                                      SystemMessage, ToolMessage)
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import get_config_list
 
-from ._engine import HybridEngineFields, iterate_in_thread
+from ._engine import HybridEngineFields
 
 _ROLES: dict[type, str] = {HumanMessage: "user", AIMessage: "assistant", SystemMessage: "system",
                            ToolMessage: "tool"}
@@ -47,10 +49,27 @@ class ChatHybrid(HybridEngineFields, BaseChatModel):
     def _prompt_ids(self, messages: list[BaseMessage]) -> dict[str, list[int]]:
         return {"prompt_token_ids": list(self.llm.encode_chat(to_chat_dicts(messages)))}
 
+    def batch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+              return_exceptions: bool = False, **kwargs: Any) -> list[BaseMessage]:
+        """LangChain's batch, with up to the engine's max_num_seqs conversations in flight at once (not LangChain's
+        default of a few), so that the engine decodes them together; a `max_concurrency` given in config wins."""
+        configs = get_config_list(config, len(inputs))
+        for cfg in configs:
+            cfg.setdefault("max_concurrency", self.llm.config.max_num_seqs)
+        return super().batch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
+
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        prompt = self._prompt_ids(messages)
-        out = self.llm.generate([prompt], self.sampling_params(stop, kwargs))[0]
+        out = self.llm.generate([self._prompt_ids(messages)], self.sampling_params(stop, kwargs))[0]
+        return self._result(out)
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        """Through the engine's async API: concurrent `ainvoke`s and `abatch()` are decoded together."""
+        out = (await self.llm.agenerate([self._prompt_ids(messages)], self.sampling_params(stop, kwargs)))[0]
+        return self._result(out)
+
+    def _result(self, out: Any) -> ChatResult:
         completion = out.outputs[0]
         usage = _usage(len(out.prompt_token_ids), len(completion.token_ids))
         message = AIMessage(content=completion.text, usage_metadata=usage,
@@ -78,14 +97,17 @@ class ChatHybrid(HybridEngineFields, BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         prompt = self._prompt_ids(messages)
-        params = self.sampling_params(stop, kwargs)
+        deltas = self.llm.astream_deltas(prompt, self.sampling_params(stop, kwargs))
         generated = 0
-        async for delta in iterate_in_thread(lambda: self.llm.stream_deltas(prompt, params)):
-            generated += len(delta.token_ids)
-            chunk = self._chunk(delta, len(prompt["prompt_token_ids"]), generated)
-            if run_manager is not None:
-                await run_manager.on_llm_new_token(delta.text, chunk=chunk)
-            yield chunk
+        try:
+            async for delta in deltas:
+                generated += len(delta.token_ids)
+                chunk = self._chunk(delta, len(prompt["prompt_token_ids"]), generated)
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(delta.text, chunk=chunk)
+                yield chunk
+        finally:
+            await deltas.aclose()  # a consumer that stops early cancels the request
 
     def _chunk(self, delta: Any, prompt_tokens: int, generated: int) -> ChatGenerationChunk:
         """One streamed piece; the last carries finish_reason and the token counts (summed once by LangChain)."""

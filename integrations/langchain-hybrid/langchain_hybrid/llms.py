@@ -8,7 +8,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from ._engine import HybridEngineFields, iterate_in_thread
+from ._engine import HybridEngineFields
 
 
 class HybridLLM(HybridEngineFields, LLM):
@@ -37,8 +37,15 @@ class HybridLLM(HybridEngineFields, LLM):
 
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        params = self.sampling_params(stop, kwargs)
-        outputs = self.llm.generate(list(prompts), params)
+        """All prompts in one engine call (batched): `batch()` lands here with the whole list."""
+        return self._result(self.llm.generate(list(prompts), self.sampling_params(stop, kwargs)))
+
+    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        """All prompts at once through the engine's async API (batched, no thread): `abatch()` lands here."""
+        return self._result(await self.llm.agenerate(list(prompts), self.sampling_params(stop, kwargs)))
+
+    def _result(self, outputs: list[Any]) -> LLMResult:
         generations, prompt_tokens, completion_tokens = [], 0, 0
         for out in outputs:
             completion = out.outputs[0]
@@ -65,12 +72,15 @@ class HybridLLM(HybridEngineFields, LLM):
     async def _astream(self, prompt: str, stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        params = self.sampling_params(stop, kwargs)
-        async for delta in iterate_in_thread(lambda: self.llm.stream_deltas(prompt, params)):
-            chunk = _chunk(delta)
-            if run_manager is not None:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+        deltas = self.llm.astream_deltas(prompt, self.sampling_params(stop, kwargs))
+        try:
+            async for delta in deltas:
+                chunk = _chunk(delta)
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        finally:
+            await deltas.aclose()  # a consumer that stops early cancels the request
 
 
 def _chunk(delta: Any) -> GenerationChunk:

@@ -7,7 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def engine():
-    """One tiny-llama engine on the CPU, shared by the tests (it serves one request at a time)."""
+    """One tiny-llama engine on the CPU, shared by the tests (concurrent requests are batched)."""
     from hybrid_engine import LLM
 
     llm = LLM("tiny-llama", device="cpu", max_model_len=256)
@@ -27,3 +27,9 @@ def greedy(engine):
         return engine.generate(prompt, params)[0]
 
     return run
+
+
+@pytest.fixture()
+def batched_rows(engine):
+    """Rows decoded in steps of more than one row so far (grows only when requests were decoded together)."""
+    return lambda: sum(k * v for k, v in engine.stats()["decode_batch_sizes"].items() if k > 1)

@@ -47,10 +47,26 @@ def test_invoke_applies_the_chat_template_and_reports_usage(chat, engine, greedy
     assert msg.response_metadata["finish_reason"] == "length"
 
 
-def test_batch(chat, greedy):
-    convs = [MESSAGES, [HumanMessage("Hi!")]]
-    assert [m.content for m in chat.batch(convs)] == [greedy(DICTS).outputs[0].text,
-                                                      greedy([{"role": "user", "content": "Hi!"}]).outputs[0].text]
+CONVS = [MESSAGES, [HumanMessage("Hi!")], [HumanMessage("What is 2+2?")], [SystemMessage("Be kind."),
+                                                                         HumanMessage("Hello")]]
+
+
+def test_batch_equals_sequential_invoke_and_is_batched(chat, greedy, batched_rows):
+    sequential = [chat.invoke(c).content for c in CONVS]
+    assert sequential[:2] == [greedy(DICTS).outputs[0].text,
+                              greedy([{"role": "user", "content": "Hi!"}]).outputs[0].text]
+    before = batched_rows()
+    assert [m.content for m in chat.batch(CONVS)] == sequential
+    assert batched_rows() > before
+
+
+def test_abatch_equals_sequential_invoke_and_is_batched(chat, batched_rows):
+    sequential = [chat.invoke(c) for c in CONVS]
+    before = batched_rows()
+    got = asyncio.run(chat.abatch(CONVS))
+    assert [m.content for m in got] == [m.content for m in sequential]
+    assert [m.usage_metadata for m in got] == [m.usage_metadata for m in sequential]
+    assert batched_rows() > before
 
 
 def test_stream_chunks_callbacks_and_usage(chat, greedy):

@@ -45,9 +45,11 @@ def test_invoke_equals_engine_greedy(llm, greedy):
     assert llm.invoke(PROMPT) == greedy(PROMPT).outputs[0].text
 
 
-def test_batch_and_token_usage(llm, greedy):
+def test_batch_and_token_usage(llm, greedy, batched_rows):
     prompts = [PROMPT, "The capital of France is"]
+    before = batched_rows()
     assert llm.batch(prompts) == [greedy(p).outputs[0].text for p in prompts]
+    assert batched_rows() > before  # one engine call for the list: decoded together
     result = llm.generate(prompts)
     assert result.llm_output["token_usage"]["completion_tokens"] == 32
     assert result.generations[0][0].generation_info == {"finish_reason": "length"}
@@ -73,6 +75,14 @@ def test_ainvoke_and_astream(llm, greedy):
     assert len([c for c in chunks if c]) >= 2 and recorder.tokens == chunks
 
 
+def test_abatch_equals_sequential_invoke_and_is_batched(llm, batched_rows):
+    prompts = [PROMPT, "The capital of France is", "def main():", "1, 2, 3,"]
+    sequential = [llm.invoke(p) for p in prompts]
+    before = batched_rows()
+    assert asyncio.run(llm.abatch(prompts)) == sequential
+    assert batched_rows() > before
+
+
 def test_astream_left_early_cancels_the_request(llm, engine, greedy):
     async def first_two():
         got = []
@@ -82,8 +92,11 @@ def test_astream_left_early_cancels_the_request(llm, engine, greedy):
                 break
         return got
 
+    cancelled = engine.stats()["requests_cancelled"]
     assert len(asyncio.run(first_two())) == 2
     assert llm.invoke(PROMPT) == greedy(PROMPT).outputs[0].text  # the engine is free again
+    stats = engine.stats()
+    assert stats["requests_cancelled"] == cancelled + 1 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
 def test_stop_sequence_honoured(llm, greedy):
