@@ -25,7 +25,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from hybrid_engine.server_limits import DEFAULT_MAX_REQUEST_BYTES  # noqa: E402
+from hybrid_engine.server.limits import DEFAULT_MAX_REQUEST_BYTES  # noqa: E402
 
 
 def free_port() -> int:

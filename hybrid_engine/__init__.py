@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def pipeline(*args, **kwargs):  # noqa: ANN002, ANN003 - forwards transformers.pipeline's signature
     """`transformers.pipeline`-compatible factory; engine="hybrid" runs generation on this engine."""
-    from .pipeline import pipeline as _pipeline
+    from .adapters.pipeline import pipeline as _pipeline
 
     return _pipeline(*args, **kwargs)
 

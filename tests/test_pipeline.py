@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TextGenerationPipeline, 
 from transformers.generation.streamers import BaseStreamer
 
 from hybrid_engine import LLM, SamplingParams, pipeline
-from hybrid_engine.pipeline import _engine_device
+from hybrid_engine.adapters.pipeline import _engine_device
 
 GREEDY = dict(max_new_tokens=16, do_sample=False)
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]

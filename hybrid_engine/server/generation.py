@@ -11,9 +11,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from hybrid_engine.sampling_params import SamplingParams
-from hybrid_engine.server_protocol import (
+from hybrid_engine.server.protocol import (
     SSE_DONE, APIError, ChunkWriter, bad_value, chat_body, completion_body, new_id, sse, usage)
-from hybrid_engine.server_worker import EngineWorker, Event, Job, QueueFull
+from hybrid_engine.server.worker import EngineWorker, Event, Job, QueueFull
 
 
 class ClientGone(Exception):

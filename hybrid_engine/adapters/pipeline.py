@@ -6,13 +6,11 @@
 
 The returned object is a real `transformers.TextGenerationPipeline` subclass: inputs, chat templates, batching,
 `return_full_text`, `stop_sequence` and the output format are transformers' own code; only the model is replaced by
-`HybridModelForCausalLM` (hybrid_engine/hf.py). `engine="transformers"` returns the stock `transformers.pipeline`.
+`HybridModelForCausalLM` (hybrid_engine/adapters/hf.py). `engine="transformers"` returns the stock `transformers.pipeline`.
 """
 from __future__ import annotations
 
 import functools
-import sys
-import types
 from typing import Any
 
 from .hf import HybridModelForCausalLM, check_generate_kwargs
@@ -73,9 +71,9 @@ def _stock_pipeline(task: str | None, model: Any, tokenizer: Any, engine_kwargs:
     import torch
     import transformers
 
-    from .engine import LLM
-    from .models import gguf
-    from .models.presets import GGUF_PRESETS, PRESETS, build_hf_model, packaged_gguf
+    from ..engine import LLM
+    from ..models import gguf
+    from ..models.presets import GGUF_PRESETS, PRESETS, build_hf_model, packaged_gguf
 
     if engine_kwargs:
         raise ValueError(f"engine_kwargs {sorted(engine_kwargs)} only apply to engine='hybrid'")
@@ -231,7 +229,7 @@ def _engine_dtype(dtype: Any) -> str | None:
 
 def _build_llm(model: Any, tokenizer: Any, llm_kwargs: dict[str, Any]) -> tuple[Any, Any]:
     """An LLM for `model`, and the generation defaults transformers would use for it (None = from its config)."""
-    from .engine import LLM
+    from ..engine import LLM
 
     if isinstance(model, LLM):
         if tokenizer is not None or llm_kwargs:
@@ -254,14 +252,3 @@ def _checkpoint_generation_config(path: str) -> Any:
     from transformers import GenerationConfig
 
     return GenerationConfig.from_pretrained(path)
-
-
-class _CallableModule(types.ModuleType):
-    """`hybrid_engine.pipeline` names both this module and the factory: importing the submodule rebinds the
-    package attribute to the module, so the module itself must behave as the factory."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return pipeline(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

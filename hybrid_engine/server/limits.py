@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from hybrid_engine.server_protocol import APIError
+from hybrid_engine.server.protocol import APIError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """transformers-shaped facade over the engine: `HybridModelForCausalLM.generate()` runs on an `LLM`.
 
-The hybrid text-generation pipeline (hybrid_engine/pipeline.py) keeps transformers' own preprocessing (tokenizer,
+The hybrid text-generation pipeline (hybrid_engine/adapters/pipeline.py) keeps transformers' own preprocessing (tokenizer,
 chat template, padding) and postprocessing, and swaps the model for this facade, so `pipe.model.generate(...)` (what
 langchain_huggingface's streaming calls) takes the usual `generate` keywords and returns token ids like
 transformers: prompt ids followed by the new ids, one row per prompt.
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-from hybrid_engine.server_generation import Generation, ServerState  # noqa: E402
-from hybrid_engine.server_limits import (  # noqa: E402
+from hybrid_engine.server.generation import Generation, ServerState  # noqa: E402
+from hybrid_engine.server.limits import (  # noqa: E402
     DEFAULT_MAX_REQUEST_BYTES, RequestLimits, derived_max_prompt_chars, prompt_chars)
-from hybrid_engine.server_protocol import (  # noqa: E402
+from hybrid_engine.server.protocol import (  # noqa: E402
     APIError, ChatCompletionRequest, CompletionRequest, bad_value, parse_request)
 
 logger = logging.getLogger(__name__)
@@ -224,6 +224,3 @@ def main(argv: list[str] | None = None) -> int:
         llm.close()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

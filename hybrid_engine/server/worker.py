@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from hybrid_engine.outputs import StreamDelta
 from hybrid_engine.sampling_params import SamplingParams
-from hybrid_engine.server_metrics import ServerMetrics
+from hybrid_engine.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
