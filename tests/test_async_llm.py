@@ -186,7 +186,7 @@ def test_the_driver_sleeps_when_idle(llm, monkeypatch):
 
 def test_close_fails_running_requests_and_a_later_request_restarts_the_driver(llm):
     engine = AsyncLLM(llm)
-    assert engine.driver is llm.aio.driver  # one driver thread per engine
+    assert engine.driver is llm.driver  # one driver thread per engine
 
     async def run():
         stream = engine.stream_deltas({"prompt_token_ids": PROMPTS[0]},

@@ -20,7 +20,7 @@ from ..runtime.runner import ModelRunner
 from ..sampling_params import SamplingParams
 from ..runtime.streams import stream_scope
 from ..runtime.token_reader import TokenReader
-from .async_llm import AsyncLLM, AsyncRequestStream
+from .async_stream import AsyncDriver, AsyncRequestStream
 from .block_manager import BlockManager
 from .core import EngineCore
 from .scheduler import Scheduler
@@ -123,7 +123,7 @@ class LLM:
         self.core = EngineCore(self.runner, self.scheduler, self.reader, stream_scope(self.stream_ctx),
                                self.eos_token_ids, self.graphs, lookahead=self.device.type == "cuda",
                                chunk_size=cfg.prefill_chunk_size)
-        self.aio = AsyncLLM(self)  # the async front end; its driver thread starts with the first async request
+        self.driver = AsyncDriver(self.core)  # drives async requests; its thread starts with the first of them
         logger.info("LLM ready: %s on %s (%s), max_model_len=%d, max_num_seqs=%d, %d KV blocks, attention=%s",
                     loaded.source, self.device, self.dtype, self.max_model_len, cfg.max_num_seqs, n_blocks,
                     self.ops.name)
@@ -174,20 +174,31 @@ class LLM:
             self._check_lengths(ids, sp)
         return [self._sequence(text, ids, sp) for text, ids, sp in requests]
 
-    # ---------------- async API (engine/async_llm.py; one background thread drives the steps) ----------------
+    # ---------------- async API (engine/async_stream.py; one background thread drives the steps) ----------------
     async def agenerate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[
             SamplingParams] | None = None) -> list[RequestOutput]:
-        """`generate` for asyncio callers: awaits the outputs without blocking the event loop."""
-        return await self.aio.generate(prompts, sampling_params)
+        """`generate` for asyncio callers: awaits the outputs without blocking the event loop; batched."""
+        streams = [AsyncRequestStream(self.driver, seq) for seq in self.sequences(prompts, sampling_params)]
+        try:
+            return [request_output(s.seq, [d async for d in s]) for s in streams]
+        finally:
+            for s in streams:
+                s.cancel()
 
-    def astream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> AsyncIterator[str]:
-        """`stream` for asyncio callers (`async for text in llm.astream(...)`)."""
-        return self.aio.stream(prompt, sampling_params)
+    async def astream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> AsyncIterator[str]:
+        """`stream` for asyncio callers (`async for text in llm.astream(...)`); leaving early cancels."""
+        deltas = self.astream_deltas(prompt, sampling_params)
+        try:
+            async for delta in deltas:
+                if delta.text:
+                    yield delta.text
+        finally:
+            deltas.cancel()
 
     def astream_deltas(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> AsyncRequestStream:
         """`stream_deltas` for asyncio callers; validates and submits at once. Closing it (`aclose()`), dropping it
         or cancelling the task that awaits it cancels the request."""
-        return self.aio.stream_deltas(prompt, sampling_params)
+        return AsyncRequestStream(self.driver, self.sequences([prompt], sampling_params)[0])
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """Apply the tokenizer's chat template to `messages` and generate the assistant's reply."""
@@ -237,7 +248,7 @@ class LLM:
 
     def close(self) -> None:
         """Stop the capture worker and drop GPU memory held by the engine."""
-        self.aio.close()
+        self.driver.close()
         if self.graphs is not None:
             self.graphs.stop()
             self.graphs = self.runner.graphs = None

@@ -15,21 +15,15 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-from ..errors import require
+from .library import load_llguidance
 from .matcher import Matcher
 from .params import GuidedDecodingParams
 
 logger = logging.getLogger(__name__)
 
-EXTRA = "structured"
 # JSON written as json.dumps writes it (", " and ": ", no other whitespace): bounded output, the form models saw
 # most; a schema's own "x-guidance" options override these.
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-
-def load_llguidance() -> Any:
-    """The llguidance module, or OptionalDependencyError naming the extra that installs it."""
-    return require("llguidance", EXTRA)
 
 
 def grammar_text(params: GuidedDecodingParams) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from .bitmask import bitmask_width
+from .library import load_llguidance
 
 
 class Matcher:
@@ -98,8 +99,6 @@ def _executor() -> Any:
     global _EXECUTOR
     with _EXECUTOR_LOCK:
         if _EXECUTOR is None:
-            from .compiler import load_llguidance
-
             _EXECUTOR = load_llguidance().LLExecutor()
         return _EXECUTOR
 
