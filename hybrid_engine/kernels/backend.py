@@ -60,7 +60,6 @@ class KernelOps:
     decode_slots: Callable[..., Any] = decode_slots_ref
     # Optional fused ops (None = the model composes the unfused ones):
     rope_store_kv: Callable[..., Any] | None = None    # (q, k, v, positions, cos_sin, k_cache, v_cache, slots) -> (q, k)
-    silu_mul_linear: Callable[..., Any] | None = None  # (gate_up_out, down_weight) -> linear(silu_mul(.), weight)
     linear_silu_mul: Callable[..., Any] | None = None  # (x, gate_up_weight) -> silu_mul(linear(.)), or None where
     # it does not apply (the model then composes linear and silu_mul)
     # (x, qkv_weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads, num_kv_heads) -> rotated q of a
@@ -164,7 +163,7 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
         rms_norm=rms_norm_triton, rope=rope_triton, silu_mul=silu_mul_triton, store_kv=store_kv_triton,
         prefill_attention=prefill, decode_attention=decode_attention_triton, sample=sample_triton,
         linear=linear, decode_linear=linear, rope_store_kv=rope_store_kv_triton,
-        prefill_slots=prefill_slots_triton, decode_slots=decode_slots_triton,  # silu_mul_linear: measured slower, not set
+        prefill_slots=prefill_slots_triton, decode_slots=decode_slots_triton,
         linear_silu_mul=linear_silu_mul, linear_rope_store=linear_rope_store,
         prefill_attention_rope=prefill_attention_rope_triton if backend == "triton" else None,
     )
