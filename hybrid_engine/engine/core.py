@@ -75,17 +75,6 @@ class EngineCore:
             self._driving = True
         self._drive(lambda: self._cancel_now(seq))
 
-    def drive_until_idle(self) -> None:
-        """Run steps until no sequence is waiting or running (no consumer needed)."""
-        while True:
-            with self.cv:
-                if not self._inbox and not self.sched.has_work() and not self.inflight:
-                    return
-                while self._driving:
-                    self.cv.wait()
-                self._driving = True
-            self._drive(self.step)
-
     def drive_until(self, done: Callable[[], bool]) -> None:
         """Run steps until `done()` (called under the lock) is true. While another caller drives, wait for its steps
         instead; `done` must turn true once the sequences it watches finish (for the async front end's thread)."""
