@@ -16,6 +16,8 @@ import torch
 
 from hybrid_engine import LLM, SamplingParams
 
+from load import serial_vs_concurrent
+
 LENGTHS = (10, 50, 100, 200, 500)
 
 
@@ -96,36 +98,15 @@ def concurrent_streams(llm: LLM, vocab: int, clients: int = 32, prompt: int = 12
     gen = torch.Generator().manual_seed(4)
     ps = [{"prompt_token_ids": _ids(gen, prompt, vocab)} for _ in range(clients)]
     sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    t0 = time.perf_counter()
-    serial = [llm.generate(p, sp)[0].outputs[0].token_ids for p in ps]
-    serial_s = time.perf_counter() - t0
-    got, gaps = [None] * clients, []
-    barrier = threading.Barrier(clients)
 
-    def client(i: int) -> None:
-        barrier.wait()
-        toks, last, mine = [], None, []
+    def request(i: int) -> tuple[list[float], list[int]]:
+        times, toks = [], []
         for d in llm.stream_deltas(ps[i], sp):
-            now = time.perf_counter()
-            if last is not None:
-                mine.append((now - last) * 1e3)
-            last = now
+            times.append(time.perf_counter())
             toks += d.token_ids
-        got[i] = toks
-        gaps.extend(mine)
+        return times, toks
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    conc_s = time.perf_counter() - t0
-    gaps.sort()
-    return {"clients": clients, "prompt_tokens": prompt, "max_tokens": tokens,
-            "client_tpot_p50_ms": gaps[len(gaps) // 2], "client_tpot_p99_ms": gaps[int(len(gaps) * 0.99)],
-            "throughput_tok_s": clients * tokens / conc_s, "serial_throughput_tok_s": clients * tokens / serial_s,
-            "all_correct": got == serial}
+    return {**serial_vs_concurrent(request, clients, tokens), "prompt_tokens": prompt}
 
 
 def chunk_prefill_ms(llm: LLM, vocab: int, prompt: int, chunk: int) -> float:

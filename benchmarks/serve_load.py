@@ -10,46 +10,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from load import free_port, serial_vs_concurrent, start_server, wait_ready
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _port()
-    cmd = [sys.executable, "-m", "hybrid_engine.server", "--model", args.model, "--port", str(port),
-           "--no-access-log", "--log-level", "warning", "--max-queue", str(max(64, 2 * args.clients)),
-           *args.server_args]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+def start(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = start_server(args.model, port, log, "--max-queue", str(max(64, 2 * args.clients)), *args.server_args)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + args.ready_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"server not ready after {args.ready_s} s")
+    try:
+        wait_ready(proc, base, args.ready_s)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        raise SystemExit(f"{exc}:\n{log.read_text(errors='replace')[-3000:]}") from None
+    return proc, base
 
 
 def stream_one(base: str, model: str, ids: list[int], max_tokens: int) -> tuple[list[float], str]:
@@ -78,29 +57,9 @@ def run(base: str, args: argparse.Namespace) -> dict:
     for ids in prompts[:4]:  # warm-up: bucket demand, then the worker captures in the idle window
         stream_one(base, args.model, ids, 4)
     wait_captures(base, args.capture_wait_s)
-    t0 = time.perf_counter()
-    serial = [stream_one(base, args.model, ids, args.max_tokens)[1] for ids in prompts]
-    serial_s = time.perf_counter() - t0
-    results: list = [None] * args.clients
-    barrier = threading.Barrier(args.clients)
-
-    def client(i: int) -> None:
-        barrier.wait()
-        results[i] = stream_one(base, args.model, prompts[i], args.max_tokens)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    conc_s = time.perf_counter() - t0
-    gaps = sorted((b - a) * 1e3 for times, _ in results for a, b in zip(times, times[1:]))
-    return {"clients": args.clients, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-            "client_tpot_p50_ms": gaps[len(gaps) // 2], "client_tpot_p99_ms": gaps[int(len(gaps) * 0.99)],
-            "throughput_tok_s": args.clients * args.max_tokens / conc_s,
-            "serial_throughput_tok_s": args.clients * args.max_tokens / serial_s,
-            "all_correct": [text for _, text in results] == serial,
+    res = serial_vs_concurrent(lambda i: stream_one(base, args.model, prompts[i], args.max_tokens), args.clients,
+                               args.max_tokens)
+    return {**res, "prompt_tokens": args.prompt_tokens,
             "engine_stats": httpx.get(f"{base}/health").json()}
 
 
@@ -117,7 +76,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     log = args.out.with_suffix(".server.log")
-    proc, base = start_server(args, log)
+    proc, base = start(args, log)
     try:
         res = run(base, args)
     finally:

@@ -40,3 +40,33 @@ def smollm2_llm(smollm2_pipe):
 def smollm2_hf(smollm2_ref_pipe):
     """transformers' AutoModelForCausalLM.from_pretrained(dir, gguf_file=...), float32."""
     return smollm2_ref_pipe.model
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, read from the preset's GGUF file (~10-20 s, once per session)."""
+    from hybrid_engine.models.gguf import read_tokenizer
+    from hybrid_engine.models.presets import packaged_gguf
+
+    try:
+        path = packaged_gguf(SMOLLM2)
+    except Exception as exc:
+        pytest.skip(f"SmolLM2 GGUF not installed: {exc}")
+    return read_tokenizer(path)
+
+
+@pytest.fixture
+def fail_decode_step(monkeypatch):
+    """fail_decode_step(llm, n): the engine's n-th decode step from now raises RuntimeError("injected")."""
+    def arm(llm, n):
+        real, calls = llm.runner.decode_step, {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise RuntimeError("injected")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(llm.runner, "decode_step", flaky)
+
+    return arm

@@ -114,17 +114,8 @@ def test_cancelled_task_cancels_its_request(llm):
     assert 2 <= len(got) < 110 and llm.stats()["requests_cancelled"] == cancelled + 1
 
 
-def test_a_failed_step_reaches_the_awaiting_caller(llm, monkeypatch):
-    calls = {"n": 0}
-    real = llm.runner.decode_step
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(llm.runner, "decode_step", flaky)
+def test_a_failed_step_reaches_the_awaiting_caller(llm, monkeypatch, fail_decode_step):
+    fail_decode_step(llm, 3)
     with pytest.raises(RuntimeError, match="injected"):
         asyncio.run(llm.agenerate([{"prompt_token_ids": p} for p in PROMPTS[:3]], _greedy()[:3]))
     _wait_all_free(llm)

@@ -125,17 +125,8 @@ def test_streams_from_several_threads_run_concurrently(llm):
     assert _all_free(llm)
 
 
-def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatch):
-    calls = {"n": 0}
-    real = llm.runner.decode_step
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(llm.runner, "decode_step", flaky)
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatch, fail_decode_step):
+    fail_decode_step(llm, 3)
     with pytest.raises(RuntimeError, match="injected"):
         llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], _greedy()[:3])
     assert _all_free(llm)

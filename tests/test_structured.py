@@ -37,19 +37,6 @@ EXTRA_COLUMNS = 45  # the model's logits are wider than the tokenizer's vocabula
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer, read from the preset's GGUF file (~10-20 s, once)."""
-    from hybrid_engine.models.gguf import read_tokenizer
-    from hybrid_engine.models.presets import packaged_gguf
-
-    try:
-        path = packaged_gguf("smollm2-135m-instruct")
-    except Exception as exc:
-        pytest.skip(f"SmolLM2 GGUF not installed: {exc}")
-    return read_tokenizer(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_tokenizer():
     return build_tokenizer(509)
 

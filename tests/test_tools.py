@@ -34,18 +34,6 @@ TOOLS_TEMPLATE = (
 CALL_ID = re.compile(r"^call_[0-9a-f]{24}$")
 
 
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    from hybrid_engine.models.gguf import read_tokenizer
-    from hybrid_engine.models.presets import packaged_gguf
-
-    try:
-        path = packaged_gguf("smollm2-135m-instruct")
-    except Exception as exc:
-        pytest.skip(f"SmolLM2 GGUF not installed: {exc}")
-    return read_tokenizer(path)
-
-
 def arguments(call):
     return json.loads(call["function"]["arguments"])
 

@@ -30,7 +30,8 @@ class EngineCore:
         self.cv = threading.Condition()
         self._driving = False
         self._inbox: list[Sequence] = []
-        self.inflight: deque[tuple[list[tuple[Sequence, int, int]], str]] = deque()
+        # per enqueued step, in order: (sequence, its epoch then, its row) for each token the step samples
+        self.inflight: deque[list[tuple[Sequence, int, int]]] = deque()
         self.chunks = 0  # prompt chunks run (long prompts beside running decodes)
         self.counts = {"requests_served": 0, "requests_failed": 0, "requests_cancelled": 0, "jit_steps": 0,
                        "graph_steps": 0}
@@ -192,13 +193,13 @@ class EngineCore:
 
     def _push(self, entries: list[tuple[Sequence, int, int]]) -> None:
         self.reader.push()
-        self.inflight.append((entries, ""))
+        self.inflight.append(entries)
 
     def _count(self, path: str) -> None:
         self.counts["jit_steps" if path == "jit" else "graph_steps"] += 1
 
     def _read_one(self) -> None:
-        entries, _ = self.inflight.popleft()
+        entries = self.inflight.popleft()
         tokens = self.reader.pop()
         for seq, epoch, row in entries:
             if seq.status is Status.RUNNING and seq.epoch == epoch and not seq.cancelled:

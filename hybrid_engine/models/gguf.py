@@ -111,21 +111,22 @@ def dequantizable_types() -> set[str]:
 def read_config(path: str) -> Any:
     from transformers import AutoConfig
 
-    directory, name = os.path.split(os.path.abspath(path))
-    try:
-        return AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot build a model config from GGUF file {path!r}: {exc}") from exc
+    return _from_gguf(AutoConfig, path, "a model config")
 
 
 def read_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
+    return _from_gguf(AutoTokenizer, path, "a tokenizer")
+
+
+def _from_gguf(auto_cls: Any, path: str, what: str) -> Any:
+    """transformers' `Auto*.from_pretrained(dir, gguf_file=name)`, its failures as ModelLoadError."""
     directory, name = os.path.split(os.path.abspath(path))
     try:
-        return AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+        return auto_cls.from_pretrained(directory, gguf_file=name, local_files_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"cannot build a tokenizer from GGUF file {path!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot build {what} from GGUF file {path!r}: {exc}") from exc
 
 
 def hf_tensors(reader: Any, arch: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
