@@ -32,6 +32,8 @@ class EngineConfig:
     max_num_seqs: most sequences decoded together (batch rows; decode graphs for 1, 2, 4, ... up to it).
     prefill_chunk_size: a prompt longer than this that arrives while others decode is prefilled in chunks of this
         many tokens, one chunk per step, so that the running streams wait at most about one chunk per token.
+    enable_prefix_caching: reuse the KV blocks of a prompt's cached prefix (full blocks, hashed over their tokens
+        and everything before them) and prefill only the rest; freed blocks stay cached until evicted (LRU).
     attention_backend: "auto" = triton on GPU, torch on CPU.
     capture: CUDA-graph policy: "idle" (background worker, idle windows), "eager" (capture before serving), "off".
     prefill_buckets: prompt-length buckets that get a prefill graph.
@@ -51,6 +53,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     max_num_seqs: int = 32
     prefill_chunk_size: int = 512
+    enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     capture: str = "idle"
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
@@ -79,6 +82,8 @@ class EngineConfig:
         if not (isinstance(self.prefill_chunk_size, int) and not isinstance(self.prefill_chunk_size, bool)
                 and self.prefill_chunk_size >= 16):
             raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size!r} must be an int >= 16")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
         buckets = tuple(int(b) for b in self.prefill_buckets)
         if any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"prefill_buckets={self.prefill_buckets!r} must be strictly increasing positive ints")

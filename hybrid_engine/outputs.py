@@ -13,6 +13,7 @@ class RequestMetrics:
     e2e_s: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     finished: bool = True
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (as vLLM's RequestOutput)
 
 
 @dataclass(slots=True)

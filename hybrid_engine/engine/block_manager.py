@@ -1,49 +1,154 @@
-"""KV-cache block bookkeeping: which block ids are free, which sequence holds which, growth as sequences grow."""
+"""KV-cache block bookkeeping: reference-counted blocks, growth as sequences grow, and the prefix cache.
+
+Prefix caching (vLLM's automatic prefix caching): a full block whose KV is written is registered under a hash chained
+over (the previous block's hash, its token ids), rooted in an engine salt (model and dtype), so that a block's hash
+names its whole prefix. A new sequence takes the longest run of registered blocks of its prompt (incrementing their
+reference counts) and prefills only the rest. A block whose count drops to 0 keeps its KV and hash (it is "cached")
+until the allocator needs room, then the least recently freed one is evicted. A block with a nonzero count is never
+handed out.
+"""
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
 
 from ..errors import HybridEngineError
 
 
+@dataclass(slots=True)
+class _Entry:
+    """A registered block: the hash chain link and the tokens, compared on lookup (a hash alone could collide)."""
+
+    block: int
+    parent: int
+    tokens: tuple[int, ...]
+
+
 class BlockAllocator:
-    """Hands out block ids; every id is either free or owned by exactly one sequence."""
+    """Hands out block ids. Every id is in exactly one state: free (holds nothing), cached (refcount 0, registered
+    content, evictable, in LRU order) or referenced (refcount >= 1)."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
+        self._cached: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self.refs = [0] * num_blocks
+        self.hash_of: dict[int, int] = {}  # block -> its hash, for registered blocks
+        self.by_hash: dict[int, _Entry] = {}
+        self.num_evicted = 0
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    @property
+    def num_available(self) -> int:
+        """Blocks `allocate` can hand out: the free ones and the cached ones (evicted on demand)."""
+        return len(self._free) + len(self._cached)
+
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise HybridEngineError(f"KV cache full: {n} blocks wanted, {len(self._free)} free of {self.num_blocks}")
-        blocks = [self._free.popleft() for _ in range(n)]
-        self._used.update(blocks)
+        if n > self.num_available:
+            raise HybridEngineError(f"KV cache full: {n} blocks wanted, {self.num_available} free or cached of "
+                                    f"{self.num_blocks}")
+        blocks = [self._take() for _ in range(n)]
+        for b in blocks:
+            self.refs[b] = 1
         return blocks
 
+    def _take(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        block, _ = self._cached.popitem(last=False)  # least recently freed
+        self._unregister(block)
+        self.num_evicted += 1
+        return block
+
+    def acquire(self, block: int) -> None:
+        """One more reference to a registered block (a cache hit); a cached one leaves the evictable set."""
+        if self.refs[block] == 0:
+            del self._cached[block]
+        self.refs[block] += 1
+
     def free(self, blocks: list[int]) -> None:
-        if not self._used.issuperset(blocks) or len(set(blocks)) != len(blocks):
-            bad = sorted({b for b in blocks if b not in self._used or blocks.count(b) > 1})
-            raise HybridEngineError(f"blocks {bad[:5]} freed twice or never allocated")
-        self._used.difference_update(blocks)
-        self._free.extend(blocks)
+        """Drop one reference to each block, last block first: a sequence's tail blocks are then evicted before its
+        head, which later prompts sharing the head can still hit."""
+        bad = [b for b, n in Counter(blocks).items() if not 0 <= b < self.num_blocks or self.refs[b] < n]
+        if bad:
+            raise HybridEngineError(f"blocks {sorted(set(bad))[:5]} freed twice or never allocated")
+        for b in reversed(blocks):
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                if b in self.hash_of:
+                    self._cached[b] = None
+                else:
+                    self._free.append(b)
+
+    def register(self, block: int, h: int, parent: int, tokens: tuple[int, ...]) -> None:
+        """Name a referenced, full, written block by its hash (no-op if it already has one or another block holds
+        that content: the first stays the one later prompts hit)."""
+        if block in self.hash_of or h in self.by_hash:
+            return
+        self.hash_of[block] = h
+        self.by_hash[h] = _Entry(block, parent, tokens)
+
+    def lookup(self, h: int, parent: int, tokens: tuple[int, ...]) -> int | None:
+        e = self.by_hash.get(h)
+        return e.block if e is not None and e.parent == parent and e.tokens == tokens else None
+
+    def _unregister(self, block: int) -> None:
+        h = self.hash_of.pop(block, None)
+        if h is not None:
+            del self.by_hash[h]
+
+    def drop_cached(self) -> None:
+        """Forget every cached block (their KV is no longer trusted, e.g. after a failed step)."""
+        while self._cached:
+            block, _ = self._cached.popitem(last=False)
+            self._unregister(block)
+            self._free.append(block)
+
+    def check(self) -> None:
+        """Raise if the bookkeeping is inconsistent (tests)."""
+        free, cached = set(self._free), set(self._cached)
+        referenced = {b for b in range(self.num_blocks) if self.refs[b] > 0}
+        if free & cached or free & referenced or cached & referenced or len(free) != len(self._free):
+            raise HybridEngineError("a block is in two states")
+        if len(free) + len(cached) + len(referenced) != self.num_blocks:
+            raise HybridEngineError("a block is in no state")
+        if free & set(self.hash_of) or not cached <= set(self.hash_of):
+            raise HybridEngineError("free blocks must be unregistered and cached blocks registered")
+        if {e.block for e in self.by_hash.values()} != set(self.hash_of):
+            raise HybridEngineError("the hash index and the block index disagree")
 
 
 class BlockManager:
-    """Grows each sequence's block table as its KV grows (blocks are never reserved up front)."""
+    """Grows each sequence's block table as its KV grows (blocks are never reserved up front) and finds and registers
+    cached prefixes (`enable_caching`)."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, salt: object = None) -> None:
         self.allocator = BlockAllocator(num_blocks)
         self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.root = hash(("hybrid-engine-kv", salt))  # the parent hash of every first block
+        self.hit_tokens = 0  # prompt tokens served from the cache, over all admissions
+        self.queried_tokens = 0  # prompt tokens looked up, over all admissions
 
     @property
     def num_free(self) -> int:
         return self.allocator.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return self.allocator.num_cached
+
+    @property
+    def num_available(self) -> int:
+        return self.allocator.num_available
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
@@ -59,7 +164,61 @@ class BlockManager:
         return new
 
     def release(self, table: list[int]) -> None:
-        """Free every block of `table` and empty it."""
+        """Drop the table's references (registered blocks stay cached) and empty it."""
         if table:
             self.allocator.free(table)
             table.clear()
+
+    # ---- prefix cache ----
+    def hashes(self, ids: list[int], known: list[int], num_blocks: int) -> list[int]:
+        """The chained hashes of the first `num_blocks` full blocks of `ids`; `known` (a sequence's list, extended in
+        place) holds those computed before: a sequence's token ids only ever grow."""
+        bs = self.block_size
+        for j in range(len(known), num_blocks):
+            parent = known[j - 1] if j else self.root
+            known.append(hash((parent, tuple(ids[j * bs:(j + 1) * bs]))))
+        return known[:num_blocks]
+
+    def cached_prefix(self, ids: list[int], known: list[int]) -> list[int]:
+        """The registered blocks of the longest cached run of full blocks of `ids`, leaving at least the last token
+        to compute (its logits give the first output token). Takes no reference."""
+        if not self.enable_caching:
+            return []
+        bs, alloc = self.block_size, self.allocator
+        out: list[int] = []
+        for j, h in enumerate(self.hashes(ids, known, (len(ids) - 1) // bs)):
+            block = alloc.lookup(h, known[j - 1] if j else self.root, tuple(ids[j * bs:(j + 1) * bs]))
+            if block is None:
+                break
+            out.append(block)
+        return out
+
+    def cost(self, hit: list[int], num_tokens: int) -> int:
+        """Available blocks an admission with cache hit `hit` takes to hold `num_tokens` positions: the new ones and
+        the hit blocks that were cached (they leave the evictable set)."""
+        return self.blocks_for(num_tokens) - len(hit) + sum(1 for b in hit if self.allocator.refs[b] == 0)
+
+    def admit(self, table: list[int], hit: list[int], num_tokens: int) -> None:
+        """Fill an empty `table` for `num_tokens` positions: the hit blocks (referenced), then new ones."""
+        for b in hit:
+            self.allocator.acquire(b)
+        table.extend(hit)
+        self.grow(table, num_tokens)
+        self.queried_tokens += num_tokens
+        self.hit_tokens += len(hit) * self.block_size
+
+    def register(self, table: list[int], ids: list[int], known: list[int], start: int, end: int) -> int:
+        """Register the table's full blocks start..end-1 (their KV written or enqueued; ids holds their tokens);
+        returns `end`, the count registered so far."""
+        if not self.enable_caching or end <= start:
+            return max(start, end)
+        bs = self.block_size
+        hashes = self.hashes(ids, known, end)
+        for j in range(start, end):
+            self.allocator.register(table[j], hashes[j], hashes[j - 1] if j else self.root,
+                                    tuple(ids[j * bs:(j + 1) * bs]))
+        return end
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0

@@ -147,22 +147,27 @@ class EngineCore:
             self._drain()
 
     def _prefills(self, decoding: bool) -> None:
-        """Prompts of admitted sequences: short ones (or any while nothing decodes) whole, through the bucket graphs;
-        a long one beside running decodes in chunks of chunk_size, one chunk per step, so that no decode step waits
-        for more than one chunk."""
+        """Prompts of admitted sequences: short ones (or any while nothing decodes) whole, through the bucket graphs,
+        after a prefix-cache hit from the first uncached position; a long one beside running decodes in chunks of
+        chunk_size, one chunk per step, so that no decode step waits for more than one chunk."""
         chunked = False
         for seq in self.sched.running:
             if not seq.in_prefill:
                 continue
-            if seq.prefilled == 0 and (seq.prefill_len <= self.chunk_size or not decoding):
-                self._prefill_whole(seq)
+            rest = seq.prefill_len - seq.prefilled
+            if seq.prefilled == seq.cache_hit and (rest <= self.chunk_size or not decoding):
+                self._prefill_rest(seq)
             elif not chunked:
                 self._prefill_chunk(seq)
                 chunked = True
 
-    def _prefill_whole(self, seq: Sequence) -> None:
-        ids = seq.prefill_ids
-        self._count(self.runner.prefill(ids, seq.row, seq.block_table, seq.params, seq.seed, len(seq.output_ids)))
+    def _prefill_rest(self, seq: Sequence) -> None:
+        ids, start = seq.prefill_ids, seq.prefilled
+        args = (seq.row, seq.block_table, seq.params, seq.seed, len(seq.output_ids))
+        if start == 0:
+            self._count(self.runner.prefill(ids, *args))
+        else:
+            self._count(self.runner.prefill_from(ids[start:], start, *args))
         self._prefilled(seq, len(ids))
 
     def _prefill_chunk(self, seq: Sequence) -> None:
@@ -177,11 +182,13 @@ class EngineCore:
             self._prefilled(seq, end)
         else:
             seq.prefilled = end
+            self.sched.cache_written(seq, end)
 
     def _prefilled(self, seq: Sequence, length: int) -> None:
         self._push([(seq, seq.epoch, seq.row)])
         seq.prefilled = length
         seq.num_enqueued, seq.kv_len = len(seq.output_ids) + 1, length
+        self.sched.cache_written(seq, length)  # later steps run after this one on the stream: they see its KV
 
     def _apply(self, ops: RowOps | None) -> None:
         if ops is None:
@@ -207,6 +214,7 @@ class EngineCore:
 
     def _accept(self, seq: Sequence, tok: int) -> None:
         seq.output_ids.append(tok)
+        self.sched.cache_written(seq, seq.kv_len)
         n, now = len(seq.output_ids), time.perf_counter()
         if n == 1:
             seq.first_token_at = now
@@ -220,7 +228,8 @@ class EngineCore:
             return self._deliver(seq, StreamDelta(text, [tok]))
         seq.finish_reason, seq.stop_reason = finish, stop_reason
         ttft, e2e = seq.first_token_at - seq.arrival, now - seq.arrival
-        metrics = RequestMetrics(ttft, (e2e - ttft) / (n - 1) if n > 1 else 0.0, e2e, len(seq.prompt_ids), n)
+        metrics = RequestMetrics(ttft, (e2e - ttft) / (n - 1) if n > 1 else 0.0, e2e, len(seq.prompt_ids), n,
+                                 seq.num_cached_tokens)
         self._retire(seq, "requests_served")
         self._deliver(seq, StreamDelta(text, [tok], finish, metrics, stop_reason))
 
@@ -270,3 +279,4 @@ class EngineCore:
                 self.counts["requests_failed"] += 1
                 if seq.consumer is not None:
                     seq.consumer(exc)
+        self.sched.blocks.allocator.drop_cached()  # KV the failed step may have left half written is not reused

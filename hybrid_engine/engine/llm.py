@@ -99,7 +99,9 @@ class LLM:
         self.reader = TokenReader(self.runner.buf.tokens, self.device, depth=cfg.max_num_seqs + 4,
                                   stream=self.stream_ctx)
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
-        self.scheduler = Scheduler(BlockManager(n_blocks, cfg.block_size), cfg.max_num_seqs)
+        salt = (loaded.source, str(self.dtype))  # what else changes a block's KV for the same tokens
+        self.scheduler = Scheduler(BlockManager(n_blocks, cfg.block_size, cfg.enable_prefix_caching, salt),
+                                   cfg.max_num_seqs)
         self._rng = random.Random(cfg.seed)
         self.graphs = None
         # Once, at load: what is alive now is frozen out of later collections (see _gc.py). Before the warm-up and
@@ -117,7 +119,8 @@ class LLM:
         if cfg.capture != "off" and self.device.type == "cuda":
             from ..runtime.graphs import GraphRunner
 
-            self.graphs = GraphRunner(self.runner, cfg.prefill_buckets, cfg.capture, self.stream_ctx)
+            self.graphs = GraphRunner(self.runner, cfg.prefill_buckets, cfg.capture, self.stream_ctx,
+                                      context_buckets=cfg.enable_prefix_caching)
             self.runner.graphs = self.graphs
             self.graphs.start()
         self.core = EngineCore(self.runner, self.scheduler, self.reader, stream_scope(self.stream_ctx),
@@ -225,6 +228,12 @@ class LLM:
         s: dict[str, Any] = {
             "kv_blocks_total": sched.blocks.allocator.num_blocks,
             "kv_blocks_free": sched.blocks.num_free,
+            "kv_blocks_cached": sched.blocks.num_cached,
+            "enable_prefix_caching": sched.blocks.enable_caching,
+            "prefix_cache_hit_tokens": sched.blocks.hit_tokens,
+            "prefix_cache_queried_tokens": sched.blocks.queried_tokens,
+            "prefix_cache_hit_rate": sched.blocks.hit_rate,
+            "prefix_cache_evictions": sched.blocks.allocator.num_evicted,
             "kv_cache_bytes": self.kv.nbytes,
             "block_size": self.kv.block_size,
             "max_model_len": self.max_model_len,
@@ -316,7 +325,8 @@ def request_output(seq: Sequence, deltas: list[StreamDelta]) -> RequestOutput:
     last = deltas[-1]
     comp = CompletionOutput(0, "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids],
                             last.finish_reason, last.stop_reason)
-    return RequestOutput(seq.request_id, seq.prompt_text, seq.prompt_ids, [comp], last.metrics)
+    return RequestOutput(seq.request_id, seq.prompt_text, seq.prompt_ids, [comp], last.metrics,
+                         num_cached_tokens=seq.num_cached_tokens)
 
 
 def _check_kv_fits(num_blocks: int, per_seq: int, max_model_len: int, block_size: int) -> None:

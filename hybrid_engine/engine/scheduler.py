@@ -74,22 +74,38 @@ class Scheduler:
     # ---- planning ----
     def admit(self) -> list[Sequence]:
         """Waiting sequences given a row and the blocks of their prefill, first come first served: the head of the
-        queue is never skipped. Each running sequence keeps one block of headroom for its next decode step."""
+        queue is never skipped. A sequence reuses the longest cached run of full blocks of its prefill (prefix
+        cache) and prefills only the rest. Each running sequence keeps one block of headroom for its next step."""
         admitted = []
         while self.waiting and len(self.rows) < self.max_num_seqs:
             seq = self.waiting[0]
-            need = self.blocks.blocks_for(len(seq.prefill_ids))
-            if need + len(self.running) + 1 > self.blocks.num_free:  # + one block of growth per running sequence
+            ids = seq.prefill_ids
+            hit = self.blocks.cached_prefix(ids, seq.block_hashes)
+            need = self.blocks.cost(hit, len(ids))
+            if need + len(self.running) + 1 > self.blocks.num_available:  # + one block of growth per running seq
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq.block_table, len(seq.prefill_ids))
+            self.blocks.admit(seq.block_table, hit, len(ids))
             seq.row, seq.status = len(self.rows), Status.RUNNING
             seq.num_enqueued = len(seq.output_ids)
-            seq.prefill_len, seq.prefilled = len(seq.prefill_ids), 0
+            seq.cache_hit = len(hit) * self.blocks.block_size
+            seq.num_registered = len(hit)
+            if seq.epoch == 0:
+                seq.num_cached_tokens = seq.cache_hit
+            seq.prefill_len, seq.prefilled = len(ids), seq.cache_hit
             self.rows.append(seq)
             admitted.append(seq)
         self._high_water = max(self._high_water, len(self.rows))
         return admitted
+
+    def cache_written(self, seq: Sequence, written: int) -> None:
+        """Register the sequence's full blocks among its first `written` positions whose KV is written (or enqueued)
+        and whose token ids the host knows."""
+        ids = seq.prefill_ids
+        full = min(written, len(ids)) // self.blocks.block_size
+        if full > seq.num_registered:
+            seq.num_registered = self.blocks.register(seq.block_table, ids, seq.block_hashes, seq.num_registered,
+                                                      full)
 
     def plan_decode(self) -> tuple[DecodePlan | None, list[Sequence]]:
         """The next decode step over every running row (None when no row wants a token), and the sequences
@@ -98,7 +114,7 @@ class Scheduler:
         if not any(s.wants_tokens for s in running):
             return None, []
         preempted = []
-        while self._missing(running) > self.blocks.num_free and len(running) > 1:
+        while self._missing(running) > self.blocks.num_available and len(running) > 1:
             victim = max(running, key=lambda s: (s.arrival, s.seq_id))
             self._preempt(victim)
             preempted.append(victim)
@@ -138,11 +154,13 @@ class Scheduler:
         self._vacate(seq)
         seq.status, seq.epoch = Status.WAITING, seq.epoch + 1
         seq.num_enqueued, seq.kv_len, seq.prefill_len, seq.prefilled = len(seq.output_ids), 0, 0, 0
+        seq.num_registered = seq.cache_hit = 0
         self.waiting.appendleft(seq)  # newest first, so older preempted sequences end up ahead of it
         self.num_preemptions += 1
 
     def _vacate(self, seq: Sequence) -> None:
         self.blocks.release(seq.block_table)
+        seq.num_registered = 0
         if 0 <= seq.row < len(self.rows) and self.rows[seq.row] is seq:
             self.rows[seq.row] = None
         seq.row = -1

@@ -44,6 +44,10 @@ class Sequence:
     prefill_len: int = 0  # tokens its current (re)admission prefills
     prefilled: int = 0  # of those, how many are enqueued (a long prompt goes in chunks)
     epoch: int = 0
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks (prefix cache)
+    num_registered: int = 0  # blocks of block_table registered in the prefix cache
+    cache_hit: int = 0  # tokens of the current admission's prefill found in the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
     cancelled: bool = False
     first_token_at: float = 0.0
     finish_reason: str | None = None

@@ -55,7 +55,8 @@ class KernelOps:
     # flat KV-cache slots computed in the step from the block tables (kv_store.py): (block_table, valid_len,
     # block_size, out) for a prefill; (block_tables, positions, block_size, slots, seq_lens) for a decode step
     prefill_slots: Callable[..., Any] = prefill_slots_ref
-    # attention of a prompt chunk over the cached context and itself: (q, k_cache, v_cache, block_table, start, scale)
+    # attention of new prompt tokens over the cached context and themselves: (q, k_cache, v_cache, block_table,
+    # start, scale, valid_len); start: host int or [1] int32 device tensor
     cached_prefill_attention: Callable[..., Any] = cached_prefill_attention_ref
     decode_slots: Callable[..., Any] = decode_slots_ref
     # Optional fused ops (None = the model composes the unfused ones):
@@ -151,7 +152,7 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
     _check_triton_usable(device, backend)
     from .activation import silu_mul_triton
     from .gemv import linear, linear_rope_store, linear_silu_mul
-    from .prefill_attention import prefill_attention_rope_triton
+    from .prefill_attention import cached_prefill_attention_triton, prefill_attention_rope_triton
     from .decode_attention import decode_attention_triton
     from .kv_store import decode_slots_triton, prefill_slots_triton, store_kv_triton
     from .rms_norm import rms_norm_triton
@@ -166,6 +167,7 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
         prefill_slots=prefill_slots_triton, decode_slots=decode_slots_triton,
         linear_silu_mul=linear_silu_mul, linear_rope_store=linear_rope_store,
         prefill_attention_rope=prefill_attention_rope_triton if backend == "triton" else None,
+        cached_prefill_attention=cached_prefill_attention_triton,
     )
 
 

@@ -53,12 +53,13 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
 # host's staging to the token ids and the block table, and the H2D copy to a few KB.
 
 def prefill_slots_ref(block_table: torch.Tensor, valid_len: torch.Tensor, block_size: int,
-                      out: torch.Tensor, start: int = 0) -> torch.Tensor:
+                      out: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
     """Token t of the step sits at position p = start + t: out[t] = block_table[p // block_size] * block_size +
     p % block_size for t < valid_len[0], else -1 (padding). block_table: [max_blocks] int32, valid_len: [1] int32,
-    out: [n] int64 (n = the bucket or the exact length); start > 0 for a prompt chunk after cached positions."""
+    out: [n] int64 (n = the bucket or the exact length); start (an int or a [1] int32 device tensor) > 0 after
+    cached positions (a prefix-cache hit, a later prompt chunk)."""
     t = torch.arange(out.shape[0], device=out.device)
-    pos = t + start
+    pos = t + (start.long() if isinstance(start, torch.Tensor) else start)
     blocks = block_table.long()[(pos // block_size).clamp(max=block_table.shape[0] - 1)]
     out.copy_(torch.where(t < valid_len.long(), blocks * block_size + pos % block_size, -1))
     return out
@@ -73,8 +74,8 @@ def decode_slots_ref(block_tables: torch.Tensor, positions: torch.Tensor, block_
     seq_lens.copy_(positions + 1)
 
 
-def _slots_kernel(BT, stride_bt, POS, VALID, SLOTS, SEQ_LENS, n, start, BLOCK_SIZE: tl.constexpr,
-                  DECODE: tl.constexpr, BLOCK: tl.constexpr):
+def _slots_kernel(BT, stride_bt, POS, VALID, SLOTS, SEQ_LENS, n, start, START, BLOCK_SIZE: tl.constexpr,
+                  DECODE: tl.constexpr, START_PTR: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = t < n
     if DECODE:
@@ -82,6 +83,8 @@ def _slots_kernel(BT, stride_bt, POS, VALID, SLOTS, SEQ_LENS, n, start, BLOCK_SI
         real = live
         row = t.to(tl.int64)
     else:
+        if START_PTR:
+            start = tl.load(START)
         pos = t.to(tl.int64) + start
         real = live & (t < tl.load(VALID))
         row = t.to(tl.int64) * 0
@@ -96,13 +99,15 @@ def _slots_block(n: int) -> int:
 
 
 def prefill_slots_triton(block_table: torch.Tensor, valid_len: torch.Tensor, block_size: int,
-                         out: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Triton version of `prefill_slots_ref` (one launch, no host read of valid_len)."""
+                         out: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+    """Triton version of `prefill_slots_ref` (one launch, no host read of valid_len or of a tensor start)."""
     n = out.shape[0]
     if n > 0:
         block = _slots_block(n)
-        launch(_slots_kernel, (cdiv(n, block),), block_table, 0, out, valid_len, out, out, n, start,
-               BLOCK_SIZE=block_size, DECODE=False, BLOCK=block, num_warps=4 if block >= 512 else 1)
+        ptr = isinstance(start, torch.Tensor)
+        launch(_slots_kernel, (cdiv(n, block),), block_table, 0, out, valid_len, out, out, n, 0 if ptr else start,
+               start if ptr else valid_len, BLOCK_SIZE=block_size, DECODE=False, START_PTR=ptr, BLOCK=block,
+               num_warps=4 if block >= 512 else 1)
     return out
 
 
@@ -113,4 +118,5 @@ def decode_slots_triton(block_tables: torch.Tensor, positions: torch.Tensor, blo
     if n > 0:
         block = _slots_block(n)
         launch(_slots_kernel, (cdiv(n, block),), block_tables, block_tables.stride(0), positions, slots, slots,
-               seq_lens, n, 0, BLOCK_SIZE=block_size, DECODE=True, BLOCK=block, num_warps=1)
+               seq_lens, n, 0, positions, BLOCK_SIZE=block_size, DECODE=True, START_PTR=False, BLOCK=block,
+               num_warps=1)

@@ -82,9 +82,10 @@ class AttentionMetadata:
     # residual for that row only (the logits need nothing else; its K/V for every row are cached before), and the
     # model returns that one row. Its attention is the decode kernel over the cache, which now holds the prompt.
     last_index: torch.Tensor | None = None
-    # prefill of a prompt chunk: positions before this one are already in the cache (a host int: chunks run on the
-    # JIT path). Attention then reads the cached context too; 0 for a whole prompt.
-    context_start: int = 0
+    # prefill after cached positions (a prefix-cache hit, a later prompt chunk): [1] int32 device tensor, how many
+    # positions before the first token are already in the cache (a tensor: one graph serves every start). Attention
+    # then reads the cached context too. None for a whole prompt.
+    context_start: torch.Tensor | None = None
 
 
 def rope_cos_sin_cache(config: Any, head_dim: int, max_positions: int) -> torch.Tensor:
@@ -156,7 +157,7 @@ class DecoderLayer(nn.Module):
     def _attend(self, ops: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 cos_sin: torch.Tensor, meta: AttentionMetadata, scale: float, last_row_only: bool) -> torch.Tensor:
         """Rope, KV-cache writes and attention over the projected q, k, v (last_row_only: the last row's only)."""
-        chunk = meta.context_start > 0
+        chunk = meta.context_start is not None
         if meta.is_prefill and not last_row_only and not chunk and ops.prefill_attention_rope is not None:
             # one launch: rope, KV-cache writes and causal attention
             return ops.prefill_attention_rope(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
@@ -168,7 +169,7 @@ class DecoderLayer(nn.Module):
             ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.is_prefill and not last_row_only and chunk:
             return ops.cached_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables[0],
-                                                meta.context_start, scale)
+                                                meta.context_start, scale, meta.valid_len)
         if meta.is_prefill and not last_row_only:
             return ops.prefill_attention(q, k, v, scale, meta.valid_len)
         if last_row_only:

@@ -55,7 +55,7 @@ def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, me
     ops, layers = model.ops, model.layers
     n = input_ids.shape[0]
     if (ops is None or ops.prefill_attention_rope is None or not meta.is_prefill or meta.last_index is None
-            or meta.valid_len is None or meta.context_start or len(layers) < 2 or n == 0 or gemm.in_graph_plan()):
+            or meta.valid_len is None or meta.context_start is not None or len(layers) < 2 or n == 0 or gemm.in_graph_plan()):
         return None
     a, first = model.args, layers[0]
     dtype, device = model.embed_tokens.weight.dtype, input_ids.device

@@ -1,8 +1,10 @@
 """CUDA graphs for the static parts of a step, captured by a background worker while the engine serves.
 
 `CaptureWorker` decides what to capture and when (device-independent, unit-tested on the CPU); `GraphRunner` owns
-the CUDA graphs: one decode graph per batch bucket (key ("decode", rows)) and one prefill graph per length bucket,
-all in one memory pool.
+the CUDA graphs: one decode graph per batch bucket (key ("decode", rows)), one prefill graph per length bucket (key:
+the bucket) and, with prefix caching, one prefill-after-cached-positions graph per bucket of new tokens (key
+("prefill_ctx", bucket); the start is read from a device buffer, so one graph serves any cached prefix), all in one
+memory pool.
 
 Rules from DESIGN.md that this module and the serving path obey while a capture may be running:
 - capture with capture_error_mode="thread_local" on the worker's own stream, via CUDAGraph.capture_begin/end
@@ -34,10 +36,15 @@ from ..models.llama import between_layers
 logger = logging.getLogger(__name__)
 
 DECODE = "decode"
+CONTEXT = "prefill_ctx"
 
 
 def is_decode(key: Any) -> bool:
     return isinstance(key, tuple) and key[0] == DECODE
+
+
+def is_context(key: Any) -> bool:
+    return isinstance(key, tuple) and key[0] == CONTEXT
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
@@ -207,9 +214,12 @@ class CaptureWorker:
 class GraphRunner:
     """The engine's CUDA graphs. `ready_prefill_bucket`/`replay_*` are called by the serving thread."""
 
-    def __init__(self, runner: Any, buckets: Iterable[int], policy: str, serve_stream: torch.cuda.Stream) -> None:
+    def __init__(self, runner: Any, buckets: Iterable[int], policy: str, serve_stream: torch.cuda.Stream,
+                 context_buckets: bool = False) -> None:
         self.runner = runner
         self.buckets = sorted(b for b in buckets if b <= runner.max_model_len)
+        self.context_buckets = context_buckets
+        contexts = [(CONTEXT, b) for b in self.buckets] if context_buckets else []
         self.decode_buckets = decode_buckets(runner.max_num_seqs)
         self.pool = torch.cuda.graph_pool_handle()
         self.all_pools = [self.pool]
@@ -220,8 +230,8 @@ class GraphRunner:
             self._device_index = torch.cuda.current_device()
         self.serve_stream = serve_stream
         self.capture_stream = torch.cuda.Stream(runner.device)
-        self.worker = CaptureWorker([*((DECODE, b) for b in self.decode_buckets), *self.buckets], self._capture,
-                                    policy)
+        self.worker = CaptureWorker([*((DECODE, b) for b in self.decode_buckets), *self.buckets, *contexts],
+                                    self._capture, policy)
         self.pool_bytes = 0
         self._scratch: Any = None  # warm-up buffers of the worker, made on its first capture
         self.fail_next_capture = False  # test hook: the next capture raises inside the capture
@@ -260,8 +270,21 @@ class GraphRunner:
             return None
         return bucket
 
+    def ready_context_bucket(self, length: int) -> int | None:
+        """The captured bucket for `length` new tokens after cached positions, or None (demand recorded)."""
+        bucket = self.bucket_for(length)
+        if bucket is None or not self.context_buckets:
+            return None
+        if (CONTEXT, bucket) not in self.worker.captured:
+            self.worker.record_demand((CONTEXT, bucket))
+            return None
+        return bucket
+
     def replay_prefill(self, bucket: int) -> None:
         self._replay(bucket)
+
+    def replay_context_prefill(self, bucket: int) -> None:
+        self._replay((CONTEXT, bucket))
 
     def replay_decode(self, bucket: int) -> None:
         self._replay((DECODE, bucket))
@@ -291,6 +314,8 @@ class GraphRunner:
     def _step_fn(self, key: Any, buf: Any) -> Callable[[], None]:
         if is_decode(key):
             return lambda: self.runner.decode_step(key[1], buf)
+        if is_context(key):
+            return lambda: self.runner.prefill_step(key[1], buf, context=True)
         return lambda: self.runner.prefill_step(key, buf)
 
     @torch.inference_mode()
@@ -302,7 +327,7 @@ class GraphRunner:
             if self._scratch is None:
                 self._scratch = self.runner.scratch_buffers()
             scratch = self._scratch
-            scratch.valid_len.fill_(1 if is_decode(key) else key)
+            scratch.valid_len.fill_(1 if is_decode(key) else key[1] if is_context(key) else key)
             self._step_fn(key, scratch)()
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()

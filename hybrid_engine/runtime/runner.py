@@ -31,15 +31,17 @@ _FIELDS = (  # name, shape (L = max_model_len, B = rows, M = max blocks per sequ
     # staged by a prefill, in this order (input_ids last: a prefill copies only its tokens' ids)
     ("valid_len", "1", torch.int32), ("prefill_row", "1", torch.int64), ("prefill_offset", "1", torch.int64),
     ("p_temperature", "1", torch.float32), ("p_top_k", "1", torch.int32), ("p_top_p", "1", torch.float32),
-    ("p_seed", "1", torch.int64), ("prefill_table", "1M", torch.int32), ("input_ids", "L", torch.int64),
+    ("p_seed", "1", torch.int64), ("ctx_start", "1", torch.int32), ("prefill_table", "1M", torch.int32),
+    ("input_ids", "L", torch.int64),
     # per row, written on the device only
     ("block_tables", "B1M", torch.int32), ("temperature", "B", torch.float32), ("top_k", "B", torch.int32),
     ("top_p", "B", torch.float32), ("seeds", "B", torch.int64), ("offsets", "B", torch.int64),
     ("tokens", "B", torch.int64), ("dec_positions", "B", torch.int64),
-    ("positions", "L", torch.int64), ("slot_mapping", "L", torch.int64), ("dec_slots", "B", torch.int64),
+    ("positions", "L", torch.int64), ("ctx_positions", "L", torch.int64), ("slot_mapping", "L", torch.int64),
+    ("dec_slots", "B", torch.int64),
     ("seq_lens", "B", torch.int32),
 )
-_STAGED = {name for name, _, _ in _FIELDS[:11]}  # the fields a step stages (upd_index .. input_ids)
+_STAGED = {name for name, _, _ in _FIELDS[:12]}  # the fields a step stages (upd_index .. input_ids)
 _ROW_FIELDS = ("temperature", "top_k", "top_p", "seeds", "offsets", "tokens", "dec_positions")
 _PARAM_FIELDS = (("temperature", "p_temperature"), ("top_k", "p_top_k"), ("top_p", "p_top_p"), ("seeds", "p_seed"))
 
@@ -60,6 +62,7 @@ class StepBuffers:
     p_top_k: torch.Tensor  # [1] int32
     p_top_p: torch.Tensor  # [1] fp32
     p_seed: torch.Tensor  # [1] int64
+    ctx_start: torch.Tensor  # [1] int32: positions already in the cache before the staged tokens (prefix / chunk)
     prefill_table: torch.Tensor  # [1, M] int32
     input_ids: torch.Tensor  # [L] int64
     block_tables: torch.Tensor  # [B + 1, M] int32 (row B: target of padding updates)
@@ -71,6 +74,7 @@ class StepBuffers:
     tokens: torch.Tensor  # [B] int64: last sampled token = next decode input
     dec_positions: torch.Tensor  # [B] int64: position of `tokens`
     positions: torch.Tensor  # [L] int64: 0..L-1, set once
+    ctx_positions: torch.Tensor  # [L] int64: ctx_start + 0..n-1 of a prefill after cached positions (in the step)
     slot_mapping: torch.Tensor  # [L] int64: prefill tokens' cache slots, -1 = padding (computed in the step)
     dec_slots: torch.Tensor  # [B] int64: decode tokens' cache slots (computed in the step)
     seq_lens: torch.Tensor  # [B] int32: decode attention lengths (computed in the step)
@@ -160,9 +164,9 @@ class ModelRunner:
         self.staging.used[index] = True
 
     def stage_prefill(self, ids: list[int], row: int, table: list[int], params: SamplingParams, seed: int,
-                      offset: int, pad_to: int) -> None:
-        """A sequence's prefill inputs: token ids (padding ids 0), its row, block table, sampling parameters and
-        sampling counter. The step computes the cache slots on the device (padding slots -1)."""
+                      offset: int, pad_to: int, start: int = 0) -> None:
+        """A sequence's prefill inputs: token ids (padding ids 0) at positions start.., its row, block table,
+        sampling parameters and sampling counter. The step computes the cache slots on the device (padding -1)."""
         slot, h, index = self.staging.take()
         n = len(ids)
         h["input_ids"][:n] = ids
@@ -171,7 +175,7 @@ class ModelRunner:
         h["prefill_table"][0, :len(table)] = table
         h["prefill_table"][0, len(table):] = self.kv.scratch_block
         h["p_temperature"][0], h["p_top_k"][0], h["p_top_p"][0] = params.temperature, params.top_k, params.top_p
-        h["p_seed"][0] = seed
+        h["p_seed"][0], h["ctx_start"][0] = seed, start
         self._copy(slot, index, *slot.prefill_range(pad_to))
 
     def stage_decode(self, updates: list[tuple[int, int, int]]) -> None:
@@ -211,7 +215,8 @@ class ModelRunner:
         return b
 
     @torch.inference_mode()
-    def warm_up(self, lengths: tuple[int, ...] = (1, 15, 16, 17, 100), decode_rows: tuple[int, ...] = (1,)) -> None:
+    def warm_up(self, lengths: tuple[int, ...] = (1, 15, 16, 17, 100), decode_rows: tuple[int, ...] = (1,),
+                context_lengths: tuple[int, ...] = (1, 15, 16, 17, 100)) -> None:
         """Run every kernel variant the JIT path will launch once, on scratch buffers (Triton specialises integer
         arguments equal to 1 or divisible by 16; prefill attention's tiles change with the length), so the first
         request compiles and loads nothing; and every projection and attention variant that graph captures use
@@ -226,21 +231,30 @@ class ModelRunner:
                 for n in sorted(n for n in todo if n <= self.max_model_len):
                     scratch.valid_len.fill_(n)
                     self.prefill_step(n, scratch)
+                for n in (n for n in context_lengths if n <= self.max_model_len):  # prefix-cache hits
+                    scratch.valid_len.fill_(n)
+                    self.prefill_step(n, scratch, context=True)
                 for rows in decode_rows:
                     self.decode_step(rows, scratch)
 
-    def prefill_step(self, length: int, buf: StepBuffers | None = None, start: int = 0, final: bool = True) -> None:
-        """Prefill `length` staged tokens (exact or a padded bucket) of one sequence, at positions start.. (start > 0:
-        a prompt chunk after `start` cached positions, JIT path only). The final (or only) part samples the first
-        token and installs the sequence in its row (block table, sampling parameters, token, position, counter)."""
+    def prefill_step(self, length: int, buf: StepBuffers | None = None, context: bool = False,
+                     final: bool = True) -> None:
+        """Prefill `length` staged tokens (exact or a padded bucket) of one sequence. context=True: they sit at
+        positions ctx_start.. after ctx_start cached ones (a prefix-cache hit or a later prompt chunk), read from the
+        device buffer, so one graph serves every start. The final (or only) part samples the first token and
+        installs the sequence in its row (block table, sampling parameters, token, position, counter)."""
         b = buf or self.buf
-        table = b.prefill_table
-        slots = self.ops.prefill_slots(table[0], b.valid_len, self.block_size, b.slot_mapping[:length], start)
-        total = b.valid_len + start if start else b.valid_len
+        table, start = b.prefill_table, b.ctx_start if context else None
+        slots = self.ops.prefill_slots(table[0], b.valid_len, self.block_size, b.slot_mapping[:length],
+                                       0 if start is None else start)
+        pos, total = b.positions[:length], b.valid_len
+        if start is not None:
+            pos = torch.add(pos, start, out=b.ctx_positions[:length]).clamp_(max=self.max_model_len - 1)  # padding
+            total = b.valid_len + start
         meta = AttentionMetadata(is_prefill=True, slot_mapping=slots, valid_len=b.valid_len, block_tables=table,
                                  seq_lens=total, last_index=(b.valid_len - 1).long() if final else None,
                                  context_start=start)
-        ids, pos = b.input_ids[:length], b.positions[start:start + length]
+        ids = b.input_ids[:length]
         last = jit_prefill(self.model, ids, pos, meta) if final else None  # the JIT path's leaner loop
         if last is None:
             last = self.model(ids, pos, meta)  # final: [1, H], the last real token's hidden state
@@ -287,15 +301,32 @@ class ModelRunner:
             self.prefill_step(n)
         return "jit"
 
+    def prefill_from(self, ids: list[int], start: int, row: int, table: list[int], params: SamplingParams,
+                     seed: int, offset: int) -> str:
+        """The rest of a prompt whose first `start` positions are cached (a prefix-cache hit): `ids` at positions
+        start.., attention over the cached KV and themselves; samples the first token and installs the sequence
+        in `row`. Replays the graph of the bucket for len(ids) new tokens when captured (any start)."""
+        n = len(ids)
+        if start + n > self.max_model_len:
+            raise ValueError(f"prefill ends at position {start + n} > max_model_len={self.max_model_len}")
+        bucket = self.graphs.ready_context_bucket(n) if self.graphs is not None else None
+        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=bucket or n, start=start)
+        if bucket is not None:
+            self.graphs.replay_context_prefill(bucket)
+            return "graph"
+        with torch.inference_mode():
+            self.prefill_step(n, context=True)
+        return "jit"
+
     def prefill_chunk(self, ids: list[int], start: int, row: int, table: list[int], params: SamplingParams,
                       seed: int, offset: int, final: bool) -> str:
         """One chunk of a long prompt, `ids` at positions start.., after `start` positions already cached; the final
         chunk samples the first token and installs the sequence in `row`. Always the JIT path."""
         if start + len(ids) > self.max_model_len:
             raise ValueError(f"chunk ends at position {start + len(ids)} > max_model_len={self.max_model_len}")
-        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=len(ids))
+        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=len(ids), start=start)
         with torch.inference_mode():
-            self.prefill_step(len(ids), start=start, final=final)
+            self.prefill_step(len(ids), context=start > 0, final=final)
         return "jit"
 
     def decode(self, rows: int, updates: list[tuple[int, int, int]]) -> str:
