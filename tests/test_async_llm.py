@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from block_helpers import blocks_settled
 
 from hybrid_engine import AsyncLLM, LLM, SamplingParams
 from hybrid_engine.engine import EngineClosed
@@ -34,7 +35,7 @@ def _wait_all_free(llm, timeout_s=10.0):
     deadline = time.time() + timeout_s
     while True:
         s = llm.stats()
-        if s["kv_blocks_free"] == s["kv_blocks_total"] and not s["request_in_flight"]:
+        if blocks_settled(llm):
             return
         assert time.time() < deadline, f"blocks not freed: {s}"
         time.sleep(0.01)

@@ -3,6 +3,7 @@ cancellation lose nothing, and the step loop's read-one-step-behind mode (the GP
 import threading
 
 import pytest
+from block_helpers import blocks_settled
 
 from hybrid_engine import LLM, SamplingParams
 
@@ -16,8 +17,7 @@ def llm():
 
 
 def _all_free(llm):
-    s = llm.stats()
-    return s["kv_blocks_free"] == s["kv_blocks_total"] and not s["request_in_flight"]
+    return blocks_settled(llm)
 
 
 def _alone(llm, params):

@@ -1,6 +1,7 @@
 """CUDA graphs on the GPU: replay == JIT == capture off, failure tolerance, pool size (marker gpu)."""
 import pytest
 import torch
+from block_helpers import blocks_settled
 
 from hybrid_engine import LLM, SamplingParams
 
@@ -65,7 +66,7 @@ def test_background_worker_and_forced_failure():
     assert llm.stats()["jit_steps"] == jit_before + 1  # that bucket's prefill stays on the JIT path
     off = LLM("tiny-llama", dtype="float32", device="cuda", capture="off")
     assert a == off.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids
-    assert llm.stats()["kv_blocks_free"] == s["kv_blocks_total"]
+    assert blocks_settled(llm)
     llm.close()
 
 
@@ -97,7 +98,7 @@ def test_requests_during_background_captures_match_capture_off():
     assert worker.wait_idle(timeout=300)
     s = llm.stats()
     assert s["graphs_failed"] == 0 and s["graphs_captured"] == len(llm.graphs.decode_buckets) + 5 and len(started) == 5
-    assert s["kv_blocks_free"] == s["kv_blocks_total"]
+    assert blocks_settled(llm)
     print(f"{overlapped} of 30 requests started while a capture was open")
     llm.close()
     off.close()

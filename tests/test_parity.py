@@ -1,6 +1,7 @@
 """Greedy parity with transformers on identical weights (CPU, float32)."""
 import pytest
 import torch
+from block_helpers import blocks_settled
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from hybrid_engine import LLM, SamplingParams
@@ -60,7 +61,7 @@ def test_greedy_tokens_match_transformers(checkpoint):
     ids = llm.tokenizer(text)["input_ids"]
     assert ours.prompt_token_ids == ids
     assert ours.outputs[0].token_ids == _hf_greedy(model, ids, 64)
-    assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
+    assert blocks_settled(llm)
 
 
 def test_architecture_flags(checkpoint):

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from block_helpers import blocks_settled, metrics_blocks_settled
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -157,7 +158,7 @@ def _wait_idle(srv: Server, timeout_s: float = 30) -> dict[str, float]:
     while True:
         m = srv.metrics()
         idle = m["hybrid_engine_requests_in_flight"] == 0 and m["hybrid_engine_requests_running"] == 0
-        if idle and m["hybrid_engine_kv_blocks_free"] == m["hybrid_engine_kv_blocks_total"]:
+        if idle and metrics_blocks_settled(m):
             return m
         assert time.time() < deadline, f"server not idle: {m}"
         time.sleep(0.1)
@@ -304,7 +305,7 @@ def test_disconnect_mid_stream_frees_kv_blocks(server: Server, expected: dict[st
     client, ctx, lines = _open_long_stream(server)
     next(ln for ln in lines if ln.startswith("data: {"))
     during = server.metrics()
-    assert during["hybrid_engine_kv_blocks_free"] < during["hybrid_engine_kv_blocks_total"]
+    assert not metrics_blocks_settled(during)
     assert during["hybrid_engine_requests_running"] == 1
     t0 = time.time()
     ctx.__exit__(None, None, None)
@@ -438,8 +439,7 @@ def test_engine_exception_is_500_for_that_request_only(llm: LLM, expected: dict[
         r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4,
                                                          "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[PROMPTS[0]]
-        stats = llm.stats()
-        assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        assert blocks_settled(llm)
     finally:
         srv.should_exit = True
         thread.join(10)

@@ -45,6 +45,7 @@ class FakeLLM:
 
     def stats(self) -> dict[str, Any]:
         return {"kv_blocks_total": self.total_blocks, "kv_blocks_free": self.total_blocks - self.held,
+                "kv_blocks_cached": 0,
                 "graphs_captured": 0, "graphs_pending": 0, "graphs_failed": 0, "device": "cpu"}
 
     async def astream_deltas(self, prompt: Any, params: Any) -> AsyncIterator[StreamDelta]:
@@ -108,7 +109,8 @@ def test_completion_and_chat_json(served: tuple[FakeLLM, str]) -> None:
     body = r.json()
     assert body["choices"][0]["text"] == "w0 w1 w2 "
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     r = _post(base, "/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "hi"}],
                                              "max_completion_tokens": 2})
     assert r.status_code == 200, r.text

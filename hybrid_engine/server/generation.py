@@ -134,6 +134,7 @@ class Generation:
         self.finish: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self.status = 499  # a stream that ends before [DONE] lost its client
 
     async def respond(self, prompt: Any, params: SamplingParams, stream: bool, include_usage: bool) -> Response:
@@ -178,6 +179,7 @@ class Generation:
             self.finish = delta.finish_reason
             if delta.metrics is not None:
                 self.prompt_tokens = delta.metrics.prompt_tokens
+                self.cached_tokens = delta.metrics.cached_tokens
                 self.completion_tokens = delta.metrics.generated_tokens or self.completion_tokens
         return delta.text
 
@@ -190,7 +192,7 @@ class Generation:
         if self.finish is None:
             raise _cancelled()
         build = chat_body if self.chat else completion_body
-        use = usage(self.prompt_tokens, self.completion_tokens)
+        use = usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
         return JSONResponse(build(self.rid, self.state.model_name, "".join(self.text), self.finish, use))
 
     async def _sse(self, job: Job, event: Event, include_usage: bool) -> AsyncIterator[str]:
@@ -210,6 +212,6 @@ class Generation:
         elif self.finish is None:
             yield sse(_cancelled().body())
         elif include_usage:
-            yield writer.usage(usage(self.prompt_tokens, self.completion_tokens))
+            yield writer.usage(usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens))
         yield SSE_DONE
         self.status = 200 if event.kind == "end" else 500

@@ -19,7 +19,11 @@ _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.
 # llm.stats() keys exported as gauges, with their help text; other numeric keys are exported too, generically.
 ENGINE_GAUGES = {
     "kv_blocks_total": "KV-cache blocks in the pool",
-    "kv_blocks_free": "KV-cache blocks not held by any request",
+    "kv_blocks_free": "KV-cache blocks holding nothing",
+    "kv_blocks_cached": "KV-cache blocks no request holds, kept for prefix reuse (evicted LRU when needed)",
+    "prefix_cache_hit_tokens": "prompt tokens whose KV came from the prefix cache",
+    "prefix_cache_queried_tokens": "prompt tokens looked up in the prefix cache",
+    "prefix_cache_hit_rate": "prefix_cache_hit_tokens / prefix_cache_queried_tokens",
     "graphs_captured": "CUDA graphs captured and ready to replay",
     "graphs_pending": "CUDA graphs waiting for the capture worker",
     "graphs_failed": "CUDA graph captures that failed (those shapes run on the JIT path)",

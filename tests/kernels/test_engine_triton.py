@@ -3,6 +3,7 @@ transformers' on the same weights, so the fused prefill (rope + KV store + atten
 the last-row-only final layer and the decode kernels compose correctly end to end."""
 import pytest
 import torch
+from block_helpers import blocks_settled
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hybrid_engine import LLM, SamplingParams
@@ -24,4 +25,4 @@ def test_triton_backend_greedy_parity_with_transformers(kv_heads):
         want = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
                               attention_mask=torch.ones(1, n, dtype=torch.long))[0, n:].tolist()
         assert llm.generate({"prompt_token_ids": ids}, sp)[0].outputs[0].token_ids == want, n
-    assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
+    assert blocks_settled(llm)
