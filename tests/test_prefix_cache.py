@@ -178,7 +178,7 @@ def test_cached_tokens_are_reported_per_request(on):
 
 def test_decode_filled_blocks_are_reused_by_the_next_turn(on, off):
     history, prev, beyond_prompt = _ids(3, 20), None, False
-    for turn in range(4):
+    for turn in range(3):
         want = _tokens(off, [history])[0]
         out = on.generate({"prompt_token_ids": history}, GREEDY)[0]
         assert out.outputs[0].token_ids == want
@@ -193,7 +193,7 @@ def test_decode_filled_blocks_are_reused_by_the_next_turn(on, off):
 def test_hits_inside_a_batch_while_others_decode(on, off):
     system = _ids(4, 40)
     _tokens(on, [system + [1]])  # cache the shared head
-    long = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     prompts = [_ids(5, 9), system + _ids(6, 5), system + _ids(7, 21), system[:33]]
     params = [long, GREEDY, GREEDY, GREEDY]
     want = [_tokens(off, [p], sp)[0] for p, sp in zip(prompts, params)]
@@ -216,8 +216,8 @@ def test_seeded_sampling_is_the_same_with_a_cache_hit(on, off):
 def test_eviction_under_a_small_kv_cache_keeps_every_request_correct(off):
     small = _engine(max_model_len=96, num_kv_blocks=8, block_size=16)
     heads = [_ids(20 + i, 40) for i in range(3)]
-    prompts = [heads[i % 3] + _ids(40 + i, 3 + i) for i in range(9)]
-    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    prompts = [heads[i % 3] + _ids(40 + i, 3 + i) for i in range(6)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     want = _one_by_one(off, prompts, params)
     assert _one_by_one(small, prompts, params) == want
     assert _tokens(small, prompts, params) == want  # together: preemption and eviction at once
@@ -229,8 +229,8 @@ def test_preemption_with_caching_completes_every_request(off):
     small = _engine(max_model_len=64, num_kv_blocks=6, block_size=16)
     head = _ids(9, 17)
     prompts = [head + _ids(50 + i, 2 + i) for i in range(6)]
-    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
-              SamplingParams(max_tokens=40, temperature=0.8, seed=7, ignore_eos=True)] * 3
+    params = [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0.8, seed=7, ignore_eos=True)] * 3
     want = [_tokens(off, [p], sp)[0] for p, sp in zip(prompts, params)]
     for lookahead in (False, True):
         small.core.lookahead = lookahead
@@ -312,11 +312,10 @@ def test_smollm2_multi_turn_chat_hits_the_cache(smollm2_llm):
     """The chat's history re-rendered by the template each turn: its tokens up to the last answer are the previous
     request's, so the next request finds them cached; the replies equal those with caching off."""
     llm = smollm2_llm
-    params = SamplingParams(max_tokens=24, temperature=0)
+    params = SamplingParams(max_tokens=12, temperature=0)
     messages = [{"role": "system", "content": "You are a concise assistant for a hardware shop."}]
-    questions = ["What is a GPU?", "And a CPU?", "Which one trains neural networks faster?"]
     hits = []
-    for q in questions:
+    for q in ("What is a GPU?", "And a CPU?", "Which one trains neural networks faster?"):
         messages.append({"role": "user", "content": q})
         ids = llm.encode_chat(messages)
         out = llm.generate({"prompt_token_ids": ids}, params)[0]
@@ -325,18 +324,5 @@ def test_smollm2_multi_turn_chat_hits_the_cache(smollm2_llm):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids, q
         hits.append(out.num_cached_tokens)
         messages.append({"role": "assistant", "content": out.outputs[0].text})
-    assert hits[1] > 0 and hits[2] > hits[1]
-    assert blocks_settled(llm)
-
-
-def test_smollm2_greedy_equal_with_and_without_caching(smollm2_llm):
-    llm = smollm2_llm
-    shared = "Here is a long product manual about a coffee machine. " * 6
-    prompts = [shared + tail for tail in ("How do I descale it?", "What does the red light mean?", "Summarise it.")]
-    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    got += [o.outputs[0].token_ids for o in llm.generate(prompts, params)]  # the second time all heads hit
-    with _caching_off(llm):
-        want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert got == want + want
+    assert 0 < hits[1] < hits[2]
     assert blocks_settled(llm)

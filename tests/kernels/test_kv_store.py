@@ -102,3 +102,9 @@ def test_prefill_slots_of_a_chunk_after_cached_positions(device, block_size, sta
     out = torch.full((n,), -7, dtype=torch.int64, device=device)
     prefill_slots_triton(table.to(device), valid_len.to(device), block_size, out, start)
     assert out.tolist() == want
+    start_t = torch.tensor([start], dtype=torch.int32)  # from a device buffer (a graph serves any start)
+    ref = prefill_slots_ref(table, valid_len, block_size, torch.full((n,), -7, dtype=torch.int64), start_t)
+    assert ref.tolist() == want
+    out = torch.full((n,), -7, dtype=torch.int64, device=device)
+    prefill_slots_triton(table.to(device), valid_len.to(device), block_size, out, start_t.to(device))
+    assert out.tolist() == want
