@@ -25,7 +25,8 @@ def engines():
 def test_all_graphs_captured(engines):
     graph, _ = engines
     s = graph.stats()
-    assert s["graphs_captured"] == len(graph.graphs.decode_buckets) + len(BUCKETS) and s["graphs_failed"] == 0 and s["graphs_pending"] == 0
+    # decode buckets, prefill buckets and (prefix caching) prefill-after-cached-positions buckets
+    assert s["graphs_captured"] == len(graph.graphs.decode_buckets) + 2 * len(BUCKETS) and s["graphs_failed"] == 0 and s["graphs_pending"] == 0
     assert 0 < s["graph_pool_bytes"] < 2**30
 
 
@@ -58,7 +59,7 @@ def test_background_worker_and_forced_failure():
     first = llm.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids
     assert llm.graphs.worker.wait_idle(timeout=300)
     s = llm.stats()
-    assert s["graphs_failed"] == 1 and s["graphs_captured"] == len(BUCKETS) - 1 + len(llm.graphs.decode_buckets)
+    assert s["graphs_failed"] == 1 and s["graphs_captured"] == 2 * len(BUCKETS) - 1 + len(llm.graphs.decode_buckets)
     failed = int(next(iter(s["graph_failures"])))
     ids = list(range(3, 3 + failed))
     jit_before = s["jit_steps"]
@@ -97,11 +98,32 @@ def test_requests_during_background_captures_match_capture_off():
         assert got == off.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids, len(ids)
     assert worker.wait_idle(timeout=300)
     s = llm.stats()
-    assert s["graphs_failed"] == 0 and s["graphs_captured"] == len(llm.graphs.decode_buckets) + 5 and len(started) == 5
+    assert s["graphs_failed"] == 0 and s["graphs_captured"] == len(llm.graphs.decode_buckets) + 10 and len(started) == 10
     assert blocks_settled(llm)
     print(f"{overlapped} of 30 requests started while a capture was open")
     llm.close()
     off.close()
+
+
+def test_prefix_cache_hits_replay_context_graphs_and_match_caching_off(engines):
+    """A cached prefix with new tokens replays the ("prefill_ctx", bucket) graph, whatever the cached length, and
+    gives the tokens of an engine with no caching and no graphs (padding in the bucket, start from the device)."""
+    graph, _ = engines
+    plain = LLM("tiny-llama", dtype="float32", device="cuda", capture="off", enable_prefix_caching=False,
+                max_model_len=512)
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(7)
+    head = torch.randint(3, 500, (200,), generator=g).tolist()
+    graph.generate({"prompt_token_ids": head}, p)
+    for cached, new in ((16, 1), (48, 15), (96, 17), (160, 33), (192, 64)):
+        ids = head[:cached] + torch.randint(3, 500, (new,), generator=g).tolist()
+        before = graph.stats()
+        out = graph.generate({"prompt_token_ids": ids}, p)[0]
+        after = graph.stats()
+        assert out.num_cached_tokens == cached
+        assert after["jit_steps"] == before["jit_steps"], (cached, new)  # the context graph, not the JIT path
+        assert out.outputs[0].token_ids == plain.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids
+    assert blocks_settled(graph)
 
 
 def test_serving_stream_is_current_only_while_enqueueing(engines):

@@ -326,3 +326,26 @@ def test_smollm2_multi_turn_chat_hits_the_cache(smollm2_llm):
         messages.append({"role": "assistant", "content": out.outputs[0].text})
     assert 0 < hits[1] < hits[2]
     assert blocks_settled(llm)
+
+
+# ---- the GPU benchmark script, end to end on the CPU (tiny preset, small sizes) ----
+
+def test_prefix_benchmark_runs_on_the_cpu(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prefix_bench.py"
+    spec = importlib.util.spec_from_file_location("prefix_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "prefix.json"
+    assert bench.main(["--preset", "tiny-llama", "--small", "--runs", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    pc = res["systems"]["hybrid"]["prefix_cache"]
+    assert pc["hit_tokens_per_request"] == pc["cached_tokens"] // 16 * 16 > 0
+    turns = pc["multi_turn"]["turns"]
+    assert len(pc["multi_turn_ttft_p50_ms"]) == len(pc["multi_turn_ttft_p50_ms_off"]) == turns - 1
+    assert pc["agreement"]["agreement"] == 1.0 and pc["agreement"]["cached_tokens_p50"] > 0  # fp32: identical
+    assert set(res["systems"]["hybrid_prefix_caching_off"]["ttft_ms"]) == {"10", "50"}
+    assert pc["stats"]["prefix_cache_hit_tokens"] > 0
