@@ -171,22 +171,23 @@ class BlockManager:
 
     # ---- prefix cache ----
     def hashes(self, ids: list[int], known: list[int], num_blocks: int) -> list[int]:
-        """The chained hashes of the first `num_blocks` full blocks of `ids`; `known` (a sequence's list, extended in
-        place) holds those computed before: a sequence's token ids only ever grow."""
+        """`known` extended in place to (at least) the chained hashes of the first `num_blocks` full blocks of `ids`;
+        it holds those computed before (a sequence's list: its token ids only ever grow)."""
         bs = self.block_size
         for j in range(len(known), num_blocks):
             parent = known[j - 1] if j else self.root
             known.append(hash((parent, tuple(ids[j * bs:(j + 1) * bs]))))
-        return known[:num_blocks]
+        return known
 
     def cached_prefix(self, ids: list[int], known: list[int]) -> list[int]:
         """The registered blocks of the longest cached run of full blocks of `ids`, leaving at least the last token
-        to compute (its logits give the first output token). Takes no reference."""
+        to compute (its logits give the first output token). Takes no reference; hashes only up to the first miss."""
         if not self.enable_caching:
             return []
         bs, alloc = self.block_size, self.allocator
         out: list[int] = []
-        for j, h in enumerate(self.hashes(ids, known, (len(ids) - 1) // bs)):
+        for j in range((len(ids) - 1) // bs):
+            h = self.hashes(ids, known, j + 1)[j] if j >= len(known) else known[j]
             block = alloc.lookup(h, known[j - 1] if j else self.root, tuple(ids[j * bs:(j + 1) * bs]))
             if block is None:
                 break

@@ -1,6 +1,7 @@
 """Scheduler: waiting and running sequences, batch rows, KV growth and recompute preemption.
 
-Each step it admits waiting sequences first come first served while rows and KV blocks allow, then plans one decode
+Each step it admits waiting sequences first come first served while rows and KV blocks allow (a sequence takes the
+cached blocks of its prompt's longest cached prefix and prefills the rest: block_manager.py), then plans one decode
 step over every running row. Rows stay dense (0..n-1): a sequence that leaves is replaced by the highest row, so the
 decode batch pads up to the smallest graphed bucket >= n. When a decode step needs blocks that are not free, the
 newest running sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
@@ -101,11 +102,12 @@ class Scheduler:
     def cache_written(self, seq: Sequence, written: int) -> None:
         """Register the sequence's full blocks among its first `written` positions whose KV is written (or enqueued)
         and whose token ids the host knows."""
-        ids = seq.prefill_ids
-        full = min(written, len(ids)) // self.blocks.block_size
+        if not self.blocks.enable_caching:
+            return
+        full = min(written, len(seq.prompt_ids) + len(seq.output_ids)) // self.blocks.block_size
         if full > seq.num_registered:
-            seq.num_registered = self.blocks.register(seq.block_table, ids, seq.block_hashes, seq.num_registered,
-                                                      full)
+            seq.num_registered = self.blocks.register(seq.block_table, seq.prefill_ids, seq.block_hashes,
+                                                      seq.num_registered, full)
 
     def plan_decode(self) -> tuple[DecodePlan | None, list[Sequence]]:
         """The next decode step over every running row (None when no row wants a token), and the sequences
