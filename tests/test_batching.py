@@ -136,7 +136,8 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatc
 
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_long_prompt_beside_decoding_streams_is_prefilled_in_chunks(lookahead):
-    llm = LLM("tiny-llama", max_model_len=256, max_num_seqs=4, prefill_chunk_size=16)
+    # no prefix caching: the second run of the long prompt must prefill it all again (hits: test_prefix_cache.py)
+    llm = LLM("tiny-llama", max_model_len=256, max_num_seqs=4, prefill_chunk_size=16, enable_prefix_caching=False)
     llm.core.lookahead = lookahead
     long_prompt = [1] + [(7 * i + 3) % 500 for i in range(69)]  # 70 tokens: 5 chunks of at most 16
     greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)

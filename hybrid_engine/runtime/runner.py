@@ -216,7 +216,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self, lengths: tuple[int, ...] = (1, 15, 16, 17, 100), decode_rows: tuple[int, ...] = (1,),
-                context_lengths: tuple[int, ...] = (1, 15, 16, 17, 100)) -> None:
+                context_lengths: tuple[int, ...] = (1, 15, 16, 17, 100, 112, 200, 208)) -> None:
         """Run every kernel variant the JIT path will launch once, on scratch buffers (Triton specialises integer
         arguments equal to 1 or divisible by 16; prefill attention's tiles change with the length), so the first
         request compiles and loads nothing; and every projection and attention variant that graph captures use
