@@ -349,3 +349,40 @@ def test_prefix_benchmark_runs_on_the_cpu(tmp_path):
     assert pc["agreement"]["agreement"] == 1.0 and pc["agreement"]["cached_tokens_p50"] > 0  # fp32: identical
     assert set(res["systems"]["hybrid_prefix_caching_off"]["ttft_ms"]) == {"10", "50"}
     assert pc["stats"]["prefix_cache_hit_tokens"] > 0
+
+
+def test_server_reports_cached_prompt_tokens_and_cache_metrics():
+    pytest.importorskip("fastapi")
+    import socket
+    import time
+
+    import httpx
+    import uvicorn
+
+    from hybrid_engine.server import create_app
+
+    llm = _engine()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(llm, served_model_name="tiny"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.02)
+        body = {"model": "tiny", "prompt": "word " * 40, "max_tokens": 3, "temperature": 0}
+        first = httpx.post(base + "/v1/completions", json=body, timeout=60).json()["usage"]
+        second = httpx.post(base + "/v1/completions", json=body, timeout=60).json()["usage"]
+        assert first["prompt_tokens_details"]["cached_tokens"] == 0
+        assert second["prompt_tokens_details"]["cached_tokens"] == (second["prompt_tokens"] - 1) // 16 * 16 > 0
+        metrics = httpx.get(base + "/metrics", timeout=10).text
+        hits = next(ln for ln in metrics.splitlines() if ln.startswith("hybrid_engine_prefix_cache_hit_tokens "))
+        assert float(hits.split()[1]) == second["prompt_tokens_details"]["cached_tokens"]
+        assert "hybrid_engine_kv_blocks_cached " in metrics and "hybrid_engine_prefix_cache_hit_rate " in metrics
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -88,6 +88,7 @@ async def health(request: Request) -> JSONResponse:
         "queue": {"running": state.worker.running(), "queued": state.worker.queued(),
                   "max_queue": state.worker.max_queue},
         "kv_blocks_free": stats.get("kv_blocks_free"),
+        "kv_blocks_cached": stats.get("kv_blocks_cached"),
         "kv_blocks_total": stats.get("kv_blocks_total"),
     }
     return JSONResponse(body, status_code=200 if ok else 503)

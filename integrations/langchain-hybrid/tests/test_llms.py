@@ -96,7 +96,8 @@ def test_astream_left_early_cancels_the_request(llm, engine, greedy):
     assert len(asyncio.run(first_two())) == 2
     assert llm.invoke(PROMPT) == greedy(PROMPT).outputs[0].text  # the engine is free again
     stats = engine.stats()
-    assert stats["requests_cancelled"] == cancelled + 1 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    assert stats["requests_cancelled"] == cancelled + 1
+    assert stats["kv_blocks_free"] + stats["kv_blocks_cached"] == stats["kv_blocks_total"]  # none held
 
 
 def test_stop_sequence_honoured(llm, greedy):
