@@ -215,6 +215,7 @@ class LLM:
             "block_size": self.kv.block_size,
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.config.max_num_seqs,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "capture": self.config.capture if self.graphs is not None else "off",
