@@ -17,7 +17,13 @@ for s in $stages; do
            echo "allowed cpus: $(grep Cpus_allowed_list /proc/self/status)"; nproc; which numactl taskset
            lscpu | grep -i "model name\|numa\|socket\|thread"; } 2>&1 | tee "$OUT/host.txt";;
     ktests) timeout 250 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels 2>&1 | tail -15 | tee "$OUT/gpu_kernel_tests.txt";;
-    tests) timeout 300 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt";;
+    tests) timeout 300 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests --ignore=tests/test_tensor_parallel_gpu.py 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt";;
+    # tensor parallelism (kind nvidia-h200-x2): all-reduce methods by size, the TP GPU test (own process: it kills a
+    # worker), then TP=1 vs TP=2 of the 7B shape (tpsmall) and the 70B shape at TP=2 (tpbig)
+    allreduce) timeout 150 python3 benchmarks/allreduce_bench.py --gpus ${TP:-2} --out "$OUT/allreduce.json" 2>&1 | tail -14;;
+    tptests) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_tensor_parallel_gpu.py 2>&1 | tail -15 | tee "$OUT/tp_tests.txt";;
+    tpsmall) timeout 570 python3 benchmarks/tp_bench.py --tp ${TP:-2} --big "" --out-dir "$OUT" ${TP_ARGS:-} 2>&1 | grep -v "Warn\|INFO" | tail -12;;
+    tpbig) timeout 570 python3 benchmarks/tp_bench.py --tp ${TP:-2} --skip-small --out-dir "$OUT" ${TP_ARGS:-} 2>&1 | grep -v "Warn\|INFO" | tail -12;;
     probe) timeout 250 python3 benchmarks/probe.py --out "$OUT/probe.json" 2>&1 | tail -60;;
     cold) TRITON_CACHE_DIR=$(mktemp -d) timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_empty_cache.json" 2>&1 | tail -3
           timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_warm_cache.json" 2>&1 | tail -3;;

@@ -22,6 +22,9 @@ class EngineConfig:
     model: checkpoint directory, .gguf file, preset name ("tiny-llama", "llama-2-7b-shape",
         "smollm2-135m-instruct") or a PreTrainedModel.
     gguf_file: name of a GGUF file inside the `model` directory (as transformers' `gguf_file=`).
+    tensor_parallel_size: GPUs each layer is split over (ranks 1.. run in worker processes, rank 0 in this one;
+        NCCL on GPUs cuda:0..N-1, gloo on the CPU). The model must be a preset, checkpoint directory or GGUF file,
+        and N must divide its attention heads, KV heads and MLP size. Graphs are then all captured at load.
     dtype: "auto" = the checkpoint's dtype on GPU (float16 for presets), float32 on CPU.
     device: "auto" = cuda when available.
     max_model_len: longest prompt + generation; None = min(checkpoint's max positions, 4096).
@@ -61,6 +64,7 @@ class EngineConfig:
     seed: int = 0
     trust_remote_code: bool = False
     gguf_file: str | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
@@ -84,6 +88,13 @@ class EngineConfig:
             raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size!r} must be an int >= 16")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
+        if not (isinstance(self.tensor_parallel_size, int) and not isinstance(self.tensor_parallel_size, bool)
+                and 1 <= self.tensor_parallel_size <= 8):
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be an int in [1, 8]")
+        if self.tensor_parallel_size > 1 and not isinstance(self.model, str):
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs the model as a preset name, "
+                             f"checkpoint directory or .gguf path (each worker loads its own shard), not a "
+                             f"{type(self.model).__name__} object")
         buckets = tuple(int(b) for b in self.prefill_buckets)
         if any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"prefill_buckets={self.prefill_buckets!r} must be strictly increasing positive ints")

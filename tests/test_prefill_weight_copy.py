@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hybrid_engine import LLM, SamplingParams
-from hybrid_engine.engine import llm as engine_mod
+from hybrid_engine.runtime import rank as engine_mod
 from hybrid_engine.kernels import gemm
 
 SP = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

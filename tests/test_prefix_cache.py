@@ -290,6 +290,19 @@ def test_concurrent_callers_with_shared_prefixes(on, off):
     assert [got[i] for i in range(len(prompts))] == want
 
 
+def test_reset_prefix_cache_frees_cached_blocks_only(on, off):
+    prompt = _ids(16, 40)
+    _tokens(on, [prompt])
+    stream = on.stream_deltas({"prompt_token_ids": _ids(17, 40)}, SamplingParams(max_tokens=30, ignore_eos=True))
+    next(stream)  # holds its blocks while the cache is reset
+    held = sum(1 for r in on.scheduler.blocks.allocator.refs if r)
+    assert on.reset_prefix_cache() > 0
+    assert on.stats()["kv_blocks_cached"] == 0 and sum(1 for r in on.scheduler.blocks.allocator.refs if r) == held
+    assert on.generate({"prompt_token_ids": prompt}, GREEDY)[0].num_cached_tokens == 0
+    rest = [t for d in stream for t in d.token_ids]
+    assert len(rest) == 29
+
+
 def test_config_flag_and_stats(off):
     assert off.config.enable_prefix_caching is False and off.stats()["enable_prefix_caching"] is False
     with pytest.raises(ValueError, match="enable_prefix_caching"):

@@ -90,6 +90,17 @@ class EngineCore:
                     return
             self._drive(self.step)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block no request holds (they become free); waits for the driving caller's step.
+        Returns how many blocks were dropped."""
+        with self.cv:
+            while self._driving:
+                self.cv.wait()
+            self._driving = True
+        before = self.sched.blocks.num_cached
+        self._drive(self.sched.blocks.allocator.drop_cached)
+        return before - self.sched.blocks.num_cached
+
     def mark_cancelled(self, seq: Sequence) -> None:
         """Cancel `seq` without driving or waiting (safe on an event loop): the next step, whoever runs it, frees its
         row and blocks."""

@@ -2,21 +2,16 @@
 turns each sequence's deltas into streams and outputs. Requests from any number of threads are batched."""
 from __future__ import annotations
 
-import gc
 import logging
 import random
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
-import torch
 
 from ..runtime import _gc
 from ..config import EngineConfig
 from ..detokenize import IncrementalDetokenizer, StopStringMatcher
-from ..kernels import get_ops
-from ..runtime.kv_cache import PagedKVCache, num_blocks_for
-from ..models import loader
 from ..outputs import CompletionOutput, RequestOutput, StreamDelta
-from ..runtime.runner import ModelRunner
+from ..runtime.rank import build_rank, resolve_device
 from ..sampling_params import SamplingParams
 from ..runtime.streams import stream_scope
 from ..runtime.token_reader import TokenReader
@@ -81,55 +76,45 @@ class LLM:
 
     def __init__(self, model: Any = "tiny-llama", **kwargs: Any) -> None:
         self.config = cfg = EngineConfig.from_kwargs(model, **kwargs)
-        self.device = _resolve_device(cfg.device)
-        loaded = loader.load(cfg.model, cfg.tokenizer, _resolve_dtype(cfg.dtype), self.device, cfg.max_model_len,
-                             cfg.seed, cfg.gguf_file)
+        self.device = resolve_device(cfg.device)
+        self.executor = None
+        comm = None
+        if cfg.tensor_parallel_size > 1:  # ranks 1.. in worker processes, rank 0 here (vLLM's driver worker)
+            from ..distributed.executor import TensorParallelExecutor
+
+            self.executor = TensorParallelExecutor(cfg, self.device)
+            comm = self.executor.comm
+        try:
+            rank = build_rank(cfg, self.device, (0, cfg.tensor_parallel_size), comm)
+            if self.executor is not None:
+                self.executor.wait_ready()
+        except BaseException:
+            if self.executor is not None:
+                self.executor.shutdown()
+            raise
+        loaded = rank.loaded
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.hf_config, loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         self.dtype = self.model.embed_tokens.weight.dtype
-        self.ops = get_ops(self.device, cfg.attention_backend)
-        self.prefill_weight_copy_bytes = _prefill_weight_copies(cfg.prefill_weight_copy, self.model, self.device)
-        n_blocks = cfg.num_kv_blocks or num_blocks_for(self.model, cfg.block_size, self.max_model_len,
-                                                       cfg.max_num_seqs, self.dtype, self.device,
-                                                       cfg.gpu_memory_utilization)
-        self.kv = PagedKVCache(self.model, n_blocks, cfg.block_size, self.max_model_len, self.dtype, self.device)
-        _check_kv_fits(n_blocks, self.kv.max_blocks_per_seq, self.max_model_len, cfg.block_size)
-        self.stream_ctx = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.runner = ModelRunner(self.model, self.kv, self.ops, self.max_model_len, cfg.max_num_seqs, self.device)
-        self.reader = TokenReader(self.runner.buf.tokens, self.device, depth=cfg.max_num_seqs + 4,
+        self.ops, self.kv, self.graphs, self.stream_ctx = rank.ops, rank.kv, rank.graphs, rank.stream
+        self.prefill_weight_copy_bytes = rank.prefill_weight_copy_bytes
+        self.runner = rank.runner if self.executor is None else self.executor.runner(rank.runner)
+        self.reader = TokenReader(rank.runner.buf.tokens, self.device, depth=cfg.max_num_seqs + 4,
                                   stream=self.stream_ctx)
+        if self.executor is not None:
+            self.reader.watch = rank.runner.staging.watch = self.executor.check
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
         salt = (loaded.source, str(self.dtype))  # what else changes a block's KV for the same tokens
-        self.scheduler = Scheduler(BlockManager(n_blocks, cfg.block_size, cfg.enable_prefix_caching, salt),
+        self.scheduler = Scheduler(BlockManager(rank.num_blocks, cfg.block_size, cfg.enable_prefix_caching, salt),
                                    cfg.max_num_seqs)
         self._rng = random.Random(cfg.seed)
-        self.graphs = None
-        # Once, at load: what is alive now is frozen out of later collections (see _gc.py). Before the warm-up and
-        # the decode captures, so that load ends with GPU work, not with a collection (~0.1-0.3 s) on an idle GPU.
-        gc.collect()
-        _gc.freeze()
-        if self.device.type == "cuda":
-            from ..runtime.graphs import decode_buckets
-
-            with torch.cuda.stream(self.stream_ctx):
-                self.runner.warm_up(decode_rows=tuple(decode_buckets(cfg.max_num_seqs)))
-            self.stream_ctx.synchronize()
-        if cfg.capture == "eager" and self.device.type != "cuda":
-            logger.warning("capture='eager' needs a CUDA device; on %s nothing is captured (as 'off')", self.device)
-        if cfg.capture != "off" and self.device.type == "cuda":
-            from ..runtime.graphs import GraphRunner
-
-            self.graphs = GraphRunner(self.runner, cfg.prefill_buckets, cfg.capture, self.stream_ctx,
-                                      context_buckets=cfg.enable_prefix_caching)
-            self.runner.graphs = self.graphs
-            self.graphs.start()
         self.core = EngineCore(self.runner, self.scheduler, self.reader, stream_scope(self.stream_ctx),
                                self.eos_token_ids, self.graphs, lookahead=self.device.type == "cuda",
                                chunk_size=cfg.prefill_chunk_size)
         self.driver = AsyncDriver(self.core)  # drives async requests; its thread starts with the first of them
-        logger.info("LLM ready: %s on %s (%s), max_model_len=%d, max_num_seqs=%d, %d KV blocks, attention=%s",
-                    loaded.source, self.device, self.dtype, self.max_model_len, cfg.max_num_seqs, n_blocks,
-                    self.ops.name)
+        logger.info("LLM ready: %s on %s (%s), max_model_len=%d, max_num_seqs=%d, %d KV blocks, attention=%s%s",
+                    loaded.source, self.device, self.dtype, self.max_model_len, cfg.max_num_seqs, rank.num_blocks,
+                    self.ops.name, f", tensor_parallel_size={cfg.tensor_parallel_size}" if self.executor else "")
 
     # ---------------- public API ----------------
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[
@@ -238,6 +223,7 @@ class LLM:
             "block_size": self.kv.block_size,
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.config.max_num_seqs,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "capture": self.config.capture if self.graphs is not None else "off",
@@ -255,12 +241,19 @@ class LLM:
                  {"graphs_captured": 0, "graphs_pending": 0, "graphs_failed": 0, "graph_pool_bytes": 0})
         return s
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the KV blocks kept for prefix reuse that no request holds (as vLLM's `reset_prefix_cache`), e.g.
+        between benchmark runs; running requests keep theirs. Returns the number of blocks freed."""
+        return self.core.reset_prefix_cache()
+
     def close(self) -> None:
-        """Stop the capture worker and drop GPU memory held by the engine."""
+        """Stop the capture worker (and tensor-parallel workers) and drop GPU memory held by the engine."""
         self.driver.close()
         if self.graphs is not None:
             self.graphs.stop()
             self.graphs = self.runner.graphs = None
+        if self.executor is not None:
+            self.executor.shutdown()
         _gc.unfreeze()  # the engine's objects (it has reference cycles) can be collected again
 
     def __enter__(self) -> "LLM":
@@ -276,6 +269,8 @@ class LLM:
                         StopStringMatcher(params.stop))
 
     def _submit(self, seq: Sequence) -> RequestStream:
+        if self.executor is not None:
+            self.executor.check()  # a dead worker ends the engine: no request is accepted after it
         self.core.add(seq)
         return RequestStream(self.core, seq)
 
@@ -329,25 +324,6 @@ def request_output(seq: Sequence, deltas: list[StreamDelta]) -> RequestOutput:
                          num_cached_tokens=seq.num_cached_tokens)
 
 
-def _check_kv_fits(num_blocks: int, per_seq: int, max_model_len: int, block_size: int) -> None:
-    if num_blocks < per_seq:
-        raise ValueError(f"num_kv_blocks={num_blocks} cannot hold one request of max_model_len={max_model_len} "
-                         f"tokens: that needs {per_seq} blocks of {block_size} tokens; raise num_kv_blocks or lower "
-                         "max_model_len")
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA GPU is available; use device='cpu' or 'auto'")
-    return torch.device(name)
-
-
-def _resolve_dtype(name: str) -> torch.dtype | None:
-    return None if name == "auto" else getattr(torch, name)
-
-
 def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
     eos = getattr(hf_config, "eos_token_id", None)
@@ -355,23 +331,3 @@ def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-# "auto" makes the prefill weight copy when it takes at most this fraction of the device memory free after loading
-PREFILL_COPY_MAX_FREE_FRACTION = 0.25
-
-
-def _prefill_weight_copies(mode: str, model: Any, device: torch.device) -> int:
-    """Apply EngineConfig.prefill_weight_copy (before the KV cache is sized from the memory left): bytes added."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return 0
-    need = model.prefill_weight_copy_bytes()
-    if mode == "auto":
-        free, _ = torch.cuda.mem_get_info(device)
-        if need > PREFILL_COPY_MAX_FREE_FRACTION * free:
-            logger.info("prefill weight copy skipped: %.1f GiB needed, %.1f GiB free (auto uses at most %d%%)",
-                        need / 2**30, free / 2**30, PREFILL_COPY_MAX_FREE_FRACTION * 100)
-            return 0
-    added = model.add_prefill_weight_copies()
-    logger.info("prefill weight copy (QKV, gate/up stored transposed): %.2f GiB", added / 2**30)
-    return added

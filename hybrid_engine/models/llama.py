@@ -6,6 +6,7 @@ CUDA graphs alike. Shapes are flat over tokens: prefill runs T tokens of one seq
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ class ModelArgs:
     qkv_bias: bool
     tie_word_embeddings: bool
     max_position_embeddings: int
+    # tensor parallelism: this rank's share of the heads, the MLP and the vocabulary (see `sharded`)
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @classmethod
     def from_hf(cls, config: Any) -> "ModelArgs":
@@ -59,6 +63,24 @@ class ModelArgs:
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             max_position_embeddings=config.max_position_embeddings,
         )
+
+    def sharded(self, rank: int, size: int) -> "ModelArgs":
+        """This rank's shape under tensor parallelism over `size` ranks: attention heads, KV heads and the MLP's
+        intermediate size split evenly (column-parallel QKV and gate/up, row-parallel O and down), the vocabulary in
+        `vocab_shard` rows per rank (the last shard padded). Raises ValueError naming a size that does not split."""
+        if size == 1:
+            return self
+        for what, n in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads),
+                        ("intermediate_size", self.intermediate_size)):
+            if n % size:
+                raise ValueError(f"tensor_parallel_size={size} must divide the model's {what}={n}")
+        return dataclasses.replace(self, num_heads=self.num_heads // size, num_kv_heads=self.num_kv_heads // size,
+                                   intermediate_size=self.intermediate_size // size, tp_rank=rank, tp_size=size)
+
+    @property
+    def vocab_shard(self) -> int:
+        """Embedding / LM-head rows per rank: ceil(vocab_size / tp_size)."""
+        return -(-self.vocab_size // self.tp_size)
 
     @property
     def q_size(self) -> int:
@@ -122,6 +144,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.Parameter(torch.ones(h))
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, Hkv, D], bound by the KV cache
         self.v_cache: torch.Tensor | None = None
+        self.comm: Any = None  # tensor parallelism: sums the row-parallel O and down projections over the ranks
 
     def forward(self, ops: Any, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 cos_sin: torch.Tensor, meta: AttentionMetadata,
@@ -145,6 +168,8 @@ class DecoderLayer(nn.Module):
             if last_row_only:
                 residual = residual.index_select(0, meta.last_index)
         x = linear(attn.reshape(-1, a.q_size), self.o_proj.weight)
+        if self.comm is not None:
+            x = self.comm.all_reduce(x)
         x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
         gu = self.gate_up_proj
         # fused for one row where it measured faster (kernels/gemv.py), else None
@@ -152,6 +177,8 @@ class DecoderLayer(nn.Module):
         if act is None:
             act = ops.silu_mul(linear(x, gu.weight, None, gu.weight_t))
         x = linear(act, self.down_proj.weight)
+        if self.comm is not None:
+            x = self.comm.all_reduce(x)
         return x, residual
 
     def _attend(self, ops: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -184,12 +211,29 @@ class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs, cos_sin_cache: torch.Tensor) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = nn.Embedding(args.vocab_shard, args.hidden_size)  # tensor parallelism: a vocab shard
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = nn.Parameter(torch.ones(args.hidden_size))
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_shard, bias=False)
         self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
         self.ops: Any = None  # KernelOps, set by the runner
+        self.comm: Any = None  # distributed.Communicator under tensor parallelism (set_comm), else None
+
+    def set_comm(self, comm: Any) -> None:
+        """Tensor parallelism: every layer sums its row-parallel projections over the ranks through `comm`, the
+        embedding sums the vocab shards' rows, the logits gather them."""
+        self.comm = comm
+        for layer in self.layers:
+            layer.comm = comm
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.comm is None:
+            return self.embed_tokens(input_ids)
+        shard = self.args.vocab_shard  # ids outside this rank's rows read row 0 and are zeroed; the sum fills them
+        local = input_ids - self.args.tp_rank * shard
+        outside = (local < 0) | (local >= shard)
+        x = self.embed_tokens(local.clamp(0, shard - 1)).masked_fill_(outside.unsqueeze(-1), 0)
+        return self.comm.all_reduce(x)
 
     def prefill_weight_copy_bytes(self) -> int:
         """Bytes `add_prefill_weight_copies` allocates (QKV and gate/up weights of every layer)."""
@@ -212,7 +256,7 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         last = len(self.layers) - 1 if meta.is_prefill and meta.last_index is not None else -1
         ops, cos_sin, hook = self.ops, self.cos_sin_cache, getattr(_LAYER_HOOK, "fn", None)
         for i, layer in enumerate(self.layers):  # .forward: no module hooks, less host time per layer (JIT path)
@@ -224,4 +268,9 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor:
         """hidden: [N, H] pre-norm residual stream -> [N, vocab] fp32 logits (decode: one row per sequence)."""
         x = self.ops.rms_norm(hidden, self.norm, self.args.rms_norm_eps)
-        return (self.ops.decode_linear if decode else self.ops.linear)(x, self.lm_head.weight).float()
+        logits = (self.ops.decode_linear if decode else self.ops.linear)(x, self.lm_head.weight)
+        if self.comm is not None:  # [N, vocab_shard] per rank -> [N, vocab] on every rank
+            logits = self.comm.all_gather_columns(logits)
+            if logits.shape[1] != self.args.vocab_size:  # the last shard's padding rows
+                logits = logits[:, :self.args.vocab_size].contiguous()
+        return logits.float()

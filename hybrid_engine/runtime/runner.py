@@ -18,6 +18,7 @@ import torch
 
 from . import cuda_driver
 from .kv_cache import PagedKVCache
+from .token_reader import wait_event
 from ..models.llama import AttentionMetadata, LlamaModel
 from ..models.llama_jit import jit_prefill
 from ..sampling_params import SamplingParams
@@ -114,12 +115,12 @@ class _Staging:
         self.events = [torch.cuda.Event() if device.type == "cuda" else None for _ in range(depth)]
         self.used = [False] * depth
         self.next = 0
-
+        self.watch: Any = None  # see token_reader.wait_event
     def take(self) -> tuple[StepBuffers, dict[str, Any], int]:
         i = self.next
         self.next = (i + 1) % len(self.slots)
         if self.used[i] and self.events[i] is not None:
-            self.events[i].synchronize()
+            wait_event(self.events[i], self.watch)
         return self.slots[i], self.np[i], i
 
 

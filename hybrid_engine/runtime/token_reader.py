@@ -1,9 +1,26 @@
 """Reads sampled tokens back to the host one step behind the GPU (pinned ring buffer + events)."""
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 
 from . import cuda_driver
+
+
+def wait_event(event: torch.cuda.Event, watch: Callable[[], None] | None) -> None:
+    """Wait for `event`. With a `watch` (tensor parallelism: raises once a worker process has died, whose peers'
+    collectives would otherwise never finish) poll the event and call `watch` while waiting."""
+    if watch is None:
+        event.synchronize()
+        return
+    spins = 0
+    while not event.query():
+        spins += 1
+        if spins % 64 == 0:
+            watch()
+        time.sleep(0)  # lets other threads run; a step is milliseconds, a poll microseconds
 
 
 class TokenReader:
@@ -21,6 +38,7 @@ class TokenReader:
         self._host = self.ring.numpy()
         self.events = [torch.cuda.Event() for _ in range(depth)] if cuda else None
         self.head = self.tail = 0
+        self.watch: Callable[[], None] | None = None  # see wait_event
 
     def reset(self) -> None:
         self.head = self.tail = 0
@@ -41,6 +59,6 @@ class TokenReader:
     def pop(self) -> list[int]:
         slot = self.tail % self.depth
         if self.events is not None:
-            self.events[slot].synchronize()
+            wait_event(self.events[slot], self.watch)
         self.tail += 1
         return self._host[slot].tolist()

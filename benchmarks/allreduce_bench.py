@@ -1,0 +1,120 @@
+"""Small all-reduces on the GPUs of one host: NCCL vs PyTorch symmetric memory (one-shot, two-shot; no multicast),
+per message size, eager and inside a CUDA graph (64 calls captured in one graph, as a decode step's collectives are).
+
+    python benchmarks/allreduce_bench.py --gpus 2 --out allreduce.json
+
+The choice of method per size in hybrid_engine/distributed/comm.py comes from this table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+SIZES = [2048, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1 << 20, 2 << 20, 4 << 20, 16 << 20]
+METHODS = ("nccl", "one_shot", "two_shot")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(rank: int, world: int, port: int, out_path: str, calls: int) -> None:
+    os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=device)
+    group = dist.group.WORLD.group_name
+    dist.all_reduce(torch.ones(1, device=device))
+    symm = symm_mem.empty(max(SIZES) // 2, dtype=torch.float16, device=device)
+    symm_mem.rendezvous(symm, group)
+    stream = torch.cuda.Stream(device)
+    results: dict[str, dict[str, float]] = {}
+
+    def op(method: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        if method == "nccl":
+            dist.all_reduce(x)
+        elif method == "one_shot":
+            torch.ops.symm_mem.one_shot_all_reduce_copy_out(symm[:x.numel()], x, "sum", group, out)
+        else:
+            view = symm[:x.numel()]
+            view.copy_(x)
+            torch.ops.symm_mem.two_shot_all_reduce_out(view, "sum", group, out)
+
+    for nbytes in SIZES:
+        n = nbytes // 2
+        x = torch.full((n,), float(rank + 1), dtype=torch.float16, device=device)
+        out = torch.empty_like(x)
+        row: dict[str, float] = {}
+        for method in METHODS:
+            with torch.cuda.stream(stream):
+                for _ in range(5):
+                    x.fill_(rank + 1)
+                    op(method, x, out)
+                got = (x if method == "nccl" else out)[0].item()
+                want = world * (world + 1) / 2
+                if got != want:
+                    raise AssertionError(f"{method} at {nbytes} B summed to {got}, expected {want}")
+                dist.barrier()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                for _ in range(calls):
+                    op(method, x, out)
+                end.record(stream)
+                end.synchronize()
+                row[f"{method}_eager_us"] = round(start.elapsed_time(end) * 1e3 / calls, 2)
+                graph = torch.cuda.CUDAGraph()
+                stream.synchronize()
+                dist.barrier()
+                graph.capture_begin(capture_error_mode="thread_local")
+                for _ in range(calls):
+                    op(method, x, out)
+                graph.capture_end()
+                for _ in range(3):
+                    graph.replay()
+                stream.synchronize()
+                dist.barrier()
+                start.record(stream)
+                reps = 10
+                for _ in range(reps):
+                    graph.replay()
+                end.record(stream)
+                end.synchronize()
+                row[f"{method}_graph_us"] = round(start.elapsed_time(end) * 1e3 / (reps * calls), 2)
+                del graph
+        results[str(nbytes)] = row
+        if rank == 0:
+            print(nbytes, row, flush=True)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(device), "gpus": world, "torch": torch.__version__,
+                       "nccl": ".".join(map(str, torch.cuda.nccl.version())), "calls_per_timing": calls,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv),
+                       "us_per_all_reduce": results}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--calls", type=int, default=64)
+    ap.add_argument("--out", default="allreduce.json")
+    a = ap.parse_args()
+    mp.spawn(_run, args=(a.gpus, _free_port(), a.out, a.calls), nprocs=a.gpus, join=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The front end's side of tensor parallelism: worker processes for ranks 1..N-1, and the runner the engine drives.
+
+The engine process is rank 0 (as vLLM's driver worker): it keeps the scheduler, its own shard and the token reader.
+Every runner call that changes device state (`BROADCAST`) is pickled once and sent to every worker over its pipe
+before rank 0 runs it, so all ranks enqueue the same steps in the same order; their collectives meet on the GPUs.
+Workers reply only at load (ready) and when they fail. A worker that exits or fails makes `check` raise
+`WorkerDiedError`: the engine fails its requests and accepts no more (rank 0 polls for it while it waits on the
+GPU, which would otherwise wait forever inside a collective with a dead peer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection, Listener
+from typing import Any
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import HybridEngineError
+from .comm import Communicator, init_group, set_safe_env
+
+logger = logging.getLogger(__name__)
+
+# runner methods that change device state: sent to every rank, in call order
+BROADCAST = ("prefill", "prefill_from", "prefill_chunk", "decode", "move_row", "reset_rows")
+READY_TIMEOUT_S = 1800.0  # load + warm-up + captures of a 70B shard
+
+
+class WorkerDiedError(HybridEngineError):
+    """A tensor-parallel worker process exited or failed; the engine has stopped serving."""
+
+
+class TensorParallelExecutor:
+    """Starts ranks 1..N-1 (`python -m hybrid_engine.distributed.worker`), joins the process group as rank 0 and
+    makes the communicator. `runner(local)` wraps rank 0's ModelRunner."""
+
+    def __init__(self, cfg: EngineConfig, device: torch.device) -> None:
+        self.world_size = cfg.tensor_parallel_size
+        if device.type == "cuda" and torch.cuda.device_count() < self.world_size:
+            raise ValueError(f"tensor_parallel_size={self.world_size} needs {self.world_size} GPUs; "
+                             f"{torch.cuda.device_count()} visible")
+        set_safe_env()
+        self.error: WorkerDiedError | None = None
+        self.procs: list[subprocess.Popen] = []
+        self.conns: list[Connection] = []
+        port = _free_port()
+        address = os.path.join(_socket_dir(), f"hybrid-engine-{os.getpid()}-{secrets.token_hex(4)}.sock")
+        authkey = secrets.token_bytes(16)
+        listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        try:
+            worker_cfg = dataclasses.replace(cfg, tokenizer=cfg.tokenizer if isinstance(cfg.tokenizer, str) else None)
+            env = {**os.environ, "HYBRID_ENGINE_WORKER_AUTHKEY": authkey.hex()}
+            for rank in range(1, self.world_size):
+                cmd = [sys.executable, "-m", "hybrid_engine.distributed.worker", address, str(rank)]
+                self.procs.append(subprocess.Popen(cmd, env=env))
+            for _ in range(1, self.world_size):
+                conn = _accept(listener, self.procs, timeout_s=120.0)
+                self.conns.append(conn)
+            self.conns.sort(key=lambda c: c.recv())  # each worker says its rank first
+            init = f"tcp://127.0.0.1:{port}"
+            for conn in self.conns:
+                conn.send((worker_cfg, init))
+            init_group(0, self.world_size, init, device)
+            self.comm = Communicator(device)
+        except BaseException:
+            self.shutdown()
+            raise
+        finally:
+            listener.close()
+
+    def wait_ready(self) -> None:
+        """After rank 0's own load: every worker has loaded, warmed up and captured the same graphs."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for rank, conn in enumerate(self.conns, start=1):
+            while not conn.poll(0.5):
+                self.check()
+                if time.monotonic() > deadline:
+                    raise WorkerDiedError(f"tensor-parallel worker rank {rank} not ready after {READY_TIMEOUT_S} s")
+            msg = conn.recv()
+            if msg != "ready":
+                self._died(rank, f"failed at load: {msg}")
+
+    def runner(self, local: Any) -> "DistributedRunner":
+        return DistributedRunner(local, self)
+
+    def send(self, msg: tuple) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send_bytes(data)
+            except OSError as exc:
+                self._died(rank, f"its pipe broke ({exc})")
+
+    def check(self) -> None:
+        """Raise WorkerDiedError if any worker has exited or reported a failure (cheap: a poll per worker)."""
+        if self.error is not None:
+            raise self.error
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            if conn.poll():
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    msg = "its pipe closed"
+                self._died(rank, f"failed: {msg}")
+            if proc.poll() is not None:
+                self._died(rank, f"exited with code {proc.returncode}")
+
+    def check_after_failure(self, grace_s: float = 2.0) -> None:
+        """After a collective failed on rank 0: raise WorkerDiedError if a worker is gone (waiting briefly for the
+        operating system to report its exit); return if every worker lives (the failure is then rank 0's own)."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            self.check()
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
+    def _died(self, rank: int, what: str) -> None:
+        pid = self.procs[rank - 1].pid if rank - 1 < len(self.procs) else "?"
+        self.error = WorkerDiedError(f"tensor-parallel worker rank {rank} (pid {pid}) {what}; the engine has shut "
+                                     "down and accepts no more requests")
+        logger.error("%s", self.error)
+        raise self.error
+
+    def shutdown(self) -> None:
+        """Stop the workers (closing their pipes ends their loops), kill what does not exit, leave the group."""
+        for conn in self.conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10.0 if self.error is None else 0.1)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10.0)
+        self.conns, self.procs = [], []
+        _leave_group(abort=self.error is not None)
+
+
+class DistributedRunner:
+    """The runner interface EngineCore drives, over every rank: a `BROADCAST` call goes to the workers, then runs on
+    rank 0's ModelRunner; everything else (buffers, graphs, sizes) is rank 0's."""
+
+    def __init__(self, local: Any, executor: TensorParallelExecutor) -> None:
+        self.local, self.executor = local, executor
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.local, name)
+        if name not in BROADCAST:
+            return value
+
+        def broadcast(*args: Any, **kwargs: Any) -> Any:
+            self.executor.check()
+            self.executor.send((name, args, kwargs))
+            try:
+                return value(*args, **kwargs)
+            except Exception:  # e.g. gloo's "connection closed" when a peer died: say that a worker died
+                self.executor.check_after_failure()
+                raise
+
+        return broadcast
+
+
+def _leave_group(abort: bool) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        if abort:  # a peer is gone: its collectives never complete, so the communicator is aborted, not drained
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
+    except Exception as exc:  # leaving a broken group is best effort
+        logger.warning("leaving the tensor-parallel process group: %s", exc)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _socket_dir() -> str:
+    return os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+
+
+def _accept(listener: Listener, procs: list[subprocess.Popen], timeout_s: float) -> Connection:
+    """listener.accept(), but failing (not hanging) when a worker exits before it connects."""
+    import threading
+
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(listener.accept()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive():
+        thread.join(0.2)
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise WorkerDiedError(f"tensor-parallel worker (pid {dead[0].pid}) exited with code "
+                                  f"{dead[0].returncode} before connecting")
+        if time.monotonic() > deadline:
+            raise WorkerDiedError(f"tensor-parallel workers did not connect within {timeout_s} s")
+    return result[0]

@@ -1,0 +1,120 @@
+"""What one GPU (one tensor-parallel rank) holds: its model shard, kernels, KV cache, step runner and CUDA graphs.
+
+`build_rank` is the one place these are made, by the engine for rank 0 and by every tensor-parallel worker process
+for its own rank (distributed/worker.py), with the same steps in the same order: every collective at load (the KV
+block count, warm-up steps, graph captures) then matches across ranks.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import _gc
+from ..config import EngineConfig
+from ..kernels import get_ops
+from ..models import loader
+from .kv_cache import PagedKVCache, num_blocks_for
+from .runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# "auto" makes the prefill weight copy when it takes at most this fraction of the device memory free after loading
+PREFILL_COPY_MAX_FREE_FRACTION = 0.25
+
+
+@dataclass(slots=True)
+class Rank:
+    loaded: loader.LoadedModel
+    ops: Any
+    kv: PagedKVCache
+    runner: ModelRunner
+    graphs: Any  # graphs.GraphRunner or None
+    stream: torch.cuda.Stream | None  # the serving stream (CUDA)
+    num_blocks: int
+    prefill_weight_copy_bytes: int
+
+
+def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0, 1), comm: Any = None,
+               need_tokenizer: bool = True) -> Rank:
+    """Load rank `tp[0]`'s shard (of tp[1]), size the KV cache (the smallest count any rank can hold), warm up and
+    start the graph captures (under tensor parallelism every capture happens here, in a fixed order)."""
+    loaded = loader.load(cfg.model, cfg.tokenizer, _resolve_dtype(cfg.dtype), device, cfg.max_model_len, cfg.seed,
+                         cfg.gguf_file, tp=tp, need_tokenizer=need_tokenizer)
+    model = loaded.model
+    model.set_comm(comm)
+    dtype = model.embed_tokens.weight.dtype
+    ops = get_ops(device, cfg.attention_backend)
+    copy_bytes = _prefill_weight_copies(cfg.prefill_weight_copy, model, device)
+    n_blocks = cfg.num_kv_blocks or num_blocks_for(model, cfg.block_size, loaded.max_model_len, cfg.max_num_seqs,
+                                                   dtype, device, cfg.gpu_memory_utilization)
+    if comm is not None:
+        n_blocks = comm.min_int(n_blocks)
+    kv = PagedKVCache(model, n_blocks, cfg.block_size, loaded.max_model_len, dtype, device)
+    _check_kv_fits(n_blocks, kv.max_blocks_per_seq, loaded.max_model_len, cfg.block_size)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    runner = ModelRunner(model, kv, ops, loaded.max_model_len, cfg.max_num_seqs, device)
+    # Once, at load: what is alive now is frozen out of later collections (see _gc.py). Before the warm-up and
+    # the decode captures, so that load ends with GPU work, not with a collection (~0.1-0.3 s) on an idle GPU.
+    gc.collect()
+    _gc.freeze()
+    graphs = None
+    if device.type == "cuda":
+        from .graphs import decode_buckets
+
+        with torch.cuda.stream(stream):
+            runner.warm_up(decode_rows=tuple(decode_buckets(cfg.max_num_seqs)))
+        stream.synchronize()
+    if cfg.capture == "eager" and device.type != "cuda":
+        logger.warning("capture='eager' needs a CUDA device; on %s nothing is captured (as 'off')", device)
+    if cfg.capture != "off" and device.type == "cuda":
+        from .graphs import GraphRunner
+
+        # tensor parallelism: every rank captures the same graphs in the same order, before serving (a background
+        # capture decided per rank could order the graphs' collectives differently and deadlock them)
+        policy = "eager" if tp[1] > 1 else cfg.capture
+        graphs = GraphRunner(runner, cfg.prefill_buckets, policy, stream, context_buckets=cfg.enable_prefix_caching)
+        runner.graphs = graphs
+        graphs.start()
+    return Rank(loaded, ops, kv, runner, graphs, stream, n_blocks, copy_bytes)
+
+
+def _check_kv_fits(num_blocks: int, per_seq: int, max_model_len: int, block_size: int) -> None:
+    if num_blocks < per_seq:
+        raise ValueError(f"num_kv_blocks={num_blocks} cannot hold one request of max_model_len={max_model_len} "
+                         f"tokens: that needs {per_seq} blocks of {block_size} tokens; raise num_kv_blocks or lower "
+                         "max_model_len")
+
+
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """The device of tensor-parallel rank `rank` (cuda:rank on a GPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is available; use device='cpu' or 'auto'")
+    if name == "cuda" and rank:
+        return torch.device("cuda", rank)
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str) -> torch.dtype | None:
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _prefill_weight_copies(mode: str, model: Any, device: torch.device) -> int:
+    """Apply EngineConfig.prefill_weight_copy (before the KV cache is sized from the memory left): bytes added."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return 0
+    need = model.prefill_weight_copy_bytes()
+    if mode == "auto":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > PREFILL_COPY_MAX_FREE_FRACTION * free:
+            logger.info("prefill weight copy skipped: %.1f GiB needed, %.1f GiB free (auto uses at most %d%%)",
+                        need / 2**30, free / 2**30, PREFILL_COPY_MAX_FREE_FRACTION * 100)
+            return 0
+    added = model.add_prefill_weight_copies()
+    logger.info("prefill weight copy (QKV, gate/up stored transposed): %.2f GiB", added / 2**30)
+    return added

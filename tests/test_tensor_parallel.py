@@ -1,0 +1,130 @@
+"""Tensor parallelism on the CPU: two ranks (this process and one worker process) over gloo. The sharded model gives
+TP=1's tokens, bad shapes are refused with the constraint named, and a worker that dies ends the engine with a
+clear error in bounded time."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+from block_helpers import blocks_settled
+
+from hybrid_engine import LLM, SamplingParams
+from hybrid_engine.distributed.executor import WorkerDiedError
+from hybrid_engine.distributed.sharding import slice_bounds, take_shard
+from hybrid_engine.models.llama import ModelArgs
+
+PROMPTS = [[1, 5, 9, 33, 7], list(range(3, 40)), [1, 300, 2, 17], [1, 42] * 30]
+OPTS = dict(device="cpu", max_model_len=160, max_num_seqs=4, prefill_chunk_size=16)
+
+
+def _args(**kw):
+    base = dict(vocab_size=7, hidden_size=8, intermediate_size=12, num_layers=1, num_heads=4, num_kv_heads=2,
+                head_dim=2, rms_norm_eps=1e-5, qkv_bias=False, tie_word_embeddings=False, max_position_embeddings=16)
+    return ModelArgs(**{**base, **kw})
+
+
+def _tokens(llm, params):
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
+
+
+def _params():
+    greedy = [SamplingParams(max_tokens=10 + 3 * i, temperature=0, ignore_eos=True) for i in range(len(PROMPTS))]
+    sampled = [SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7 + i, ignore_eos=True)
+               for i in range(len(PROMPTS))]
+    return greedy, sampled
+
+
+@pytest.fixture(scope="module")
+def reference():
+    llm = LLM("tiny-llama", **OPTS)
+    greedy, sampled = _params()
+    # one prompt alone while others decode exercises the chunked prefill (37 and 60 tokens > chunk 16)
+    out = _tokens(llm, greedy), _tokens(llm, sampled)
+    llm.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp2():
+    llm = LLM("tiny-llama", tensor_parallel_size=2, **OPTS)
+    yield llm
+    llm.close()
+
+
+def test_tp2_tokens_equal_tp1(tp2, reference):
+    greedy, sampled = _params()
+    assert _tokens(tp2, greedy) == reference[0]
+    assert _tokens(tp2, sampled) == reference[1]
+    s = tp2.stats()
+    assert blocks_settled(tp2)
+    assert s["prefix_cache_hit_tokens"] > 0  # the second run's prompts hit: prefill_from ran on every rank
+    assert s["tensor_parallel_size"] == 2
+
+
+def test_tp2_streams_and_chunks_like_tp1(tp2, reference):
+    """A long prompt arriving while another decodes is prefilled in chunks on every rank."""
+    greedy, _ = _params()
+    tp2.reset_prefix_cache()  # the long prompt ran in the test before: with its blocks cached it would not chunk
+    first = tp2.stream_deltas({"prompt_token_ids": PROMPTS[0]}, greedy[0])
+    got0 = list(next(iter(first)).token_ids)
+    long = tp2.generate({"prompt_token_ids": PROMPTS[3]}, greedy[3])[0].outputs[0].token_ids
+    got0 += [t for d in first for t in d.token_ids]
+    assert got0 == reference[0][0] and long == reference[0][3]
+    assert tp2.stats()["prefill_chunks"] > 0
+
+
+def test_shard_slices_and_padding():
+    full = torch.arange(7 * 3).view(7, 3).float()
+    a0, a1 = _args().sharded(0, 2), _args().sharded(1, 2)
+    assert a0.num_heads == 2 and a0.num_kv_heads == 1 and a0.intermediate_size == 6 and a0.vocab_shard == 4
+    s0, s1 = take_shard(a0, "embed_tokens.weight", None, full), take_shard(a1, "embed_tokens.weight", None, full)
+    assert torch.equal(s0, full[:4]) and torch.equal(s1[:3], full[4:]) and not s1[3].any()
+    assert slice_bounds(a1, "embed_tokens.weight", None) == (0, 4, 7)
+    assert torch.equal(take_shard(a1, "embed_tokens.weight", None, full[4:]), s1)  # read as a slice, then padded
+    down = torch.randn(8, 12)
+    assert torch.equal(take_shard(a1, "layers.0.down_proj.weight", None, down), down[:, 6:])
+    k = torch.randn(4, 8)  # k_proj: 2 KV heads x head_dim 2
+    assert torch.equal(take_shard(a1, "layers.0.qkv_proj.weight", 1, k), k[2:])
+    norm = torch.randn(8)
+    assert take_shard(a1, "layers.0.input_layernorm", None, norm) is norm
+
+
+@pytest.mark.parametrize("field, value, name", [("num_heads", 3, "num_attention_heads"),
+                                                ("num_kv_heads", 1, "num_key_value_heads"),
+                                                ("intermediate_size", 9, "intermediate_size")])
+def test_shapes_that_do_not_split_are_refused(field, value, name):
+    with pytest.raises(ValueError, match=f"tensor_parallel_size=2 must divide the model's {name}={value}"):
+        _args(**{field: value}).sharded(0, 2)
+
+
+def test_bad_tensor_parallel_options():
+    with pytest.raises(ValueError, match="tensor_parallel_size=0"):
+        LLM("tiny-llama", device="cpu", tensor_parallel_size=0)
+    from hybrid_engine.models.presets import build_hf_model
+
+    hf_model, _ = build_hf_model("tiny-llama", torch.float32, "cpu", 0)
+    with pytest.raises(ValueError, match="preset name, checkpoint directory or .gguf path"):
+        LLM(hf_model, device="cpu", tensor_parallel_size=2)
+
+
+def test_killed_worker_ends_the_engine_with_a_clear_error(tp2):
+    """Last in this module: it ends the module's engine (one tensor-parallel engine per process at a time)."""
+    llm = tp2
+    try:
+        stream = llm.stream_deltas({"prompt_token_ids": PROMPTS[0]},
+                                   SamplingParams(max_tokens=140, temperature=0, ignore_eos=True))
+        it = iter(stream)
+        next(it)
+        os.kill(llm.executor.procs[0].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="worker rank 1 .* the engine has shut down"):
+            for _ in it:
+                pass
+        assert time.monotonic() - t0 < 30
+        with pytest.raises(WorkerDiedError):
+            llm.generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(max_tokens=2))
+    finally:
+        t0 = time.monotonic()
+        llm.close()
+        assert time.monotonic() - t0 < 30
