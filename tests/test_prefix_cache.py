@@ -41,6 +41,31 @@ def settled_after_each_test():
         assert blocks_settled(llm), llm.stats()
 
 
+@contextlib.contextmanager
+def _tables_checked_every_step(llm):
+    """After every engine step: each block's reference count is the number of running tables holding it, and a
+    block a sequence may still write (past its registered, read-only blocks) is in no other table."""
+    real, steps = llm.core.step, [0]
+
+    def step():
+        real()
+        steps[0] += 1
+        alloc, running = llm.scheduler.blocks.allocator, llm.scheduler.running
+        held = [b for s in running for b in s.block_table]
+        assert all(alloc.refs[b] == held.count(b) for b in set(held))
+        assert sum(alloc.refs) == len(held)
+        writable = [b for s in running for b in s.block_table[s.num_registered:]]
+        assert len(writable) == len(set(writable)) and not set(writable) & set(alloc.hash_of)
+        alloc.check()
+
+    llm.core.step = step
+    try:
+        yield steps
+    finally:
+        del llm.core.step
+    assert steps[0] > 0
+
+
 def _ids(seed: int, n: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(1, 500) for _ in range(n)]
@@ -219,8 +244,9 @@ def test_eviction_under_a_small_kv_cache_keeps_every_request_correct(off):
     prompts = [heads[i % 3] + _ids(40 + i, 3 + i) for i in range(6)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     want = _one_by_one(off, prompts, params)
-    assert _one_by_one(small, prompts, params) == want
-    assert _tokens(small, prompts, params) == want  # together: preemption and eviction at once
+    with _tables_checked_every_step(small):
+        assert _one_by_one(small, prompts, params) == want
+        assert _tokens(small, prompts, params) == want  # together: preemption and eviction at once
     s = small.stats()
     assert s["prefix_cache_evictions"] > 0 and s["prefix_cache_hit_tokens"] > 0
 
@@ -235,7 +261,8 @@ def test_preemption_with_caching_completes_every_request(off):
     for lookahead in (False, True):
         small.core.lookahead = lookahead
         try:
-            assert _tokens(small, prompts, params) == want
+            with _tables_checked_every_step(small):
+                assert _tokens(small, prompts, params) == want
         finally:
             small.core.lookahead = False
     s = small.stats()
