@@ -134,11 +134,16 @@ class TensorParallelExecutor:
         logger.error("%s", self.error)
         raise self.error
 
+    @property
+    def healthy(self) -> bool:
+        """No worker has failed or exited."""
+        return self.error is None and all(p.poll() is None for p in self.procs)
+
     def shutdown(self) -> None:
         """Let every rank finish its GPU work (a healthy group: rank 0's device synchronize returns once every
         collective it was given has met its peers'), close the workers' pipes (each then exits at once, without
         touching the group again), leave the group here, and kill a worker that does not exit."""
-        healthy = self.error is None and all(p.poll() is None for p in self.procs)
+        healthy = self.healthy
         if healthy and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         for conn in self.conns:
