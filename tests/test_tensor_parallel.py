@@ -125,3 +125,11 @@ def test_killed_worker_ends_the_engine_with_a_clear_error(tp2):
         t0 = time.monotonic()
         llm.close()
         assert time.monotonic() - t0 < 30
+
+
+def test_cli_and_server_take_the_tensor_parallel_size():
+    from hybrid_engine.server.app import build_parser, engine_kwargs
+
+    assert engine_kwargs(build_parser().parse_args(["--model", "tiny-llama", "--tensor-parallel-size", "2"]))[
+        "tensor_parallel_size"] == 2
+    assert "tensor_parallel_size" not in engine_kwargs(build_parser().parse_args(["--model", "tiny-llama"]))
