@@ -18,7 +18,10 @@ import torch
 import torch.multiprocessing as mp
 
 SIZES = [2048, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1 << 20, 2 << 20, 4 << 20, 16 << 20]
-METHODS = ("nccl", "one_shot", "two_shot")
+# PyTorch's symmetric-memory all-reduce kernels take float32 and bfloat16, not float16: "*_f32" convert a float16
+# message into a float32 symmetric buffer and back (what hybrid_engine does for float16 models); "*_bf16" are the
+# native bfloat16 kernels on a message of the same element count (for bfloat16 models)
+METHODS = ("nccl", "one_shot_f32", "two_shot_f32", "one_shot_bf16", "two_shot_bf16")
 
 
 def _free_port() -> int:
@@ -38,21 +41,35 @@ def _run(rank: int, world: int, port: int, out_path: str, calls: int) -> None:
                             device_id=device)
     group = dist.group.WORLD.group_name
     dist.all_reduce(torch.ones(1, device=device))
-    symm = symm_mem.empty(max(SIZES) // 2, dtype=torch.float16, device=device)
+    symm = symm_mem.empty(max(SIZES) * 2, dtype=torch.uint8, device=device)  # float32 of the largest fp16 message
     symm_mem.rendezvous(symm, group)
+    bf16 = {}
     stream = torch.cuda.Stream(device)
     results: dict[str, dict[str, float]] = {}
 
     def op(method: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        n = x.numel()
         if method == "nccl":
             dist.all_reduce(x)
-        elif method == "one_shot":
-            torch.ops.symm_mem.one_shot_all_reduce_copy_out(symm[:x.numel()], x, "sum", group, out)
-        else:
-            view = symm[:x.numel()]
+        elif method.endswith("_f32"):
+            view, wide = symm.view(torch.float32)[:n], bf16["f32_out"][:n]
             view.copy_(x)
-            torch.ops.symm_mem.two_shot_all_reduce_out(view, "sum", group, out)
+            fn = torch.ops.symm_mem.one_shot_all_reduce_out if method.startswith("one") else \
+                torch.ops.symm_mem.two_shot_all_reduce_out
+            fn(view, "sum", group, wide)
+            out.copy_(wide)
+        else:
+            view, src, dst = symm.view(torch.bfloat16)[:n], bf16["x"][:n], bf16["out"][:n]
+            if method.startswith("one"):
+                torch.ops.symm_mem.one_shot_all_reduce_copy_out(view, src, "sum", group, dst)
+            else:
+                view.copy_(src)
+                torch.ops.symm_mem.two_shot_all_reduce_out(view, "sum", group, dst)
 
+    big = max(SIZES) // 2
+    bf16.update(x=torch.full((big,), float(rank + 1), dtype=torch.bfloat16, device=device),
+                out=torch.empty(big, dtype=torch.bfloat16, device=device),
+                f32_out=torch.empty(big, dtype=torch.float32, device=device))
     for nbytes in SIZES:
         n = nbytes // 2
         x = torch.full((n,), float(rank + 1), dtype=torch.float16, device=device)
@@ -63,7 +80,7 @@ def _run(rank: int, world: int, port: int, out_path: str, calls: int) -> None:
                 for _ in range(5):
                     x.fill_(rank + 1)
                     op(method, x, out)
-                got = (x if method == "nccl" else out)[0].item()
+                got = (x if method == "nccl" else bf16["out"] if method.endswith("bf16") else out)[0].item()
                 want = world * (world + 1) / 2
                 if got != want:
                     raise AssertionError(f"{method} at {nbytes} B summed to {got}, expected {want}")

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from hybrid_engine import LLM, SamplingParams
-from hybrid_engine.bench.hardware import (card_name, card_slug, count_params, floors, measure_copy_GBps,
-                                          measure_gemm_TFLOPs, versions)
+from hybrid_engine.bench.harness import results_stem
+from hybrid_engine.bench.hardware import (card_name, count_params, floors, measure_copy_GBps, measure_gemm_TFLOPs,
+                                          versions)
 from hybrid_engine.bench.measure import Plan, Prompts, measure_system
 from hybrid_engine.bench.systems import HybridSystem
 from hybrid_engine.models.presets import preset_config
@@ -81,21 +82,21 @@ def main() -> None:
     torch.cuda.empty_cache()
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    date = time.strftime("%Y-%m-%d")
-    opts = dict(max_model_len=a.max_model_len, max_num_seqs=8)
+    # the prompt lengths' buckets only: every capture happens at load under tensor parallelism
+    opts = dict(max_model_len=a.max_model_len, max_num_seqs=8, prefill_buckets=(16, 64, 112, 208))
     gen = torch.Generator().manual_seed(0)
     vocab = preset_config(a.model).vocab_size
     agree_prompts = [torch.randint(3, vocab, (int(n),), generator=gen).tolist()
                      for n in torch.randint(8, 200, (a.agreement,), generator=gen)]
 
     if not a.skip_small:
-        _small(a, plan, opts, agree_prompts, copy, gemm, lengths, cmd, out, date)
+        _small(a, plan, opts, agree_prompts, copy, gemm, lengths, cmd, out)
     if a.big:
-        _big(a, opts, copy, gemm, lengths, cmd, out, date)
+        _big(a, opts, copy, gemm, lengths, cmd, out)
 
 
 def _small(a: Any, plan: Plan, opts: dict, agree_prompts: list, copy: float, gemm: float, lengths: list[int],
-           cmd: str, out: Path, date: str) -> None:
+           cmd: str, out: Path) -> None:
     systems: dict[str, Any] = {}
     t0 = time.perf_counter()
     llm = LLM(a.model, **opts)
@@ -111,7 +112,6 @@ def _small(a: Any, plan: Plan, opts: dict, agree_prompts: list, copy: float, gem
     systems["hybrid"] = {**_measure(llm, plan, 1), "load_s": round(load, 1),
                          "allreduce": llm.executor.comm.method}
     got = _greedy(llm, agree_prompts, 32)
-    _free(llm)
     agreement = sum(g == r for g, r in zip(got, ref)) / len(ref)
     ratios = {"tpot_tp_over_tp1": round(systems["hybrid"]["tpot_ms"]["p50"] / systems["hybrid_tp1"]["tpot_ms"]["p50"], 3),
               "ttft_tp_over_tp1": {str(n): round(systems["hybrid"]["ttft_ms"][str(n)]["p50"]
@@ -121,29 +121,35 @@ def _small(a: Any, plan: Plan, opts: dict, agree_prompts: list, copy: float, gem
     res = _result(a.model, a.tp, cmd, _floors(preset_config(a.model), a.tp, copy, gemm, lengths), systems,
                   tp_agreement={"prompts": len(ref), "tokens": 32, "agreement": agreement},
                   ratios=ratios, floors_tp1=_floors(preset_config(a.model), 1, copy, gemm, lengths))
-    name = out / f"{card_slug(res['card'])}-{a.model}-tp{a.tp}-{date}.json"
+    name = out / f"{results_stem(res)}-tp{a.tp}.json"
     name.write_text(json.dumps(res, indent=1))
     print("wrote", name, flush=True)
+    t0 = time.perf_counter()
+    _free(llm)
+    print(f"closed the TP={a.tp} engine in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def _big(a: Any, opts: dict, copy: float, gemm: float, lengths: list[int], cmd: str, out: Path, date: str) -> None:
+def _big(a: Any, opts: dict, copy: float, gemm: float, lengths: list[int], cmd: str, out: Path) -> None:
     t0 = time.perf_counter()
     llm = LLM(a.big, tensor_parallel_size=a.tp, **opts)
     load = time.perf_counter() - t0
     big_plan = Plan(lengths=lengths, runs=max(10, a.runs // 2), gen_tokens=64, tpot_runs=6, stream_runs=1,
                     tpot_prompt_len=100, warmup=2, settle_s=60.0)
     sys_big = {**_measure(llm, big_plan, 2), "load_s": round(load, 1), "allreduce": llm.executor.comm.method}
-    _free(llm)
     fl = _floors(preset_config(a.big), a.tp, copy, gemm, lengths)
     sys_big["tpot_over_floor"] = round(sys_big["tpot_ms"]["p50"] / fl["tpot_ms"], 3)
     sys_big["ttft_over_floor"] = {str(n): round(sys_big["ttft_ms"][str(n)]["p50"] / fl["ttft_ms"][str(n)], 3)
                                   for n in lengths}
     res = _result(a.big, a.tp, cmd, fl, {"hybrid": sys_big})
-    name = out / f"{card_slug(res['card'])}-{a.big}-tp{a.tp}-{date}.json"
+    name = out / f"{results_stem(res)}-tp{a.tp}.json"
     name.write_text(json.dumps(res, indent=1))
     print("big", json.dumps({k: sys_big[k] for k in ("ttft_ms", "tpot_ms", "tpot_over_floor", "ttft_over_floor")}),
           "wrote", name, flush=True)
+    _free(llm)
 
 
 if __name__ == "__main__":
+    import os
+
     main()
+    os._exit(0)  # the results are written; skip the interpreter's teardown of CUDA and NCCL state

@@ -71,7 +71,8 @@ def _load(args: argparse.Namespace) -> LLM:
     model = model_for_device(args)
     t0 = time.perf_counter()
     llm = load_llm(model, dtype=args.dtype, device=args.device, capture=args.capture,
-                   enable_prefix_caching=args.enable_prefix_caching)
+                   enable_prefix_caching=args.enable_prefix_caching,
+                   tensor_parallel_size=args.tensor_parallel_size)
     print(f"[hybrid-engine] loaded {model} on {llm.device} ({llm.dtype}) in {time.perf_counter() - t0:.1f}s; "
           f"attention={llm.ops.name}", file=sys.stderr)
     return llm
@@ -147,6 +148,8 @@ def _add_model_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--capture", default="idle", choices=["idle", "eager", "off"])
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs each layer is split over (worker processes for ranks 1..; default 1)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of a repeated prompt prefix (default: on)")
 

@@ -128,3 +128,26 @@ def test_killed_worker_ends_the_engine_with_a_clear_error(tp2):
         t0 = time.monotonic()
         llm.close()
         assert time.monotonic() - t0 < 30
+
+
+def test_cli_and_server_take_the_tensor_parallel_size():
+    from hybrid_engine.server.app import build_parser, engine_kwargs
+
+    assert engine_kwargs(build_parser().parse_args(["--model", "tiny-llama", "--tensor-parallel-size", "2"]))[
+        "tensor_parallel_size"] == 2
+    assert "tensor_parallel_size" not in engine_kwargs(build_parser().parse_args(["--model", "tiny-llama"]))
+
+
+def test_tp2_reads_its_shard_of_a_safetensors_checkpoint(tmp_path, reference):
+    """Each rank reads only its rows / columns of the split weights (safetensors slices) and gets TP=1's tokens.
+    Its own engine after the module's: runs last (the module's engine has been closed by the kill test)."""
+    from hybrid_engine.models.presets import build_hf_model
+
+    hf_model, _ = build_hf_model("tiny-llama", torch.float32, "cpu", 0)
+    hf_model.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, **OPTS)
+    try:
+        greedy, _ = _params()
+        assert _tokens(llm, greedy) == reference[0]
+    finally:
+        llm.close()

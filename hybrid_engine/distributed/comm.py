@@ -4,8 +4,11 @@ symmetric-memory one-shot / two-shot all-reduce for small messages on GPUs joine
 A decode step's all-reduces are small (hidden size x rows x 2 bytes: 8 KiB for one 7B row) and latency-bound; NCCL's
 ring costs ~15 us each inside a CUDA graph on the H200 pair. The one-shot kernel over peer buffers (each rank copies
 its input into its symmetric buffer, then every rank reads all peers' buffers and sums) needs one hop and one
-barrier. Which method serves which message size is decided by `benchmarks/allreduce_bench.py`'s measurements
-(`SYMM_ONE_SHOT_MAX_BYTES`, `SYMM_TWO_SHOT_MAX_BYTES`); `HYBRID_ENGINE_ALLREDUCE=nccl` forces NCCL.
+barrier. Measured on two H200s (benchmarks/results/nvidia-h200-x2-allreduce-2026-11-30.json; 64 calls captured in
+one graph): NCCL 5.9-7.3 us per call from 2 KiB to 128 KiB; PyTorch's one-shot kernel 6.1-7.7 us in bfloat16 and
+8.8-11.8 us for a float16 message (its kernels take float32 and bfloat16 only, so float16 goes through a float32
+buffer and back). NCCL is therefore the default ("auto") for every size and dtype; `HYBRID_ENGINE_ALLREDUCE=symm`
+selects symmetric memory (one-shot up to `SYMM_ONE_SHOT_MAX_BYTES`, two-shot up to `SYMM_TWO_SHOT_MAX_BYTES`).
 
 NVLink multicast is never used: `TORCH_SYMM_MEM_DISABLE_MULTICAST=1` and `NCCL_NVLS_ENABLE=0` are set before any
 group is made (multicast objects can take a shared host's GPUs out of service).
@@ -23,8 +26,6 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-# measured on two H200s (benchmarks/results/*allreduce*; NOTES.md): one-shot wins up to here, two-shot above it up
-# to the buffer size, NCCL beyond
 SYMM_ONE_SHOT_MAX_BYTES = 256 * 1024
 SYMM_TWO_SHOT_MAX_BYTES = 4 * 1024 * 1024
 ALLREDUCE_METHODS = ("auto", "nccl", "symm")
@@ -46,7 +47,9 @@ def init_group(rank: int, world_size: int, init_method: str, device: torch.devic
         raise RuntimeError("a torch.distributed default process group already exists in this process; tensor "
                            "parallelism makes its own (one engine with tensor_parallel_size > 1 per process)")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict[str, Any] = {}
+    if device.type == "cuda":
+        kwargs["device_id"] = torch.device("cuda", device.index if device.index is not None else 0)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s), **kwargs)
 
@@ -66,15 +69,15 @@ class Communicator:
         if device.type == "cuda":
             warm = torch.ones(1, device=device)
             dist.all_reduce(warm)  # the NCCL communicator exists before any capture
-            if method != "nccl":
-                self.symm = self._symmetric_buffer(SYMM_TWO_SHOT_MAX_BYTES, method == "symm")
+            if method == "symm":
+                self.symm = self._symmetric_buffer(SYMM_TWO_SHOT_MAX_BYTES, required=True)
         self.method = "symm" if self.symm is not None else "nccl" if device.type == "cuda" else "gloo"
 
     def _symmetric_buffer(self, nbytes: int, required: bool) -> torch.Tensor | None:
         try:
             import torch.distributed._symmetric_memory as symm_mem
 
-            buf = symm_mem.empty(nbytes // 2, dtype=torch.bfloat16, device=self.device)  # viewed per dtype
+            buf = symm_mem.empty(nbytes // 4, dtype=torch.float32, device=self.device)  # viewed per dtype
             symm_mem.rendezvous(buf, self.group_name)
             return buf
         except Exception as exc:  # no peer access, an old driver, ...: NCCL for every size
@@ -87,15 +90,24 @@ class Communicator:
         """Sum of `x` over the ranks (a new tensor, or `x` summed in place)."""
         nbytes = x.numel() * x.element_size()
         symm = self.symm
-        if symm is not None and nbytes <= SYMM_TWO_SHOT_MAX_BYTES and x.is_contiguous() and nbytes % 16 == 0:
-            view = symm.view(x.dtype)[:x.numel()].view_as(x)
-            out = torch.empty_like(x)
-            if nbytes <= SYMM_ONE_SHOT_MAX_BYTES:
-                torch.ops.symm_mem.one_shot_all_reduce_copy_out(view, x, "sum", self.group_name, out)
-            else:
+        if symm is not None and x.is_contiguous() and nbytes % 16 == 0:
+            # PyTorch's symmetric-memory kernels sum float32 and bfloat16; a float16 message is summed in float32
+            # (converted on the way into the buffer and back out)
+            wide = x.dtype == torch.float16
+            numel = x.numel()
+            if (numel * 4 if wide else nbytes) <= SYMM_TWO_SHOT_MAX_BYTES:
+                view = symm.view(torch.float32 if wide else x.dtype)[:numel].view_as(x)
+                out = torch.empty(x.shape, dtype=view.dtype, device=x.device)
+                one_shot = nbytes <= SYMM_ONE_SHOT_MAX_BYTES
+                if one_shot and not wide:
+                    torch.ops.symm_mem.one_shot_all_reduce_copy_out(view, x, "sum", self.group_name, out)
+                    return out
                 view.copy_(x)
-                torch.ops.symm_mem.two_shot_all_reduce_out(view, "sum", self.group_name, out)
-            return out
+                if one_shot:
+                    torch.ops.symm_mem.one_shot_all_reduce_out(view, "sum", self.group_name, out)
+                else:
+                    torch.ops.symm_mem.two_shot_all_reduce_out(view, "sum", self.group_name, out)
+                return out.to(x.dtype) if wide else out
         dist.all_reduce(x)
         return x
 

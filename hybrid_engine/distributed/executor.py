@@ -48,6 +48,7 @@ class TensorParallelExecutor:
             raise ValueError(f"tensor_parallel_size={self.world_size} needs {self.world_size} GPUs; "
                              f"{torch.cuda.device_count()} visible")
         set_safe_env()
+        self.device = device
         self.error: WorkerDiedError | None = None
         self.procs: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
@@ -104,14 +105,17 @@ class TensorParallelExecutor:
         if self.error is not None:
             raise self.error
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
-            if conn.poll():
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    msg = "its pipe closed"
-                self._died(rank, f"failed: {msg}")
             if proc.poll() is not None:
                 self._died(rank, f"exited with code {proc.returncode}")
+            if conn.poll():
+                try:
+                    msg = f"failed: {conn.recv()}"
+                except (EOFError, OSError):  # the process is going away: report its exit code when it has one
+                    try:
+                        msg = f"exited with code {proc.wait(timeout=1.0)}"
+                    except subprocess.TimeoutExpired:
+                        msg = "closed its pipe"
+                self._died(rank, msg)
 
     def check_after_failure(self, grace_s: float = 2.0) -> None:
         """After a collective failed on rank 0: raise WorkerDiedError if a worker is gone (waiting briefly for the
@@ -130,21 +134,31 @@ class TensorParallelExecutor:
         logger.error("%s", self.error)
         raise self.error
 
+    @property
+    def healthy(self) -> bool:
+        """No worker has failed or exited."""
+        return self.error is None and all(p.poll() is None for p in self.procs)
+
     def shutdown(self) -> None:
-        """Stop the workers (closing their pipes ends their loops), kill what does not exit, leave the group."""
+        """Let every rank finish its GPU work (a healthy group: rank 0's device synchronize returns once every
+        collective it was given has met its peers'), close the workers' pipes (each then exits at once, without
+        touching the group again), leave the group here, and kill a worker that does not exit."""
+        healthy = self.healthy
+        if healthy and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         for conn in self.conns:
             try:
                 conn.close()
             except OSError:
                 pass
+        leave_group()
         for proc in self.procs:
             try:
-                proc.wait(timeout=10.0 if self.error is None else 0.1)
+                proc.wait(timeout=15.0 if healthy else 0.5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10.0)
         self.conns, self.procs = [], []
-        _leave_group(abort=self.error is not None)
 
 
 class DistributedRunner:
@@ -171,13 +185,16 @@ class DistributedRunner:
         return broadcast
 
 
-def _leave_group(abort: bool) -> None:
+def leave_group() -> None:
+    """Leave the process group without waiting for any peer: NCCL communicators are aborted (destroying one can
+    wait on peers that are gone or leaving at the same time, and abort also ends a collective stuck on a dead
+    peer); gloo's group is destroyed."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
     try:
-        if abort:  # a peer is gone: its collectives never complete, so the communicator is aborted, not drained
+        if dist.get_backend() == "nccl":
             dist.distributed_c10d._abort_process_group()
         else:
             dist.destroy_process_group()

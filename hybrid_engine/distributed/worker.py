@@ -47,9 +47,16 @@ def main(address: str, rank: int) -> int:
                     break  # the engine closed the pipe (shutdown) or exited
                 name, args, kwargs = pickle.loads(data)
                 getattr(runner, name)(*args, **kwargs)
-        if built.stream is not None:
-            built.stream.synchronize()
-        torch.distributed.destroy_process_group()
+        if device.type == "cuda":
+            # The engine has synchronized its GPU, so every collective of ours has completed. Exit without the
+            # interpreter's teardown (CUDA graphs, NCCL communicators, caches), which can block on a group whose
+            # other members are leaving too; the driver releases the process's GPU resources.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        from .executor import leave_group
+
+        leave_group()
         return 0
     except BaseException as exc:  # noqa: BLE001 - report anything, then end: rank 0 fails its requests
         logging.getLogger(__name__).error("tensor-parallel worker rank %d failed:\n%s", rank, traceback.format_exc())
@@ -61,5 +68,9 @@ def main(address: str, rank: int) -> int:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where this worker is
     logging.basicConfig(level=os.environ.get("HYBRID_ENGINE_LOG", "WARNING"))
     sys.exit(main(sys.argv[1], int(sys.argv[2])))

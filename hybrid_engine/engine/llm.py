@@ -98,6 +98,7 @@ class LLM:
         self.dtype = self.model.embed_tokens.weight.dtype
         self.ops, self.kv, self.graphs, self.stream_ctx = rank.ops, rank.kv, rank.graphs, rank.stream
         self.prefill_weight_copy_bytes = rank.prefill_weight_copy_bytes
+        self._rank_runner = rank.runner  # this process's own (rank 0's) runner
         self.runner = rank.runner if self.executor is None else self.executor.runner(rank.runner)
         self.reader = TokenReader(rank.runner.buf.tokens, self.device, depth=cfg.max_num_seqs + 4,
                                   stream=self.stream_ctx)
@@ -251,7 +252,12 @@ class LLM:
         self.driver.close()
         if self.graphs is not None:
             self.graphs.stop()
-            self.graphs = self.runner.graphs = None
+        if self.executor is not None and not self.executor.healthy:
+            self.executor.shutdown()  # abort first: it ends the collectives stuck waiting for the dead worker
+        if self.graphs is not None:
+            if self.executor is not None:  # before a healthy communicator is aborted, which waits for them
+                self.graphs.release()
+            self.graphs = self._rank_runner.graphs = None
         if self.executor is not None:
             self.executor.shutdown()
         _gc.unfreeze()  # the engine's objects (it has reference cycles) can be collected again

@@ -248,6 +248,15 @@ class GraphRunner:
     def stop(self) -> None:
         self.worker.stop()
 
+    def release(self) -> None:
+        """Destroy every graph now (after `stop`, with no replay in flight): their memory goes back to the pool, and
+        a NCCL communicator whose collectives they captured can then be torn down (NCCL waits for the graphs that
+        hold its collectives to be destroyed first)."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self._execs.clear()
+
     # -- serving side --
     def bucket_for(self, length: int) -> int | None:
         return next((b for b in self.buckets if b >= length), None)

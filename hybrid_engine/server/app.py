@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-weight-copy", default=None, choices=["auto", "on", "off"],
                    help="transposed copy of the QKV and gate/up weights for prefill (faster, more memory)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="GPUs each layer is split over (worker processes for ranks 1..; default 1)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV cache of repeated prompt prefixes (default: on)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig keywords from the CLI; options left unset keep the engine's defaults."""
     names = ("dtype", "device", "max_model_len", "num_kv_blocks", "max_num_seqs", "block_size", "attention_backend",
-             "capture", "prefill_weight_copy", "seed", "enable_prefix_caching")
+             "capture", "prefill_weight_copy", "seed", "tensor_parallel_size", "enable_prefix_caching")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
