@@ -99,7 +99,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot per token, -1 = padding (write nothing)
     valid_len: torch.Tensor | None = None  # prefill: [1] int32 real length of a padded bucket
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (prefill: only for last_index)
-    seq_lens: torch.Tensor | None = None  # [B] int32, tokens in cache including the current one (prefill: valid_len)
+    # [B] int32, tokens in cache including the current one (prefill: cached context + valid_len)
+    seq_lens: torch.Tensor | None = None
     # prefill: [1] int64 index of the last real token. When set, the last layer runs its attention output, MLP and
     # residual for that row only (the logits need nothing else; its K/V for every row are cached before), and the
     # model returns that one row. Its attention is the decode kernel over the cache, which now holds the prompt.
