@@ -196,22 +196,12 @@ def agreement(llm: LLM, vocab: int, z: Sizes) -> dict:
             "first_divergence": [d for d in diverge if d is not None]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="llama-2-7b-shape", help="model preset (tiny-llama for a CPU smoke run)")
-    ap.add_argument("--small", action="store_true", help="small sizes (default on the CPU)")
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--parts", default="a,b,c,d", help="which of (a)..(d) to run")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    z = Sizes(args.small or not cuda, args.runs)
-    t_start = time.perf_counter()
-    llm = LLM(args.preset, capture="eager", max_model_len=4096 if cuda else 1024)
-    load_s = time.perf_counter() - t_start
+def run_parts(llm: LLM, z: Sizes, parts: set[str]) -> dict:
+    """The `systems` of the results file: hybrid (caching on) and, for (c), hybrid_prefix_caching_off."""
     vocab = llm.model_config.vocab_size
-    parts = set(args.parts.split(","))
     pc: dict = {}
+    hybrid: dict = {"prefix_cache": pc}
+    systems = {"hybrid": hybrid}
     if "a" in parts:
         pc.update(cached_prefix(llm, Ids(vocab, 1), z))
         print(json.dumps({k: pc[k] for k in ("ttft_cached_prefix_ms", "ttft_20_ms", "ttft_50_ms")}), flush=True)
@@ -224,36 +214,70 @@ def main(argv: list[str] | None = None) -> int:
             pc["multi_turn_worst_over_50"] = one["worst_turn_p50_ms"] / pc["ttft_50_ms"]
             pc["goal_multi_turn_over_50"] = 1.3
         print(json.dumps({"on": one["multi_turn_ttft_p50_ms"], "off": one["multi_turn_ttft_p50_ms_off"]}), flush=True)
-    hybrid: dict = {"prefix_cache": pc}
     if "c" in parts:
         unique = unique_prompts(llm, Ids(vocab, 2), z)
         hybrid.update(unique["on"])
+        systems["hybrid_prefix_caching_off"] = unique["off"]
         pc["unique_prompts"] = {k: unique[k] for k in ("ttft_p50_on_over_off", "tpot_p50_on_over_off",
                                                        "goal_ratio_max")}
         print(json.dumps(pc["unique_prompts"]), flush=True)
     if "d" in parts:
-        pc["fp16_agreement" if llm.dtype == torch.float16 else "agreement"] = agreement(llm, vocab, z)
-        print(json.dumps({"agreement": agreement_of(pc)}), flush=True)
+        key = "fp16_agreement" if llm.dtype == torch.float16 else "agreement"
+        pc[key] = agreement(llm, vocab, z)
+        print(json.dumps({key: pc[key]["agreement"]}), flush=True)
     s = llm.stats()
     pc["stats"] = {k: s[k] for k in ("prefix_cache_hit_tokens", "prefix_cache_hit_rate", "kv_blocks_cached",
                                      "prefix_cache_evictions", "graphs_captured", "graphs_failed", "jit_steps",
                                      "graph_steps")}
-    systems = {"hybrid": hybrid}
-    if "c" in parts:
-        systems["hybrid_prefix_caching_off"] = unique["off"]
+    return systems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="llama-2-7b-shape", help="model preset (tiny-llama for a CPU smoke run)")
+    ap.add_argument("--small", action="store_true", help="small sizes (default on the CPU)")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--parts", default="a,b,c,d", help="which of (a)..(d) to run")
+    ap.add_argument("--agreement-model", default=None,
+                    help="also run (d) on this model (e.g. a real-weights GGUF: random weights leave near-ties)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    z = Sizes(args.small or not cuda, args.runs)
+    t_start = time.perf_counter()
+    llm = LLM(args.preset, capture="eager", max_model_len=4096 if cuda else 1024)
     res = {"card": card_name(llm.device), **versions(), "model": args.preset, "dtype": str(llm.dtype)[6:],
            "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-           "created": time.strftime("%Y-%m-%d %H:%M:%S"), "load_s": load_s, "systems": systems,
-           "wall_s": time.perf_counter() - t_start}
-    llm.close()
+           "created": time.strftime("%Y-%m-%d %H:%M:%S"), "load_s": time.perf_counter() - t_start}
+    try:
+        res["systems"] = run_parts(llm, z, set(args.parts.split(",")))
+    finally:
+        llm.close()
+    if args.agreement_model:
+        del llm
+        real = res["systems"]["hybrid"]["prefix_cache"]["agreement_real_model"] = \
+            real_model_agreement(args.agreement_model, z)
+        print(json.dumps({"real_model_agreement": real["agreement"]}), flush=True)
+    res["wall_s"] = time.perf_counter() - t_start
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {args.out} in {res['wall_s']:.0f} s", flush=True)
     return 0
 
 
-def agreement_of(pc: dict) -> float:
-    return (pc.get("fp16_agreement") or pc.get("agreement"))["agreement"]
+def real_model_agreement(model: str, z: Sizes) -> dict:
+    """(d) on another model, in the dtype the first one ran in (fp16 on the GPU)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    llm = LLM(model, capture="eager", dtype="float16" if torch.cuda.is_available() else "float32")
+    try:
+        vocab = llm.model_config.vocab_size
+        return {"model": model, **agreement(llm, vocab, z)}
+    finally:
+        llm.close()
 
 
 if __name__ == "__main__":
