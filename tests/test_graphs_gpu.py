@@ -61,7 +61,7 @@ def test_background_worker_and_forced_failure():
     s = llm.stats()
     assert s["graphs_failed"] == 1 and s["graphs_captured"] == 2 * len(BUCKETS) - 1 + len(llm.graphs.decode_buckets)
     failed = int(next(iter(s["graph_failures"])))
-    ids = list(range(3, 3 + failed))
+    ids = list(range(100, 100 + failed))  # shares no prefix with the first prompt: no cache hit
     jit_before = s["jit_steps"]
     a = llm.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids
     assert llm.stats()["jit_steps"] == jit_before + 1  # that bucket's prefill stays on the JIT path
