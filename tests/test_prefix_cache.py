@@ -426,3 +426,46 @@ def test_server_reports_cached_prompt_tokens_and_cache_metrics():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+class _EagerBuckets:
+    """Stands in for GraphRunner on the CPU: a prefill "replays" its bucket by running the very step a graph
+    captures (padded to the bucket, the context start read from the device buffer) eagerly; decode stays JIT."""
+
+    def __init__(self, runner, buckets):
+        self.runner, self.buckets, self.replayed = runner, buckets, []
+
+    def _bucket(self, n):
+        return next((b for b in self.buckets if b >= n), None)
+
+    ready_prefill_bucket = ready_context_bucket = _bucket
+
+    def ready_decode_bucket(self, rows):
+        return None
+
+    def replay_prefill(self, bucket):
+        self._run(bucket, False)
+
+    def replay_context_prefill(self, bucket):
+        self._run(bucket, True)
+
+    def _run(self, bucket, context):
+        import torch
+
+        self.replayed.append((context, bucket))
+        with torch.inference_mode():
+            self.runner.prefill_step(bucket, context=context)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_bucket_steps_after_a_cached_prefix_give_the_same_tokens(backend, off):
+    """The step a ("prefill_ctx", bucket) graph captures, run eagerly: padded to its bucket, any cached start."""
+    llm = _engine(attention_backend=backend, max_model_len=128)
+    fake = llm.runner.graphs = _EagerBuckets(llm.runner, (16, 32, 64))
+    head = _ids(18, 40)
+    _tokens(llm, [head])
+    prompts = [head[:16] + _ids(19, 1), head[:32] + _ids(20, 13), head + _ids(21, 31)]
+    want = _one_by_one(off, prompts)
+    assert _one_by_one(llm, prompts) == want
+    # new tokens after the hit: 1, 13, and 71 - 32 = 39 (the head's third block also holds the first answer's tokens)
+    assert [r for r in fake.replayed if r[0]] == [(True, 16), (True, 16), (True, 64)]
