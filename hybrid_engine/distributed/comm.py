@@ -121,6 +121,13 @@ class Communicator:
 
     def min_int(self, value: int) -> int:
         """The smallest of every rank's `value` (e.g. the KV blocks every rank can hold)."""
+        return self._reduce_int(value, dist.ReduceOp.MIN)
+
+    def max_int(self, value: int) -> int:
+        """The largest of every rank's `value`."""
+        return self._reduce_int(value, dist.ReduceOp.MAX)
+
+    def _reduce_int(self, value: int, op: Any) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(t, op=op)
         return int(t.item())

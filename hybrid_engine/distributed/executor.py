@@ -30,7 +30,7 @@ from .comm import Communicator, init_group, set_safe_env
 logger = logging.getLogger(__name__)
 
 # runner methods that change device state: sent to every rank, in call order
-BROADCAST = ("prefill", "prefill_from", "prefill_chunk", "decode", "move_row", "reset_rows")
+BROADCAST = ("prefill", "prefill_from", "prefill_chunk", "decode", "decode_forward", "move_row", "reset_rows")
 READY_TIMEOUT_S = 1800.0  # load + warm-up + captures of a 70B shard
 
 
@@ -167,6 +167,18 @@ class DistributedRunner:
 
     def __init__(self, local: Any, executor: TensorParallelExecutor) -> None:
         self.local, self.executor = local, executor
+
+    def decode_sample(self, rows: int, masks: Any, mask_rows: int) -> None:
+        """The sample half of a constrained step: the workers get the flags and bitmask rows as data (rank 0's
+        `masks` is a slot of its own staging ring)."""
+        self.executor.check()
+        self.executor.send(("decode_sample_masks", (rows, masks.flags.copy(), masks.bitmask[:mask_rows].clone(),
+                                                    mask_rows), {}))
+        try:
+            self.local.decode_sample(rows, masks, mask_rows)
+        except Exception:
+            self.executor.check_after_failure()
+            raise
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self.local, name)

@@ -56,7 +56,11 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
     kv = PagedKVCache(model, n_blocks, cfg.block_size, loaded.max_model_len, dtype, device)
     _check_kv_fits(n_blocks, kv.max_blocks_per_seq, loaded.max_model_len, cfg.block_size)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    runner = ModelRunner(model, kv, ops, loaded.max_model_len, cfg.max_num_seqs, device)
+    # grammar bitmasks cover the tokenizer's vocabulary where it is larger than the logits (the same on every rank)
+    mask_vocab = len(loaded.tokenizer) if loaded.tokenizer is not None else 0
+    if comm is not None:
+        mask_vocab = comm.max_int(mask_vocab)
+    runner = ModelRunner(model, kv, ops, loaded.max_model_len, cfg.max_num_seqs, device, mask_vocab=mask_vocab)
     # Once, at load: what is alive now is frozen out of later collections (see _gc.py). Before the warm-up and
     # the decode captures, so that load ends with GPU work, not with a collection (~0.1-0.3 s) on an idle GPU.
     gc.collect()
