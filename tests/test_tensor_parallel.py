@@ -151,3 +151,29 @@ def test_tp2_reads_its_shard_of_a_safetensors_checkpoint(tmp_path, reference):
         assert _tokens(llm, greedy) == reference[0]
     finally:
         llm.close()
+
+
+def test_tp2_constrained_and_prefix_hits_equal_tp1():
+    """Grammar-constrained rows (split decode halves, masks sent to the worker) and prefix-cache hits (prefill from
+    an offset) on two ranks give TP=1's tokens."""
+    pytest.importorskip("llguidance")
+    from hybrid_engine.structured import GuidedDecodingParams
+
+    def run(llm):
+        sp = [SamplingParams(max_tokens=12, temperature=0.9, seed=5,
+                             structured_output=GuidedDecodingParams(regex=r"[a-f]{3,8}")),
+              SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)]
+        shared = [1] + list(range(100, 160))  # 61 tokens: three full blocks cached after the first request
+        first = [o.outputs[0].token_ids for o in llm.generate([{"prompt": "pick"}, {"prompt_token_ids": shared}], sp)]
+        again = llm.generate({"prompt_token_ids": shared + [7, 8]}, sp[1])[0]
+        return first, again.outputs[0].token_ids, llm.stats()["prefix_cache_hit_tokens"]
+
+    one = LLM("tiny-llama", **OPTS)
+    want = run(one)
+    one.close()
+    two = LLM("tiny-llama", tensor_parallel_size=2, **OPTS)
+    try:
+        got = run(two)
+    finally:
+        two.close()
+    assert got == want and want[2] >= 48
