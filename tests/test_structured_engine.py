@@ -15,6 +15,7 @@ jsonschema = pytest.importorskip("jsonschema")
 from hybrid_engine import LLM, GuidedDecodingParams, SamplingParams  # noqa: E402
 from hybrid_engine.errors import HybridEngineError  # noqa: E402
 from hybrid_engine.structured import compiler_for  # noqa: E402
+from block_helpers import blocks_settled  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -46,8 +47,7 @@ def lookahead(request, llm):
 
 
 def _all_free(llm):
-    s = llm.stats()
-    return s["kv_blocks_free"] == s["kv_blocks_total"] and not s["request_in_flight"]
+    return blocks_settled(llm)
 
 
 def _run(llm, prompts, params):
@@ -134,7 +134,8 @@ def test_preempted_constrained_requests_recompute_and_match(lookahead):
 
 
 def test_constrained_long_prompt_is_prefilled_in_chunks(lookahead):
-    llm = LLM("tiny-llama", max_model_len=256, max_num_seqs=4, prefill_chunk_size=16)
+    # no prefix caching: the second run of the same prompt would hit the cache instead of being chunked
+    llm = LLM("tiny-llama", max_model_len=256, max_num_seqs=4, prefill_chunk_size=16, enable_prefix_caching=False)
     llm.core.lookahead = lookahead
     long_prompt = [1] + [(7 * i + 3) % 500 for i in range(59)]
     sp = SamplingParams(max_tokens=30, temperature=0.7, seed=4, structured_output=GuidedDecodingParams(regex=REGEX))
