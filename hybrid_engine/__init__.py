@@ -4,6 +4,7 @@ from .engine import LLM, AsyncLLM
 from .errors import HybridEngineError, ModelLoadError, OptionalDependencyError
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamDelta
 from .sampling_params import SamplingParams
+from .structured.params import GuidedDecodingParams
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,5 @@ def pipeline(*args, **kwargs):  # noqa: ANN002, ANN003 - forwards transformers.p
     return _pipeline(*args, **kwargs)
 
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "RequestMetrics",
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "GuidedDecodingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "RequestMetrics",
            "StreamDelta", "HybridEngineError", "ModelLoadError", "OptionalDependencyError", "pipeline"]

@@ -22,6 +22,9 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop" (EOS / stop string / stop token) or "length"
     stop_reason: str | int | None = None  # the stop string or token id that ended it, if any
+    # LLM.chat with tools: the calls parsed from `text` (which stays the raw output), OpenAI-shaped
+    # {"id", "type": "function", "function": {"name", "arguments": <JSON string>}}; None when there are none
+    tool_calls: list[dict] | None = None
 
 
 @dataclass(slots=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .structured.params import GuidedDecodingParams
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -10,6 +12,10 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 or -1 disables top-k; top_p 1.0 disables nucleus sampling.
     seed makes a sampled request reproducible. stop strings are cut from the output text.
+    structured_output constrains the output to a JSON schema, any JSON object, a regex, one of several strings or
+    a Lark grammar (`hybrid_engine.structured.GuidedDecodingParams`; needs the `structured` extra): each step
+    samples only tokens the grammar allows, EOS only where the grammar may end, and the request finishes
+    ("stop") once the grammar is complete.
     """
 
     max_tokens: int = 16
@@ -20,6 +26,7 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    structured_output: GuidedDecodingParams | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -40,6 +47,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be non-negative ints")
+        if self.structured_output is not None and not isinstance(self.structured_output, GuidedDecodingParams):
+            raise ValueError(f"structured_output={self.structured_output!r:.200} must be None or a "
+                             "GuidedDecodingParams (json_schema=, json_object=, regex=, choice= or grammar=)")
         if self.top_k == -1:
             self.top_k = 0
 

@@ -18,10 +18,13 @@ from ..models import loader
 from ..outputs import CompletionOutput, RequestOutput, StreamDelta
 from ..runtime.runner import ModelRunner
 from ..sampling_params import SamplingParams
+from ..structured.compiler import CompiledGrammar, compiler_for
+from ..structured.params import GuidedDecodingParams
 from ..runtime.streams import stream_scope
 from ..runtime.token_reader import TokenReader
 from .async_stream import AsyncDriver, AsyncRequestStream
 from .block_manager import BlockManager
+from .chat import attach_tool_calls, check_messages, prepare_chat
 from .core import EngineCore
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -172,7 +175,8 @@ class LLM:
         requests = [(*self._prompt_ids(p), sp) for p, sp in zip(plist, plist_params)]
         for _, ids, sp in requests:
             self._check_lengths(ids, sp)
-        return [self._sequence(text, ids, sp) for text, ids, sp in requests]
+        grammars = [self._compile(sp.structured_output) for _, _, sp in requests]
+        return [self._sequence(text, ids, sp, g) for (text, ids, sp), g in zip(requests, grammars)]
 
     # ---------------- async API (engine/async_stream.py; one background thread drives the steps) ----------------
     async def agenerate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[
@@ -200,17 +204,24 @@ class LLM:
         or cancelling the task that awaits it cancels the request."""
         return AsyncRequestStream(self.driver, self.sequences([prompt], sampling_params)[0])
 
-    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
-        """Apply the tokenizer's chat template to `messages` and generate the assistant's reply."""
-        ids = self.encode_chat(messages)
-        return self.generate({"prompt_token_ids": ids}, sampling_params)[0]
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
+             tools: list[dict] | None = None, tool_choice: str | dict = "auto", parallel_tool_calls: bool = True,
+             *, chat_template: str | None = None) -> RequestOutput:
+        """Generate the assistant's reply to `messages` (the tokenizer's chat template, or `chat_template`).
+
+        tools: OpenAI function tools; they reach the model through the chat template where it renders them, else
+        through a default Hermes-style system prompt (tools/prompt.py). tool_choice: "auto", "none", "required" or
+        {"type": "function", "function": {"name": ...}}; "required" and a named function are enforced by a grammar,
+        so the call's arguments always validate against the tool's schema (parallel_tool_calls: more than one
+        call allowed). With tools, `outputs[0].tool_calls` holds the parsed calls (OpenAI shape) and
+        `outputs[0].text` the raw reply. A malformed tool or an unknown tool name raises ValueError naming it."""
+        req = prepare_chat(self._need_tokenizer("chat messages"), messages, sampling_params, tools, tool_choice,
+                           parallel_tool_calls, chat_template)
+        out = self.generate({"prompt_token_ids": req.prompt_ids}, req.params)[0]
+        return attach_tool_calls(out) if req.parse_tool_calls else out
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"messages={messages!r} must be a non-empty list of {{'role', 'content'}} dicts")
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {m!r} must be a dict with 'role' and 'content'")
+        check_messages(messages)
         tok = self._need_tokenizer("chat messages")
         if not getattr(tok, "chat_template", None):
             raise ValueError("the tokenizer has no chat_template; pass plain prompts instead")
@@ -261,10 +272,18 @@ class LLM:
         self.close()
 
     # ---------------- internals ----------------
-    def _sequence(self, text: str | None, ids: list[int], params: SamplingParams) -> Sequence:
+    def _sequence(self, text: str | None, ids: list[int], params: SamplingParams, grammar: Any) -> Sequence:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         return Sequence(ids, params, seed, text, IncrementalDetokenizer(self.tokenizer, ids),
-                        StopStringMatcher(params.stop))
+                        StopStringMatcher(params.stop), grammar=grammar)
+
+    def _compile(self, constraint: GuidedDecodingParams | None) -> CompiledGrammar | None:
+        """The compiled grammar of a request's structured_output (cached per constraint); ValueError naming the
+        problem when it does not compile."""
+        if constraint is None:
+            return None
+        tok = self._need_tokenizer("structured_output")
+        return compiler_for(tok, self.model.args.vocab_size).compile(constraint)
 
     def _submit(self, seq: Sequence) -> RequestStream:
         self.core.add(seq)

@@ -33,6 +33,8 @@ class Sequence:
     prompt_text: str | None = None
     detok: IncrementalDetokenizer | None = None
     stops: StopStringMatcher | None = None
+    grammar: Any = None  # structured.CompiledGrammar of params.structured_output (None: unconstrained)
+    matcher: Any = None  # structured.Matcher: the grammar's state after the output tokens read so far
     seq_id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
