@@ -183,6 +183,7 @@ class ToolStreamParser:
         self._hermes = HermesToolStreamParser() if plan.calls_tools and plan.parser == "hermes" else None
         self._held: str | None = "" if plan.calls_tools and plan.parser == "llama3_json" else None
         self._calls: list[dict[str, Any]] = []
+        self._space = ""  # trailing whitespace of the content so far: sent only if more content follows
 
     @property
     def tool_calls(self) -> list[dict[str, Any]]:
@@ -191,14 +192,14 @@ class ToolStreamParser:
 
     def feed(self, text: str) -> StreamDelta:
         if self._hermes is not None:
-            return self._limit(self._hermes.feed(text))
+            return self._shape(self._hermes.feed(text))
         if self._held is None:
             return StreamDelta(content=text)
         return self._feed_json(self._held + text)
 
     def finish(self) -> StreamDelta:
         if self._hermes is not None:
-            return self._limit(self._hermes.finish())
+            return self._shape(self._hermes.finish())
         if not self._held:
             return StreamDelta()
         content, calls = self.plan.parse(self._held)
@@ -216,7 +217,12 @@ class ToolStreamParser:
         self._held = None
         return StreamDelta(content=held)
 
-    def _limit(self, delta: StreamDelta) -> StreamDelta:
+    def _shape(self, delta: StreamDelta) -> StreamDelta:
+        # the whole-reply parse strips the content around calls; hold whitespace back so the stream adds up to it
+        if delta.content:
+            text = self._space + delta.content
+            delta.content = text.rstrip()
+            self._space = text[len(delta.content):]
         if not self.plan.parallel_tool_calls:
             delta.tool_calls = [d for d in delta.tool_calls if d["index"] == 0]
         return delta
