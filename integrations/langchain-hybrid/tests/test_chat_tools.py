@@ -1,0 +1,163 @@
+"""ChatHybrid tool calling and structured output: bind_tools (functions, pydantic models, @tools), tool calls
+whole and streamed, with_structured_output, and LangGraph's prebuilt ReAct agent to the end of its loop.
+
+Checks that need no generation run on tiny-llama; the rest on SmolLM2-135M-Instruct (learned weights, greedy,
+loaded once for the module), where "required" and named tool choices and response formats are grammar-enforced,
+so a reply must parse and validate whatever the small model would have said.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
+
+from langchain_hybrid import ChatHybrid
+from langchain_hybrid.chat_models import to_chat_dicts
+
+pytestmark = pytest.mark.timeout(300)
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
+
+
+class GetWeather(BaseModel):
+    """Current weather in a city."""
+
+    city: str = Field(max_length=12, description="City name")
+    unit: str = Field(json_schema_extra={"enum": ["celsius", "fahrenheit"]})
+
+
+def get_time(city: str) -> str:
+    """Current time in a city.
+
+    Args:
+        city: City name.
+    """
+    return "12:00"
+
+
+WEATHER_REPORTS: list[dict] = []
+
+
+@tool
+def weather(city: str) -> str:
+    """Look up the current weather in a city."""
+    WEATHER_REPORTS.append({"city": city})
+    return f"It is 21 degrees and sunny in {city}."
+
+
+class Person(BaseModel):
+    """A person."""
+
+    name: str = Field(max_length=10)
+    age: int = Field(ge=0, le=120)
+
+
+class Pet(TypedDict):
+    """A pet."""
+
+    species: str
+    legs: int
+
+
+ASK = [HumanMessage("What is the weather in Paris?")]
+
+
+@pytest.fixture(scope="module")
+def tiny(engine):
+    return ChatHybrid(llm=engine, max_tokens=4, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from hybrid_engine import LLM
+    from hybrid_engine.models.presets import packaged_gguf
+
+    try:
+        packaged_gguf("smollm2-135m-instruct")
+    except Exception as exc:
+        pytest.skip(f"SmolLM2 GGUF not installed: {exc}")
+    llm = LLM("smollm2-135m-instruct", device="cpu", dtype="float32", max_model_len=1024)
+    yield ChatHybrid(llm=llm, max_tokens=40, temperature=0.0)
+    llm.close()
+
+
+def test_bind_tools_converts_functions_models_and_tools(tiny):
+    bound = tiny.bind_tools([GetWeather, get_time, weather], tool_choice="get_time")
+    tools = bound.kwargs["tools"]
+    assert [t["function"]["name"] for t in tools] == ["GetWeather", "get_time", "weather"]
+    assert tools[0]["function"]["parameters"]["properties"]["city"]["maxLength"] == 12
+    assert tools[1]["function"]["parameters"]["required"] == ["city"]
+    assert bound.kwargs["tool_choice"] == {"type": "function", "function": {"name": "get_time"}}
+    assert tiny.bind_tools([weather], tool_choice="any").kwargs["tool_choice"] == "required"
+    assert tiny.bind_tools([weather], tool_choice=True).kwargs["tool_choice"]["function"]["name"] == "weather"
+
+
+def test_bind_tools_refuses_bad_tools_and_names(tiny):
+    with pytest.raises(ValueError, match="'get_news', which is not in tools"):
+        tiny.bind_tools([weather], tool_choice="get_news")
+    with pytest.raises(ValueError, match="tools\\[0\\].function.parameters: invalid json_schema"):
+        tiny.bind_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}])
+    with pytest.raises(ValueError, match="method='xml'"):
+        tiny.with_structured_output(Person, method="xml")
+
+
+def test_tool_messages_become_openai_dicts():
+    call = {"name": "weather", "args": {"city": "Oslo"}, "id": "call_7", "type": "tool_call"}
+    dicts = to_chat_dicts([SystemMessage("s"), HumanMessage("q"), AIMessage("", tool_calls=[call]),
+                           ToolMessage("sunny", tool_call_id="call_7")])
+    assert dicts[2] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_7", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]}
+    assert dicts[3] == {"role": "tool", "content": "sunny", "tool_call_id": "call_7"}
+
+
+def test_forced_tool_call_whole_and_streamed(smol):
+    bound = smol.bind_tools([GetWeather, get_time], tool_choice="GetWeather")
+    msg = bound.invoke(ASK)
+    assert msg.response_metadata["finish_reason"] == "tool_calls" and len(msg.tool_calls) == 1, msg
+    call = msg.tool_calls[0]
+    assert call["name"] == "GetWeather" and call["id"].startswith("call_")
+    GetWeather.model_validate(call["args"])  # the grammar kept the arguments inside the schema
+    chunks = list(bound.stream(ASK))
+    assert sum(1 for c in chunks if c.tool_call_chunks) > 2  # the arguments arrive in pieces
+    total = sum(chunks[1:], chunks[0])
+    assert [(c["name"], c["args"]) for c in total.tool_calls] == [(call["name"], call["args"])]
+    assert total.response_metadata["finish_reason"] == "tool_calls"
+
+
+def test_structured_output_json_schema_and_function_calling(smol):
+    ask = [HumanMessage("Describe a person.")]
+    person = smol.with_structured_output(Person).invoke(ask)
+    assert isinstance(person, Person)
+    pet = smol.with_structured_output(Pet).invoke([HumanMessage("Describe a pet.")])
+    assert isinstance(pet, dict) and isinstance(pet["species"], str) and isinstance(pet["legs"], int)
+    raw = smol.with_structured_output(Person, method="function_calling", include_raw=True).invoke(ask)
+    assert isinstance(raw["parsed"], Person) and raw["parsing_error"] is None
+    assert raw["raw"].tool_calls[0]["name"] == "Person"
+
+
+def test_langgraph_react_agent_runs_its_loop(smol):
+    """The prebuilt ReAct agent over the real model: the first turn is forced to call the tool (the small model
+    would not reliably choose to), the turn after the tool result answers in text, and the agent ends."""
+    prebuilt = pytest.importorskip("langgraph.prebuilt")
+
+    def model(state, runtime):
+        answered = isinstance(state["messages"][-1], ToolMessage)
+        return smol.bind_tools([weather], tool_choice="none" if answered else "weather")
+
+    agent = prebuilt.create_react_agent(model, [weather])
+    WEATHER_REPORTS.clear()
+    result = agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]}, {"recursion_limit": 6})
+    messages = result["messages"]
+    calls = [m for m in messages if isinstance(m, AIMessage) and m.tool_calls]
+    assert len(calls) == 1 and calls[0].tool_calls[0]["name"] == "weather"
+    assert WEATHER_REPORTS == [calls[0].tool_calls[0]["args"]] and WEATHER_REPORTS[0]["city"]
+    tool_results = [m for m in messages if isinstance(m, ToolMessage)]
+    assert len(tool_results) == 1 and tool_results[0].tool_call_id == calls[0].tool_calls[0]["id"]
+    assert "21 degrees" in tool_results[0].content
+    final = messages[-1]
+    assert isinstance(final, AIMessage) and not final.tool_calls and final.content
+    assert json.dumps(WEATHER_REPORTS)  # args were plain JSON values
