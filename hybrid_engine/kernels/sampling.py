@@ -7,6 +7,10 @@ argmax_i p_i / E_i with E_i = -log(u_i), i.e. a sample from p. Filtering keeps t
   top-k: fewer than k tokens have a strictly larger logit (ties at the k-th value are all kept), and
   top-p: the renormalised (after top-k) mass of tokens strictly more likely than i is < top_p.
 Both are thresholds on the scaled logit, so the kernel finds them by bisection without sorting.
+
+Grammar-constrained rows (structured output): an optional packed int32 bitmask [B, W] (token t allowed when bit
+t % 32 of word t // 32 is set; columns past 32 * W disallowed) and a per-row flag; a flagged row's disallowed
+logits become -inf before anything else, an unflagged row reads only its flag.
 """
 from __future__ import annotations
 
@@ -55,10 +59,24 @@ def uniform_ref(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> torch
     return ((bits >> 8).float() + 0.5) * (1.0 / 16777216.0)
 
 
+def allowed_ref(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Packed [B, W] int32 bitmask -> [B, vocab] bool (True = allowed); columns past 32 * W are False."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.to(torch.int32).unsqueeze(-1) >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab]
+    if bits.shape[1] < vocab:
+        bits = torch.cat([bits, bits.new_zeros(bits.shape[0], vocab - bits.shape[1])], dim=1)
+    return bits
+
+
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-               seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] fp32 -> tokens [B] int64. temperature 0 = argmax; top_k 0 and top_p 1.0 = off."""
+               seeds: torch.Tensor, offsets: torch.Tensor, bitmask: torch.Tensor | None = None,
+               masked: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] fp32 -> tokens [B] int64. temperature 0 = argmax; top_k 0 and top_p 1.0 = off.
+    bitmask [B, W] int32 and masked [B] (nonzero = apply that row's bitmask) constrain rows (see the module doc)."""
     logits = logits.float()
+    if bitmask is not None:
+        disallowed = ~allowed_ref(bitmask, logits.shape[1]) & (masked != 0)[:, None]
+        logits = logits.masked_fill(disallowed, float("-inf"))
     batch, vocab = logits.shape
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
@@ -133,13 +151,17 @@ def _nucleus_key(keys, weights, limit):
     return hi.to(tl.int32)
 
 
-def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, stride_l, vocab,
-                   BLOCK_V: tl.constexpr):
+def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, BITMASK, MASKED, stride_l, stride_m,
+                   words, vocab, BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr):
     """One row per program; the whole row lives in registers (BLOCK_V >= vocab)."""
     row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK_V)
     valid = idx < vocab
     logits = tl.load(LOGITS + row * stride_l + idx, mask=valid, other=float("-inf")).to(tl.float32)
+    if HAS_MASK:
+        if tl.load(MASKED + row) != 0:
+            word = tl.load(BITMASK + row * stride_m + idx // 32, mask=valid & (idx // 32 < words), other=0)
+            logits = tl.where(((word >> (idx % 32)) & 1) != 0, logits, float("-inf"))
     temperature = tl.load(TEMPERATURE + row)
     if temperature <= 0.0:
         tl.store(OUT + row, tl.argmax(logits, axis=0).to(tl.int64))
@@ -164,11 +186,18 @@ _HELPERS = ("_mix32_tl", "_uniform_tl", "_ordered_key", "_kth_largest_key", "_nu
 
 
 def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Triton version of `sample_ref` (same hash, same filters): no host sync, fixed grid, graph-safe."""
+                  seeds: torch.Tensor, offsets: torch.Tensor, bitmask: torch.Tensor | None = None,
+                  masked: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of `sample_ref` (same hash, same filters, same bitmask): no host sync, fixed grid,
+    graph-safe. Without a bitmask the kernel is compiled without the masking code."""
     batch, vocab = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    has_mask = bitmask is not None
+    if has_mask:
+        _check_mask(bitmask, masked, batch)
+        if bitmask.stride(-1) != 1:
+            bitmask = bitmask.contiguous()
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     block_v = next_pow2(vocab)
     num_warps = 32 if block_v >= 32768 else 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
@@ -176,6 +205,16 @@ def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         jit_helpers(globals(), _HELPERS)
         launch(_sample_kernel, (batch,),
             logits, temperature.float().contiguous(), top_k.int().contiguous(), top_p.float().contiguous(),
-            seeds.long().contiguous(), offsets.long().contiguous(), out, logits.stride(0), vocab,
-            BLOCK_V=block_v, num_warps=num_warps)
+            seeds.long().contiguous(), offsets.long().contiguous(), out,
+            bitmask if has_mask else out, masked.int().contiguous() if has_mask else out, logits.stride(0),
+            bitmask.stride(0) if has_mask else 0, bitmask.shape[1] if has_mask else 0, vocab,
+            BLOCK_V=block_v, HAS_MASK=has_mask, num_warps=num_warps)
     return out
+
+
+def _check_mask(bitmask: torch.Tensor, masked: torch.Tensor | None, batch: int) -> None:
+    if bitmask.dtype != torch.int32 or bitmask.dim() != 2 or bitmask.shape[0] != batch:
+        raise ValueError(f"bitmask must be int32 [{batch}, W], got {bitmask.dtype} {tuple(bitmask.shape)}")
+    if masked is None or masked.shape != (batch,):
+        raise ValueError(f"masked must be a [{batch}] per-row flag tensor with the bitmask, got "
+                         f"{None if masked is None else tuple(masked.shape)}")
