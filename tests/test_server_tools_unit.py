@@ -142,3 +142,16 @@ def test_bad_fields_are_400_before_the_engine(scripted: tuple[ScriptedLLM, str],
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"], error
     assert llm.seen == []
+
+
+def test_chat_template_option_takes_a_file_or_the_template(tmp_path: Any) -> None:
+    from hybrid_engine.server.app import build_parser, read_chat_template
+
+    path = tmp_path / "template.jinja"
+    path.write_text(TEMPLATE)
+    assert read_chat_template(str(path)) == TEMPLATE and read_chat_template(TEMPLATE) == TEMPLATE
+    assert read_chat_template(None) is None
+    with pytest.raises(ValueError, match="--chat-template='missing.jinja' is neither a readable file"):
+        read_chat_template("missing.jinja")
+    args = build_parser().parse_args(["--chat-template", str(path), "--tool-call-parser", "llama3_json"])
+    assert (args.chat_template, args.tool_call_parser) == (str(path), "llama3_json")

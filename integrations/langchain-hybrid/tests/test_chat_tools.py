@@ -13,7 +13,6 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
-from typing_extensions import TypedDict
 
 from langchain_hybrid import ChatHybrid
 from langchain_hybrid.chat_models import to_chat_dicts
@@ -56,11 +55,9 @@ class Person(BaseModel):
     age: int = Field(ge=0, le=120)
 
 
-class Pet(TypedDict):
-    """A pet."""
-
-    species: str
-    legs: int
+PET = {"title": "Pet", "description": "A pet.", "type": "object",
+       "properties": {"species": {"type": "string", "maxLength": 10}, "legs": {"type": "integer", "maximum": 8}},
+       "required": ["species", "legs"], "additionalProperties": False}
 
 
 ASK = [HumanMessage("What is the weather in Paris?")]
@@ -132,8 +129,9 @@ def test_structured_output_json_schema_and_function_calling(smol):
     ask = [HumanMessage("Describe a person.")]
     person = smol.with_structured_output(Person).invoke(ask)
     assert isinstance(person, Person)
-    pet = smol.with_structured_output(Pet).invoke([HumanMessage("Describe a pet.")])
-    assert isinstance(pet, dict) and isinstance(pet["species"], str) and isinstance(pet["legs"], int)
+    pet = smol.with_structured_output(PET).invoke([HumanMessage("Describe a pet.")])
+    assert isinstance(pet, dict)
+    jsonschema.validate(pet, PET)
     raw = smol.with_structured_output(Person, method="function_calling", include_raw=True).invoke(ask)
     assert isinstance(raw["parsed"], Person) and raw["parsing_error"] is None
     assert raw["raw"].tool_calls[0]["name"] == "Person"
