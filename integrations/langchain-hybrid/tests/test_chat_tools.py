@@ -13,6 +13,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
 
 from langchain_hybrid import ChatHybrid
 from langchain_hybrid.chat_models import to_chat_dicts
@@ -100,6 +101,24 @@ def test_bind_tools_refuses_bad_tools_and_names(tiny):
         tiny.bind_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}])
     with pytest.raises(ValueError, match="method='xml'"):
         tiny.with_structured_output(Person, method="xml")
+
+
+def test_structured_output_binds_the_schema_and_parses(tiny):
+    class Pet(TypedDict):
+        """A pet."""
+
+        species: str
+        legs: int
+
+    chain = tiny.with_structured_output(Pet)
+    fmt = chain.first.kwargs["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "Pet" and fmt["json_schema"]["strict"]
+    assert fmt["json_schema"]["schema"]["required"] == ["species", "legs"]
+    assert chain.last.invoke(AIMessage('{"species": "cat", "legs": 4}')) == {"species": "cat", "legs": 4}
+    person = tiny.with_structured_output(Person, method="function_calling")
+    assert person.first.kwargs["tool_choice"] == {"type": "function", "function": {"name": "Person"}}
+    call = {"name": "Person", "args": {"name": "Ada", "age": 36}, "id": "call_1", "type": "tool_call"}
+    assert person.last.invoke(AIMessage("", tool_calls=[call])) == Person(name="Ada", age=36)
 
 
 def test_tool_messages_become_openai_dicts():
