@@ -12,6 +12,7 @@ import json
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
@@ -119,6 +120,19 @@ def test_structured_output_binds_the_schema_and_parses(tiny):
     assert person.first.kwargs["tool_choice"] == {"type": "function", "function": {"name": "Person"}}
     call = {"name": "Person", "args": {"name": "Ada", "age": 36}, "id": "call_1", "type": "tool_call"}
     assert person.last.invoke(AIMessage("", tool_calls=[call])) == Person(name="Ada", age=36)
+
+
+def test_chat_template_and_tools_reach_the_prompt(engine):
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    chat = ChatHybrid(llm=engine, max_tokens=4, temperature=0.0, chat_template=template)
+    prompt, params, _ = chat._request([HumanMessage("Hi")], None, {})
+    assert engine.tokenizer.decode(prompt["prompt_token_ids"]) == "[user] Hi\n[assistant] "
+    assert params.structured_output is None
+    prompt, params, plan = chat._request([HumanMessage("Hi")], None, {
+        "tools": [convert_to_openai_tool(weather)], "tool_choice": "required"})
+    text = engine.tokenizer.decode(prompt["prompt_token_ids"])
+    assert text.startswith("[system] You can call functions") and '"name": "weather"' in text
+    assert params.structured_output.kind == "grammar" and plan.choice == "required"
 
 
 def test_tool_messages_become_openai_dicts():
