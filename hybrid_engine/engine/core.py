@@ -5,6 +5,12 @@ it runs serves every running sequence, delivering each one's deltas to that sequ
 runs on its caller's thread with no hand-off, and concurrent callers share batched steps. On the GPU the loop reads
 tokens one step behind: it enqueues the next decode step before it reads the previous one (the step advances
 tokens, positions and sampling counters on the device), so the GPU never waits for Python.
+
+Grammar-constrained rows (structured output) need each step's token on the host before the next step's mask. A
+batch with such rows splits its decode step: the loop enqueues the forward half, then reads every earlier step's
+tokens (they finished before the forward began), advances each matcher and computes the next masks on the host
+while the GPU runs the forward, stages them, and enqueues the sample half. Batches without one keep the single
+step. A matcher that fails fails its request only.
 """
 from __future__ import annotations
 
@@ -14,7 +20,11 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+import torch
+
+from ..errors import HybridEngineError
 from ..outputs import RequestMetrics, StreamDelta
+from ..structured.matcher import fill_bitmasks
 from .scheduler import RowOps, Scheduler
 from .sequence import Sequence, Status
 
@@ -33,6 +43,7 @@ class EngineCore:
         # per enqueued step, in order: (sequence, its epoch then, its row) for each token the step samples
         self.inflight: deque[list[tuple[Sequence, int, int]]] = deque()
         self.chunks = 0  # prompt chunks run (long prompts beside running decodes)
+        self._first_mask = None  # host row for a constrained prefill's first-token bitmask (made on first use)
         self.counts = {"requests_served": 0, "requests_failed": 0, "requests_cancelled": 0, "jit_steps": 0,
                        "graph_steps": 0}
 
@@ -132,8 +143,12 @@ class EngineCore:
             plan, _ = sched.plan_decode()
             if plan is not None:
                 self._apply(plan.row_ops)
-                self._count(self.runner.decode(plan.num_rows, plan.table_updates))
-                self._push([(s, s.epoch, s.row) for s in plan.rows if not s.in_prefill])
+                entries = [(s, s.epoch, s.row) for s in plan.rows if not s.in_prefill]
+                if any(s.grammar is not None for s, _, _ in entries):
+                    self._decode_constrained(plan.num_rows, plan.table_updates, entries)
+                else:
+                    self._count(self.runner.decode(plan.num_rows, plan.table_updates))
+                    self._push(entries)
                 for seq in plan.rows:
                     if seq.in_prefill:
                         continue
@@ -145,6 +160,43 @@ class EngineCore:
             self._read_one()
         if not sched.has_work():
             self._drain()
+
+    def _decode_constrained(self, rows: int, updates: list[tuple[int, int, int]],
+                            entries: list[tuple[Sequence, int, int]]) -> None:
+        """A split decode step: forward, read every earlier step (the matchers catch up), masks, sample."""
+        self._count(self.runner.decode_forward(rows, updates))
+        self._drain()
+        masks = self.runner.mask_slot()
+        live = [(s, row) for s, epoch, row in entries
+                if s.matcher is not None and s.status is Status.RUNNING and s.epoch == epoch and not s.cancelled]
+        filled = self._fill_masks(live, masks.bitmask)
+        for row in filled:
+            masks.flags[row] = 1
+        self.runner.decode_sample(rows, masks, max(filled) + 1 if filled else 0)
+        self._push(entries)
+
+    def _fill_masks(self, live: list[tuple[Sequence, int]], bitmask: Any) -> list[int]:
+        """Each live constrained row's next-token mask into its row of `bitmask`; the rows filled. A matcher that
+        raises or ends in its error state (e.g. a grammar too complex for llguidance's per-step limits) fails its
+        sequence only."""
+        done = False
+        if len(live) > 1:
+            try:
+                fill_bitmasks([(s.matcher, row) for s, row in live], bitmask)
+                done = True
+            except Exception:  # find the culprit row by row
+                logger.debug("batched mask fill failed; filling row by row", exc_info=True)
+        filled = []
+        for seq, row in live:
+            try:
+                if not done:
+                    seq.matcher.fill_bitmask(bitmask[row])
+                if seq.matcher.error() is not None:
+                    raise ValueError(seq.matcher.error())
+                filled.append(row)
+            except Exception as exc:
+                self._fail(seq, HybridEngineError(f"{seq.request_id}: grammar mask failed: {exc}"))
+        return filled
 
     def _prefills(self, decoding: bool) -> None:
         """Prompts of admitted sequences: short ones (or any while nothing decodes) whole, through the bucket graphs;
@@ -162,7 +214,11 @@ class EngineCore:
 
     def _prefill_whole(self, seq: Sequence) -> None:
         ids = seq.prefill_ids
-        self._count(self.runner.prefill(ids, seq.row, seq.block_table, seq.params, seq.seed, len(seq.output_ids)))
+        ok, mask = self._prefill_mask(seq)
+        if not ok:
+            return
+        self._count(self.runner.prefill(ids, seq.row, seq.block_table, seq.params, seq.seed, len(seq.output_ids),
+                                        mask))
         self._prefilled(seq, len(ids))
 
     def _prefill_chunk(self, seq: Sequence) -> None:
@@ -170,8 +226,11 @@ class EngineCore:
         end = min(seq.prefill_len, start + self.chunk_size)
         ids = seq.prefill_ids[start:end]
         final = end == seq.prefill_len
+        ok, mask = self._prefill_mask(seq) if final else (True, None)
+        if not ok:
+            return
         self._count(self.runner.prefill_chunk(ids, start, seq.row, seq.block_table, seq.params, seq.seed,
-                                              len(seq.output_ids), final))
+                                              len(seq.output_ids), final, mask))
         self.chunks += 1
         if final:
             self._prefilled(seq, end)
@@ -182,6 +241,28 @@ class EngineCore:
         self._push([(seq, seq.epoch, seq.row)])
         seq.prefilled = length
         seq.num_enqueued, seq.kv_len = len(seq.output_ids) + 1, length
+
+    def _prefill_mask(self, seq: Sequence) -> tuple[bool, Any]:
+        """(ok, mask): the first token's bitmask of a constrained sequence (None: unconstrained), from a matcher
+        advanced over the tokens it already has (a recomputed preempted sequence); not ok if that failed (the
+        sequence is failed)."""
+        if seq.grammar is None:
+            return True, None
+        try:
+            matcher = seq.matcher
+            if matcher is None or matcher.num_accepted != len(seq.output_ids):
+                matcher = seq.matcher = seq.grammar.matcher()
+                if not matcher.accept_tokens(seq.output_ids):
+                    raise ValueError(f"its own output was refused: {matcher.error()}")
+            if self._first_mask is None:
+                self._first_mask = torch.zeros(self.runner.mask_words, dtype=torch.int32)
+            matcher.fill_bitmask(self._first_mask)
+            if matcher.error() is not None:
+                raise ValueError(matcher.error())
+        except Exception as exc:
+            self._fail(seq, HybridEngineError(f"{seq.request_id}: grammar failed: {exc}"))
+            return False, None
+        return True, self._first_mask
 
     def _apply(self, ops: RowOps | None) -> None:
         if ops is None:
@@ -211,6 +292,14 @@ class EngineCore:
         if n == 1:
             seq.first_token_at = now
         finish, stop_reason = self._finish_reason(seq, tok, n)
+        if finish is None and seq.matcher is not None:
+            try:
+                if not seq.matcher.accept(tok):
+                    raise ValueError(f"token {tok} refused: {seq.matcher.error()}")
+            except Exception as exc:
+                return self._fail(seq, HybridEngineError(f"{seq.request_id}: grammar failed: {exc}"))
+            if seq.matcher.is_terminated():  # the grammar is complete: nothing more may follow
+                finish = "stop"
         text = seq.stops.feed(seq.detok.step(tok))
         if seq.stops.matched is not None:
             finish, stop_reason = "stop", seq.stops.matched
@@ -235,6 +324,16 @@ class EngineCore:
     def _retire(self, seq: Sequence, counter: str) -> None:
         self.sched.finish(seq)
         self.counts[counter] += 1
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        """Fail one sequence (its row and blocks are freed at once); the others go on."""
+        logger.warning("request failed: %s", exc)
+        self._retire(seq, "requests_failed")
+        seq.error = exc
+        with self.cv:
+            self.cv.notify_all()
+        if seq.consumer is not None:
+            seq.consumer(exc)
 
     def _drain(self) -> None:
         while self.inflight:

@@ -98,7 +98,8 @@ class LLM:
         self.kv = PagedKVCache(self.model, n_blocks, cfg.block_size, self.max_model_len, self.dtype, self.device)
         _check_kv_fits(n_blocks, self.kv.max_blocks_per_seq, self.max_model_len, cfg.block_size)
         self.stream_ctx = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.runner = ModelRunner(self.model, self.kv, self.ops, self.max_model_len, cfg.max_num_seqs, self.device)
+        self.runner = ModelRunner(self.model, self.kv, self.ops, self.max_model_len, cfg.max_num_seqs, self.device,
+                                  mask_vocab=len(self.tokenizer) if self.tokenizer is not None else 0)
         self.reader = TokenReader(self.runner.buf.tokens, self.device, depth=cfg.max_num_seqs + 4,
                                   stream=self.stream_ctx)
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)

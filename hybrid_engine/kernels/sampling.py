@@ -52,11 +52,17 @@ def row_keys_ref(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_ref(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[B, vocab] fp32 uniforms in (0, 1): 24 random bits + half an ulp, so never 0 or 1."""
+    """[B, vocab] fp32 uniforms in (0, 1)."""
     key = row_keys_ref(seeds, offsets)[:, None]
     idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)[None, :]
-    bits = _mix32(key ^ _mul32(idx + 1, GOLDEN))
-    return ((bits >> 8).float() + 0.5) * (1.0 / 16777216.0)
+    return bits_to_uniform_ref(_mix32(key ^ _mul32(idx + 1, GOLDEN)))
+
+
+def bits_to_uniform_ref(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> fp32 uniforms: 23 random bits + half an ulp, in [2**-24, 1 - 2**-24], never 0 or 1. (24 bits
+    + half an ulp would round the top value to 1.0 in fp32: -log(u) = 0 and a score of +inf, or NaN on a masked
+    logit, which argmax then picks.)"""
+    return ((bits >> 9).float() + 0.5) * (1.0 / 8388608.0)
 
 
 def allowed_ref(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -117,7 +123,7 @@ def _uniform_tl(seed, offset, idx):
     h = _mix32_tl(h ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
     h = _mix32_tl(h ^ (seed & 0xFFFFFFFF).to(tl.uint32))
     bits = _mix32_tl(h ^ tl.mul((idx + 1).to(tl.uint32), GOLDEN_C, sanitize_overflow=False))
-    return ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # as bits_to_uniform_ref
 
 
 def _ordered_key(x):

@@ -2,7 +2,8 @@
 
 `CaptureWorker` decides what to capture and when (device-independent, unit-tested on the CPU); `GraphRunner` owns
 the CUDA graphs: one decode graph per batch bucket (key ("decode", rows)) and one prefill graph per length bucket,
-all in one memory pool.
+all in one memory pool. Batches with grammar-constrained rows run the decode step in two halves, each a graph per
+bucket (keys ("decode_forward", rows) and ("decode_sample", rows)), captured once such a batch has asked for them.
 
 Rules from DESIGN.md that this module and the serving path obey while a capture may be running:
 - capture with capture_error_mode="thread_local" on the worker's own stream, via CUDAGraph.capture_begin/end
@@ -34,10 +35,12 @@ from ..models.llama import between_layers
 logger = logging.getLogger(__name__)
 
 DECODE = "decode"
+DECODE_FORWARD, DECODE_SAMPLE = "decode_forward", "decode_sample"  # the two halves of a constrained decode step
+_DECODE_KINDS = (DECODE, DECODE_FORWARD, DECODE_SAMPLE)
 
 
 def is_decode(key: Any) -> bool:
-    return isinstance(key, tuple) and key[0] == DECODE
+    return isinstance(key, tuple) and key[0] in _DECODE_KINDS
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
@@ -67,8 +70,10 @@ class CaptureWorker:
     """
 
     def __init__(self, keys: Iterable[Any], capture: Callable[[Any], None], policy: str = "idle",
-                 quiet_s: float = 0.25) -> None:
+                 quiet_s: float = 0.25, on_demand: Iterable[Any] = ()) -> None:
         self.ladder = list(keys)
+        # keys captured only once something asked for them (graphs that many engines never use)
+        self.on_demand = set(on_demand) if policy != "eager" else set()
         self.quiet_s = quiet_s  # an idle window starts this long after the last request (or load) ended
         self._last_busy = time.monotonic()
         self._capture = capture
@@ -86,12 +91,15 @@ class CaptureWorker:
     # -- scheduling --
     def pending(self) -> list[Any]:
         """Keys not yet captured or failed, in capture order."""
-        rest = [k for k in self.ladder if k not in self.captured and k not in self.failed]
+        rest = [k for k in self.ladder if k not in self.captured and k not in self.failed
+                and (k not in self.on_demand or self.demand[k])]
         return sorted(rest, key=lambda k: (not is_decode(k), -self.demand[k], self.ladder.index(k)))
 
     def record_demand(self, key: Any) -> None:
         with self._cond:
             self.demand[key] += 1
+            if key in self.on_demand and self.demand[key] == 1:
+                self._done = False  # a new key is pending: set_busy(False) must wake the worker again
             if not self._busy:  # mid-request the worker would only wake to wait again, taking the GIL from the
                 self._cond.notify_all()  # request's JIT path (host-bound); it reads the demand when idle
 
@@ -220,10 +228,12 @@ class GraphRunner:
             self._device_index = torch.cuda.current_device()
         self.serve_stream = serve_stream
         self.capture_stream = torch.cuda.Stream(runner.device)
-        self.worker = CaptureWorker([*((DECODE, b) for b in self.decode_buckets), *self.buckets], self._capture,
-                                    policy)
+        split = [(kind, b) for b in self.decode_buckets for kind in (DECODE_FORWARD, DECODE_SAMPLE)]
+        self.worker = CaptureWorker([*((DECODE, b) for b in self.decode_buckets), *split, *self.buckets],
+                                    self._capture, policy, on_demand=split)
         self.pool_bytes = 0
         self._scratch: Any = None  # warm-up buffers of the worker, made on its first capture
+        self._scratch_logits: Any = None  # and the logits buffer its split halves use
         self.fail_next_capture = False  # test hook: the next capture raises inside the capture
 
     def start(self) -> None:
@@ -251,6 +261,17 @@ class GraphRunner:
             return None
         return bucket
 
+    def ready_split_bucket(self, rows: int) -> int | None:
+        """The bucket whose forward and sample graphs are both captured (else None, and both are asked for)."""
+        bucket = next((b for b in self.decode_buckets if b >= rows), None)
+        if bucket is None:
+            return None
+        keys = ((DECODE_FORWARD, bucket), (DECODE_SAMPLE, bucket))
+        missing = [k for k in keys if k not in self.worker.captured]
+        for key in missing:
+            self.worker.record_demand(key)
+        return None if missing else bucket
+
     def ready_prefill_bucket(self, length: int) -> int | None:
         bucket = self.bucket_for(length)
         if bucket is None:
@@ -265,6 +286,12 @@ class GraphRunner:
 
     def replay_decode(self, bucket: int) -> None:
         self._replay((DECODE, bucket))
+
+    def replay_decode_forward(self, bucket: int) -> None:
+        self._replay((DECODE_FORWARD, bucket))
+
+    def replay_decode_sample(self, bucket: int) -> None:
+        self._replay((DECODE_SAMPLE, bucket))
 
     def _replay(self, key: Any) -> None:
         """On the current stream: the graph's launch through the driver (cuda_driver.py: ~10 us less host time and
@@ -288,10 +315,16 @@ class GraphRunner:
                 "capturing": w.capturing is not None}
 
     # -- worker side --
-    def _step_fn(self, key: Any, buf: Any) -> Callable[[], None]:
-        if is_decode(key):
-            return lambda: self.runner.decode_step(key[1], buf)
-        return lambda: self.runner.prefill_step(key, buf)
+    def _step_fn(self, key: Any, buf: Any, logits: Any = None) -> Callable[[], None]:
+        """The step a key's graph holds, on `buf` (and, for a split half, the logits buffer `logits`)."""
+        if not is_decode(key):
+            return lambda: self.runner.prefill_step(key, buf)
+        kind, rows = key
+        if kind == DECODE_FORWARD:
+            return lambda: self.runner.decode_forward_step(rows, buf, logits)
+        if kind == DECODE_SAMPLE:
+            return lambda: self.runner.decode_sample_step(rows, buf, logits)
+        return lambda: self.runner.decode_step(rows, buf)
 
     @torch.inference_mode()
     def _capture(self, key: Any) -> None:
@@ -301,9 +334,10 @@ class GraphRunner:
             # variant outside the capture (without it the first capture on this stream is invalidated)
             if self._scratch is None:
                 self._scratch = self.runner.scratch_buffers()
+                self._scratch_logits = torch.zeros_like(self.runner.logits)
             scratch = self._scratch
             scratch.valid_len.fill_(1 if is_decode(key) else key)
-            self._step_fn(key, scratch)()
+            self._step_fn(key, scratch, self._scratch_logits)()
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
@@ -311,7 +345,7 @@ class GraphRunner:
                 if self.fail_next_capture:
                     self.fail_next_capture = False
                     raise RuntimeError("injected capture failure (test hook)")
-                self._step_fn(key, self.runner.buf)()
+                self._step_fn(key, self.runner.buf, self.runner.logits)()
             except BaseException:
                 self._abandon_capture(graph)
                 raise

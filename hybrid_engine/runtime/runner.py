@@ -3,7 +3,9 @@
 Every running sequence owns one row of the per-row buffers (its last token, position, sampling counter, sampling
 parameters, block table). A prefill installs a sequence in its row; a decode step runs rows 0..n-1 (a graph: the
 bucket's rows, the rest padding) and advances each row's token, position and counter on the device, so the host can
-enqueue the next step before it reads this one. Everything the host sends goes through pinned staging buffers
+enqueue the next step before it reads this one. A batch with grammar-constrained rows runs its decode step in two
+halves, forward (logits into a static buffer) and sample (masked by token bitmasks staged in between), so that the
+host computes the masks, which need the previous step's tokens, while the GPU runs the forward. Everything the host sends goes through pinned staging buffers
 (a small ring, each reused only after its copy ran) in one H2D copy per step. Nothing here allocates device
 memory after construction except the JIT step's activations.
 """
@@ -11,12 +13,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import cuda_driver
+from .buffers import PARAM_FIELDS, ROW_FIELDS, MaskSlot, StepBuffers, Staging
 from .kv_cache import PagedKVCache
 from ..models.llama import AttentionMetadata, LlamaModel
 from ..models.llama_jit import jit_prefill
@@ -24,122 +26,32 @@ from ..sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_FIELDS = (  # name, shape (L = max_model_len, B = rows, M = max blocks per sequence, U = B), dtype
-    # staged by a decode step: block-table entries to add ((flat index into block_tables, block id); padding
-    # entries point into the spare row B)
-    ("upd_index", "U", torch.int64), ("upd_block", "U", torch.int32),
-    # staged by a prefill, in this order (input_ids last: a prefill copies only its tokens' ids)
-    ("valid_len", "1", torch.int32), ("prefill_row", "1", torch.int64), ("prefill_offset", "1", torch.int64),
-    ("p_temperature", "1", torch.float32), ("p_top_k", "1", torch.int32), ("p_top_p", "1", torch.float32),
-    ("p_seed", "1", torch.int64), ("prefill_table", "1M", torch.int32), ("input_ids", "L", torch.int64),
-    # per row, written on the device only
-    ("block_tables", "B1M", torch.int32), ("temperature", "B", torch.float32), ("top_k", "B", torch.int32),
-    ("top_p", "B", torch.float32), ("seeds", "B", torch.int64), ("offsets", "B", torch.int64),
-    ("tokens", "B", torch.int64), ("dec_positions", "B", torch.int64),
-    ("positions", "L", torch.int64), ("slot_mapping", "L", torch.int64), ("dec_slots", "B", torch.int64),
-    ("seq_lens", "B", torch.int32),
-)
-_STAGED = {name for name, _, _ in _FIELDS[:11]}  # the fields a step stages (upd_index .. input_ids)
-_ROW_FIELDS = ("temperature", "top_k", "top_p", "seeds", "offsets", "tokens", "dec_positions")
-_PARAM_FIELDS = (("temperature", "p_temperature"), ("top_k", "p_top_k"), ("top_p", "p_top_p"), ("seeds", "p_seed"))
-
-
-@dataclass(slots=True)
-class StepBuffers:
-    """Static step inputs/outputs, all views into one byte buffer, so that what a step stages is one contiguous
-    range: [upd_index, valid_len) for a decode step's block-table additions, [valid_len, input_ids + n) for a
-    prefill of n tokens."""
-
-    storage: torch.Tensor  # uint8, every field below is a view into it
-    upd_index: torch.Tensor  # [U] int64
-    upd_block: torch.Tensor  # [U] int32
-    valid_len: torch.Tensor  # [1] int32: real prompt length
-    prefill_row: torch.Tensor  # [1] int64: the row the prefill installs its sequence in
-    prefill_offset: torch.Tensor  # [1] int64: sampling counter of its first token
-    p_temperature: torch.Tensor  # [1] fp32
-    p_top_k: torch.Tensor  # [1] int32
-    p_top_p: torch.Tensor  # [1] fp32
-    p_seed: torch.Tensor  # [1] int64
-    prefill_table: torch.Tensor  # [1, M] int32
-    input_ids: torch.Tensor  # [L] int64
-    block_tables: torch.Tensor  # [B + 1, M] int32 (row B: target of padding updates)
-    temperature: torch.Tensor  # [B] fp32
-    top_k: torch.Tensor  # [B] int32
-    top_p: torch.Tensor  # [B] fp32
-    seeds: torch.Tensor  # [B] int64
-    offsets: torch.Tensor  # [B] int64: sampling counter, advanced per step
-    tokens: torch.Tensor  # [B] int64: last sampled token = next decode input
-    dec_positions: torch.Tensor  # [B] int64: position of `tokens`
-    positions: torch.Tensor  # [L] int64: 0..L-1, set once
-    slot_mapping: torch.Tensor  # [L] int64: prefill tokens' cache slots, -1 = padding (computed in the step)
-    dec_slots: torch.Tensor  # [B] int64: decode tokens' cache slots (computed in the step)
-    seq_lens: torch.Tensor  # [B] int32: decode attention lengths (computed in the step)
-    offsets_of: dict[str, int]  # byte offset of each field in storage
-
-    def prefill_range(self, num_tokens: int) -> tuple[int, int]:
-        return self.offsets_of["valid_len"], self.offsets_of["input_ids"] + num_tokens * 8
-
-    def decode_range(self) -> tuple[int, int]:
-        return self.offsets_of["upd_index"], self.offsets_of["valid_len"]
-
-    @classmethod
-    def allocate(cls, max_len: int, batch: int, max_blocks: int, device: torch.device, pin: bool) -> "StepBuffers":
-        dims = {"L": (max_len,), "1": (1,), "B": (batch,), "U": (batch,), "1M": (1, max_blocks),
-                "B1M": (batch + 1, max_blocks)}
-        layout, offset = [], 0
-        for name, dim, dtype in _FIELDS:
-            numel = 1
-            for d in dims[dim]:
-                numel *= d
-            layout.append((name, dims[dim], dtype, offset, numel * dtype.itemsize))
-            offset += -(-numel * dtype.itemsize // 64) * 64  # 64-byte aligned fields
-        storage = torch.zeros(offset, dtype=torch.uint8, device=device)
-        if pin:
-            storage = storage.pin_memory()
-        views = {name: storage[off:off + size].view(dtype).view(shape) for name, shape, dtype, off, size in layout}
-        return cls(storage=storage, **views, offsets_of={name: off for name, _, _, off, _ in layout})
-
-
-class _Staging:
-    """A ring of pinned host StepBuffers; a slot is rewritten only after the copy that last read it has run (its
-    event), so the host never changes bytes a pending copy is about to read."""
-
-    def __init__(self, make: Any, device: torch.device, depth: int = 4) -> None:
-        self.slots = [make() for _ in range(depth)]
-        self.np = [{name: getattr(s, name).numpy() for name, _, _ in _FIELDS if name in _STAGED} for s in self.slots]
-        self.events = [torch.cuda.Event() if device.type == "cuda" else None for _ in range(depth)]
-        self.used = [False] * depth
-        self.next = 0
-
-    def take(self) -> tuple[StepBuffers, dict[str, Any], int]:
-        i = self.next
-        self.next = (i + 1) % len(self.slots)
-        if self.used[i] and self.events[i] is not None:
-            self.events[i].synchronize()
-        return self.slots[i], self.np[i], i
-
-
-
 class ModelRunner:
     """Runs the model's steps on the JIT path; `graphs` (if set) replays captured steps instead."""
 
     def __init__(self, model: LlamaModel, kv: PagedKVCache, ops: Any, max_model_len: int, max_num_seqs: int,
-                 device: torch.device) -> None:
+                 device: torch.device, mask_vocab: int = 0) -> None:
         self.model, self.kv, self.ops, self.device = model, kv, ops, device
         model.ops = ops
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.block_size = kv.block_size
         self.max_blocks = kv.max_blocks_per_seq
+        # bitmask words per row: the grammar's vocabulary (the tokenizer's, when larger than the logits)
+        self.mask_words = -(-max(mask_vocab, model.args.vocab_size) // 32)
         self.buf = self._device_buffers()
+        # the forward half of a split decode step writes the logits here; the sample half reads them
+        self.logits = torch.zeros(max_num_seqs, model.args.vocab_size, dtype=torch.float32, device=device)
         self._spare = max_num_seqs * self.max_blocks  # flat block-table index in the spare row
         pin = device.type == "cuda"
-        self.staging = _Staging(lambda: StepBuffers.allocate(max_model_len, max_num_seqs, self.max_blocks,
-                                                             torch.device("cpu"), pin=pin), device)
+        self.staging = Staging(lambda: StepBuffers.allocate(max_model_len, max_num_seqs, self.max_blocks,
+                                                             self.mask_words, torch.device("cpu"), pin=pin), device)
+        self._split_bucket: int | None = None  # the graph bucket of the split step in flight (None: JIT path)
         self._updates_on_device = False  # the device's update list holds entries a later step must not re-apply
         self.graphs: Any = None  # graphs.GraphRunner, attached by the engine when capture != "off"
 
     def _device_buffers(self) -> StepBuffers:
-        b = StepBuffers.allocate(self.max_model_len, self.max_num_seqs, self.max_blocks, self.device, pin=False)
+        b = StepBuffers.allocate(self.max_model_len, self.max_num_seqs, self.max_blocks, self.mask_words,
+                                 self.device, pin=False)
         b.positions.copy_(torch.arange(self.max_model_len))
         b.block_tables.fill_(self.kv.scratch_block)
         b.upd_index.fill_(self.max_num_seqs * self.max_blocks)
@@ -160,10 +72,14 @@ class ModelRunner:
         self.staging.used[index] = True
 
     def stage_prefill(self, ids: list[int], row: int, table: list[int], params: SamplingParams, seed: int,
-                      offset: int, pad_to: int) -> None:
-        """A sequence's prefill inputs: token ids (padding ids 0), its row, block table, sampling parameters and
-        sampling counter. The step computes the cache slots on the device (padding slots -1)."""
+                      offset: int, pad_to: int, mask: torch.Tensor | None = None) -> None:
+        """A sequence's prefill inputs: token ids (padding ids 0), its row, block table, sampling parameters,
+        sampling counter and (constrained) its first token's bitmask ([W] int32). The step computes the cache slots
+        on the device (padding slots -1)."""
         slot, h, index = self.staging.take()
+        if mask is not None:
+            slot.p_bitmask[0].copy_(mask)
+        h["p_masked"][0] = mask is not None
         n = len(ids)
         h["input_ids"][:n] = ids
         h["input_ids"][n:pad_to] = 0
@@ -172,7 +88,7 @@ class ModelRunner:
         h["prefill_table"][0, len(table):] = self.kv.scratch_block
         h["p_temperature"][0], h["p_top_k"][0], h["p_top_p"][0] = params.temperature, params.top_k, params.top_p
         h["p_seed"][0] = seed
-        self._copy(slot, index, *slot.prefill_range(pad_to))
+        self._copy(slot, index, *slot.prefill_range(pad_to, mask is not None))
 
     def stage_decode(self, updates: list[tuple[int, int, int]]) -> None:
         """Block-table entries (row, index, block) the next decode step adds before it runs; the list is cleared
@@ -188,11 +104,18 @@ class ModelRunner:
         self._copy(slot, index, *slot.decode_range())
         self._updates_on_device = bool(updates)
 
+    def mask_slot(self) -> MaskSlot:
+        """A staging slot for the next sample half's bitmasks: the caller fills rows of `bitmask` and sets their
+        `flags` (all 0 to start with), then passes it to `decode_sample`."""
+        slot, h, index = self.staging.take()
+        h["masked"][:] = 0
+        return MaskSlot(slot.bitmask, h["masked"], slot, index)
+
     # ---- device-side row maintenance (rows stay dense) ----
     def move_row(self, src: int, dst: int) -> None:
         b = self.buf
         b.block_tables[dst].copy_(b.block_tables[src])
-        for name in _ROW_FIELDS:
+        for name in ROW_FIELDS:
             t = getattr(b, name)
             t[dst].copy_(t[src])
 
@@ -247,10 +170,10 @@ class ModelRunner:
         if not final:
             return
         tok = self.ops.sample(self.model.compute_logits(last), b.p_temperature, b.p_top_k, b.p_top_p, b.p_seed,
-                              b.prefill_offset)
+                              b.prefill_offset, b.p_bitmask, b.p_masked)
         row = b.prefill_row
         b.block_tables.index_copy_(0, row, table)
-        for name, staged in _PARAM_FIELDS:
+        for name, staged in PARAM_FIELDS:
             getattr(b, name).index_copy_(0, row, getattr(b, staged))
         b.tokens.index_copy_(0, row, tok)
         b.offsets.index_copy_(0, row, b.prefill_offset + 1)
@@ -260,26 +183,49 @@ class ModelRunner:
         """One token for each of rows 0..rows-1: the staged block-table entries are added first; each row's KV
         slot and attention length are computed on the device from its position and block table."""
         b = buf or self.buf
+        logits = self.model.compute_logits(self._decode_hidden(rows, b), decode=True)
+        tok = self.ops.sample(logits, b.temperature[:rows], b.top_k[:rows], b.top_p[:rows], b.seeds[:rows],
+                              b.offsets[:rows])
+        self._advance(rows, b, tok)
+
+    def decode_forward_step(self, rows: int, buf: StepBuffers | None = None, logits: torch.Tensor | None = None) -> None:
+        """The forward half of a split decode step: `decode_step` up to the logits, which go to `logits`."""
+        b = buf or self.buf
+        out = self.logits if logits is None else logits
+        out[:rows].copy_(self.model.compute_logits(self._decode_hidden(rows, b), decode=True))
+
+    def decode_sample_step(self, rows: int, buf: StepBuffers | None = None, logits: torch.Tensor | None = None) -> None:
+        """The sample half: each row's token from the forward half's logits, masked where the row's flag is set,
+        and the row advanced as `decode_step` advances it."""
+        b = buf or self.buf
+        x = (self.logits if logits is None else logits)[:rows]
+        tok = self.ops.sample(x, b.temperature[:rows], b.top_k[:rows], b.top_p[:rows], b.seeds[:rows],
+                              b.offsets[:rows], b.bitmask[:rows], b.masked[:rows])
+        self._advance(rows, b, tok)
+
+    def _decode_hidden(self, rows: int, b: StepBuffers) -> torch.Tensor:
         b.block_tables.view(-1).scatter_(0, b.upd_index, b.upd_block)
         pos = b.dec_positions[:rows]
         self.ops.decode_slots(b.block_tables[:rows], pos, self.block_size, b.dec_slots[:rows], b.seq_lens[:rows])
         meta = AttentionMetadata(is_prefill=False, slot_mapping=b.dec_slots[:rows], block_tables=b.block_tables[:rows],
                                  seq_lens=b.seq_lens[:rows])
-        hidden = self.model(b.tokens[:rows], pos, meta)
-        tok = self.ops.sample(self.model.compute_logits(hidden, decode=True), b.temperature[:rows], b.top_k[:rows],
-                              b.top_p[:rows], b.seeds[:rows], b.offsets[:rows])
+        return self.model(b.tokens[:rows], pos, meta)
+
+    @staticmethod
+    def _advance(rows: int, b: StepBuffers, tok: torch.Tensor) -> None:
         b.tokens[:rows].copy_(tok)
         b.offsets[:rows].add_(1)
-        pos.add_(1)
+        b.dec_positions[:rows].add_(1)
 
     # ---- dispatch: graph replay when ready, else the JIT path ----
     def prefill(self, ids: list[int], row: int, table: list[int], params: SamplingParams, seed: int,
-                offset: int) -> str:
-        """Stage and prefill one sequence into `row`; replays the bucket's graph when captured. Returns "graph" or
-        "jit". Called with the serving stream current; a replay needs no inference mode."""
+                offset: int, mask: torch.Tensor | None = None) -> str:
+        """Stage and prefill one sequence into `row` (mask: its first token's bitmask); replays the bucket's graph
+        when captured. Returns "graph" or "jit". Called with the serving stream current; a replay needs no
+        inference mode."""
         n = len(ids)
         bucket = self.graphs.ready_prefill_bucket(n) if self.graphs is not None else None
-        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=bucket or n)
+        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=bucket or n, mask=mask)
         if bucket is not None:
             self.graphs.replay_prefill(bucket)
             return "graph"
@@ -288,12 +234,12 @@ class ModelRunner:
         return "jit"
 
     def prefill_chunk(self, ids: list[int], start: int, row: int, table: list[int], params: SamplingParams,
-                      seed: int, offset: int, final: bool) -> str:
+                      seed: int, offset: int, final: bool, mask: torch.Tensor | None = None) -> str:
         """One chunk of a long prompt, `ids` at positions start.., after `start` positions already cached; the final
         chunk samples the first token and installs the sequence in `row`. Always the JIT path."""
         if start + len(ids) > self.max_model_len:
             raise ValueError(f"chunk ends at position {start + len(ids)} > max_model_len={self.max_model_len}")
-        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=len(ids))
+        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=len(ids), mask=mask if final else None)
         with torch.inference_mode():
             self.prefill_step(len(ids), start=start, final=final)
         return "jit"
@@ -311,3 +257,30 @@ class ModelRunner:
         with torch.inference_mode():
             self.decode_step(rows)
         return "jit"
+
+    def decode_forward(self, rows: int, updates: list[tuple[int, int, int]]) -> str:
+        """The forward half of a split decode step over rows 0..rows-1 (graph or JIT path, as `decode`); the sample
+        half (`decode_sample`) must follow before any other step."""
+        self.stage_decode(updates)
+        bucket = self.graphs.ready_split_bucket(rows) if self.graphs is not None else None
+        self._split_bucket = bucket
+        if bucket is not None:
+            if bucket > rows:
+                self.buf.dec_positions[rows:bucket].zero_()
+            self.graphs.replay_decode_forward(bucket)
+            return "graph"
+        with torch.inference_mode():
+            self.decode_forward_step(rows)
+        return "jit"
+
+    def decode_sample(self, rows: int, masks: MaskSlot, mask_rows: int) -> None:
+        """The sample half: stages the flags of every row and the bitmasks of rows 0..mask_rows-1 from `masks`
+        (filled by the caller after `mask_slot()`), then samples on the path the forward half took."""
+        self._copy(masks.slot, masks.index, *masks.slot.sample_range(mask_rows))
+        bucket, self._split_bucket = self._split_bucket, None
+        if bucket is not None:
+            self.graphs.replay_decode_sample(bucket)
+            return
+        with torch.inference_mode():
+            self.decode_sample_step(rows)
+

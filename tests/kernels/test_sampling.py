@@ -67,6 +67,14 @@ def test_no_global_generator_used():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_extreme_hashes_stay_inside_the_open_interval():
+    from hybrid_engine.kernels.sampling import bits_to_uniform_ref
+
+    u = bits_to_uniform_ref(torch.tensor([0, 1, 2**31, 2**32 - 2, 2**32 - 1], dtype=torch.int64))
+    assert (u > 0).all() and (u < 1).all(), u
+    assert torch.isfinite(torch.log(-torch.log(u))).all()
+
+
 def test_uniforms_in_open_interval():
     u = uniform_ref(torch.arange(8), torch.arange(8) * 1000, 4096)
     assert (u > 0).all() and (u < 1).all()
