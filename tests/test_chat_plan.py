@@ -103,6 +103,9 @@ def test_constraint_for_each_combination():
     assert ChatPlan.build([WEATHER], "none", response_format=SCHEMA_FORMAT).constraint().kind == "json_schema"
     forced = ChatPlan.build([WEATHER, ADD], {"type": "function", "function": {"name": "add"}}).constraint()
     assert _accepts(tok, forced, SUM) and not _accepts(tok, forced, CALL)
+    assert not _accepts(tok, forced, f"{SUM}\n{SUM}")  # a named function is called once
+    several = ChatPlan.build([WEATHER, ADD], "required").constraint()
+    assert _accepts(tok, several, f"{CALL}\n{SUM}\n{SUM}")
     single = ChatPlan.build([WEATHER, ADD], "required", parallel_tool_calls=False).constraint()
     assert _accepts(tok, single, CALL) and not _accepts(tok, single, f"{CALL}\n{SUM}")
 

@@ -3,7 +3,7 @@ build the constraint the engine decodes under, and to read the reply back (whole
 
 OpenAI's request fields map as follows. `response_format` {"type": "text" | "json_object" | "json_schema"} becomes
 a `GuidedDecodingParams` (`response_format_params`). `tools` and `tool_choice` are checked by `definitions`; a
-forced choice ("required" or a named function) is a grammar (`forcing`); "auto" beside a response format is a
+forced choice ("required" or a named function, which is called exactly once) is a grammar (`forcing`); "auto" beside a response format is a
 grammar too: the reply is either JSON in that format or tool calls. A forced tool call beside a forced response
 format is refused (the reply cannot be both). The server and the LangChain chat model share this module.
 """
@@ -135,8 +135,9 @@ class ChatPlan:
         """What the reply is decoded under: a forced call, "format or calls", the format alone, or nothing."""
         if not self.calls_tools:
             return self.response_format
-        if self.choice != "auto":
-            return forced_tool_call_params(self.tools, self.choice, self.parallel_tool_calls, self.parser)
+        if self.choice != "auto":  # a named function is called once (as vLLM does); "required" may call several
+            several = self.parallel_tool_calls and self.choice == "required"
+            return forced_tool_call_params(self.tools, self.choice, several, self.parser)
         if self.response_format is None:
             return None
         return GuidedDecodingParams(grammar=self._answer_or_calls_grammar())
