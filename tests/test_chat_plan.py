@@ -9,7 +9,7 @@ import random
 import pytest
 
 from hybrid_engine.models.presets import build_tokenizer
-from hybrid_engine.tools.plan import ChatPlan, RequestFieldError, response_format_params
+from hybrid_engine.tools.plan import ChatPlan, RequestFieldError, closed_schema, response_format_params
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
@@ -123,6 +123,31 @@ def test_auto_beside_a_format_is_the_format_or_calls():
     assert _accepts(tok, alone.constraint(), '{"x": [1]}') and not _accepts(tok, alone.constraint(), f"{CALL}\n{CALL}")
     llama = ChatPlan.build([WEATHER], "auto", response_format=SCHEMA_FORMAT, parser="llama3_json").constraint()
     assert _accepts(tok, llama, '{"name": "get_weather", "parameters": {"city": "Oslo"}}')
+
+
+def test_object_schemas_are_closed_where_they_do_not_say():
+    schema = {"type": "object", "properties": {"pet": {"$ref": "#/$defs/Pet"}, "tags": {"type": "array", "items": {
+        "type": "object", "properties": {"k": {"type": "string"}}}}, "extra": {"type": "object"}},
+        "$defs": {"Pet": {"type": "object", "properties": {"legs": {"type": "integer"}},
+                          "additionalProperties": True}}}
+    closed = closed_schema(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["extra"]  # a free-form object stays free
+    assert closed["$defs"]["Pet"]["additionalProperties"] is True  # what the schema says wins
+    assert "additionalProperties" not in schema  # a copy
+
+
+def test_forced_arguments_hold_no_extra_keys():
+    pytest.importorskip("llguidance")
+    tok = build_tokenizer(300)
+    open_tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}}
+    forced = ChatPlan.build([open_tool], "required").constraint()
+    assert _accepts(tok, forced, '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>')
+    assert not _accepts(tok, forced, '<tool_call>\n{"name": "f", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
+    fmt = {"type": "json_schema", "json_schema": {"name": "f", "schema": open_tool["function"]["parameters"]}}
+    assert ChatPlan.build(response_format=fmt).constraint().schema_dict()["additionalProperties"] is False
 
 
 def test_prompt_plain_and_with_tools():

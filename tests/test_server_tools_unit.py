@@ -111,7 +111,7 @@ def test_response_format_becomes_the_constraint(scripted: tuple[ScriptedLLM, str
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
     r = _post(base, "/v1/chat/completions", {"model": "fake", "messages": ASK, "response_format": fmt})
     assert r.json()["choices"][0]["message"]["content"] == '{"a": 1}'
-    assert llm.seen[-1][1].structured_output.schema_dict() == schema
+    assert llm.seen[-1][1].structured_output.schema_dict() == {**schema, "additionalProperties": False}
     r = _post(base, "/v1/completions", {"model": "fake", "prompt": "x", "response_format": {"type": "json_object"}})
     assert r.status_code == 200 and llm.seen[-1][1].structured_output.kind == "json_object"
     r = _post(base, "/v1/completions", {"model": "fake", "prompt": "x", "response_format": {"type": "text"}})

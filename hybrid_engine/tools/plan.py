@@ -125,31 +125,43 @@ class ChatPlan:
             except ValueError as exc:
                 raise RequestFieldError("response_format", f"response_format: {exc}") from exc
         constraint = self.constraint()
-        if constraint is not None and constraint is not self.response_format:
+        if constraint is not None and constraint.kind == "grammar":
             try:
                 check_constraint(constraint)
             except ValueError as exc:
                 raise RequestFieldError("tools", f"the tool-call constraint does not compile: {exc}") from exc
 
     def constraint(self) -> GuidedDecodingParams | None:
-        """What the reply is decoded under: a forced call, "format or calls", the format alone, or nothing."""
+        """What the reply is decoded under: a forced call, "format or calls", the format alone, or nothing. Object
+        schemas are closed (`closed_schema`)."""
         if not self.calls_tools:
-            return self.response_format
+            return self._format()
         if self.choice != "auto":  # a named function is called once (as vLLM does); "required" may call several
             several = self.parallel_tool_calls and self.choice == "required"
-            return forced_tool_call_params(self.tools, self.choice, several, self.parser)
+            return forced_tool_call_params(self._closed_tools(), self.choice, several, self.parser)
         if self.response_format is None:
             return None
         return GuidedDecodingParams(grammar=self._answer_or_calls_grammar())
 
-    def _answer_or_calls_grammar(self) -> str:
+    def _format(self) -> GuidedDecodingParams | None:
         fmt = self.response_format
+        if fmt is None or fmt.kind != "json_schema":
+            return fmt
+        return GuidedDecodingParams(json_schema=closed_schema(fmt.schema_dict()))
+
+    def _closed_tools(self) -> list[dict[str, Any]]:
+        return [{**t, "function": {**t["function"], "parameters": closed_schema(parameters_of(t))}}
+                for t in self.tools]
+
+    def _answer_or_calls_grammar(self) -> str:
+        fmt = self._format()
         schema = fmt.schema_dict() if fmt is not None and fmt.kind == "json_schema" else {"type": "object"}
         answer = _lark_json({**schema, "x-guidance": schema.get("x-guidance", _JSON_LAYOUT)})
         if self.parser == "llama3_json":
-            call = _lark_json({**tool_call_schema(self.tools, "auto", "parameters"), "x-guidance": _JSON_LAYOUT})
+            call = _lark_json({**tool_call_schema(self._closed_tools(), "auto", "parameters"),
+                               "x-guidance": _JSON_LAYOUT})
             return f"start: answer | call\nanswer: {answer}\ncall: {call}\n"
-        body = _lark_json({**tool_call_schema(self.tools, "auto"), "x-guidance": _JSON_LAYOUT})
+        body = _lark_json({**tool_call_schema(self._closed_tools(), "auto"), "x-guidance": _JSON_LAYOUT})
         call = f"{json.dumps(TOOL_CALL_OPEN + chr(10))} {body} {json.dumps(chr(10) + TOOL_CALL_CLOSE)}"
         calls = 'call ("\\n" call)*' if self.parallel_tool_calls else "call"
         return f"start: answer | calls\nanswer: {answer}\ncalls: {calls}\ncall: {call}\n"
@@ -227,6 +239,26 @@ class ToolStreamParser:
         if not self.plan.parallel_tool_calls:
             delta.tool_calls = [d for d in delta.tool_calls if d["index"] == 0]
         return delta
+
+
+def closed_schema(schema: Any) -> Any:
+    """A copy of `schema` whose objects allow no properties beyond those listed, where it does not say otherwise
+    (xgrammar's strict mode, which vLLM uses). Every output stays valid for the original schema, and a small model
+    cannot wander off into extra keys (pydantic and LangChain write object schemas without additionalProperties)."""
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (closed_schema(v) if k in _SUBSCHEMA_KEYS else
+               {n: closed_schema(s) for n, s in v.items()} if k in _SUBSCHEMA_MAPS and isinstance(v, dict) else v)
+           for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:  # {"type": "object"} alone stays free-form
+        out["additionalProperties"] = False
+    return out
+
+
+_SUBSCHEMA_KEYS = ("items", "anyOf", "oneOf", "allOf", "prefixItems", "not", "if", "then", "else")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
 def _lark_json(schema: dict[str, Any]) -> str:

@@ -178,7 +178,7 @@ def test_langgraph_react_agent_runs_its_loop(smol):
 
     def model(state, runtime):
         answered = isinstance(state["messages"][-1], ToolMessage)
-        return smol.bind_tools([weather], tool_choice="none" if answered else "weather")
+        return smol.bind_tools([weather], tool_choice="none" if answered else "weather", max_tokens=12)
 
     agent = prebuilt.create_react_agent(model, [weather])
     WEATHER_REPORTS.clear()
