@@ -65,6 +65,7 @@ for s in $stages; do
           done
           echo "baseline for '$card': $base -> commit as ci/baselines/$(basename "$base")";;
     batch) timeout ${BATCH_T:-300} python3 benchmarks/batch_bench.py --out "$OUT/batch_bench.json" 2>&1 | grep -v "Warn\|INFO" | tail -8;;
+    structured) timeout ${STRUCT_T:-400} python3 benchmarks/structured_bench.py --out "$OUT/structured_bench.json" 2>&1 | grep -v "Warn\|INFO" | tail -8;;
     serve) timeout ${SERVE_T:-400} python3 benchmarks/serve_load.py --model llama-2-7b-shape --clients ${CLIENTS:-32} \
              --out "$OUT/serve_load.json" 2>&1 | tail -2;;
     ab) for i in $(seq ${AB_ROUNDS:-2}); do  # same-lease A/B of batch-1 latency: the tree in .ab/ (a base commit) vs this one

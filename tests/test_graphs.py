@@ -198,3 +198,29 @@ def test_set_busy_takes_no_lock_once_every_key_is_done():
     assert not w._busy and w._last_busy > 0
     assert (counting.entered, counting.notified) == (entered, notified)
     assert done == [DECODE, 16, 32, 128] and 64 in w.failed
+
+
+def test_split_step_graphs_wait_for_demand_then_are_captured_in_an_idle_window():
+    """The constrained batch's forward/sample graphs are pending only once asked for; a worker that was done wakes
+    up for them when the request that asked ends."""
+    from hybrid_engine.runtime.graphs import DECODE_FORWARD, DECODE_SAMPLE
+
+    done = []
+    split = [(DECODE_FORWARD, 1), (DECODE_SAMPLE, 1)]
+    w = CaptureWorker([DECODE, *split, 16], done.append, quiet_s=0.0, on_demand=split)
+    assert w.pending() == [DECODE, 16]
+    w.start()
+    try:
+        assert w.wait_idle(10) and done == [DECODE, 16]
+        w.set_busy(True)
+        for key in split:
+            w.record_demand(key)
+        assert w.pending() == split
+        time.sleep(0.1)
+        assert done == [DECODE, 16]  # busy: nothing captured yet
+        w.set_busy(False)
+        assert w.wait_idle(10) and done == [DECODE, 16, *split]
+    finally:
+        w.stop()
+    eager = CaptureWorker([DECODE, *split], lambda key: None, policy="eager", on_demand=split)
+    assert eager.pending() == [DECODE, *split]  # "eager" captures everything, asked for or not
