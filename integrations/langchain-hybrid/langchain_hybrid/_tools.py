@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
@@ -129,7 +129,9 @@ def _schema_name(title: str) -> str:
 def with_raw(llm: Runnable, parser: OutputParserLike) -> Runnable:
     """{"raw": AIMessage, "parsed": object | None, "parsing_error": Exception | None}, as LangChain's chat models
     return with include_raw=True."""
-    parse: Callable[[dict[str, Any]], Any] = lambda x: parser.invoke(x["raw"])  # noqa: E731
+    def parse(x: dict[str, Any]) -> Any:
+        return parser.invoke(x["raw"])
+
     parsed = RunnablePassthrough.assign(parsed=parse, parsing_error=lambda _: None)
     failed = RunnablePassthrough.assign(parsed=lambda _: None)
     return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")

@@ -122,6 +122,18 @@ def test_structured_output_binds_the_schema_and_parses(tiny):
     assert person.last.invoke(AIMessage("", tool_calls=[call])) == Person(name="Ada", age=36)
 
 
+def test_include_raw_reports_a_parsing_error_instead_of_raising():
+    from langchain_core.runnables import RunnableLambda
+
+    from langchain_hybrid._tools import structured_output_parts, with_raw
+
+    _, parser = structured_output_parts(Person, "json_schema")
+    good = with_raw(RunnableLambda(lambda _: AIMessage('{"name": "Ada", "age": 36}')), parser).invoke("x")
+    assert good["parsed"] == Person(name="Ada", age=36) and good["parsing_error"] is None
+    bad = with_raw(RunnableLambda(lambda _: AIMessage("not JSON")), parser).invoke("x")
+    assert bad["parsed"] is None and "not JSON" in str(bad["parsing_error"]) and bad["raw"].content == "not JSON"
+
+
 def test_chat_template_and_tools_reach_the_prompt(engine):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
     chat = ChatHybrid(llm=engine, max_tokens=4, temperature=0.0, chat_template=template)
