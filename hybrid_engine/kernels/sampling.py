@@ -85,7 +85,22 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
         logits = logits.masked_fill(disallowed, float("-inf"))
     batch, vocab = logits.shape
     greedy = temperature <= 0
+    if logits.device.type == "cpu" and bool(greedy.all()):  # no draw needed (the hash is the CPU's time)
+        return torch.argmax(logits, dim=-1)
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
+    if logits.device.type == "cpu" and not bool(((top_k > 0) & (top_k < vocab)).any() | (top_p < 1.0).any()):
+        keep = torch.ones_like(scaled, dtype=torch.bool)  # no filter in any row: skip the sort (the CPU's time)
+    else:
+        keep = _filtered(scaled, top_k, top_p)
+    noise = -torch.log(uniform_ref(seeds, offsets, vocab))
+    score = torch.where(keep, scaled - torch.log(noise), torch.full_like(scaled, float("-inf")))
+    sampled = torch.argmax(score, dim=-1)
+    return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+
+
+def _filtered(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: the tokens top-k and top-p keep (see the module doc)."""
+    vocab = scaled.shape[1]
     ordered, _ = torch.sort(scaled, dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.long().clamp(max=vocab), torch.full_like(top_k, vocab, dtype=torch.long))
     kth = ordered.gather(1, (k - 1)[:, None])
@@ -96,11 +111,7 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     in_nucleus = above < top_p.float()[:, None]
     in_nucleus[:, 0] = True
     p_threshold = ordered.masked_fill(~in_nucleus, float("inf")).amin(dim=-1, keepdim=True)
-    keep = keep_k & ((top_p >= 1.0)[:, None] | (scaled >= p_threshold))
-    noise = -torch.log(uniform_ref(seeds, offsets, vocab))
-    score = torch.where(keep, scaled - torch.log(noise), torch.full_like(scaled, float("-inf")))
-    sampled = torch.argmax(score, dim=-1)
-    return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+    return keep_k & ((top_p >= 1.0)[:, None] | (scaled >= p_threshold))
 
 
 def _init_triton_globals(tl) -> None:
