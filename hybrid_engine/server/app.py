@@ -13,6 +13,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from hybrid_engine.errors import require
@@ -25,11 +26,13 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
+from hybrid_engine.server.constraints import completion_constraint, encode_chat, plan_chat  # noqa: E402
 from hybrid_engine.server.generation import Generation, ServerState  # noqa: E402
 from hybrid_engine.server.limits import (  # noqa: E402
     DEFAULT_MAX_REQUEST_BYTES, RequestLimits, derived_max_prompt_chars, prompt_chars)
 from hybrid_engine.server.protocol import (  # noqa: E402
     APIError, ChatCompletionRequest, CompletionRequest, bad_value, parse_request)
+from hybrid_engine.tools.forcing import FORMATS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ async def completions(request: Request) -> Response:
     limits.check_prompt_chars(prompt_chars(prompt), "prompt")
     max_tokens = req.resolved_max_tokens() or DEFAULT_COMPLETION_MAX_TOKENS
     state.check_length(await state.count_prompt_tokens(prompt), max_tokens, "prompt")
-    params = req.sampling_params(max_tokens)
+    params = req.sampling_params(max_tokens, await asyncio.to_thread(completion_constraint, req))
     gen = Generation(state, request, "completions", chat=False)
     return await gen.respond(prompt, params, req.stream, req.include_usage)
 
@@ -57,15 +60,16 @@ async def chat_completions(request: Request) -> Response:
     req = parse_request(ChatCompletionRequest, await limits.read_body(request))
     state.check_model(req.model)
     limits.check_prompt_chars(req.content_chars(), "messages")
+    plan = await asyncio.to_thread(plan_chat, req, state.tool_call_parser)
     try:
-        ids = await asyncio.to_thread(state.llm.encode_chat, req.template_messages())
+        ids = await asyncio.to_thread(encode_chat, state.llm, req.template_messages(), plan, state.chat_template)
     except ValueError as exc:
         raise bad_value(exc) from exc
     limit = state.max_model_len() or len(ids) + 256
     max_tokens = req.resolved_max_tokens() or max(limit - len(ids), 1)  # OpenAI: up to the context length
     state.check_length(len(ids), max_tokens, "messages")
-    params = req.sampling_params(max_tokens)
-    gen = Generation(state, request, "chat", chat=True)
+    params = req.sampling_params(max_tokens, plan.constraint())
+    gen = Generation(state, request, "chat", chat=True, plan=plan)
     return await gen.respond({"prompt_token_ids": ids}, params, req.stream, req.include_usage)
 
 
@@ -125,14 +129,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(llm: Any, *, served_model_name: str | None = None, max_queue: int = 64,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_prompt_chars: int | None = None) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_prompt_chars: int | None = None,
+               chat_template: str | None = None, tool_call_parser: str = "hermes") -> FastAPI:
     """A FastAPI app serving `llm`. The engine worker starts with the app's lifespan and stops with it.
 
     Bodies over `max_request_bytes` are answered 413 unread; prompts over `max_prompt_chars` characters (default:
-    the most that could fit max_model_len with the model's tokenizer) are answered 400 untokenized."""
+    the most that could fit max_model_len with the model's tokenizer) are answered 400 untokenized.
+    `chat_template` (Jinja text) replaces the tokenizer's for every chat request; `tool_call_parser` ("hermes" or
+    "llama3_json") is the tool-call syntax the prompt asks for and replies are parsed with."""
     name = served_model_name or _default_model_name(llm)
     limits = RequestLimits(max_request_bytes, max_prompt_chars or derived_max_prompt_chars(llm))
-    state = ServerState(llm, name, max_queue)
+    state = ServerState(llm, name, max_queue, chat_template=chat_template, tool_call_parser=tool_call_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -170,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-chars", type=int, default=None,
                    help="longer prompts are answered 400 before tokenizing (default: max_model_len x the longest "
                         "token in the vocabulary x 2)")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template used instead of the tokenizer's: a file path, or the template itself")
+    p.add_argument("--tool-call-parser", default="hermes", choices=list(FORMATS),
+                   help="tool-call syntax asked for and parsed: hermes (<tool_call> tags, the default tool prompt) "
+                        "or llama3_json (Llama 3.1's JSON calls, for a template that renders tools that way)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--max-model-len", type=int, default=None)
@@ -188,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
     return p
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """`--chat-template`: a file's text, or the value itself when it is Jinja (holds "{{" or "{%"), as vLLM takes
+    it; anything else is a ValueError naming the value."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template={value!r} is neither a readable file nor a Jinja template")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid_engine import LLM
     from hybrid_engine.errors import HybridEngineError
 
+    try:
+        chat_template = read_chat_template(args.chat_template)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     model = args.model or ("llama-2-7b-shape" if torch.cuda.is_available() else "tiny-llama")
     try:
         llm = LLM(model, **engine_kwargs(args))
@@ -221,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         app = create_app(llm, served_model_name=args.served_model_name or model, max_queue=args.max_queue,
-                         max_request_bytes=args.max_request_bytes, max_prompt_chars=args.max_prompt_chars)
+                         max_request_bytes=args.max_request_bytes, max_prompt_chars=args.max_prompt_chars,
+                         chat_template=chat_template, tool_call_parser=args.tool_call_parser)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 access_log=not args.no_access_log, timeout_graceful_shutdown=5)
         uvicorn.Server(config).run()

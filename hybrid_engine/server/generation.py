@@ -14,6 +14,8 @@ from hybrid_engine.sampling_params import SamplingParams
 from hybrid_engine.server.protocol import (
     SSE_DONE, APIError, ChunkWriter, bad_value, chat_body, completion_body, new_id, sse, usage)
 from hybrid_engine.server.worker import EngineWorker, Event, Job, QueueFull
+from hybrid_engine.tools.plan import ChatPlan
+from hybrid_engine.tools.streaming import StreamDelta
 
 
 class ClientGone(Exception):
@@ -21,11 +23,15 @@ class ClientGone(Exception):
 
 
 class ServerState:
-    """What the route handlers share: the LLM, its worker, the served model name."""
+    """What the route handlers share: the LLM, its worker, the served model name, the chat template override and
+    the tool-call syntax."""
 
-    def __init__(self, llm: Any, model_name: str, max_queue: int) -> None:
+    def __init__(self, llm: Any, model_name: str, max_queue: int, chat_template: str | None = None,
+                 tool_call_parser: str = "hermes") -> None:
         self.llm = llm
         self.model_name = model_name
+        self.chat_template = chat_template
+        self.tool_call_parser = tool_call_parser
         self.worker = EngineWorker(llm, max_queue)
         self.metrics = self.worker.metrics
         self.started = int(time.time())
@@ -124,11 +130,26 @@ class JobStream(StreamingResponse):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
+def _chat_chunks(writer: ChunkWriter, *parsed: StreamDelta | None) -> list[str]:
+    """The SSE events for parsed stream pieces: content, then tool-call deltas."""
+    out = []
+    for piece in parsed:
+        if piece is None:
+            continue
+        if piece.content:
+            out.append(writer.text(piece.content))
+        if piece.tool_calls:
+            out.append(writer.tool_calls(piece.tool_calls))
+    return out
+
+
 class Generation:
     """One admitted generation request: waits for its first event, then answers JSON or SSE."""
 
-    def __init__(self, state: ServerState, request: Request, endpoint: str, chat: bool) -> None:
+    def __init__(self, state: ServerState, request: Request, endpoint: str, chat: bool,
+                 plan: ChatPlan | None = None) -> None:
         self.state, self.request, self.endpoint, self.chat = state, request, endpoint, chat
+        self.plan = plan or ChatPlan()  # no tools: the reply is all content
         self.rid = new_id("chatcmpl" if chat else "cmpl")
         self.text: list[str] = []
         self.finish: str | None = None
@@ -191,21 +212,30 @@ class Generation:
             raise engine_error(event.error or RuntimeError("unknown engine error"))
         if self.finish is None:
             raise _cancelled()
-        build = chat_body if self.chat else completion_body
         use = usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
-        return JSONResponse(build(self.rid, self.state.model_name, "".join(self.text), self.finish, use))
+        text = "".join(self.text)
+        if not self.chat:
+            return JSONResponse(completion_body(self.rid, self.state.model_name, text, self.finish, use))
+        content, calls = self.plan.parse(text)
+        finish = "tool_calls" if calls else self.finish
+        return JSONResponse(chat_body(self.rid, self.state.model_name, content, finish, use, calls))
 
     async def _sse(self, job: Job, event: Event, include_usage: bool) -> AsyncIterator[str]:
         writer = ChunkWriter(self.rid, self.state.model_name, self.chat, include_usage)
+        parser = self.plan.stream_parser()
         if self.chat:
             yield writer.role()
         while event.kind == "delta":
             text = self._take(event)
             finish = event.delta.finish_reason if event.delta else None
-            if self.chat and text:
-                yield writer.text(text)
-            if finish is not None or (text and not self.chat):
-                yield writer.text("" if self.chat else text, finish)
+            if self.chat:
+                for chunk in _chat_chunks(writer, parser.feed(text) if text else None,
+                                          parser.finish() if finish is not None else None):
+                    yield chunk
+                if finish is not None:
+                    yield writer.text("", "tool_calls" if parser.tool_calls else finish)
+            elif text or finish is not None:
+                yield writer.text(text, finish)
             event = await job.events.get()
         if event.kind == "error":
             yield sse(engine_error(event.error or RuntimeError("unknown engine error")).body())

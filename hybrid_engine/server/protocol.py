@@ -25,9 +25,8 @@ _UNSUPPORTED_UNLESS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "tools": (None, []),
     "functions": (None, []),
-    "response_format": (None, {"type": "text"}),
+    "function_call": (None, "none"),
 }
 
 
@@ -123,8 +122,9 @@ class _SamplingRequest(_Strict):
             _LOGGED_UNKNOWN.update(new)
             logger.warning("ignoring unknown request field(s) %s (logged once per name)", new)
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, structured_output: Any = None) -> SamplingParams:
         """The engine's SamplingParams; a ValueError from it becomes a 400 naming the parameter."""
+        constrained = {"structured_output": structured_output} if structured_output is not None else {}
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -135,6 +135,7 @@ class _SamplingRequest(_Strict):
                 stop=self.stop,
                 stop_token_ids=self.stop_token_ids,
                 ignore_eos=self.ignore_eos,
+                **constrained,
             )
         except ValueError as exc:
             raise bad_value(exc) from exc
@@ -146,6 +147,7 @@ class _SamplingRequest(_Strict):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    response_format: dict[str, Any] | None = None
 
     def engine_prompt(self) -> str | dict[str, list[int]]:
         """One prompt as the engine takes it: a string or {"prompt_token_ids": [...]}."""
@@ -188,15 +190,23 @@ class ChatMessage(_Strict):
     def as_template_dict(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
         out: dict[str, Any] = {"role": role, "content": self.text()}
-        tool_calls = (self.model_extra or {}).get("tool_calls")
-        if tool_calls:
-            out["tool_calls"] = tool_calls
+        extra = self.model_extra or {}
+        if extra.get("tool_calls"):
+            out["tool_calls"] = extra["tool_calls"]
+        if self.role == "tool" and isinstance(extra.get("tool_call_id"), str):
+            out["tool_call_id"] = extra["tool_call_id"]
+        if self.name is not None:
+            out["name"] = self.name
         return out
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def resolved_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -259,8 +269,11 @@ def completion_body(rid: str, model: str, text: str, finish: str | None, use: di
             "choices": [choice], "usage": use, "system_fingerprint": None}
 
 
-def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict[str, int]) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text, "refusal": None}
+def chat_body(rid: str, model: str, text: str | None, finish: str | None, use: dict[str, int],
+              tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [choice], "usage": use, "system_fingerprint": None}
@@ -292,6 +305,11 @@ class ChunkWriter:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return self._event([choice])
+
+    def tool_calls(self, deltas: list[dict[str, Any]]) -> str:
+        """OpenAI's `delta.tool_calls`: a call's first entry has index, id, type and function.name (arguments
+        ""), the next ones append to function.arguments."""
+        return self._event([{"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}])
 
     def usage(self, use: dict[str, int]) -> str:
         return self._event([], use)
