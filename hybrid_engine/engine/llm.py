@@ -207,7 +207,7 @@ class LLM:
         req = prepare_chat(self._need_tokenizer("chat messages"), messages, sampling_params, tools, tool_choice,
                            parallel_tool_calls, chat_template)
         out = self.generate({"prompt_token_ids": req.prompt_ids}, req.params)[0]
-        return attach_tool_calls(out) if req.parse_tool_calls else out
+        return attach_tool_calls(out, req.plan)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         check_messages(messages)

@@ -279,28 +279,25 @@ class ModelRunner:
         the scratch block)."""
         self.stage_decode(updates)
         bucket = self.graphs.ready_decode_bucket(rows) if self.graphs is not None else None
-        if bucket is not None:
-            if bucket > rows:
-                self.buf.dec_positions[rows:bucket].zero_()
-            self.graphs.replay_decode(bucket)
-            return "graph"
-        with torch.inference_mode():
-            self.decode_step(rows)
-        return "jit"
+        return self._run_decode(rows, bucket, self.decode_step, lambda: self.graphs.replay_decode(bucket))
 
     def decode_forward(self, rows: int, updates: list[tuple[int, int, int]]) -> str:
         """The forward half of a split decode step over rows 0..rows-1 (graph or JIT path, as `decode`); the sample
         half (`decode_sample`) must follow before any other step."""
         self.stage_decode(updates)
-        bucket = self.graphs.ready_split_bucket(rows) if self.graphs is not None else None
-        self._split_bucket = bucket
+        bucket = self._split_bucket = self.graphs.ready_split_bucket(rows) if self.graphs is not None else None
+        return self._run_decode(rows, bucket, self.decode_forward_step,
+                                lambda: self.graphs.replay_decode_forward(bucket))
+
+    def _run_decode(self, rows: int, bucket: int | None, step: Any, replay: Any) -> str:
+        """Replay the bucket's graph (its padding rows at position 0) or run `step(rows)` on the JIT path."""
         if bucket is not None:
             if bucket > rows:
                 self.buf.dec_positions[rows:bucket].zero_()
-            self.graphs.replay_decode_forward(bucket)
+            replay()
             return "graph"
         with torch.inference_mode():
-            self.decode_forward_step(rows)
+            step(rows)
         return "jit"
 
     def decode_sample_masks(self, rows: int, flags: Any, bitmask: torch.Tensor, mask_rows: int) -> None:
