@@ -17,6 +17,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection, Listener
 from typing import Any
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 # runner methods that change device state: sent to every rank, in call order
 BROADCAST = ("prefill", "prefill_from", "prefill_chunk", "decode", "decode_forward", "move_row", "reset_rows")
 READY_TIMEOUT_S = 1800.0  # load + warm-up + captures of a 70B shard
+SHUTDOWN_WAIT_S = 30.0
 
 
 class WorkerDiedError(HybridEngineError):
@@ -139,19 +141,34 @@ class TensorParallelExecutor:
         """No worker has failed or exited."""
         return self.error is None and all(p.poll() is None for p in self.procs)
 
-    def shutdown(self) -> None:
-        """Let every rank finish its GPU work (a healthy group: rank 0's device synchronize returns once every
-        collective it was given has met its peers'), close the workers' pipes (each then exits at once, without
-        touching the group again), leave the group here, and kill a worker that does not exit."""
+    def shutdown(self, stream: Any = None, release_graphs: Any = None) -> None:
+        """Leave the group in an order that never waits on a peer (see NOTES, 2026-11-30, tensor parallelism):
+
+        1. a healthy group lets rank 0's stream finish what it was given (every collective in it meets its peers'),
+           polled with a deadline, so a mismatch is treated as a failure rather than a hang;
+        2. the workers' pipes close (each worker then exits at once, touching the group no more);
+        3. the communicator is aborted on a helper thread: abort makes collectives stuck on a dead peer return, but
+           NCCL then waits until every CUDA graph that captured its collectives is destroyed, so
+        4. `release_graphs()` destroys them while the abort waits, and the abort is joined with a deadline;
+        5. a worker that has not exited is killed."""
         healthy = self.healthy
-        if healthy and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if healthy and stream is not None and not _finish(stream, SHUTDOWN_WAIT_S):
+            logger.warning("tensor-parallel shutdown: rank 0's GPU work did not finish in %.0f s; aborting",
+                           SHUTDOWN_WAIT_S)
+            healthy = False
         for conn in self.conns:
             try:
                 conn.close()
             except OSError:
                 pass
-        leave_group()
+        leaving = threading.Thread(target=leave_group, name="hybrid-engine-leave-group", daemon=True)
+        leaving.start()
+        if release_graphs is not None:
+            release_graphs()
+        leaving.join(SHUTDOWN_WAIT_S)
+        if leaving.is_alive():
+            logger.warning("tensor-parallel shutdown: the communicator's abort did not return in %.0f s",
+                           SHUTDOWN_WAIT_S)
         for proc in self.procs:
             try:
                 proc.wait(timeout=15.0 if healthy else 0.5)
@@ -159,6 +176,18 @@ class TensorParallelExecutor:
                 proc.kill()
                 proc.wait(timeout=10.0)
         self.conns, self.procs = [], []
+
+
+def _finish(stream: Any, timeout_s: float) -> bool:
+    """Whether `stream`'s work so far completes within timeout_s (an event polled, never a blocking wait)."""
+    event = torch.cuda.Event()
+    event.record(stream)
+    deadline = time.monotonic() + timeout_s
+    while not event.query():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 class DistributedRunner:
@@ -226,8 +255,6 @@ def _socket_dir() -> str:
 
 def _accept(listener: Listener, procs: list[subprocess.Popen], timeout_s: float) -> Connection:
     """listener.accept(), but failing (not hanging) when a worker exits before it connects."""
-    import threading
-
     result: list[Any] = []
     thread = threading.Thread(target=lambda: result.append(listener.accept()), daemon=True)
     thread.start()

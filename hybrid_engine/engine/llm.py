@@ -261,16 +261,12 @@ class LLM:
     def close(self) -> None:
         """Stop the capture worker (and tensor-parallel workers) and drop GPU memory held by the engine."""
         self.driver.close()
-        if self.graphs is not None:
-            self.graphs.stop()
-        if self.executor is not None and not self.executor.healthy:
-            self.executor.shutdown()  # abort first: it ends the collectives stuck waiting for the dead worker
-        if self.graphs is not None:
-            if self.executor is not None:  # before a healthy communicator is aborted, which waits for them
-                self.graphs.release()
+        graphs = self.graphs
+        if graphs is not None:
+            graphs.stop()
             self.graphs = self._rank_runner.graphs = None
-        if self.executor is not None:
-            self.executor.shutdown()
+        if self.executor is not None:  # NCCL's abort waits for the graphs holding its collectives: it destroys them
+            self.executor.shutdown(self.stream_ctx, graphs.release if graphs is not None else None)
         _gc.unfreeze()  # the engine's objects (it has reference cycles) can be collected again
 
     def __enter__(self) -> "LLM":
