@@ -80,16 +80,27 @@ class TensorParallelExecutor:
             listener.close()
 
     def wait_ready(self) -> None:
-        """After rank 0's own load: every worker has loaded, warmed up and captured the same graphs."""
+        """After rank 0's own load: every worker has loaded, warmed up and captured the same graphs (each says
+        "ready", or what failed)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
-        for rank, conn in enumerate(self.conns, start=1):
-            while not conn.poll(0.5):
-                self.check()
-                if time.monotonic() > deadline:
-                    raise WorkerDiedError(f"tensor-parallel worker rank {rank} not ready after {READY_TIMEOUT_S} s")
-            msg = conn.recv()
-            if msg != "ready":
-                self._died(rank, f"failed at load: {msg}")
+        pending = set(range(1, self.world_size))
+        while pending:
+            for rank in sorted(pending):
+                conn, proc = self.conns[rank - 1], self.procs[rank - 1]
+                if conn.poll():
+                    try:
+                        msg = conn.recv()
+                    except (EOFError, OSError):
+                        msg = "closed its pipe"
+                    if msg != "ready":
+                        self._died(rank, f"failed at load: {msg}")
+                    pending.discard(rank)
+                elif proc.poll() is not None:
+                    self._died(rank, f"exited with code {proc.returncode} while loading")
+            if pending and time.monotonic() > deadline:
+                raise WorkerDiedError(f"tensor-parallel workers {sorted(pending)} not ready after {READY_TIMEOUT_S} s")
+            if pending:
+                time.sleep(0.2)
 
     def runner(self, local: Any) -> "DistributedRunner":
         return DistributedRunner(local, self)
