@@ -177,3 +177,18 @@ def test_tp2_constrained_and_prefix_hits_equal_tp1():
     finally:
         two.close()
     assert got == want and want[2] >= 48
+
+
+def test_an_engine_never_closed_ends_its_workers_when_collected():
+    import gc
+
+    llm = LLM("tiny-llama", tensor_parallel_size=2, **OPTS)
+    procs = list(llm.executor.procs)
+    assert llm.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=3)).__len__() == 1
+    del llm
+    gc.collect()
+    for proc in procs:
+        assert proc.wait(timeout=30) is not None
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the group was left: a new engine can make its own

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 
@@ -105,8 +106,12 @@ class LLM:
         self.runner = rank.runner if self.executor is None else self.executor.runner(rank.runner)
         self.reader = TokenReader(rank.runner.buf.tokens, self.device, depth=cfg.max_num_seqs + 4,
                                   stream=self.stream_ctx)
+        self._tp_shutdown = None
         if self.executor is not None:
             self.reader.watch = rank.runner.staging.watch = self.executor.check
+            # holds no reference to the LLM: runs when it is collected or at exit, unless close() ran it
+            self._tp_shutdown = weakref.finalize(self, _shutdown_tensor_parallel, self.executor, self.stream_ctx,
+                                                 self.graphs)
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
         salt = (loaded.source, str(self.dtype))  # what else changes a block's KV for the same tokens
         self.scheduler = Scheduler(BlockManager(rank.num_blocks, cfg.block_size, cfg.enable_prefix_caching, salt),
@@ -261,12 +266,11 @@ class LLM:
     def close(self) -> None:
         """Stop the capture worker (and tensor-parallel workers) and drop GPU memory held by the engine."""
         self.driver.close()
-        graphs = self.graphs
-        if graphs is not None:
-            graphs.stop()
+        if self.graphs is not None:
+            self.graphs.stop()
             self.graphs = self._rank_runner.graphs = None
-        if self.executor is not None:  # NCCL's abort waits for the graphs holding its collectives: it destroys them
-            self.executor.shutdown(self.stream_ctx, graphs.release if graphs is not None else None)
+        if self._tp_shutdown is not None:
+            self._tp_shutdown()  # once; also at garbage collection or interpreter exit if close() is never called
         _gc.unfreeze()  # the engine's objects (it has reference cycles) can be collected again
 
     def __enter__(self) -> "LLM":
@@ -343,6 +347,14 @@ def request_output(seq: Sequence, deltas: list[StreamDelta]) -> RequestOutput:
                             last.finish_reason, last.stop_reason)
     return RequestOutput(seq.request_id, seq.prompt_text, seq.prompt_ids, [comp], last.metrics,
                          num_cached_tokens=seq.num_cached_tokens)
+
+
+def _shutdown_tensor_parallel(executor: Any, stream: Any, graphs: Any) -> None:
+    """Stop the capture worker, then leave the group (NCCL's abort waits for the graphs holding its collectives:
+    the executor destroys them while it waits) and end the workers."""
+    if graphs is not None:
+        graphs.stop()
+    executor.shutdown(stream, graphs.release if graphs is not None else None)
 
 
 def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
