@@ -30,18 +30,20 @@ def start_server(model: str, port: int, log: Path, *extra: str) -> subprocess.Po
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
 
-def wait_ready(proc: subprocess.Popen, base: str, timeout_s: float = 180) -> None:
+def wait_ready(proc: subprocess.Popen, base: str, timeout_s: float = 180, log: Callable[[], str] | None = None) -> None:
+    """Until the server at `base` answers /health; an early exit or the timeout raises (with `log()` appended)."""
+    tail = (lambda: f":\n{log()}") if log is not None else (lambda: "")
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("the server exited during start-up")
+            raise RuntimeError(f"the server exited during start-up{tail()}")
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.25)
-    raise TimeoutError(f"server not ready after {timeout_s} s")
+    raise TimeoutError(f"server not ready after {timeout_s} s{tail()}")
 
 
 def serial_vs_concurrent(request: Callable[[int], tuple[list[float], Any]], clients: int, tokens: int) -> dict:

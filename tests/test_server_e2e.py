@@ -23,6 +23,8 @@ import httpx
 import pytest
 from block_helpers import blocks_settled, metrics_blocks_settled
 
+from benchmarks.load import wait_ready
+
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 psutil = pytest.importorskip("psutil")
@@ -67,16 +69,7 @@ class Server:
         self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def wait_ready(self, timeout_s: float = 150) -> None:
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"server exited early:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"server not ready after {timeout_s} s:\n{self.log()}")
+        wait_ready(self.proc, self.base, timeout_s, self.log)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

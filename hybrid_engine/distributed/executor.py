@@ -207,34 +207,31 @@ class DistributedRunner:
 
     def __init__(self, local: Any, executor: TensorParallelExecutor) -> None:
         self.local, self.executor = local, executor
+        for name in BROADCAST:  # made once: the step loop calls them every step
+            setattr(self, name, self._broadcaster(name))
+
+    def _broadcaster(self, name: str) -> Any:
+        run = getattr(self.local, name)
+        return lambda *args, **kwargs: self._call((name, args, kwargs), run, *args, **kwargs)
+
+    def _call(self, msg: tuple, run: Any, *args: Any, **kwargs: Any) -> Any:
+        """Send `msg` to the workers, then run `run` here."""
+        self.executor.check()
+        self.executor.send(msg)
+        try:
+            return run(*args, **kwargs)
+        except Exception:  # e.g. gloo's "connection closed" when a peer died: say that a worker died
+            self.executor.check_after_failure()
+            raise
 
     def decode_sample(self, rows: int, masks: Any, mask_rows: int) -> None:
         """The sample half of a constrained step: the workers get the flags and bitmask rows as data (rank 0's
         `masks` is a slot of its own staging ring)."""
-        self.executor.check()
-        self.executor.send(("decode_sample_masks", (rows, masks.flags.copy(), masks.bitmask[:mask_rows].clone(),
-                                                    mask_rows), {}))
-        try:
-            self.local.decode_sample(rows, masks, mask_rows)
-        except Exception:
-            self.executor.check_after_failure()
-            raise
+        msg = ("decode_sample_masks", (rows, masks.flags.copy(), masks.bitmask[:mask_rows].clone(), mask_rows), {})
+        self._call(msg, self.local.decode_sample, rows, masks, mask_rows)
 
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self.local, name)
-        if name not in BROADCAST:
-            return value
-
-        def broadcast(*args: Any, **kwargs: Any) -> Any:
-            self.executor.check()
-            self.executor.send((name, args, kwargs))
-            try:
-                return value(*args, **kwargs)
-            except Exception:  # e.g. gloo's "connection closed" when a peer died: say that a worker died
-                self.executor.check_after_failure()
-                raise
-
-        return broadcast
+    def __getattr__(self, name: str) -> Any:  # everything not broadcast is rank 0's own
+        return getattr(self.local, name)
 
 
 def leave_group() -> None:
