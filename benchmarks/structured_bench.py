@@ -4,8 +4,10 @@
   python benchmarks/structured_bench.py --preset tiny-llama --tokens 16 --runs 1 --out /tmp/s.json   # CPU smoke
 
 TPOT (RequestMetrics.tpot_s, median over requests) of: one JSON-schema-constrained request at batch 1 vs the same
-request unconstrained; 8 unconstrained requests batched beside 2 constrained ones vs 8 alone (and vs 10 alone: the
-same batch rows, so the split step's own cost shows apart from the bigger batch). Random weights under a JSON
+request unconstrained; 6 unconstrained requests batched beside 2 constrained ones vs the 6 alone (both batches pad
+to the 8-row graph, so the difference is what the constrained neighbours cost: the split step and its host work);
+and 8 beside 2 vs 8 alone, which also crosses from the 8-row to the 16-row graph, with 10 alone beside it to show
+how much of that difference is the bigger graph. Random weights under a JSON
 schema write garbage inside the grammar (one unbounded string): fine for timing; ignore_eos and max_tokens keep
 the lengths fixed unless the grammar happens to close. Results go to --out under "structured_output".
 """
@@ -64,7 +66,7 @@ def warm_up(llm: LLM, vocab: int) -> None:
     """Compile the grammar once and run every step shape the measurements use (graphs are captured at load with
     capture="eager"; the split-step graphs are asked for by the first constrained batch otherwise)."""
     gen = torch.Generator().manual_seed(10)
-    for rows, constrained in ((1, 0), (1, 1), (8, 0), (8, 2), (10, 0)):
+    for rows, constrained in ((1, 0), (1, 1), (6, 0), (6, 2), (8, 0), (8, 2), (10, 0)):
         prompts = [_prompt(gen, vocab, 32) for _ in range(rows + constrained)]
         llm.generate(prompts, [_params(8, i, i >= rows) for i in range(rows + constrained)])
     if llm.graphs is not None:
@@ -84,17 +86,23 @@ def main() -> None:
     warm_up(llm, vocab)
     b1_constrained = batch1_tpot(llm, vocab, args.tokens, args.runs, constrained=True)
     b1_plain = batch1_tpot(llm, vocab, args.tokens, args.runs, constrained=False)
-    mixed = batch_tpot(llm, vocab, args.tokens, args.runs, plain=8, constrained=2)
+    mixed = batch_tpot(llm, vocab, args.tokens, args.runs, plain=6, constrained=2)
+    plain6 = batch_tpot(llm, vocab, args.tokens, args.runs, plain=6, constrained=0)
+    mixed10 = batch_tpot(llm, vocab, args.tokens, args.runs, plain=8, constrained=2)
     plain8 = batch_tpot(llm, vocab, args.tokens, args.runs, plain=8, constrained=0)
     plain10 = batch_tpot(llm, vocab, args.tokens, args.runs, plain=10, constrained=0)
     result = {
         "tpot_constrained_ms": b1_constrained["tpot_ms"],
         "tpot_unconstrained_ms": b1_plain["tpot_ms"],
-        "batch_mixed_tpot_ms": mixed["tpot_ms"],
-        "batch_plain_tpot_ms": plain8["tpot_ms"],
-        "batch_plain10_tpot_ms": plain10["tpot_ms"],  # 10 unconstrained rows: the mixed batch's row count
+        "batch_mixed_tpot_ms": mixed["tpot_ms"],  # 6 unconstrained beside 2 constrained (8-row graph)
+        "batch_plain_tpot_ms": plain6["tpot_ms"],  # the same 6 alone (8-row graph)
+        "batch_mixed_8_2_tpot_ms": mixed10["tpot_ms"],  # 8 unconstrained beside 2 constrained (16-row graph)
+        "batch_plain8_tpot_ms": plain8["tpot_ms"],  # 8 alone (8-row graph)
+        "batch_plain10_tpot_ms": plain10["tpot_ms"],  # 10 unconstrained rows: the 8 + 2 batch's rows
         "constrained_over_unconstrained": b1_constrained["tpot_ms"] / b1_plain["tpot_ms"],
-        "mixed_over_plain": mixed["tpot_ms"] / plain8["tpot_ms"],
+        "mixed_over_plain": mixed["tpot_ms"] / plain6["tpot_ms"],
+        "mixed_8_2_over_plain8": mixed10["tpot_ms"] / plain8["tpot_ms"],
+        "mixed_8_2_over_plain10": mixed10["tpot_ms"] / plain10["tpot_ms"],
         "constrained_generated_tokens": b1_constrained["generated_tokens"],
         "tokens": args.tokens, "runs": args.runs,
     }
