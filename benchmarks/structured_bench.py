@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
 
 from hybrid_engine import LLM, GuidedDecodingParams, SamplingParams
+from hybrid_engine.bench.hardware import card_name, versions
 
 # one object holding one unbounded string: the grammar stays open for as long as the sampled tokens let it
 SCHEMA = {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"],
@@ -108,8 +110,9 @@ def main() -> None:
     }
     print(json.dumps(result), flush=True)
     stats = llm.stats()
-    res = {"card": torch.cuda.get_device_name() if cuda else "cpu", "model": args.preset, "torch": torch.__version__,
-           "created": time.strftime("%Y-%m-%d %H:%M:%S"), "structured_output": result,
+    res = {"card": card_name(llm.device), **versions(), "model": args.preset, "dtype": str(llm.dtype)[6:],
+           "command": "python " + " ".join(sys.argv), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "structured_output": result,
            "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))},
            "graphs": stats.get("graphs", [])}
     with open(args.out, "w") as f:
