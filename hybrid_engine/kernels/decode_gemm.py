@@ -28,7 +28,8 @@ import torch
 
 from ._triton import cdiv, jit_helpers, launch
 from .gemm import linear_rows
-from .gemv import _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref, split_buffers
+from .gemv import (_store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref,
+                   split_buffers)
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -181,20 +182,19 @@ def _store_rope(xa, xb, w_a, rows, M, Q_OUT, stride_qm, POS, CACHE, stride_cache
     slot_ok = row_ok & (slot >= 0)
     k_mask = slot_ok & (head >= num_q_heads) & (head < num_q_heads + num_kv_heads)
     v_mask = slot_ok & is_v
-    tl.store(K_CACHE + at, ra.to(K_CACHE.dtype.element_ty), mask=k_mask)
-    tl.store(K_CACHE + at + HALF, rb.to(K_CACHE.dtype.element_ty), mask=k_mask)
-    tl.store(V_CACHE + at, ra.to(V_CACHE.dtype.element_ty), mask=v_mask)
-    tl.store(V_CACHE + at + HALF, rb.to(V_CACHE.dtype.element_ty), mask=v_mask)
+    _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF)
 
 
-_HELPERS = ("_tile_columns", "_dot_pair", "_split_k_fixup", "_store_tile", "_store_silu_mul", "_store_rope")
+_HELPERS = ("_tile_columns", "_dot_pair", "_split_k_fixup", "_store_tile", "_store_silu_mul", "_store_rope",
+            "_store_kv_halves")
 
 
 def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, SLOTS, M, N, K, stride_xm,
                         stride_wn, stride_om, k_chunk, stride_cache, stride_cb, stride_co, stride_ch, num_q_heads,
                         num_kv_heads, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        EVEN_K: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        EVEN_K: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gemm
-from ._triton import cdiv, launch
+from ._triton import cdiv, jit_helpers, launch
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -223,6 +223,12 @@ def _gemv_rope_store_kernel(X, W, B, Q_OUT, POS, CACHE, K_CACHE, V_CACHE, SLOTS,
     slot_ok = (tl.zeros([BLOCK_J], tl.int64) + slot) >= 0
     k_mask = slot_ok & (head_j >= num_q_heads) & (head_j < num_q_heads + num_kv_heads)
     v_mask = slot_ok & is_v
+    _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF)
+
+
+def _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF: tl.constexpr):
+    """A head's two rotary halves (ra, rb) to the caches at `at` and `at + HALF`: k lanes (k_mask) to K_CACHE, v lanes
+    (v_mask) to V_CACHE. Shared with the decode GEMM's rope epilogue (decode_gemm.py)."""
     tl.store(K_CACHE + at, ra.to(K_CACHE.dtype.element_ty), mask=k_mask)
     tl.store(K_CACHE + at + HALF, rb.to(K_CACHE.dtype.element_ty), mask=k_mask)
     tl.store(V_CACHE + at, ra.to(V_CACHE.dtype.element_ty), mask=v_mask)
@@ -245,6 +251,7 @@ def gemv_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     assert half % block_j == 0 and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     x = x.contiguous()
     q = torch.empty((1, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
+    jit_helpers(globals(), ("_store_kv_halves",))
     launch(_gemv_rope_store_kernel, (heads * (half // block_j),), x, weight, bias if bias is not None else weight,
            q, positions, cos_sin, k_cache, v_cache, slots, k, weight.stride(0), cos_sin.stride(0),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_q_heads, num_kv_heads, HALF=half,
