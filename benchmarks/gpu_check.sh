@@ -48,6 +48,7 @@ for s in $stages; do
     bprof) timeout 150 python3 benchmarks/bucket_profile.py --length ${BPROF_LEN:-200} ${BPROF_ARGS:-} --json "$OUT/bucket_profile.json" 2>&1 | grep -v "Warn\|INFO" | tail -32;;
     gusilu) timeout 150 python3 benchmarks/gemv_bench.py --gate-up-silu --json "$OUT/gate_up_silu.json" 2>&1 | tail -16;;
     qkvrope) timeout 150 python3 benchmarks/gemv_bench.py --qkv-rope --json "$OUT/qkv_rope.json" 2>&1 | tail -16;;
+    decodegemm) timeout 300 python3 benchmarks/decode_gemm_bench.py --json "$OUT/decode_gemm.json" 2>&1 | tail -40;;
     gguf) timeout 300 python3 benchmarks/gguf_agreement.py --gguf "${GGUF:?set GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf}" \
             --out "$OUT/gguf" 2>&1 | grep -v "Warn\|INFO\|Convert\|Loading" | tail -3
           timeout 560 python3 -m hybrid_engine.bench --model "$GGUF" --systems hybrid,transformers_eager \

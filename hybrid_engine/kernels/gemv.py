@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gemm
-from ._triton import cdiv, launch
+from ._triton import cdiv, jit_helpers, launch
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -223,6 +223,12 @@ def _gemv_rope_store_kernel(X, W, B, Q_OUT, POS, CACHE, K_CACHE, V_CACHE, SLOTS,
     slot_ok = (tl.zeros([BLOCK_J], tl.int64) + slot) >= 0
     k_mask = slot_ok & (head_j >= num_q_heads) & (head_j < num_q_heads + num_kv_heads)
     v_mask = slot_ok & is_v
+    _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF)
+
+
+def _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF: tl.constexpr):
+    """A head's two rotary halves (ra, rb) to the caches at `at` and `at + HALF`: k lanes (k_mask) to K_CACHE, v lanes
+    (v_mask) to V_CACHE. Shared with the decode GEMM's rope epilogue (decode_gemm.py)."""
     tl.store(K_CACHE + at, ra.to(K_CACHE.dtype.element_ty), mask=k_mask)
     tl.store(K_CACHE + at + HALF, rb.to(K_CACHE.dtype.element_ty), mask=k_mask)
     tl.store(V_CACHE + at, ra.to(V_CACHE.dtype.element_ty), mask=v_mask)
@@ -245,6 +251,7 @@ def gemv_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     assert half % block_j == 0 and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     x = x.contiguous()
     q = torch.empty((1, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
+    jit_helpers(globals(), ("_store_kv_halves",))
     launch(_gemv_rope_store_kernel, (heads * (half // block_j),), x, weight, bias if bias is not None else weight,
            q, positions, cos_sin, k_cache, v_cache, slots, k, weight.stride(0), cos_sin.stride(0),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_q_heads, num_kv_heads, HALF=half,
@@ -265,7 +272,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     grid_n = cdiv(n, block_n)
     k_chunk = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_chunk)
-    ws, count = _split_buffers(x.device, n, grid_n, split) if split > 1 else (out, out)
+    ws, count = split_buffers(x.device, ("gemv", n, grid_n, split), split * n, grid_n) if split > 1 else (out, out)
     launch(_gemv_kernel, (grid_n, split),
         x, weight, bias if bias is not None else weight, out, ws, count, n, k, weight.stride(0), k_chunk,
         BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=split,
@@ -276,15 +283,19 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 _SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _split_buffers(device: torch.device, n: int, grid_n: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 partials [split, n] and zeroed arrival counters [grid_n], made once per shape and reused (calls on one
-    stream run in order; the kernel leaves the counters at zero). Made on the first (warm-up) call, before capture."""
-    key = (str(device), n, grid_n, split)
-    bufs = _SPLIT_BUFFERS.get(key)
-    if bufs is None:
-        bufs = (torch.empty(split * n, dtype=torch.float32, device=device),
-                torch.zeros(grid_n, dtype=torch.int32, device=device))
-        _SPLIT_BUFFERS[key] = bufs
+def split_buffers(device: torch.device, key: tuple, ws_numel: int,
+                  counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K scratch of the kernel call named by `key`: fp32 partials (at least `ws_numel`) and zeroed arrival
+    counters (at least `counters`), made once and reused (calls on one stream run in order; the kernels leave the
+    counters at zero, so graph replays need no memset). Made on the first (warm-up) call, before any graph capture;
+    a call needing more than the key's buffers hold replaces them once (grow-once: size the first call for the
+    largest use)."""
+    full_key = (str(device), *key)
+    bufs = _SPLIT_BUFFERS.get(full_key)
+    if bufs is None or bufs[0].numel() < ws_numel or bufs[1].numel() < counters:
+        bufs = (torch.empty(ws_numel, dtype=torch.float32, device=device),
+                torch.zeros(counters, dtype=torch.int32, device=device))
+        _SPLIT_BUFFERS[full_key] = bufs
     return bufs
 
 

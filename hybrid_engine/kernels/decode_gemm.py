@@ -1,0 +1,362 @@
+"""Decode projections (M = 1..32 rows) whose per-row result does not depend on M: one Triton kernel family.
+
+Why: with a GEMV for one row and cuBLAS / a per-M GEMM for several, a row's summation order changed with the batch,
+so a request's greedy tokens changed with what else was in the batch. Here BLOCK_M is 16 for every M (tl.dot needs
+every dim >= 16; more rows add M-tiles to the grid) and the config (BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
+num_stages) comes from the weight shape only (`DECODE_GEMM_CONFIGS`, else `default_config(n, k)`), so every row is
+reduced the same way - K in BLOCK_K chunks through tl.dot with fp32 accumulation, split-K partials summed in the
+fixed order s = 0..SPLIT_K-1 - whatever M is. Rows past M clamp-read row M-1 and are never stored.
+
+M-tiles are the fastest program index: the programs that read one weight tile run side by side and all but the
+first hit L2. Split-K (several programs per output tile, for shapes with few N-tiles): each split writes its fp32
+partial tile to a workspace and the last to arrive (a counter per tile, reset by that program, so graph replays need
+no memset) sums them, adds the bias and runs the epilogue. The workspace is made on a shape's first call, sized for
+at least `DECODE_MAX_ROWS` rows, before any graph capture.
+
+Epilogues (constexpr EPILOGUE; the projected values are rounded to the output dtype first and then combined with
+the unfused kernels' formulas, so fused and composed give the same numbers):
+  "plain"      out = x @ W^T (+ bias)                                  `decode_linear`
+  "silu_mul"   gate/up weight [2I, K]: silu(gate) * up -> [M, I]        `decode_linear_silu_mul`
+  "rope_store" QKV weight: q rotated -> [M, Hq, D], rotated k and v to the paged caches at each row's slot
+               (slot < 0: no write); a program holds BLOCK_N column pairs (j, j + D/2) of one head
+                                                                       `decode_linear_rope_store`
+The public functions have the signatures of `KernelOps.decode_linear`, `linear_silu_mul` and `linear_rope_store`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import cdiv, jit_helpers, launch
+from .gemm import linear_rows
+from .gemv import (_store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref,
+                   split_buffers)
+
+tl = None  # triton.language, bound on first launch (see _triton.py)
+
+__all__ = ["DECODE_GEMM_CONFIGS", "decode_linear", "decode_linear_rope_store", "decode_linear_silu_mul",
+           "decode_gemm_triton", "decode_silu_triton", "decode_rope_store_triton", "default_config", "config_for",
+           "linear_ref", "linear_silu_mul_ref", "linear_rope_store_ref"]
+
+BLOCK_M = 16  # fixed for every M: the point of the module
+DECODE_MAX_ROWS = 32  # the largest decode bucket: split-K workspaces are sized for at least this many rows
+H200_SMS = 132
+# (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), from benchmarks/decode_gemm_bench.py on a GPU
+# (fp16; bf16 has the same element size). A shape not listed uses default_config(n, k).
+DECODE_GEMM_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+
+
+def default_config(n: int, k: int) -> tuple[int, int, int, int, int]:
+    """A config from the weight shape alone: split K until there are ~4 programs per SM of an H200 at M <= 16."""
+    block_n = 32 if n >= 8192 else 16
+    block_k = 256 if k >= 1024 else 128
+    split = max(1, min(8, cdiv(4 * H200_SMS, cdiv(n, block_n)), cdiv(k, 2 * block_k)))
+    return block_n, block_k, split, 4, 3
+
+
+def config_for(n: int, k: int) -> tuple[int, int, int, int, int]:
+    return DECODE_GEMM_CONFIGS.get((n, k)) or default_config(n, k)
+
+
+def _check_config(config: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+    if len(config) != 5:
+        raise ValueError(f"config {config} must be (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)")
+    block_n, block_k, split, num_warps, num_stages = config
+    for name, value in (("BLOCK_N", block_n), ("BLOCK_K", block_k)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name}={value} must be a power of two >= 16 (tl.dot)")
+    if split < 1 or num_warps < 1 or num_stages < 1:
+        raise ValueError(f"SPLIT_K={split}, num_warps={num_warps}, num_stages={num_stages} must be >= 1")
+    return block_n, block_k, split, num_warps, num_stages
+
+
+# --- Device code -----------------------------------------------------------------------------------------------------
+
+def _tile_columns(pid_n, N, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, HALF: tl.constexpr):
+    """(output columns, weight rows of the first dot, weight rows of the second dot) of N-tile pid_n. Weight rows
+    past the end are clamped (read, never stored)."""
+    lanes = tl.arange(0, BLOCK_N)
+    if EPILOGUE == "rope_store":  # N-tile = (head, j block): rows (j, j + HALF) of the head
+        per_head = HALF // BLOCK_N
+        w_a = (pid_n // per_head) * (2 * HALF) + (pid_n % per_head) * BLOCK_N + lanes
+        return w_a, w_a, w_a + HALF
+    cols = pid_n * BLOCK_N + lanes
+    w_a = tl.minimum(cols, N - 1)
+    return cols, w_a, w_a + N  # silu_mul: the up row N (= I) after its gate row
+
+
+def _dot_pair(X, W, x_rows, w_a, w_b, stride_xm, stride_wn, K, k_start, k_stop, PAIR: tl.constexpr,
+              EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """x[x_rows, k_start:k_stop] @ W[w_a]^T (and @ W[w_b]^T with PAIR), fp32, K in BLOCK_K steps."""
+    ks = k_start + tl.arange(0, BLOCK_K)
+    x_ptrs = X + x_rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
+    a_ptrs = W + w_a.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+    b_ptrs = W + w_b.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            acc_a = tl.dot(x, tl.trans(tl.load(a_ptrs)), acc_a, input_precision=DOT_PRECISION)
+            if PAIR:
+                acc_b = tl.dot(x, tl.trans(tl.load(b_ptrs)), acc_b, input_precision=DOT_PRECISION)
+        else:
+            kmask = (ks + (k0 - k_start) < K)[None, :]
+            x = tl.load(x_ptrs, mask=kmask, other=0.0)
+            a = tl.load(a_ptrs, mask=kmask, other=0.0)
+            acc_a = tl.dot(x, tl.trans(a), acc_a, input_precision=DOT_PRECISION)
+            if PAIR:
+                b = tl.load(b_ptrs, mask=kmask, other=0.0)
+                acc_b = tl.dot(x, tl.trans(b), acc_b, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc_a, acc_b
+
+
+def _split_k_fixup(acc_a, acc_b, WS, COUNT, tile, pid_k, SPLIT_K: tl.constexpr, PAIR: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store this split's partials; the last split of the tile to arrive gets their sum in the fixed order
+    s = 0..SPLIT_K-1 (deterministic, whichever split arrives last) and resets the tile's counter. Returns
+    (acc_a, acc_b, whether this program is the last)."""
+    size = BLOCK_M * BLOCK_N
+    parts = 2 if PAIR else 1
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    base = WS + tile.to(tl.int64) * (SPLIT_K * parts * size)  # the M-tile is the slowest index: grow-once prefix
+    tl.store(base + pid_k * (parts * size) + offs, acc_a)
+    if PAIR:
+        tl.store(base + pid_k * (parts * size) + size + offs, acc_b)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(COUNT + tile, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    if last:
+        acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in range(SPLIT_K):
+            acc_a += tl.load(base + s * (parts * size) + offs, cache_modifier=".cg")
+            if PAIR:
+                acc_b += tl.load(base + s * (parts * size) + size + offs, cache_modifier=".cg")
+        tl.atomic_xchg(COUNT + tile, 0)
+    return acc_a, acc_b, last
+
+
+def _store_tile(OUT, rows, cols, M, N, stride_om, val):
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], val.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _store_silu_mul(gate, up, OUT, rows, cols, M, N, stride_om):
+    """silu(gate) * up with the silu_mul kernel's formula, each half rounded to OUT's dtype first (as stored by an
+    unfused projection)."""
+    dtype = OUT.dtype.element_ty
+    gate = gate.to(dtype).to(tl.float32)
+    up = up.to(dtype).to(tl.float32)
+    _store_tile(OUT, rows, cols, M, N, stride_om, gate / (1.0 + tl.exp(-gate)) * up)
+
+
+def _store_rope(xa, xb, w_a, rows, M, Q_OUT, stride_qm, POS, CACHE, stride_cache, K_CACHE, V_CACHE, SLOTS,
+                stride_cb, stride_co, stride_ch, num_q_heads, num_kv_heads, HALF: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr):
+    """Rows' column pairs (w_a, w_a + HALF) of one head, rounded to the output dtype, rotated with the rope kernel's
+    formula (q and k heads; v as is); q to Q_OUT, k / v to the caches at the row's slot (slot < 0: no write)."""
+    dtype = Q_OUT.dtype.element_ty
+    xa = xa.to(dtype).to(tl.float32)
+    xb = xb.to(dtype).to(tl.float32)
+    row_ok = (rows < M)[:, None]
+    rows_in = tl.minimum(rows, M - 1)
+    pos = tl.load(POS + rows_in).to(tl.int64)[:, None]
+    head = (w_a // (2 * HALF))[None, :]  # per-lane copies of the head (a scalar store mask is not portable)
+    j = (w_a % (2 * HALF))[None, :]
+    cos = tl.load(CACHE + pos * stride_cache + j).to(tl.float32)
+    sin = tl.load(CACHE + pos * stride_cache + HALF + j).to(tl.float32)
+    is_v = head >= num_q_heads + num_kv_heads
+    ra = tl.where(is_v, xa, xa * cos - xb * sin).to(dtype)
+    rb = tl.where(is_v, xb, xb * cos + xa * sin).to(dtype)
+    q_mask = row_ok & (head < num_q_heads)
+    q_at = Q_OUT + rows.to(tl.int64)[:, None] * stride_qm + w_a[None, :]  # a q head's column = its weight row
+    tl.store(q_at, ra, mask=q_mask)
+    tl.store(q_at + HALF, rb, mask=q_mask)
+    slot = tl.load(SLOTS + rows_in).to(tl.int64)[:, None]
+    kv_head = tl.where(is_v, head - num_q_heads - num_kv_heads, head - num_q_heads)
+    at = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + kv_head * stride_ch + j
+    slot_ok = row_ok & (slot >= 0)
+    k_mask = slot_ok & (head >= num_q_heads) & (head < num_q_heads + num_kv_heads)
+    v_mask = slot_ok & is_v
+    _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF)
+
+
+_HELPERS = ("_tile_columns", "_dot_pair", "_split_k_fixup", "_store_tile", "_store_silu_mul", "_store_rope",
+            "_store_kv_halves")
+
+
+def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, SLOTS, M, N, K, stride_xm,
+                        stride_wn, stride_om, k_chunk, stride_cache, stride_cb, stride_co, stride_ch, num_q_heads,
+                        num_kv_heads, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        EVEN_K: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_pid_m  # M-tiles fastest: the programs reading one weight tile run side by side
+    pid_n = pid // num_pid_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols, w_a, w_b = _tile_columns(pid_n, N, BLOCK_N, EPILOGUE, HALF)
+    k_start = pid_k * k_chunk
+    acc_a, acc_b = _dot_pair(X, W, tl.minimum(rows, M - 1), w_a, w_b, stride_xm, stride_wn, K, k_start,
+                             tl.minimum(K, k_start + k_chunk), PAIR, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                             DOT_PRECISION)
+    last = pid_k == SPLIT_K - 1  # without split-K: the one program of the tile
+    if SPLIT_K > 1:
+        tile = pid_m * (tl.num_programs(0) // num_pid_m) + pid_n
+        acc_a, acc_b, last = _split_k_fixup(acc_a, acc_b, WS, COUNT, tile, pid_k, SPLIT_K, PAIR, BLOCK_M,
+                                            BLOCK_N)
+    if last:
+        if HAS_BIAS:
+            acc_a += tl.load(B + w_a).to(tl.float32)[None, :]
+            if PAIR:
+                acc_b += tl.load(B + w_b).to(tl.float32)[None, :]
+        if EPILOGUE == "rope_store":
+            _store_rope(acc_a, acc_b, w_a, rows, M, OUT, stride_om, POS, CACHE, stride_cache, K_CACHE, V_CACHE,
+                        SLOTS, stride_cb, stride_co, stride_ch, num_q_heads, num_kv_heads, HALF, BLOCK_SIZE)
+        elif EPILOGUE == "silu_mul":
+            _store_silu_mul(acc_a, acc_b, OUT, rows, cols, M, N, stride_om)
+        else:
+            _store_tile(OUT, rows, cols, M, N, stride_om, acc_a)
+
+
+# --- Launches --------------------------------------------------------------------------------------------------------
+
+def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, n_out: int,
+            n_tiles: int, config: tuple[int, ...], epilogue: str, rope: tuple = ()) -> None:
+    """One launch of `_decode_gemm_kernel` over x2 [M, K] (rows contiguous); `n_tiles` N-tiles of `n_out` output
+    columns; `rope` = the rope_store epilogue's (positions, cos_sin, k_cache, v_cache, slots, Hq, Hkv, HALF)."""
+    block_n, block_k, split, num_warps, num_stages = _check_config(config)
+    m, k = x2.shape
+    if m == 0:
+        return
+    k_chunk = cdiv(cdiv(k, split), block_k) * block_k  # whole BLOCK_K steps per split
+    split = cdiv(k, k_chunk)
+    grid_m = cdiv(m, BLOCK_M)
+    pair = epilogue != "plain"
+    ws, count = out, out
+    if split > 1:
+        m_tiles = max(grid_m, cdiv(DECODE_MAX_ROWS, BLOCK_M))
+        per_tile = split * (2 if pair else 1) * BLOCK_M * block_n
+        ws, count = split_buffers(x2.device, ("decode_gemm", n_tiles, split, pair, block_n),
+                                  m_tiles * n_tiles * per_tile, m_tiles * n_tiles)
+    if rope:
+        pos, cos_sin, k_cache, v_cache, slots, num_q_heads, num_kv_heads, half = rope
+        rope_args = (pos, cos_sin, k_cache, v_cache, slots)
+        rope_ints = (cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_q_heads,
+                     num_kv_heads)
+        rope_kw = {"HALF": half, "BLOCK_SIZE": k_cache.shape[1]}
+    else:
+        rope_args, rope_ints, rope_kw = (out,) * 5, (0,) * 6, {"HALF": 1, "BLOCK_SIZE": 1}
+    jit_helpers(globals(), _HELPERS)
+    launch(_decode_gemm_kernel, (grid_m * n_tiles, split),
+           x2, weight, bias if bias is not None else weight, out, ws, count, *rope_args, m, n_out, k, x2.stride(0),
+           weight.stride(0), out.stride(0), k_chunk, *rope_ints, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+           BLOCK_K=block_k, SPLIT_K=split, EPILOGUE=epilogue, PAIR=pair, HAS_BIAS=bias is not None,
+           EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+           num_warps=num_warps, num_stages=num_stages, **rope_kw)
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} columns but the weight has K={k}")
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def decode_gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K].T (+ bias) -> [..., N] in x's dtype; config defaults to `config_for(N, K)`."""
+    n, k = weight.shape
+    config = config or config_for(n, k)
+    x2 = _rows(x, k)
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    _launch(x2, weight, bias, out, n, cdiv(n, config[0]), config, "plain")
+    return out.view(*x.shape[:-1], n)
+
+
+def decode_silu_triton(x: torch.Tensor, weight: torch.Tensor,
+                       config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """silu_mul(x [M, K] @ weight[2I, K].T) -> [M, I] in x's dtype (gate rows then up rows), one launch."""
+    n2, k = weight.shape
+    if n2 % 2:
+        raise ValueError(f"a gate/up weight has an even number of rows, not {n2}")
+    config = config or config_for(n2, k)
+    x2 = _rows(x, k)
+    out = torch.empty((x2.shape[0], n2 // 2), dtype=x.dtype, device=x.device)
+    _launch(x2, weight, None, out, n2 // 2, cdiv(n2 // 2, config[0]), config, "silu_mul")
+    return out.view(*x.shape[:-1], n2 // 2)
+
+
+def decode_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
+                             v_cache: torch.Tensor, slots: torch.Tensor, num_q_heads: int, num_kv_heads: int,
+                             config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """`linear_rope_store_ref` for M rows in one launch: returns q [M, Hq, D]; rotated k and v go to the caches
+    [blocks, block_size, Hkv, D] at `slots` [M] (< 0: no write). Whole-head rotary (cos_sin has D columns)."""
+    n, k = weight.shape
+    config = config or config_for(n, k)
+    heads = num_q_heads + 2 * num_kv_heads
+    head_dim = n // heads
+    half = head_dim // 2
+    x2 = _rows(x, k)
+    m = x2.shape[0]
+    if n != heads * head_dim or cos_sin.shape[-1] != head_dim or head_dim % 2 or half % config[0]:
+        raise ValueError(f"weight rows {n}, {heads} heads, cos_sin width {cos_sin.shape[-1]}: need whole heads, "
+                         f"whole-head rotary and a rotary half divisible by BLOCK_N={config[0]}")
+    if positions.numel() != m or slots.numel() != m:
+        raise ValueError(f"{m} rows need {m} positions and slots, not {positions.numel()} and {slots.numel()}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or cos_sin.stride(-1) != 1:
+        raise ValueError("the caches need equal strides and contiguous heads; cos_sin contiguous rows")
+    q = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
+    rope = (positions, cos_sin, k_cache, v_cache, slots, num_q_heads, num_kv_heads, half)
+    _launch(x2, weight, bias, q, n, heads * (half // config[0]), config, "rope_store", rope)
+    return q
+
+
+# --- Dispatch (the KernelOps signatures) -----------------------------------------------------------------------------
+
+def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return _triton_ok(x, weight, bias) and weight.is_contiguous()
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  weight_t: torch.Tensor | None = None) -> torch.Tensor:
+    """`KernelOps.decode_linear`: F.linear whose rows do not depend on each other or on M. CUDA fp16/bf16 with a
+    contiguous weight: the decode GEMM; elsewhere F.linear one row at a time. weight_t is not read."""
+    if _kernel_ok(x, weight, bias):
+        return decode_gemm_triton(x, weight, bias)
+    return linear_rows(x, weight, bias)
+
+
+def decode_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """`KernelOps.linear_silu_mul`: silu_mul(linear(x, gate/up weight [2I, K])) in one launch on CUDA fp16/bf16;
+    None elsewhere (the caller composes decode_linear and silu_mul, with the same numbers)."""
+    if _kernel_ok(x, weight, None) and weight.shape[0] % 2 == 0:
+        return decode_silu_triton(x, weight)
+    return None
+
+
+def decode_linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
+                             v_cache: torch.Tensor, slots: torch.Tensor, num_q_heads: int,
+                             num_kv_heads: int) -> torch.Tensor | None:
+    """`KernelOps.linear_rope_store`: the decode rows' QKV projection, rope and KV-cache writes in one launch;
+    returns q [M, Hq, D], or None where the layout does not fit (CPU, fp32, partial rotary, a head's rotary half
+    not a multiple of BLOCK_N (>= 16), strided caches): the caller then composes the unfused ops."""
+    if not _kernel_ok(x, weight, bias) or x.dim() != 2:
+        return None
+    heads = num_q_heads + 2 * num_kv_heads
+    n, k = weight.shape
+    head_dim = n // heads
+    if (n % heads or head_dim % 2 or cos_sin.shape[-1] != head_dim or (head_dim // 2) % config_for(n, k)[0]
+            or cos_sin.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1
+            or k_cache.dtype != x.dtype or positions.numel() != x.shape[0] or slots.numel() != x.shape[0]):
+        return None
+    return decode_rope_store_triton(x, weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads,
+                                    num_kv_heads)

@@ -1,0 +1,257 @@
+"""Decode GEMM (M = 1..33 rows, BLOCK_M fixed at 16) vs the fp32 references, and batch invariance: a row's result is
+bitwise the same whatever the other rows are and however many there are, for every epilogue and with split-K."""
+import pytest
+import torch
+from kernel_helpers import GPU, assert_close, assert_replays_like_ref, rand
+
+from hybrid_engine.kernels import decode_gemm as dg
+from hybrid_engine.kernels import gemv
+from hybrid_engine.kernels.activation import silu_mul_ref
+from hybrid_engine.kernels.decode_gemm import (decode_gemm_triton, decode_rope_store_triton, decode_silu_triton,
+                                               linear_ref, linear_rope_store_ref, linear_silu_mul_ref)
+from hybrid_engine.kernels.rope import rope_ref
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): small tiles so odd sizes span several tiles on the CPU
+CONFIGS = [(16, 32, 1, 1, 1), (16, 32, 3, 1, 1), (32, 64, 2, 1, 1)]
+# fp32 everywhere; fp16 also under the interpreter (its numpy dot has no bf16: bf16 only on the GPU)
+DEVICE_DTYPES = [pytest.param(("cpu", torch.float32), id="cpu-fp32"),
+                 pytest.param(("cpu", torch.float16), id="cpu-fp16", marks=pytest.mark.skipif(
+                     torch.cuda.is_available(), reason="the interpreter's fp16 run")),
+                 pytest.param(("cuda", torch.float16), id="cuda-fp16", marks=GPU),
+                 pytest.param(("cuda", torch.bfloat16), id="cuda-bf16", marks=GPU)]
+SUBSET_SIZES = (2, 3, 16, 17)
+
+
+@pytest.fixture(params=DEVICE_DTYPES)
+def dev_dtype(request):
+    return request.param
+
+
+def _subsets(rows: int, seed: int = 0):
+    """Row subsets of each size in SUBSET_SIZES, in random order (the kernel must not care where a row sits)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randperm(rows, generator=gen)[:size] for size in SUBSET_SIZES]
+
+
+def _assert_row_invariant(fn, x, what):
+    """fn(x) row by row equals fn(x[[i]]) for every row and fn(x[subset]) for the subsets: bitwise."""
+    full = fn(x)
+    for i in range(x.shape[0]):
+        assert torch.equal(fn(x[i:i + 1]), full[i:i + 1]), f"{what}: row {i} alone differs"
+    for idx in _subsets(x.shape[0]):
+        assert torch.equal(fn(x[idx]), full[idx]), f"{what}: the {len(idx)}-row subset differs"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("m", [1, 5, 17, 33])
+@pytest.mark.parametrize("n,k,with_bias", [(48, 40, True), (80, 200, False), (40, 96, True)])
+def test_decode_gemm(dev_dtype, config, m, n, k, with_bias):
+    device, dtype = dev_dtype
+    x = rand(m, k, dtype=dtype, device=device, seed=1)
+    w = rand(n, k, dtype=dtype, device=device, seed=2, scale=0.2)
+    b = rand(n, dtype=dtype, device=device, seed=3) if with_bias else None
+    out = decode_gemm_triton(x, w, b, config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close(out, linear_ref(x.float(), w.float(), None if b is None else b.float()), dtype, "decode gemm")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("m,i,k", [(1, 24, 40), (17, 40, 200), (33, 16, 96)])
+def test_decode_silu_mul(dev_dtype, config, m, i, k):
+    """Gate/up with SiLU-mul in the epilogue: the reference, and the composed decode GEMM + SiLU-mul (each half
+    rounded like the unfused output) up to fp32 rounding of the SiLU."""
+    device, dtype = dev_dtype
+    x = rand(m, k, dtype=dtype, device=device, seed=4)
+    w = rand(2 * i, k, dtype=dtype, device=device, seed=5, scale=0.3)
+    out = decode_silu_triton(x, w, config)
+    assert out.shape == (m, i) and out.dtype == dtype
+    assert_close(out, linear_silu_mul_ref(x.float(), w.float()), dtype, "silu epilogue")
+    composed = silu_mul_ref(decode_gemm_triton(x, w, None, config).float()).to(dtype)
+    torch.testing.assert_close(out, composed, rtol=1e-5, atol=1e-6)
+
+
+def _rope_case(device, dtype, m, hq, hkv, d, k, bias, seed=0):
+    """Inputs of M decode rows' QKV + rope + KV store, every row its own position and slot (row 1: slot -1), and
+    NaN-filled caches [6 blocks, 8 slots, Hkv, D]."""
+    n = (hq + 2 * hkv) * d
+    x = rand(m, k, dtype=dtype, device=device, seed=seed + 1)
+    w = rand(n, k, dtype=dtype, device=device, seed=seed + 2, scale=0.2)
+    b = rand(n, dtype=dtype, device=device, seed=seed + 3) if bias else None
+    freqs = torch.outer(torch.arange(64, dtype=torch.float), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 64, (m,), generator=gen).to(device)
+    slots = torch.randperm(48, generator=gen)[:m].to(device)
+    if m > 1:
+        slots[1] = -1
+    caches = [torch.full((6, 8, hkv, d), float("nan"), dtype=dtype, device=device) for _ in range(2)]
+    return (x, w, b, pos, cos_sin), caches, slots
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2] + [(16, 64, 2, 1, 1)])
+@pytest.mark.parametrize("m,hq,hkv,d,k,bias", [(1, 2, 1, 32, 40, False), (5, 3, 3, 32, 96, True),
+                                               (17, 4, 2, 64, 72, True)])
+def test_decode_rope_store(dev_dtype, config, m, hq, hkv, d, k, bias):
+    """QKV with rope and the KV-cache writes in the epilogue (GQA, odd K, bias, per-row positions and slots): q and
+    every cache element against the reference; slot -1 and the slots of no row stay unwritten."""
+    device, dtype = dev_dtype
+    (x, w, b, pos, cos_sin), (kc, vc), slots = _rope_case(device, dtype, m, hq, hkv, d, k, bias)
+    q = decode_rope_store_triton(x, w, b, pos, cos_sin, kc, vc, slots, hq, hkv, config)
+    kr, vr = torch.full_like(kc, float("nan")).float(), torch.full_like(vc, float("nan")).float()
+    qr = linear_rope_store_ref(x.float(), w.float(), None if b is None else b.float(), pos, cos_sin, kr, vr,
+                               slots, hq, hkv)
+    assert q.shape == (m, hq, d) and q.dtype == dtype
+    assert_close(q, qr, dtype, "q")
+    written = torch.zeros(48, dtype=torch.bool)
+    written[slots[slots >= 0].cpu()] = True
+    for got, want in ((kc, kr), (vc, vr)):
+        got, want = got.view(48, hkv, d), want.view(48, hkv, d)
+        assert_close(got[written], want[written], dtype, "cache slots")
+        assert got[~written].isnan().all()  # nothing else written (slot -1 included)
+
+
+def test_rope_store_equals_composed_ops():
+    """The fused epilogue rounds like the unfused ops: decode GEMM, then rope_ref on the rounded q and k."""
+    (x, w, b, pos, cos_sin), (kc, vc), slots = _rope_case("cpu", torch.float16, 5, 2, 1, 32, 40, True, seed=3)
+    q = decode_rope_store_triton(x, w, b, pos, cos_sin, kc, vc, slots, 2, 1, CONFIGS[1])
+    qkv = decode_gemm_triton(x, w, b, CONFIGS[1]).view(5, 4, 32)
+    qc, kc2 = rope_ref(qkv[:, :2].clone(), qkv[:, 2:3].clone(), pos, cos_sin)
+    torch.testing.assert_close(q, qc, rtol=0, atol=1e-3)  # one fp16 ulp where the fp32 sums differ in order
+    kept = slots >= 0
+    torch.testing.assert_close(kc.view(48, 1, 32)[slots[kept]], kc2[kept], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batch_invariance_plain_and_silu(config, dtype):
+    """33 rows: each row alone, and subsets of 2, 3, 16 and 17 rows, give bitwise the rows of the 33-row call (and
+    so of each other), with and without split-K."""
+    x = rand(33, 200, dtype=dtype, device="cpu", seed=8)
+    w = rand(80, 200, dtype=dtype, device="cpu", seed=9, scale=0.2)
+    b = rand(80, dtype=dtype, device="cpu", seed=10)
+    _assert_row_invariant(lambda rows: decode_gemm_triton(rows, w, b, config), x, "plain")
+    _assert_row_invariant(lambda rows: decode_silu_triton(rows, w, config), x, "silu_mul")
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batch_invariance_rope_store(config, dtype):
+    """The same for q and for what each row writes to the caches."""
+    (x, w, b, pos, cos_sin), _, slots = _rope_case("cpu", dtype, 33, 2, 1, 32, 200, True, seed=5)
+
+    def run(idx):
+        kc, vc = (torch.full((6, 8, 1, 32), float("nan"), dtype=dtype) for _ in range(2))
+        q = decode_rope_store_triton(x[idx], w, b, pos[idx], cos_sin, kc, vc, slots[idx], 2, 1, config)
+        kept = slots[idx] >= 0
+        return q, kc.view(48, 32)[slots[idx][kept]], vc.view(48, 32)[slots[idx][kept]], kc, vc
+
+    full_q, full_k, full_v, _, _ = run(torch.arange(33))
+    at = {int(s): j for j, s in enumerate(slots[slots >= 0])}  # slot -> its row in full_k / full_v
+    for idx in [torch.tensor([i]) for i in range(33)] + _subsets(33, seed=1):
+        q, k, v, kc, vc = run(idx)
+        assert torch.equal(q, full_q[idx])
+        rows = [at[int(s)] for s in slots[idx] if s >= 0]
+        assert torch.equal(k, full_k[rows]) and torch.equal(v, full_v[rows])
+        assert kc.isnan().sum() == (48 - len(rows)) * 32  # slot -1 rows write nothing
+
+
+def _split_counters(n_tiles: int, split: int, pair: bool, block_n: int) -> torch.Tensor:
+    return gemv._SPLIT_BUFFERS[("cpu", "decode_gemm", n_tiles, split, pair, block_n)][1]
+
+
+def test_split_k_counters_reset_and_repeatable():
+    """After a split-K call every arrival counter is back at zero, so the next call (or graph replay) gives the
+    same output without a memset; a larger M than DECODE_MAX_ROWS grows the workspace once."""
+    config = (16, 32, 3, 1, 1)
+    x = rand(33, 200, dtype=torch.float32, device="cpu", seed=11)
+    w = rand(48, 200, dtype=torch.float32, device="cpu", seed=12, scale=0.2)
+    first = decode_gemm_triton(x, w, None, config)
+    counters = _split_counters(3, 3, False, 16)
+    assert counters.numel() >= 3 * 3 and not counters.any()
+    assert torch.equal(decode_gemm_triton(x, w, None, config), first)
+    silu = decode_silu_triton(x, w, config)
+    assert not _split_counters(2, 3, True, 16).any()
+    assert torch.equal(decode_silu_triton(x, w, config), silu)
+
+
+def test_workspace_grows_once_past_max_rows(monkeypatch):
+    monkeypatch.setattr(dg, "DECODE_MAX_ROWS", 16)
+    config = (16, 32, 2, 1, 1)
+    w = rand(16, 40, dtype=torch.float32, device="cpu", seed=13)
+    x = rand(40, 40, dtype=torch.float32, device="cpu", seed=14)
+    small = decode_gemm_triton(x[:16], w, None, config)
+    assert _split_counters(1, 2, False, 16).numel() == 1
+    big = decode_gemm_triton(x, w, None, config)  # 3 M-tiles: grows
+    assert _split_counters(1, 2, False, 16).numel() == 3
+    assert torch.equal(big[:16], small)
+    assert_close(big, linear_ref(x, w), torch.float32, "grown workspace")
+
+
+def test_default_config_from_shape_only():
+    """Valid for every LLaMA-2-7B shape, enough programs at M <= 16 (or the split cap), and a table entry wins."""
+    for n, k in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096), (48, 40)]:
+        block_n, block_k, split, _, _ = dg._check_config(dg.default_config(n, k))
+        assert -(-n // block_n) * split >= 4 * dg.H200_SMS or split == min(8, -(-k // (2 * block_k)))
+    assert dg.config_for(48, 40) == dg.default_config(48, 40)
+
+
+def test_config_errors(monkeypatch):
+    x, w = torch.randn(2, 40), torch.randn(48, 40)
+    with pytest.raises(ValueError, match="BLOCK_N=8"):
+        decode_gemm_triton(x, w, None, (8, 32, 1, 1, 1))
+    with pytest.raises(ValueError, match="SPLIT_K"):
+        decode_gemm_triton(x, w, None, (16, 32, 0, 1, 1))
+    with pytest.raises(ValueError, match="K=40"):
+        decode_gemm_triton(torch.randn(2, 39), w, None, CONFIGS[0])
+    with pytest.raises(ValueError, match="even"):
+        decode_silu_triton(x, w[:47], CONFIGS[0])
+    monkeypatch.setitem(dg.DECODE_GEMM_CONFIGS, (48, 40), (16, 32, 1, 1, 1))
+    assert dg.config_for(48, 40) == (16, 32, 1, 1, 1)
+
+
+def test_dispatch_off_cuda_is_row_by_row():
+    """On the CPU (no interpreter dispatch) decode_linear is F.linear one row at a time (bitwise the single-row
+    result) and the fused ops return None, for the caller to compose."""
+    x, w, b = torch.randn(17, 40), torch.randn(48, 40), torch.randn(48)
+    out = dg.decode_linear(x, w, b)
+    assert all(torch.equal(out[i:i + 1], torch.nn.functional.linear(x[i:i + 1], w, b)) for i in range(17))
+    assert dg.decode_linear_silu_mul(x, w) is None
+    (x, w, b, pos, cos_sin), (kc, vc), slots = _rope_case("cpu", torch.float32, 3, 2, 1, 32, 40, False)
+    assert dg.decode_linear_rope_store(x, w, b, pos, cos_sin, kc, vc, slots, 2, 1) is None
+
+
+# --- GPU: the LLaMA-2-7B shapes with their configs, invariance over the decode buckets, graph replay -------------
+
+@pytest.mark.parametrize("n,k", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_linear_gpu_buckets(n, k, dtype):
+    x = torch.randn(32, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+    full = dg.decode_linear(x, w)
+    assert_close(full, linear_ref(x, w).float(), dtype, "decode_linear")
+    for m in (1, 2, 4, 8, 16):
+        assert torch.equal(dg.decode_linear(x[-m:], w), full[-m:]), m
+    if n == 22016:
+        act = dg.decode_linear_silu_mul(x, w)
+        assert_close(act, linear_silu_mul_ref(x, w).float(), dtype, "silu_mul")
+        assert torch.equal(dg.decode_linear_silu_mul(x[:1], w), act[:1])
+    assert_replays_like_ref(lambda: dg.decode_linear(x, w), x, lambda: linear_ref(x, w).float(), dtype, "graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_linear_rope_store_gpu(dtype):
+    """32 heads of 128 (LLaMA-2-7B): q and the cache slots against the reference, row 0 alone equal to the batch."""
+    (x, w, b, pos, cos_sin), (kc, vc), slots = _rope_case("cuda", dtype, 8, 32, 32, 128, 4096, False)
+    w.mul_(0.1)
+    q = dg.decode_linear_rope_store(x, w, None, pos, cos_sin, kc, vc, slots, 32, 32)
+    kr, vr = torch.full_like(kc, float("nan")).float(), torch.full_like(vc, float("nan")).float()
+    qr = linear_rope_store_ref(x.float(), w.float(), None, pos, cos_sin, kr, vr, slots, 32, 32)
+    assert_close(q, qr, dtype, "q")
+    kept = slots >= 0
+    assert_close(kc.view(48, 32, 128)[slots[kept]], kr.view(48, 32, 128)[slots[kept]], dtype, "k slots")
+    q0 = dg.decode_linear_rope_store(x[:1], w, None, pos[:1], cos_sin, kc, vc, slots[:1], 32, 32)
+    assert torch.equal(q0, q[:1])
