@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_bench import REPS, graph_us  # noqa: E402
 
 from hybrid_engine.kernels import decode_gemm as dg  # noqa: E402
-from hybrid_engine.kernels import gemv  # noqa: E402
+from hybrid_engine.kernels import gemv, tuning  # noqa: E402
 
 SHAPES = {(12288, 4096): "qkv", (4096, 4096): "o", (22016, 4096): "gate_up", (4096, 11008): "down",
           (32000, 4096): "lm_head"}
@@ -257,6 +257,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
                    help="parallel compile processes (0: compile in this process)")
     p.add_argument("--json")
+    p.add_argument("--no-save", action="store_true",
+                   help="do not write the chosen configs to the user tuning cache (kernels/tuning.py), which the "
+                        "engine reads on this card")
     args = p.parse_args()
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes
               else list(SHAPES))
@@ -276,6 +279,9 @@ def main() -> None:
             paste.append(f"    ({n}, {k}): {tuple(res['chosen'])},  # {sb.name}, us M=1/8/32: "
                          + "/".join(f"{mine[m]:.1f}" for m in RULE_MS) + " vs cuBLAS "
                          + "/".join(f"{cub[m]:.1f}" for m in RULE_MS))
+            if not args.no_save:  # shape by shape: what a time limit cuts off leaves the earlier shapes saved
+                tuning.save("decode_gemm", {tuning.shape_key(n, k, dtype=torch.float16): res["chosen"]},
+                            torch.cuda.get_device_name())
             del sb
             torch.cuda.empty_cache()
     finally:

@@ -71,7 +71,7 @@ def _load(args: argparse.Namespace) -> LLM:
     model = model_for_device(args)
     t0 = time.perf_counter()
     llm = load_llm(model, dtype=args.dtype, device=args.device, capture=args.capture,
-                   enable_prefix_caching=args.enable_prefix_caching,
+                   enable_prefix_caching=args.enable_prefix_caching, batch_invariant=args.batch_invariant,
                    tensor_parallel_size=args.tensor_parallel_size)
     print(f"[hybrid-engine] loaded {model} on {llm.device} ({llm.dtype}) in {time.perf_counter() - t0:.1f}s; "
           f"attention={llm.ops.name}", file=sys.stderr)
@@ -152,6 +152,8 @@ def _add_model_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    help="GPUs each layer is split over (worker processes for ranks 1..; default 1)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of a repeated prompt prefix (default: on)")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode projections whose per-row sums do not depend on the batch (default: on)")
 
 
 def build_parser() -> argparse.ArgumentParser:

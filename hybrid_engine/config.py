@@ -40,6 +40,10 @@ class EngineConfig:
     attention_backend: "auto" = triton on GPU, torch on CPU.
     capture: CUDA-graph policy: "idle" (background worker, idle windows), "eager" (capture before serving), "off".
     prefill_buckets: prompt-length buckets that get a prefill graph.
+    batch_invariant: decode projections (QKV, O, gate/up, down, LM head) through one Triton kernel whose per-row
+        sums keep one order at every batch size (kernels/decode_gemm.py), so a request's greedy tokens do not
+        depend on what else is batched with it. False: the one-row GEMVs at batch 1 and, above it, the product
+        plan per row count (cuBLAS / Triton GEMM), faster or slower per shape as measured, not invariant.
     prefill_weight_copy: keep a second, transposed copy of the QKV and gate/up weights for multi-row (prefill)
         projections: cuBLAS's NN kernels are 4-9% faster there on the H100 (about -0.27 ms TTFT at 200 tokens for
         LLaMA-2-7B), for ~2/3 more weight memory (+9 GB for 7B). "auto" = on for CUDA when the copy takes at most
@@ -61,6 +65,7 @@ class EngineConfig:
     capture: str = "idle"
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
     prefill_weight_copy: str = "auto"
+    batch_invariant: bool = True
     seed: int = 0
     trust_remote_code: bool = False
     gguf_file: str | None = None
@@ -86,6 +91,8 @@ class EngineConfig:
         if not (isinstance(self.prefill_chunk_size, int) and not isinstance(self.prefill_chunk_size, bool)
                 and self.prefill_chunk_size >= 16):
             raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size!r} must be an int >= 16")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant={self.batch_invariant!r} must be True or False")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
         if not (isinstance(self.tensor_parallel_size, int) and not isinstance(self.tensor_parallel_size, bool)

@@ -147,6 +147,8 @@ def test_bad_engine_options(tmp_path):
         EngineConfig(dtype="float8")
     with pytest.raises(ValueError, match="capture"):
         EngineConfig(capture="sometimes")
+    with pytest.raises(ValueError, match="batch_invariant='yes' must be True or False"):
+        EngineConfig(batch_invariant="yes")
 
 
 def test_corrupt_checkpoint_names_file(tmp_path):

@@ -3,11 +3,12 @@ and the latency floors they imply for a model (the "floor" rows of the results).
 from __future__ import annotations
 
 import platform
-import re
 import time
 from typing import Any
 
 import torch
+
+from ..kernels.tuning import device_slug
 
 GPU_COPY_BYTES = 1 << 30
 CPU_COPY_BYTES = 64 << 20
@@ -27,7 +28,7 @@ def card_name(device: torch.device) -> str:
 
 
 def card_slug(card: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "unknown"
+    return device_slug(card)
 
 
 def versions() -> dict[str, str]:

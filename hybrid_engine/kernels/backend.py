@@ -61,11 +61,12 @@ class KernelOps:
     decode_slots: Callable[..., Any] = decode_slots_ref
     # Optional fused ops (None = the model composes the unfused ones):
     rope_store_kv: Callable[..., Any] | None = None    # (q, k, v, positions, cos_sin, k_cache, v_cache, slots) -> (q, k)
-    linear_silu_mul: Callable[..., Any] | None = None  # (x, gate_up_weight) -> silu_mul(linear(.)), or None where
+    linear_silu_mul: Callable[..., Any] | None = None  # decode: (x, gate_up_weight) -> silu_mul(linear(.)), or None where
     # it does not apply (the model then composes linear and silu_mul)
     # (x, qkv_weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads, num_kv_heads) -> rotated q of a
     # decode token with k / v written to the cache, or None where it does not apply (the model composes the ops)
     linear_rope_store: Callable[..., Any] | None = None
+    decode_projection: str = "linear_rows"  # what decode_linear and the two fused decode ops above run (stats)
     # (q, k, v, positions, cos_sin, k_cache, v_cache, slots, scale, valid_len) -> prefill attention output, with
     # rope and the KV-cache writes in the same launch
     prefill_attention_rope: Callable[..., Any] | None = None
@@ -79,6 +80,7 @@ class KernelOps:
             "decode_attention": elementwise,
             "elementwise_kernels": elementwise,
             "sampling": elementwise,
+            "decode_projections": self.decode_projection,
         }
 
 
@@ -147,11 +149,25 @@ def _probe_prefill(prefill: Callable[..., Any], device: torch.device, backend: s
             f"install a build with CUDA support (pip install 'hybrid-engine[{backend}]') or use 'triton'") from exc
 
 
-def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
+def _decode_projections(batch_invariant: bool) -> dict[str, Any]:
+    """The decode-step projections: the batch-invariant decode GEMM (one kernel and one summation order per row at
+    every batch size), or the one-row GEMVs plus the per-row-count product plan."""
+    if batch_invariant:
+        from .decode_gemm import decode_linear, decode_linear_rope_store, decode_linear_silu_mul
+
+        return dict(decode_linear=decode_linear, linear_silu_mul=decode_linear_silu_mul,
+                    linear_rope_store=decode_linear_rope_store, decode_projection="decode_gemm")
+    from .gemv import linear, linear_rope_store, linear_silu_mul
+
+    return dict(decode_linear=linear, linear_silu_mul=linear_silu_mul, linear_rope_store=linear_rope_store,
+                decode_projection="gemv+plan")
+
+
+def triton_ops(device: torch.device, backend: str = "triton", batch_invariant: bool = True) -> KernelOps:
     prefill = _prefill_for(backend, device)  # missing optional package -> OptionalDependencyError first
     _check_triton_usable(device, backend)
     from .activation import silu_mul_triton
-    from .gemv import linear, linear_rope_store, linear_silu_mul
+    from .gemv import linear
     from .prefill_attention import cached_prefill_attention_triton, prefill_attention_rope_triton
     from .decode_attention import decode_attention_triton
     from .kv_store import decode_slots_triton, prefill_slots_triton, store_kv_triton
@@ -163,15 +179,14 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
         name=backend, prefill_name="triton" if backend == "triton" else backend, device=str(device),
         rms_norm=rms_norm_triton, rope=rope_triton, silu_mul=silu_mul_triton, store_kv=store_kv_triton,
         prefill_attention=prefill, decode_attention=decode_attention_triton, sample=sample_triton,
-        linear=linear, decode_linear=linear, rope_store_kv=rope_store_kv_triton,
-        prefill_slots=prefill_slots_triton, decode_slots=decode_slots_triton,
-        linear_silu_mul=linear_silu_mul, linear_rope_store=linear_rope_store,
+        linear=linear, rope_store_kv=rope_store_kv_triton,
+        prefill_slots=prefill_slots_triton, decode_slots=decode_slots_triton, **_decode_projections(batch_invariant),
         prefill_attention_rope=prefill_attention_rope_triton if backend == "triton" else None,
         cached_prefill_attention=cached_prefill_attention_triton,
     )
 
 
-def get_ops(device: torch.device | str, attention_backend: str = "auto") -> KernelOps:
+def get_ops(device: torch.device | str, attention_backend: str = "auto", batch_invariant: bool = True) -> KernelOps:
     """The KernelOps for `device` and `attention_backend` (see the module docstring); the choice is logged once.
 
     Raises ValueError for an unknown backend name, OptionalDependencyError (naming the extra) when xformers or
@@ -179,8 +194,8 @@ def get_ops(device: torch.device | str, attention_backend: str = "auto") -> Kern
     """
     device = torch.device(device)
     backend = resolve_backend(device, attention_backend)
-    ops = torch_ops(device) if backend == "torch" else triton_ops(device, backend)
-    if (backend, device.type) not in _logged:
-        _logged.add((backend, device.type))
+    ops = torch_ops(device) if backend == "torch" else triton_ops(device, backend, batch_invariant)
+    if (backend, device.type, ops.decode_projection) not in _logged:
+        _logged.add((backend, device.type, ops.decode_projection))
         logger.info("kernel backend on %s: %s (requested %r)", device, ops.describe(), attention_backend)
     return ops

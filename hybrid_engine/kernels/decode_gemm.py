@@ -24,8 +24,11 @@ The public functions have the signatures of `KernelOps.decode_linear`, `linear_s
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from . import tuning
 from ._triton import cdiv, jit_helpers, launch
 from .gemm import linear_rows
 from .gemv import (_store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref,
@@ -53,8 +56,17 @@ def default_config(n: int, k: int) -> tuple[int, int, int, int, int]:
     return block_n, block_k, split, 4, 3
 
 
-def config_for(n: int, k: int) -> tuple[int, int, int, int, int]:
-    return DECODE_GEMM_CONFIGS.get((n, k)) or default_config(n, k)
+@functools.lru_cache(maxsize=None)
+def _config(n: int, k: int, device: torch.device | None, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    tuned = tuning.lookup("decode_gemm", tuning.shape_key(n, k, dtype=dtype), device) if device else None
+    return tuple(tuned) if tuned else DECODE_GEMM_CONFIGS.get((n, k)) or default_config(n, k)
+
+
+def config_for(n: int, k: int, device: torch.device | None = None,
+               dtype: torch.dtype = torch.float16) -> tuple[int, int, int, int, int]:
+    """The config of an (N, K) weight: this card's tuning table (kernels/tuning.py), else `DECODE_GEMM_CONFIGS`,
+    else `default_config`. Never the row count: that is what keeps rows invariant."""
+    return _config(n, k, device, dtype)
 
 
 def _check_config(config: tuple[int, ...]) -> tuple[int, int, int, int, int]:
@@ -273,7 +285,7 @@ def decode_gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        config: tuple[int, ...] | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias) -> [..., N] in x's dtype; config defaults to `config_for(N, K)`."""
     n, k = weight.shape
-    config = config or config_for(n, k)
+    config = config or config_for(n, k, x.device, x.dtype)
     x2 = _rows(x, k)
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     _launch(x2, weight, bias, out, n, cdiv(n, config[0]), config, "plain")
@@ -286,7 +298,7 @@ def decode_silu_triton(x: torch.Tensor, weight: torch.Tensor,
     n2, k = weight.shape
     if n2 % 2:
         raise ValueError(f"a gate/up weight has an even number of rows, not {n2}")
-    config = config or config_for(n2, k)
+    config = config or config_for(n2, k, x.device, x.dtype)
     x2 = _rows(x, k)
     out = torch.empty((x2.shape[0], n2 // 2), dtype=x.dtype, device=x.device)
     _launch(x2, weight, None, out, n2 // 2, cdiv(n2 // 2, config[0]), config, "silu_mul")
@@ -300,7 +312,7 @@ def decode_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     """`linear_rope_store_ref` for M rows in one launch: returns q [M, Hq, D]; rotated k and v go to the caches
     [blocks, block_size, Hkv, D] at `slots` [M] (< 0: no write). Whole-head rotary (cos_sin has D columns)."""
     n, k = weight.shape
-    config = config or config_for(n, k)
+    config = config or config_for(n, k, x.device, x.dtype)
     heads = num_q_heads + 2 * num_kv_heads
     head_dim = n // heads
     half = head_dim // 2
@@ -354,7 +366,8 @@ def decode_linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     heads = num_q_heads + 2 * num_kv_heads
     n, k = weight.shape
     head_dim = n // heads
-    if (n % heads or head_dim % 2 or cos_sin.shape[-1] != head_dim or (head_dim // 2) % config_for(n, k)[0]
+    block_n = config_for(n, k, x.device, x.dtype)[0]
+    if (n % heads or head_dim % 2 or cos_sin.shape[-1] != head_dim or (head_dim // 2) % block_n
             or cos_sin.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1
             or k_cache.dtype != x.dtype or positions.numel() != x.shape[0] or slots.numel() != x.shape[0]):
         return None

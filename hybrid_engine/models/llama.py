@@ -173,8 +173,8 @@ class DecoderLayer(nn.Module):
             x = self.comm.all_reduce(x)
         x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
         gu = self.gate_up_proj
-        # fused for one row where it measured faster (kernels/gemv.py), else None
-        act = ops.linear_silu_mul(x, gu.weight) if ops.linear_silu_mul is not None else None
+        # decode: gate/up projection and SiLU-mul in one kernel where the backend has it (None where it does not apply)
+        act = ops.linear_silu_mul(x, gu.weight) if not meta.is_prefill and ops.linear_silu_mul is not None else None
         if act is None:
             act = ops.silu_mul(linear(x, gu.weight, None, gu.weight_t))
         x = linear(act, self.down_proj.weight)

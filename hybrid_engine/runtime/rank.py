@@ -47,7 +47,7 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
     model = loaded.model
     model.set_comm(comm)
     dtype = model.embed_tokens.weight.dtype
-    ops = get_ops(device, cfg.attention_backend)
+    ops = get_ops(device, cfg.attention_backend, batch_invariant=cfg.batch_invariant)
     copy_bytes = _prefill_weight_copies(cfg.prefill_weight_copy, model, device)
     n_blocks = cfg.num_kv_blocks or num_blocks_for(model, cfg.block_size, loaded.max_model_len, cfg.max_num_seqs,
                                                    dtype, device, cfg.gpu_memory_utilization)

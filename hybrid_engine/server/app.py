@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs each layer is split over (worker processes for ranks 1..; default 1)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV cache of repeated prompt prefixes (default: on)")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode projections whose per-row sums do not depend on the batch (default: on)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
     return p
@@ -218,7 +220,8 @@ def read_chat_template(value: str | None) -> str | None:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig keywords from the CLI; options left unset keep the engine's defaults."""
     names = ("dtype", "device", "max_model_len", "num_kv_blocks", "max_num_seqs", "block_size", "attention_backend",
-             "capture", "prefill_weight_copy", "seed", "tensor_parallel_size", "enable_prefix_caching")
+             "capture", "prefill_weight_copy", "seed", "tensor_parallel_size", "enable_prefix_caching",
+             "batch_invariant")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -25,7 +25,20 @@ def test_triton_on_cpu_under_interpreter():
     ops = get_ops("cpu", "triton")  # conftest set TRITON_INTERPRET=1
     assert ops.name == "triton" and ops.prefill_attention is prefill_attention_triton
     assert ops.describe() == {"attention_backend": "triton", "prefill_attention": "triton",
-                              "decode_attention": "triton", "elementwise_kernels": "triton", "sampling": "triton"}
+                              "decode_attention": "triton", "elementwise_kernels": "triton", "sampling": "triton",
+                              "decode_projections": "decode_gemm"}
+
+
+def test_batch_invariant_picks_the_decode_projections():
+    from hybrid_engine.kernels import decode_gemm, gemv
+
+    on, off = get_ops("cpu", "triton"), get_ops("cpu", "triton", batch_invariant=False)
+    assert (on.decode_linear, on.linear_silu_mul, on.linear_rope_store) == (
+        decode_gemm.decode_linear, decode_gemm.decode_linear_silu_mul, decode_gemm.decode_linear_rope_store)
+    assert (off.decode_linear, off.linear_silu_mul, off.linear_rope_store) == (
+        gemv.linear, gemv.linear_silu_mul, gemv.linear_rope_store)
+    assert off.describe()["decode_projections"] == "gemv+plan"
+    assert get_ops("cpu").describe()["decode_projections"] == "linear_rows"  # torch: F.linear row by row
 
 
 def test_sdpa_backend_keeps_triton_elsewhere():
