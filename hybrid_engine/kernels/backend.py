@@ -19,10 +19,11 @@ import torch
 from ..errors import HybridEngineError, OptionalDependencyError, require
 from ._triton import interpreter_active, interpreter_enabled, triton_available
 from .activation import silu_mul_ref
+from .cached_prefill_attention import cached_prefill_attention_ref
 from .decode_attention import decode_attention_ref
 from .gemm import linear_rows, linear_torch
 from .kv_store import decode_slots_ref, prefill_slots_ref, store_kv_ref
-from .prefill_attention import cached_prefill_attention_ref, prefill_attention_ref
+from .prefill_attention import prefill_attention_ref
 from .rms_norm import rms_norm_ref
 from .rope import rope_ref
 from .sampling import sample_ref
@@ -152,7 +153,8 @@ def triton_ops(device: torch.device, backend: str = "triton") -> KernelOps:
     _check_triton_usable(device, backend)
     from .activation import silu_mul_triton
     from .gemv import linear, linear_rope_store, linear_silu_mul
-    from .prefill_attention import cached_prefill_attention_triton, prefill_attention_rope_triton
+    from .cached_prefill_attention import cached_prefill_attention_triton
+    from .prefill_attention import prefill_attention_rope_triton
     from .decode_attention import decode_attention_triton
     from .kv_store import decode_slots_triton, prefill_slots_triton, store_kv_triton
     from .rms_norm import rms_norm_triton

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import gemm
 from ._triton import cdiv, launch
+from ._workspace import split_buffers
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -265,27 +266,12 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     grid_n = cdiv(n, block_n)
     k_chunk = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_chunk)
-    ws, count = _split_buffers(x.device, n, grid_n, split) if split > 1 else (out, out)
+    ws, count = split_buffers(x.device, split * n, grid_n) if split > 1 else (out, out)
     launch(_gemv_kernel, (grid_n, split),
         x, weight, bias if bias is not None else weight, out, ws, count, n, k, weight.stride(0), k_chunk,
         BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=split,
         num_warps=num_warps, num_stages=num_stages)
     return out
-
-
-_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _split_buffers(device: torch.device, n: int, grid_n: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 partials [split, n] and zeroed arrival counters [grid_n], made once per shape and reused (calls on one
-    stream run in order; the kernel leaves the counters at zero). Made on the first (warm-up) call, before capture."""
-    key = (str(device), n, grid_n, split)
-    bufs = _SPLIT_BUFFERS.get(key)
-    if bufs is None:
-        bufs = (torch.empty(split * n, dtype=torch.float32, device=device),
-                torch.zeros(grid_n, dtype=torch.int32, device=device))
-        _SPLIT_BUFFERS[key] = bufs
-    return bufs
 
 
 def _triton_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
