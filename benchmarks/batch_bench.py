@@ -84,6 +84,7 @@ def invariance(llm: LLM, vocab: int, prompts: int = 64, tokens: int = 128, batch
     ps = [{"prompt_token_ids": _ids(gen, int(torch.randint(8, 200, (1,), generator=gen)), vocab)} for _ in range(prompts)]
     sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     alone = [llm.generate(p, sp)[0].outputs[0].token_ids for p in ps]
+    llm.reset_prefix_cache()  # batching alone is compared: the batched prompts must not reuse the alone runs' KV
     together = []
     for i in range(0, prompts, batch):
         together += [o.outputs[0].token_ids for o in llm.generate(ps[i:i + batch], sp)]
@@ -106,7 +107,7 @@ def concurrent_streams(llm: LLM, vocab: int, clients: int = 32, prompt: int = 12
             toks += d.token_ids
         return times, toks
 
-    return {**serial_vs_concurrent(request, clients, tokens), "prompt_tokens": prompt}
+    return {**serial_vs_concurrent(request, clients, tokens, between=llm.reset_prefix_cache), "prompt_tokens": prompt}
 
 
 def chunk_prefill_ms(llm: LLM, vocab: int, prompt: int, chunk: int) -> float:
@@ -175,23 +176,31 @@ def main() -> None:
     ap.add_argument("--model", default="llama-2-7b-shape")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--batch1-only", action="store_true")
+    ap.add_argument("--parts", default="batch1,steps,invariance,concurrent,long",
+                    help="which measurements (batch1, steps, invariance, concurrent, long)")
+    ap.add_argument("--batch-invariant", choices=["on", "off"], default=None,
+                    help="EngineConfig.batch_invariant (default: the engine's; not passed to engines without it)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    llm = LLM(args.model, capture="eager")
+    parts = set(("batch1",) if args.batch1_only else args.parts.split(","))
+    opts = {} if args.batch_invariant is None else {"batch_invariant": args.batch_invariant == "on"}
+    llm = LLM(args.model, capture="eager", **opts)
     vocab = llm.model_config.vocab_size
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    res = {"card": card, "model": args.model, "torch": torch.__version__,
-           "created": time.strftime("%Y-%m-%d %H:%M:%S"), "batch1": batch1(llm, args.runs, vocab)}
-    print(json.dumps(res["batch1"]), flush=True)
+    res = {"card": card, "model": args.model, "torch": torch.__version__, **opts,
+           "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    steps = {"batch1": lambda: batch1(llm, args.runs, vocab), "steps": lambda: decode_step_by_batch(llm, vocab),
+             "invariance": lambda: invariance(llm, vocab), "concurrent": lambda: concurrent_streams(llm, vocab),
+             "long": lambda: long_prompt_while_decoding(llm, vocab)}
+    names = {"steps": "decode_step_ms_by_batch", "invariance": "batch_invariance", "concurrent": "concurrent_streams",
+             "long": "long_prompt_while_decoding"}
+    for part, run in steps.items():
+        if part in parts:
+            res[names.get(part, part)] = run()
+            print(json.dumps(res[names.get(part, part)]), flush=True)
+            with open(args.out, "w") as f:  # after every part: a time limit keeps what is done
+                json.dump(res, f, indent=1)
     if not args.batch1_only:
-        res["decode_step_ms_by_batch"] = decode_step_by_batch(llm, vocab)
-        print(json.dumps(res["decode_step_ms_by_batch"]), flush=True)
-        res["batch_invariance"] = invariance(llm, vocab)
-        print(json.dumps(res["batch_invariance"]), flush=True)
-        res["concurrent_streams"] = concurrent_streams(llm, vocab)
-        print(json.dumps(res["concurrent_streams"]), flush=True)
-        res["long_prompt_while_decoding"] = long_prompt_while_decoding(llm, vocab)
-        print(json.dumps(res["long_prompt_while_decoding"]), flush=True)
         res["stats"] = {k: v for k, v in llm.stats().items() if isinstance(v, (int, float, str, dict))}
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -44,7 +44,7 @@ def graph_us(fn, reps=REPS, replays=7) -> float:
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=s):  # the warm-up's stream, as the engine captures: per-stream workspaces exist
         for i in range(reps):
             fn(i)
     g.replay()

@@ -31,6 +31,7 @@ for s in $stages; do
             --json "$OUT/gemm_variants.json" 2>&1 | grep -v "^shape=" | tail -30;;
     gemmsweep) timeout 300 python3 benchmarks/gemm_bench.py --json "$OUT/gemm_bench.json" 2>&1 | tail -70;;
     attn) timeout 150 python3 benchmarks/prefill_attn_sweep.py --lengths ${ATTN_T:-16,32,64,128,160,208,256,384,512} --json "$OUT/prefill_attn.json" 2>&1 | tail -22;;
+    cattn) timeout 240 python3 benchmarks/cached_attn_sweep.py --json "$OUT/cached_attn.json" 2>&1 | tail -40;;
     ttft) timeout 150 python3 benchmarks/ttft_breakdown.py --out "$OUT" 2>&1 | grep -v Warn | tail -8;;
     jithost) timeout 200 python3 benchmarks/jit_host_profile.py --out "$OUT/jithost" 2>&1 | grep -v Warn | tail -${JITHOST_TAIL:-32};;  # A/B inside
     launch) timeout 120 python3 benchmarks/launch_overhead.py --json "$OUT/launch_overhead.json" 2>&1 | tail -20;;

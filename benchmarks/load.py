@@ -46,13 +46,17 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout_s: float = 180, log: C
     raise TimeoutError(f"server not ready after {timeout_s} s{tail()}")
 
 
-def serial_vs_concurrent(request: Callable[[int], tuple[list[float], Any]], clients: int, tokens: int) -> dict:
+def serial_vs_concurrent(request: Callable[[int], tuple[list[float], Any]], clients: int, tokens: int,
+                         between: Callable[[], Any] | None = None) -> dict:
     """request(i) -> (arrival time of each streamed chunk, answer). Runs every request alone, one after another,
-    then all `clients` at once: client-seen per-token gaps (p50, p99), generated tokens per second both ways, and
-    whether every concurrent answer equals the one served alone."""
+    then (after `between()`, e.g. a prefix-cache reset, so that the concurrent requests do not reuse the KV the
+    serial ones left) all `clients` at once: client-seen per-token gaps (p50, p99), generated tokens per second both
+    ways, and whether every concurrent answer equals the one served alone."""
     t0 = time.perf_counter()
     serial = [request(i)[1] for i in range(clients)]
     serial_s = time.perf_counter() - t0
+    if between is not None:
+        between()
     results: list = [None] * clients
     barrier = threading.Barrier(clients)
 

@@ -57,8 +57,11 @@ def run(base: str, args: argparse.Namespace) -> dict:
     for ids in prompts[:4]:  # warm-up: bucket demand, then the worker captures in the idle window
         stream_one(base, args.model, ids, 4)
     wait_captures(base, args.capture_wait_s)
+    def reset() -> None:  # the concurrent requests must not reuse the KV the serial ones left in the prefix cache
+        httpx.post(f"{base}/reset_prefix_cache").raise_for_status()
+
     res = serial_vs_concurrent(lambda i: stream_one(base, args.model, prompts[i], args.max_tokens), args.clients,
-                               args.max_tokens)
+                               args.max_tokens, between=reset)
     return {**res, "prompt_tokens": args.prompt_tokens,
             "engine_stats": httpx.get(f"{base}/health").json()}
 

@@ -42,8 +42,9 @@ class EngineConfig:
     prefill_buckets: prompt-length buckets that get a prefill graph.
     batch_invariant: decode projections (QKV, O, gate/up, down, LM head) through one Triton kernel whose per-row
         sums keep one order at every batch size (kernels/decode_gemm.py), so a request's greedy tokens do not
-        depend on what else is batched with it. False: the one-row GEMVs at batch 1 and, above it, the product
-        plan per row count (cuBLAS / Triton GEMM), faster or slower per shape as measured, not invariant.
+        depend on what else is batched with it. False (default): the one-row GEMVs at batch 1 and the product plan
+        per row count above it (cuBLAS / Triton GEMM); on the H200 the invariant kernel measured 18% slower per
+        token at batch 1 (benchmarks/NOTES.md), so it is opt-in until it matches the GEMVs.
     prefill_weight_copy: keep a second, transposed copy of the QKV and gate/up weights for multi-row (prefill)
         projections: cuBLAS's NN kernels are 4-9% faster there on the H100 (about -0.27 ms TTFT at 200 tokens for
         LLaMA-2-7B), for ~2/3 more weight memory (+9 GB for 7B). "auto" = on for CUDA when the copy takes at most
@@ -65,7 +66,7 @@ class EngineConfig:
     capture: str = "idle"
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
     prefill_weight_copy: str = "auto"
-    batch_invariant: bool = True
+    batch_invariant: bool = False
     seed: int = 0
     trust_remote_code: bool = False
     gguf_file: str | None = None

@@ -159,7 +159,8 @@ def test_long_prompt_beside_decoding_streams_is_prefilled_in_chunks(lookahead):
 def test_chunked_attention_matches_whole_prompt_attention():
     import torch
 
-    from hybrid_engine.kernels.prefill_attention import cached_prefill_attention_ref, prefill_attention_ref
+    from hybrid_engine.kernels.cached_prefill_attention import cached_prefill_attention_ref
+    from hybrid_engine.kernels.prefill_attention import prefill_attention_ref
     from hybrid_engine.kernels.kv_store import store_kv_ref
 
     g = torch.Generator().manual_seed(5)

@@ -19,10 +19,11 @@ import torch
 from ..errors import HybridEngineError, OptionalDependencyError, require
 from ._triton import interpreter_active, interpreter_enabled, triton_available
 from .activation import silu_mul_ref
+from .cached_prefill_attention import cached_prefill_attention_ref
 from .decode_attention import decode_attention_ref
 from .gemm import linear_rows, linear_torch
 from .kv_store import decode_slots_ref, prefill_slots_ref, store_kv_ref
-from .prefill_attention import cached_prefill_attention_ref, prefill_attention_ref
+from .prefill_attention import prefill_attention_ref
 from .rms_norm import rms_norm_ref
 from .rope import rope_ref
 from .sampling import sample_ref
@@ -163,12 +164,13 @@ def _decode_projections(batch_invariant: bool) -> dict[str, Any]:
                 decode_projection="gemv+plan")
 
 
-def triton_ops(device: torch.device, backend: str = "triton", batch_invariant: bool = True) -> KernelOps:
+def triton_ops(device: torch.device, backend: str = "triton", batch_invariant: bool = False) -> KernelOps:
     prefill = _prefill_for(backend, device)  # missing optional package -> OptionalDependencyError first
     _check_triton_usable(device, backend)
     from .activation import silu_mul_triton
+    from .cached_prefill_attention import cached_prefill_attention_triton
     from .gemv import linear
-    from .prefill_attention import cached_prefill_attention_triton, prefill_attention_rope_triton
+    from .prefill_attention import prefill_attention_rope_triton
     from .decode_attention import decode_attention_triton
     from .kv_store import decode_slots_triton, prefill_slots_triton, store_kv_triton
     from .rms_norm import rms_norm_triton
@@ -186,7 +188,7 @@ def triton_ops(device: torch.device, backend: str = "triton", batch_invariant: b
     )
 
 
-def get_ops(device: torch.device | str, attention_backend: str = "auto", batch_invariant: bool = True) -> KernelOps:
+def get_ops(device: torch.device | str, attention_backend: str = "auto", batch_invariant: bool = False) -> KernelOps:
     """The KernelOps for `device` and `attention_backend` (see the module docstring); the choice is logged once.
 
     Raises ValueError for an unknown backend name, OptionalDependencyError (naming the extra) when xformers or

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, launch, next_pow2
+from ._triton import cdiv, jit_helpers, launch, next_pow2
+from ._workspace import sm_count
+from .kv_store import _paged_offsets  # noqa: F401 (called by _decode_split_kernel)
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -59,8 +61,8 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
         for tok0 in range(start, end, BLOCK_N):
             tok = tok0 + tl.arange(0, BLOCK_N)
             tok_mask = tok < end
-            block = tl.load(BLOCK_TABLES + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
-            off = block * stride_cb + (tok % BLOCK_SIZE) * stride_co + kv_head * stride_ch
+            off = _paged_offsets(BLOCK_TABLES + b * stride_bt, tok, tok_mask, kv_head, stride_cb, stride_co, stride_ch,
+                                 BLOCK_SIZE)
             kv_mask = tok_mask[:, None] & (d < head_dim)[None, :]
             k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
@@ -103,16 +105,6 @@ def _decode_reduce_kernel(PART_OUT, PART_LSE, SEQ_LENS, OUT, stride_ob, stride_o
     tl.store(OUT + b * stride_ob + head * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < head_dim)
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
                          device: torch.device) -> tuple[int, int]:
     """(num_splits, block_n) from the cache's shapes only: a captured graph stays valid for every sequence length,
@@ -120,7 +112,7 @@ def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
     on_gpu = device.type == "cuda"
     block_n = 64 if on_gpu else 16
     max_tokens = max_blocks * block_size
-    target = cdiv(4 * _sm_count(device), num_kv_heads) if on_gpu else 2
+    target = cdiv(4 * sm_count(device), num_kv_heads) if on_gpu else 2
     return max(1, min(target, cdiv(max_tokens, block_n), 64)), block_n
 
 
@@ -152,6 +144,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if batch == 0:
         return out
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    jit_helpers(globals(), ("_paged_offsets",))
     launch(_decode_split_kernel, (batch, num_kv_heads, splits),
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),

@@ -31,8 +31,8 @@ import torch
 from . import tuning
 from ._triton import cdiv, jit_helpers, launch
 from .gemm import linear_rows
-from .gemv import (_store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref,
-                   split_buffers)
+from ._workspace import split_buffers
+from .gemv import _store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 

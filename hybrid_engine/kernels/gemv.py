@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import gemm
 from ._triton import cdiv, jit_helpers, launch
+from ._workspace import split_buffers
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -278,25 +279,6 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=split,
         num_warps=num_warps, num_stages=num_stages)
     return out
-
-
-_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def split_buffers(device: torch.device, key: tuple, ws_numel: int,
-                  counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K scratch of the kernel call named by `key`: fp32 partials (at least `ws_numel`) and zeroed arrival
-    counters (at least `counters`), made once and reused (calls on one stream run in order; the kernels leave the
-    counters at zero, so graph replays need no memset). Made on the first (warm-up) call, before any graph capture;
-    a call needing more than the key's buffers hold replaces them once (grow-once: size the first call for the
-    largest use)."""
-    full_key = (str(device), *key)
-    bufs = _SPLIT_BUFFERS.get(full_key)
-    if bufs is None or bufs[0].numel() < ws_numel or bufs[1].numel() < counters:
-        bufs = (torch.empty(ws_numel, dtype=torch.float32, device=device),
-                torch.zeros(counters, dtype=torch.int32, device=device))
-        _SPLIT_BUFFERS[full_key] = bufs
-    return bufs
 
 
 def _triton_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -8,6 +8,13 @@ from ._triton import cdiv, launch, next_pow2
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
 
+def _paged_offsets(BT, pos, mask, kv_head, stride_cb, stride_co, stride_ch, BLOCK_SIZE: tl.constexpr):
+    """Offsets (elements, int64) of positions `pos` of one kv head in a paged cache, through the block table row BT
+    (an attention kernel's device helper: they import it and bind it with `jit_helpers`)."""
+    block = tl.load(BT + pos // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+    return block * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_co + kv_head * stride_ch
+
+
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     """k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot = block * block_size + offset."""

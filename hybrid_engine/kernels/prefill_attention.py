@@ -1,5 +1,5 @@
-"""Causal self-attention over one prompt (batch 1), GQA, optionally a padded bucket; and over a prompt's new tokens
-after cached positions (prefix-cache hits, prompt chunks), reading the cached K/V from the paged cache."""
+"""Causal self-attention over one prompt (batch 1), GQA, optionally a padded bucket, alone or fused with rope and
+the KV-cache writes. Attention of new tokens after cached positions is in cached_prefill_attention.py."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from . import gemm
 from ._triton import cdiv, jit_helpers, launch, next_pow2
 from .rope import _rotate_half, rope_store_kv_triton  # noqa: F401 (_rotate_half: called by _rope_tile)
+# re-exported: callers that imported the cached-prefill kernels from here before they moved keep working
+from .cached_prefill_attention import cached_prefill_attention_ref, cached_prefill_attention_triton  # noqa: F401
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -26,104 +28,6 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                          is_causal=True, scale=scale)
     return out.transpose(0, 1)
-
-
-def cached_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 block_table: torch.Tensor, start: int | torch.Tensor, scale: float,
-                                 valid_len: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of prompt tokens after `start` cached positions (a prefix-cache hit, a later prompt chunk): q [n,
-    Hq, D] at positions start..start+n-1, whose k/v are already in the paged cache with the earlier ones
-    (block_table [max_blocks] int32). Query i sees positions 0..start+i. The context is gathered into contiguous
-    k/v, then SDPA with the offset causal mask. `start` is a host int or a [1] device tensor; for a tensor the
-    gather covers the whole block table (fixed shapes, graph-safe). Rows at or past `valid_len` (padding) are
-    finite and ignored."""
-    n, _, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    total = start + n if isinstance(start, int) else block_table.shape[0] * block_size
-    pos = torch.arange(total, device=q.device)
-    slots = block_table.long()[pos // block_size] * block_size + pos % block_size
-    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
-    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
-    first = start if isinstance(start, int) else start.long()
-    mask = pos[None, :] <= (torch.arange(n, device=q.device)[:, None] + first)  # [n, total]
-    group = q.shape[1] // num_kv_heads
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).to(q.dtype),
-                                         v.transpose(0, 1).to(q.dtype), attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
-
-
-def _cached_prefill_kernel(Q, K_CACHE, V_CACHE, BT, START, VALID_LEN, OUT, scale, stride_qt, stride_qh, stride_cb,
-                           stride_co, stride_ch, stride_ot, stride_oh, num_tokens, head_dim, GROUP: tl.constexpr,
-                           HAS_VALID_LEN: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Flash attention of one query tile of one head over the paged cache: row r (position start + r) sees
-    positions 0..start+r, read through the block table; keys stop at start + valid_len."""
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
-    kv_head = head // GROUP
-    ctx = tl.load(START).to(tl.int32)
-    n_valid = num_tokens
-    if HAS_VALID_LEN:
-        n_valid = tl.minimum(tl.load(VALID_LEN).to(tl.int32), num_tokens)
-    end_n = tl.where(start_m < n_valid, ctx + tl.minimum(start_m + BLOCK_M, n_valid), 0)  # padded tile: no work
-    rows = start_m + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    d_mask = (d < head_dim)[None, :]
-    q = tl.load(Q + rows[:, None].to(tl.int64) * stride_qt + head * stride_qh + d[None, :],
-                mask=(rows < num_tokens)[:, None] & d_mask, other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, end_n, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < end_n
-        block = tl.load(BT + cols // BLOCK_SIZE, mask=col_mask, other=0).to(tl.int64)
-        off = block * stride_cb + (cols % BLOCK_SIZE).to(tl.int64) * stride_co + kv_head * stride_ch
-        kv_mask = col_mask[:, None] & d_mask
-        k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
-        scores = tl.where((cols[None, :] <= (rows + ctx)[:, None]) & col_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(OUT + rows[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :],
-             out.to(OUT.dtype.element_ty), mask=(rows < num_tokens)[:, None] & d_mask)
-
-
-CACHED_BLOCK_N = 64  # keys per loop step on the GPU (the context is usually much longer than the new tokens)
-
-
-def cached_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                    block_table: torch.Tensor, start: int | torch.Tensor, scale: float,
-                                    valid_len: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton version of `cached_prefill_attention_ref`: K/V read in place from the paged cache, `start` from a
-    device tensor, so the grid depends only on the number of new tokens (graph-safe for any start)."""
-    num_tokens, num_q_heads, head_dim = q.shape
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
-        return cached_prefill_attention_ref(q, k_cache, v_cache, block_table, start, scale, valid_len)
-    out = torch.empty_like(q)
-    if num_tokens == 0:
-        return out
-    if not isinstance(start, torch.Tensor):
-        start = torch.full((1,), start, dtype=torch.int32, device=q.device)
-    block_m = config_for(num_tokens)[0] if q.is_cuda else CPU_CONFIG[0]
-    block_n = CACHED_BLOCK_N if q.is_cuda else CPU_CONFIG[1]
-    launch(_cached_prefill_kernel, (cdiv(num_tokens, block_m), num_q_heads),
-           q, k_cache, v_cache, block_table, start, valid_len if valid_len is not None else start, out, scale,
-           q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-           out.stride(1), num_tokens, head_dim, GROUP=num_q_heads // k_cache.shape[2],
-           HAS_VALID_LEN=valid_len is not None, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
-           BLOCK_D=next_pow2(max(head_dim, 16)), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-           num_warps=4, num_stages=2)
-    return out
 
 
 def _prefill_kernel(Q, K, V, OUT, VALID_LEN, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,

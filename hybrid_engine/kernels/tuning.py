@@ -65,6 +65,13 @@ def lookup(family: str, key: str, device: torch.device) -> list[int] | None:
     return list(entry) if entry is not None else None
 
 
+def entries(family: str, device: torch.device) -> dict[str, list[int]]:
+    """Every tuned entry of `family` on `device`'s card (empty on the CPU or an untuned card)."""
+    if device.type != "cuda":
+        return {}
+    return dict(_tables(device_slug(torch.cuda.get_device_name(device))).get(family, {}))
+
+
 def save(family: str, entries: dict[str, list[int]], device_name: str, path: Path | None = None) -> Path:
     """Merge `entries` into the user cache's table for `device_name` (or into `path`), written atomically."""
     path = path or user_dir() / f"{device_slug(device_name)}.json"

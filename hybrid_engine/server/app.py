@@ -98,6 +98,14 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
+async def reset_prefix_cache(request: Request) -> JSONResponse:
+    """Drop the cached KV blocks no request holds (as vLLM's POST /reset_prefix_cache): benchmarks and tests that
+    compare answers with and without earlier requests' prefixes in the cache."""
+    state: ServerState = request.app.state.server
+    freed = await asyncio.to_thread(state.llm.reset_prefix_cache)
+    return JSONResponse({"blocks_freed": freed})
+
+
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.server
     from prometheus_client import CONTENT_TYPE_LATEST
@@ -156,6 +164,7 @@ def create_app(llm: Any, *, served_model_name: str | None = None, max_queue: int
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"])
     return app
 
 
@@ -198,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV cache of repeated prompt prefixes (default: on)")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode projections whose per-row sums do not depend on the batch (default: on)")
+                   help="decode projections whose per-row sums do not depend on the batch (default: off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
     return p

@@ -26,13 +26,13 @@ def test_triton_on_cpu_under_interpreter():
     assert ops.name == "triton" and ops.prefill_attention is prefill_attention_triton
     assert ops.describe() == {"attention_backend": "triton", "prefill_attention": "triton",
                               "decode_attention": "triton", "elementwise_kernels": "triton", "sampling": "triton",
-                              "decode_projections": "decode_gemm"}
+                              "decode_projections": "gemv+plan"}
 
 
 def test_batch_invariant_picks_the_decode_projections():
     from hybrid_engine.kernels import decode_gemm, gemv
 
-    on, off = get_ops("cpu", "triton"), get_ops("cpu", "triton", batch_invariant=False)
+    on, off = get_ops("cpu", "triton", batch_invariant=True), get_ops("cpu", "triton")
     assert (on.decode_linear, on.linear_silu_mul, on.linear_rope_store) == (
         decode_gemm.decode_linear, decode_gemm.decode_linear_silu_mul, decode_gemm.decode_linear_rope_store)
     assert (off.decode_linear, off.linear_silu_mul, off.linear_rope_store) == (

@@ -5,7 +5,7 @@ import torch
 from kernel_helpers import GPU, assert_close, assert_replays_like_ref, rand
 
 from hybrid_engine.kernels import decode_gemm as dg
-from hybrid_engine.kernels import gemv
+from hybrid_engine.kernels import _workspace, gemv
 from hybrid_engine.kernels.activation import silu_mul_ref
 from hybrid_engine.kernels.decode_gemm import (decode_gemm_triton, decode_rope_store_triton, decode_silu_triton,
                                                linear_ref, linear_rope_store_ref, linear_silu_mul_ref)
@@ -156,7 +156,7 @@ def test_batch_invariance_rope_store(config, dtype):
 
 
 def _split_counters(n_tiles: int, split: int, pair: bool, block_n: int) -> torch.Tensor:
-    return gemv._SPLIT_BUFFERS[("cpu", "decode_gemm", n_tiles, split, pair, block_n)][1]
+    return _workspace._SPLIT_BUFFERS[("cpu", 0, False, "decode_gemm", n_tiles, split, pair, block_n)][1]
 
 
 def test_split_k_counters_reset_and_repeatable():

@@ -1,0 +1,51 @@
+"""Device facts and reusable scratch for kernels that split their work across programs and merge the parts in the
+last-arriving program (split-K GEMV, split-key cached-prefill attention)."""
+from __future__ import annotations
+
+import torch
+
+_SM_COUNT: dict[int, int] = {}
+_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []  # outgrown buffers that captured graphs may still read
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _stream_id(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def split_buffers(device: torch.device, key: tuple, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partials (at least `numel`) and zeroed int32 arrival counters (at least `counters`) of the kernel call
+    named by `key`, made once and reused: calls on one stream run in order and the kernels leave the counters at
+    zero, so a graph replay needs no memset.
+
+    Keyed by stream and by whether the stream is capturing, so that no two launches that can run at once share
+    them: requests run on the serving stream (JIT steps and graph replays, in order), while the capture worker
+    warms graphs up on its own stream at the same time; the buffers a capture records are used only by the replays
+    of the graphs captured with them, on the serving stream. Made on the first call of a kind (warm-up at load,
+    and inside the first capture, from the graphs' pool). A call needing more than a key's buffers hold gets new
+    ones; the old stay allocated, since a captured graph may still read them."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    full_key = (str(device), _stream_id(device), capturing, *key)
+    bufs = _SPLIT_BUFFERS.get(full_key)
+    if bufs is None or bufs[0].numel() < numel or bufs[1].numel() < counters:
+        if bufs is not None:
+            _RETIRED.append(bufs)
+        bufs = (torch.empty(numel, dtype=torch.float32, device=device),
+                torch.zeros(counters, dtype=torch.int32, device=device))
+        _SPLIT_BUFFERS[full_key] = bufs
+    return bufs
+
+
+def clear_split_buffers() -> None:
+    """Drop every reused workspace (a benchmark sweeping many shapes and streams between graphs); no graph captured
+    with them may be replayed afterwards."""
+    _SPLIT_BUFFERS.clear()
+    _RETIRED.clear()
