@@ -36,7 +36,9 @@ def test_cached_prefill_attention(device_dtype, start, n, valid, num_q_heads, nu
     total = start + valid
     k, v, k_cache, v_cache, table = _paged(total, num_kv_heads, head_dim, block_size, dtype, device, seed=start + n)
     q_all = rand(total, num_q_heads, head_dim, dtype=torch.float32, device="cpu", seed=3)
-    whole = prefill_attention_ref(q_all, k, v, head_dim ** -0.5)[start:start + valid]
+    # the references read the cache, which holds k and v rounded to its dtype: so does plain attention here
+    k_held, v_held = k.to(dtype).float(), v.to(dtype).float()
+    whole = prefill_attention_ref(q_all, k_held, v_held, head_dim ** -0.5)[start:start + valid]
     q = torch.zeros(n, num_q_heads, head_dim)
     q[:valid] = q_all[start:]
     start_t = torch.tensor([start], dtype=torch.int32)
