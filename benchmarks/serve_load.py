@@ -54,8 +54,8 @@ def wait_captures(base: str, timeout_s: float) -> None:
 def run(base: str, args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, args.vocab) for _ in range(args.prompt_tokens)] for _ in range(args.clients)]
-    for ids in prompts[:4]:  # warm-up: bucket demand, then the worker captures in the idle window
-        stream_one(base, args.model, ids, 4)
+    for _ in range(4):  # warm-up on other prompts (none of the measured ones may sit in the prefix cache)
+        stream_one(base, args.model, [rng.randrange(3, args.vocab) for _ in range(args.prompt_tokens)], 4)
     wait_captures(base, args.capture_wait_s)
     def reset() -> None:  # the concurrent requests must not reuse the KV the serial ones left in the prefix cache
         httpx.post(f"{base}/reset_prefix_cache").raise_for_status()
