@@ -211,6 +211,22 @@ def test_models_health_and_metrics_endpoints(server: Server) -> None:
         assert name in m, name
 
 
+def test_reset_prefix_cache_endpoint_drops_cached_prefixes(server: Server) -> None:
+    """A repeated prompt reuses its cached blocks (usage.prompt_tokens_details.cached_tokens); after POST
+    /reset_prefix_cache the same prompt is prefilled whole again."""
+    prompt = " ".join(["token"] * 40)  # several full KV blocks
+
+    def cached() -> int:
+        usage = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0).usage
+        return usage.prompt_tokens_details.cached_tokens
+
+    cached()
+    assert cached() > 0
+    r = httpx.post(f"{server.base}/reset_prefix_cache", timeout=30)
+    assert r.status_code == 200 and r.json()["blocks_freed"] > 0
+    assert cached() == 0
+
+
 def test_concurrent_streams_are_batched_and_equal_served_alone(tmp_path: Path, llm: LLM) -> None:
     """N streaming clients at once against a server with --max-num-seqs N: each gets the text its request gets
     alone, and the engine decoded them together (decode steps with more than one row)."""
