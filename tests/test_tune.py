@@ -184,3 +184,11 @@ def test_the_cli_tunes_saves_and_prints_the_table(capsys, monkeypatch, card):
     qkv = next(ln for ln in lines if "qkv 128x64" in ln)
     assert str(FUSED_BEST) in qkv and "M 1/8/32:" in qkv and "cuBLAS 51.0/58.0/82.0" in qkv
     assert sum("cached_attention" in ln for ln in lines) == 4
+
+
+def test_out_as_a_folder_writes_the_card_s_file_in_it(tmp_path):
+    from hybrid_engine.tune_cli import _out_path
+
+    assert _out_path(tmp_path, CARD) == tmp_path / "nvidia-test-card.json"
+    assert _out_path(tmp_path / "t.json", CARD) == tmp_path / "t.json"
+    assert _out_path(None, CARD) is None
