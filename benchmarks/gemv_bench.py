@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,10 +19,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_engine.kernels import gemv  # noqa: E402
+# graph_us lives in the package (the tuning sweeps use it); the other benchmarks import it from here
+from hybrid_engine.kernels.sweeps.timing import REPS, graph_us  # noqa: E402,F401
 
 SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008),
           ("lm_head", 32000, 4096)]
-REPS = 20
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
 CONFIGS = [(4, 512, 4, 1), (4, 1024, 4, 1), (8, 256, 4, 1), (8, 512, 4, 1), (8, 512, 4, 3), (8, 1024, 4, 1),
            (8, 1024, 8, 1), (16, 256, 4, 1), (16, 512, 4, 1), (16, 512, 8, 1), (16, 512, 4, 3), (16, 1024, 8, 1),
@@ -33,32 +33,6 @@ CONFIGS += [(8, 1024, 4, 1, 2), (4, 1024, 4, 1, 2), (8, 512, 4, 1, 2), (16, 1024
             (4, 512, 4, 1, 4), (16, 512, 4, 1, 4), (2, 2048, 4, 1), (1, 2048, 4, 1), (4, 2048, 4, 1),
             (8, 2048, 8, 1), (1, 4096, 4, 1), (2, 1024, 2, 1), (4, 1024, 8, 1)]
 QUICK = [(8, 512, 4, 1), (16, 512, 4, 1), (4, 1024, 4, 1), (16, 256, 4, 1), (32, 256, 8, 1)]
-
-
-def graph_us(fn, reps=REPS, replays=7) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(reps):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):  # the warm-up's stream, as the engine captures: per-stream workspaces exist
-        for i in range(reps):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    del g
-    return statistics.median(times)
 
 
 def bench_rope_store() -> None:

@@ -1,4 +1,4 @@
-"""`hybrid-engine generate | chat | bench | serve`."""
+"""`hybrid-engine generate | chat | bench | serve | tune`."""
 from __future__ import annotations
 
 import argparse
@@ -7,16 +7,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
-from .errors import OptionalDependencyError
+from .errors import OptionalDependencyError, UsageError
 
 if TYPE_CHECKING:
     from . import LLM, SamplingParams
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-class UsageError(Exception):
-    """A bad command-line value: main() prints it as one `error: ...` line on stderr and exits 2."""
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -171,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_chat)
     sub.add_parser("bench", help="latency benchmark (see `hybrid-engine bench --help`)", add_help=False)
     sub.add_parser("serve", help="OpenAI-compatible server (see `hybrid-engine serve --help`)", add_help=False)
+    from .tune_cli import add_tune_parser
+
+    add_tune_parser(sub)
     return p
 
 

@@ -13,6 +13,11 @@ class ModelLoadError(HybridEngineError, ValueError, OSError):
     transformers catches it too (as io.UnsupportedOperation is both an OSError and a ValueError)."""
 
 
+class UsageError(Exception):
+    """A bad command-line value: the CLI prints it as one `error: ...` line on stderr and exits 2. Here rather than
+    in cli.py so that subcommand modules raise the class `main` catches, also under `python -m hybrid_engine.cli`."""
+
+
 class OptionalDependencyError(ImportError):
     """An optional package is missing; the message names the extra that installs it."""
 

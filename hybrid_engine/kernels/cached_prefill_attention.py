@@ -164,7 +164,7 @@ def _scaled_splits(splits: int, num_heads: int, device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def tuned_configs(num_heads: int, head_dim: int, dtype: torch.dtype,
                   device: torch.device) -> list[tuple[int, tuple[int, ...]]]:
-    """This card's measured configs for these heads (benchmarks/cached_attn_sweep.py, kernels/tuning.py) as
+    """This card's measured configs for these heads (`hybrid-engine tune`, kernels/sweeps/, kernels/tuning.py) as
     (new tokens measured, config), sorted; empty where none were measured."""
     suffix = "," + tuning.shape_key(num_heads, head_dim, dtype=dtype)
     found = [(int(key.split(",")[0]), tuple(cfg)) for key, cfg in tuning.entries("cached_attention", device).items()

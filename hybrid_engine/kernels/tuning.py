@@ -4,9 +4,10 @@ A table file is named by the card (`nvidia-h200.json`) and holds, per kernel fam
 "cached_attention", ...), entries keyed by the shape and dtype they were measured for, e.g. "4096,4096,float16",
 plus the Triton version they were measured with. Lookups read the user cache first ($HYBRID_ENGINE_TUNING_DIR, else
 ~/.cache/hybrid_engine/tuning), then the package's `tuning/` folder; a card or shape in neither falls back to the
-kernel's own default derived from the shape. The benchmark sweeps (benchmarks/decode_gemm_bench.py,
-benchmarks/cached_attn_sweep.py) write their choices with `save`, so a process started afterwards on the same
-machine uses them without a code change; copy the file into `hybrid_engine/kernels/tuning/` to ship it.
+kernel's own default derived from the shape. The sweeps (kernels/sweeps/, run for a model's shapes by
+`hybrid-engine tune` and for LLaMA-2-7B's by benchmarks/decode_gemm_bench.py and benchmarks/cached_attn_sweep.py)
+write their choices with `save`, so a process started afterwards on the same machine uses them without a code
+change; copy the file into `hybrid_engine/kernels/tuning/` to ship it.
 """
 from __future__ import annotations
 

@@ -100,6 +100,17 @@ def _load_tokenizer(path: str) -> Any:
         raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
 
 
+def read_model_config(model: str) -> Any:
+    """The transformers config of a preset name, checkpoint directory or .gguf file, read without any weight (a GGUF
+    file's from its metadata, which needs the `gguf` package); ModelLoadError / ValueError name what is wrong."""
+    if model in GGUF_PRESETS:
+        model = packaged_gguf(model)
+    if gguf.is_gguf_file(model):
+        gguf.require_gguf()
+        return gguf.read_config(model)
+    return preset_config(model) if model in PRESETS else _read_config(model)
+
+
 def _read_config(path: str) -> Any:
     from transformers import AutoConfig
 

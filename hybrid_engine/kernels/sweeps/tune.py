@@ -1,0 +1,188 @@
+"""Run the sweeps for a set of shapes and save each choice into the card's tuning table as it is made.
+
+`tune` measures the decode GEMM shapes first (a decode step is mostly these projections), then the cached-prefill
+attention's token counts, within one time budget: a shape or token count still being measured when the budget runs
+out is left unsaved, and everything finished before it stays saved. The benches that time a config are parameters,
+so the orchestration runs without CUDA in tests.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from .. import tuning
+from .cached_attention_sweep import STARTS, TOKENS, AttentionBench, AttentionShape, Sweep, recommend, sweep_tokens
+from .decode_gemm_sweep import RULE_MS, GemmBench, GemmShape, ShapeBench, chosen_us, sweep_shape
+
+logger = logging.getLogger(__name__)
+
+KERNELS = ("decode_gemm", "cached_attention")  # the tuning-table families `tune` can measure
+GEMM_SHARE = 0.6  # of the budget, when both families are tuned: the rest is the attention's
+
+
+@dataclass(frozen=True, slots=True)
+class TuneShapes:
+    """What to measure for one model on one rank: its decode projections, its attention heads and its dtype."""
+
+    gemm: tuple[GemmShape, ...]
+    attention: AttentionShape
+    dtype: torch.dtype
+
+
+@dataclass(slots=True)
+class TuneRow:
+    """One table entry: `config` None where nothing was chosen (`note` says why). `us` and `baseline_us` are by M
+    (decode GEMM, baseline cuBLAS) or by cached start (attention, baseline the config used before)."""
+
+    family: str
+    label: str
+    key: str
+    config: tuple[int, ...] | None
+    us: dict[int, float] = field(default_factory=dict)
+    baseline_us: dict[int, float] = field(default_factory=dict)
+    note: str = ""
+
+
+class Progress(Protocol):
+    """The part of a tqdm bar `tune` uses."""
+
+    def set_description(self, desc: str) -> None: ...
+
+    def update(self, n: int = 1) -> None: ...
+
+
+@dataclass(slots=True)
+class TuneRun:
+    """How `tune` measures and where it saves. `gemm_bench` / `attention_bench` make the benches (default: the GPU
+    ones); `workers` compile processes for the decode GEMM (0: compile in this process)."""
+
+    device_name: str
+    budget_s: float = 300.0
+    quick: bool = False
+    out: Path | None = None
+    sms: int = 132
+    workers: int = 0
+    progress: Progress | None = None
+    gemm_bench: Callable[[GemmShape, torch.dtype, float], GemmBench] | None = None
+    attention_bench: Callable[[AttentionShape, torch.dtype, float], AttentionBench] | None = None
+    saved_to: Path | None = None
+
+
+def steps(shapes: TuneShapes, kernels: tuple[str, ...]) -> int:
+    """How many units (decode GEMM shapes, attention token counts) `tune` goes through: a progress bar's total."""
+    return len(shapes.gemm) * ("decode_gemm" in kernels) + len(TOKENS) * ("cached_attention" in kernels)
+
+
+def tune(shapes: TuneShapes, kernels: tuple[str, ...], run: TuneRun) -> list[TuneRow]:
+    """Measure `kernels` (a subset of KERNELS) for `shapes` on this card within `run.budget_s` seconds, saving each
+    choice through `tuning.save` (to `run.out`, else the user cache; `run.saved_to` tells where) as it is made."""
+    unknown = sorted(set(kernels) - set(KERNELS))
+    if unknown or not kernels:
+        raise ValueError(f"kernels={list(kernels)!r}: choose one or more of {list(KERNELS)}")
+    t0 = time.monotonic()
+    rows: list[TuneRow] = []
+    if "decode_gemm" in kernels:
+        share = GEMM_SHARE if "cached_attention" in kernels else 1.0
+        rows += _tune_gemm(shapes, run, t0 + share * run.budget_s)
+    if "cached_attention" in kernels:
+        rows += _tune_attention(shapes, run, run.budget_s - (time.monotonic() - t0))
+    return rows
+
+
+def _save(run: TuneRun, family: str, key: str, config: tuple[int, ...]) -> None:
+    run.saved_to = tuning.save(family, {key: config}, run.device_name, run.out)
+
+
+def _step(run: TuneRun, label: str) -> None:
+    if run.progress is not None:
+        run.progress.set_description(label)
+
+
+def _done(run: TuneRun) -> None:
+    if run.progress is not None:
+        run.progress.update(1)
+
+
+def _compile_pool(workers: int) -> Executor | None:
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 0 else None
+
+
+def default_workers() -> int:
+    """Compile processes for the decode GEMM sweep: half the cores, at most 8."""
+    return min(8, max(1, (os.cpu_count() or 2) // 2))
+
+
+def _tune_gemm(shapes: TuneShapes, run: TuneRun, deadline: float) -> list[TuneRow]:
+    make = run.gemm_bench or (lambda shape, dtype, until: ShapeBench(shape, dtype, "cuda", until))
+    dtype_name = str(shapes.dtype).removeprefix("torch.")
+    rows, pool = [], _compile_pool(run.workers)
+    try:
+        for shape in shapes.gemm:
+            _step(run, f"decode_gemm {shape.label}")
+            if time.monotonic() < deadline:
+                rows.append(_gemm_row(make(shape, shapes.dtype, deadline), pool, run, dtype_name))
+            else:  # not even its weights are made: the budget is spent
+                rows.append(TuneRow("decode_gemm", shape.label,
+                                    tuning.shape_key(shape.n, shape.k, dtype=dtype_name), None,
+                                    note="time limit reached before it started"))
+            _done(run)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the next shape's weight copies need the room
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return rows
+
+
+def _gemm_row(bench: GemmBench, pool: Executor | None, run: TuneRun, dtype_name: str) -> TuneRow:
+    s = bench.shape
+    row = TuneRow("decode_gemm", s.label, tuning.shape_key(s.n, s.k, dtype=dtype_name), None)
+    result = sweep_shape(bench, pool, run.quick, run.sms, dtype_name)
+    row.baseline_us = {m: us for m, us in bench.times.get("cublas", {}).get("F.linear", {}).items() if m in RULE_MS}
+    if bench.skipped:
+        row.note = f"time limit reached: {bench.skipped} measurements skipped, not saved"
+    elif result is None:
+        row.note = f"no config worked ({len(bench.failed)} failed)"
+    else:
+        row.config, row.us = tuple(result["chosen"]), {m: chosen_us(bench, result)[m] for m in RULE_MS}
+        _save(run, "decode_gemm", row.key, row.config)
+    return row
+
+
+def _tune_attention(shapes: TuneShapes, run: TuneRun, budget_s: float) -> list[TuneRow]:
+    a = shapes.attention
+    make = run.attention_bench or (lambda shape, dtype, budget: Sweep(shape, budget, dtype))
+    bench, rows = make(a, shapes.dtype, max(0.0, budget_s)), []
+    for tokens in TOKENS:
+        _step(run, f"cached_attention T={tokens} {a.num_heads}x{a.head_dim}")
+        skipped = bench.skipped
+        times, fixed = sweep_tokens(bench, tokens, list(STARTS))
+        rows.append(_attention_row(run, shapes, tokens, times, fixed, bench.skipped - skipped))
+        _done(run)
+    return rows
+
+
+def _attention_row(run: TuneRun, shapes: TuneShapes, tokens: int, times: dict, fixed: dict,
+                   skipped: int) -> TuneRow:
+    a = shapes.attention
+    key = tuning.shape_key(tokens, a.num_heads, a.head_dim, dtype=shapes.dtype)
+    row = TuneRow("cached_attention", f"T={tokens} heads {a.num_heads}x{a.head_dim}", key, None)
+    config, _ = recommend(times)
+    before = fixed.get("cached_config")
+    row.baseline_us = {s: per[before] for s, per in times.items() if before in per}
+    if config is None:
+        row.note = f"time limit reached: {skipped} measurements skipped" if skipped else "no config worked"
+        return row
+    row.config, row.us = tuple(config), {s: per[config] for s, per in times.items()}
+    if skipped:  # the config used before is measured first, so what was measured still beats or equals it
+        row.note = f"{skipped} measurements skipped (time limit); chosen among those measured"
+    _save(run, "cached_attention", key, row.config)
+    return row

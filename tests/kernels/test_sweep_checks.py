@@ -1,0 +1,44 @@
+"""The sweeps' correctness gates on the CPU (Triton interpreter): a config is timed only after its variant matches
+the fp32 reference (and, for the decode GEMM, each row alone matches its row of the batch), with the model's own
+head layout (grouped KV heads here)."""
+from __future__ import annotations
+
+import torch
+
+from hybrid_engine.kernels import decode_gemm as dg
+from hybrid_engine.kernels.sweeps import cached_attention_sweep as cs
+from hybrid_engine.kernels.sweeps import decode_gemm_sweep as ds
+
+CPU = torch.device("cpu")
+CFG = (16, 64, 1, 4, 2)
+
+
+def test_decode_gemm_variants_pass_the_check_with_grouped_kv_heads():
+    torch.manual_seed(0)
+    heads = (4, 2, 32)  # QKV weight [(4 + 2 * 2) * 32, 64]
+    qkv = torch.randn(8 * 32, 64) * 0.02
+    gate_up = torch.randn(128, 64) * 0.02
+    x32 = torch.randn(32, 64)
+    rope = ds.rope_operands(heads, torch.float32, CPU)
+    for kind in ("plain", "rope", "rope_unfused"):
+        assert ds.check(kind, x32, qkv, CFG, rope) is None, kind
+    for kind in ("silu", "silu_unfused"):
+        assert ds.check(kind, x32, gate_up, CFG, rope) is None, kind
+
+
+def test_a_wrong_or_row_dependent_variant_is_refused(monkeypatch):
+    torch.manual_seed(0)
+    w, x32 = torch.randn(64, 64) * 0.02, torch.randn(32, 64)
+    rope = ds.rope_operands(None, torch.float32, CPU)
+    real = dg.decode_gemm_triton
+    monkeypatch.setattr(dg, "decode_gemm_triton", lambda x, w, b, c: real(x, w, b, c) + 0.1)
+    assert ds.check("plain", x32, w, CFG, rope).startswith("wrong")
+    monkeypatch.setattr(dg, "decode_gemm_triton", lambda x, w, b, c: real(x, w, b, c) * (1 + 1e-3 * (len(x) > 1)))
+    assert ds.check("plain", x32, w, CFG, rope) == "not batch-invariant: row 0 alone differs"
+
+
+def test_cached_attention_check_with_grouped_kv_heads():
+    torch.manual_seed(0)
+    sweep = cs.Sweep(cs.AttentionShape(4, 2, 16), budget_s=60, dtype=torch.float32, device="cpu")
+    assert sweep.check(32, (16, 16, 4, 2, 2), start=480)
+    assert sweep.errors["T=32 (16, 16, 4, 2, 2)"] < 1e-4

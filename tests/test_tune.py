@@ -1,0 +1,194 @@
+"""`hybrid-engine tune` without a GPU: the CLI refuses with one line, and the sweep orchestration, run with fake
+benches instead of CUDA timings, saves each choice where the kernels read it (family and key) and keeps what was
+finished when the time limit cuts a sweep short."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hybrid_engine import cli
+from hybrid_engine.kernels import cached_prefill_attention as cpa
+from hybrid_engine.kernels import decode_gemm, tuning
+from hybrid_engine.kernels.sweeps import tune as tune_mod
+from hybrid_engine.kernels.sweeps.decode_gemm_sweep import MS, RULE_MS
+from hybrid_engine.models.shapes import model_shapes
+
+CARD = "NVIDIA Test Card"
+PLAIN_BEST = (32, 128, 1, 4, 4)  # the fake's fastest plain decode GEMM config, reached in stage 2
+FUSED_BEST = (32, 128, 1, 4, 3)  # the fused variants find PLAIN_BEST slow: the next plain finalist wins
+ATTENTION_BEST = {32: (16, 128, 4, 3, 8), 144: (64, 64, 4, 2, 4), 256: (64, 64, 4, 2, 2), 512: (64, 64, 4, 2, 1)}
+
+
+def _gemm_cost(kind: str, cfg: tuple[int, ...]) -> float:
+    bn, bk, split, warps, stages = cfg
+    cost = 10 + abs(bn - 32) / 16 * 1.5 + abs(bk - 128) / 64 * 1.3 + (split - 1) * 1.7 + abs(warps - 4) / 4 * 1.9
+    cost += abs(stages - 4) * 1.1
+    return cost + (5 if kind in ("rope", "silu") and cfg == PLAIN_BEST else 0)
+
+
+class FakeGemmBench:
+    """`ShapeBench` without CUDA: us per call from `_gemm_cost`; `skip_all` plays a bench past its deadline."""
+
+    made: list[str] = []
+
+    def __init__(self, shape, dtype, deadline, skip_all=False):
+        self.shape, self.times, self.failed, self.skipped, self.skip_all = shape, {}, {}, 0, skip_all
+        FakeGemmBench.made.append(shape.name)
+
+    def baselines(self):
+        self.times["cublas"] = {"F.linear": {m: 50.0 + m for m in MS}}
+
+    def time(self, kind, cfg, ms=RULE_MS, known_bad=None):
+        if self.skip_all:
+            self.skipped += 1
+            return None
+        per_m = self.times.setdefault(kind, {}).setdefault(str(cfg), {})
+        per_m.update({m: _gemm_cost(kind, cfg) * (1 + m / 32) for m in ms})
+        return sum(per_m[m] for m in RULE_MS if m in per_m)
+
+
+class FakeAttentionBench:
+    """`Sweep` without CUDA: the fastest config of each token count is ATTENTION_BEST's, at every start."""
+
+    def __init__(self, shape, dtype, budget_s):
+        self.shape, self.failed, self.skipped = shape, {}, 0
+
+    def fixed_configs(self, tokens):
+        return {"unsplit (before)": (64, 64, 4, 2, 1), "cached_config": (16, 64, 4, 2, 8)}
+
+    def measure(self, tokens, cfg, start, check_start, share=1.0):
+        best = ATTENTION_BEST[tokens]
+        return 5.0 + start / 1000 + sum(abs(a - b) / max(a, b) for a, b in zip(cfg, best))
+
+
+@pytest.fixture()
+def card(tmp_path, monkeypatch):
+    """An empty user cache and package folder, a CUDA device name for the lookups, and fresh lookup caches."""
+    monkeypatch.setenv("HYBRID_ENGINE_TUNING_DIR", str(tmp_path / "user"))
+    monkeypatch.setattr(tuning, "PACKAGE_DIR", tmp_path / "package")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: CARD)
+    FakeGemmBench.made = []
+
+    def clear():
+        tuning._tables.cache_clear()
+        decode_gemm._config.cache_clear()
+        cpa.tuned_configs.cache_clear()
+
+    clear()
+    yield tmp_path / "user" / "nvidia-test-card.json"
+    clear()
+
+
+def _run(**kw) -> tune_mod.TuneRun:
+    return tune_mod.TuneRun(CARD, gemm_bench=kw.pop("gemm_bench", FakeGemmBench), attention_bench=FakeAttentionBench,
+                            **kw)
+
+
+def test_choices_are_saved_where_the_kernels_read_them(card):
+    shapes = model_shapes("tiny-llama")
+    run = _run(budget_s=60)
+    rows = tune_mod.tune(shapes, tune_mod.KERNELS, run)
+    assert run.saved_to == card and not any(row.note for row in rows)
+    table = json.loads(card.read_text())["tables"]
+    assert table["decode_gemm"] == {"128,64,float16": list(FUSED_BEST), "64,64,float16": list(PLAIN_BEST),
+                                    "352,64,float16": list(FUSED_BEST), "64,176,float16": list(PLAIN_BEST),
+                                    "512,64,float16": list(PLAIN_BEST)}
+    assert table["cached_attention"] == {f"{t},4,16,float16": list(c) for t, c in ATTENTION_BEST.items()}
+    cuda = torch.device("cuda")
+    assert decode_gemm.config_for(352, 64, cuda, torch.float16) == FUSED_BEST  # gate/up: the fused variant's sum
+    assert decode_gemm.config_for(64, 176, cuda, torch.float16) == PLAIN_BEST
+    assert decode_gemm.config_for(64, 176, cuda, torch.bfloat16) != PLAIN_BEST  # measured for float16 only
+    assert cpa.cached_config(100, 4096, 4, cuda, 16, torch.float16) == ATTENTION_BEST[144]
+    assert cpa.cached_config(32, 4096, 4, cuda, 16, torch.float16) == ATTENTION_BEST[32]
+    qkv = rows[0]
+    assert qkv.label == "qkv 128x64" and qkv.us == {m: _gemm_cost("rope", FUSED_BEST) * (1 + m / 32) for m in RULE_MS}
+    assert qkv.baseline_us == {m: 50.0 + m for m in RULE_MS}
+
+
+def test_one_family_and_an_explicit_out_file(card, tmp_path):
+    out = tmp_path / "shipped.json"
+    run = _run(out=out)
+    rows = tune_mod.tune(model_shapes("llama-2-7b-shape", 2, "bfloat16"), ("cached_attention",), run)
+    assert run.saved_to == out and not card.exists() and [r.family for r in rows] == ["cached_attention"] * 4
+    saved = json.loads(out.read_text())
+    assert saved["device"] == CARD and "decode_gemm" not in saved["tables"]
+    assert saved["tables"]["cached_attention"]["256,16,128,bfloat16"] == list(ATTENTION_BEST[256])
+
+
+def test_a_time_limit_keeps_the_shapes_finished_before_it(card):
+    def bench(shape, dtype, deadline):
+        return FakeGemmBench(shape, dtype, deadline, skip_all=shape.name == "gate_up")
+
+    rows = tune_mod.tune(model_shapes("tiny-llama", dtype="bfloat16"), ("decode_gemm",), _run(gemm_bench=bench))
+    saved = json.loads(card.read_text())["tables"]["decode_gemm"]
+    assert set(saved) == {"128,64,bfloat16", "64,64,bfloat16", "64,176,bfloat16", "512,64,bfloat16"}
+    gate_up = rows[2]
+    assert gate_up.config is None and "time limit" in gate_up.note and "not saved" in gate_up.note
+
+
+def test_a_spent_budget_makes_no_bench(card):
+    rows = tune_mod.tune(model_shapes("tiny-llama"), ("decode_gemm",), _run(budget_s=1e-9))
+    assert FakeGemmBench.made == [] and all(r.note == "time limit reached before it started" for r in rows)
+    assert not card.exists()
+
+
+def test_unknown_kernels_are_named():
+    with pytest.raises(ValueError, match=r"kernels=\['gemv'\]: choose one or more of"):
+        tune_mod.tune(model_shapes("tiny-llama"), ("gemv",), _run())
+
+
+# --- The CLI ----------------------------------------------------------------------------------------------------------
+
+def _one_error_line(capsys, rc: int) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
+    return lines[0]
+
+
+def test_without_cuda_the_cli_says_a_gpu_is_needed(capsys, monkeypatch, card):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = _one_error_line(capsys, cli.main(["tune", "--model", "tiny-llama"]))
+    assert "needs a CUDA GPU" in line
+    assert not card.exists()
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--kernels", "decode_gemm,gemv"], "--kernels='decode_gemm,gemv': choose one or more of decode_gemm, "
+                                        "cached_attention"),
+    (["--budget-s", "0"], "--budget-s=0.0: must be a number of seconds > 0"),
+    (["--dtype", "float32"], "argument --dtype: invalid choice: 'float32'"),
+    (["--tensor-parallel-size", "3"], "--tensor-parallel-size=3 must divide the model's num_attention_heads=4"),
+])
+def test_bad_flags_are_one_line(capsys, monkeypatch, args, named):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the flags are checked before anything runs
+    line = _one_error_line(capsys, cli.main(["tune", "--model", "tiny-llama", *args]))
+    assert named in line
+
+
+def test_the_cli_tunes_saves_and_prints_the_table(capsys, monkeypatch, card):
+    from hybrid_engine.kernels import _workspace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_workspace, "sm_count", lambda device: 132)
+    monkeypatch.setattr(tune_mod, "default_workers", lambda: 0)
+    monkeypatch.setattr(tune_mod, "ShapeBench", lambda shape, dtype, device, deadline: FakeGemmBench(shape, dtype,
+                                                                                                     deadline))
+    monkeypatch.setattr(tune_mod, "Sweep", lambda shape, budget, dtype: FakeAttentionBench(shape, dtype, budget))
+    assert cli.main(["tune", "--model", "tiny-llama", "--quick"]) == 0
+    out, err = capsys.readouterr()
+    assert f"wrote {card}" in err and card.exists()
+    lines = out.splitlines()
+    qkv = next(ln for ln in lines if "qkv 128x64" in ln)
+    assert str(FUSED_BEST) in qkv and "M 1/8/32:" in qkv and "cuBLAS 51.0/58.0/82.0" in qkv
+    assert sum("cached_attention" in ln for ln in lines) == 4
+
+
+def test_out_as_a_folder_writes_the_card_s_file_in_it(tmp_path):
+    from hybrid_engine.tune_cli import _out_path
+
+    assert _out_path(tmp_path, CARD) == tmp_path / "nvidia-test-card.json"
+    assert _out_path(tmp_path / "t.json", CARD) == tmp_path / "t.json"
+    assert _out_path(None, CARD) is None
