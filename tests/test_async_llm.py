@@ -194,3 +194,39 @@ def test_close_fails_running_requests_and_a_later_request_restarts_the_driver(ll
     assert out.outputs[0].token_ids == llm.chat([{"role": "user", "content": "hi"}],
                                                 SamplingParams(max_tokens=4, temperature=0)).outputs[0].token_ids
     _wait_all_free(llm)
+
+
+def test_mailbox_delivers_every_item_in_order_with_fewer_wakeups(monkeypatch):
+    """Items posted from another thread reach their queues in order; items posted before the loop drains share one
+    wake-up (call_soon_threadsafe); a closed loop is an error for the poster."""
+    from hybrid_engine.engine.async_stream import _LoopMailbox
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        monkeypatch.setattr(loop, "call_soon_threadsafe", lambda *a: (wakeups.append(1), real(*a))[1])
+        box = _LoopMailbox.of(loop)
+        assert _LoopMailbox.of(loop) is box
+        queues = [asyncio.Queue() for _ in range(4)]
+
+        def produce():
+            for step in range(50):
+                for q in queues:
+                    box.post(q, step)
+
+        t = threading.Thread(target=produce)
+        t.start()
+        t.join()  # the loop is blocked meanwhile (as while it serves other callbacks): every post shares a wake-up
+        first = len(wakeups)
+        got = [[await q.get() for _ in range(50)] for q in queues]
+        return got, first
+
+    got, wakeups = asyncio.run(scenario())
+    assert got == [list(range(50))] * 4
+    assert wakeups == 1
+    loop = asyncio.new_event_loop()
+    box = _LoopMailbox.of(loop)
+    loop.close()
+    with pytest.raises(RuntimeError):
+        box.post(asyncio.Queue(), 1)

@@ -1,7 +1,8 @@
 """The asyncio side of the engine: a driver thread and per-request async streams (`LLM.astream_deltas`, AsyncLLM).
 
-Each request gets an asyncio queue; the step loop hands it every StreamDelta through the sequence's `consumer`
-(`loop.call_soon_threadsafe`, from whichever thread runs the step). One background thread per engine runs steps
+Each request gets an asyncio queue; the step loop hands it every StreamDelta through the sequence's `consumer`, from
+whichever thread runs the step, via its event loop's mailbox (one `call_soon_threadsafe` wake-up per batch of
+deltas, not per delta). One background thread per engine runs steps
 while any async request is unfinished and sleeps on the core's condition variable otherwise; synchronous callers
 may drive the same core meanwhile (one driver at a time), and every step serves every running request.
 """
@@ -74,6 +75,53 @@ class AsyncDriver:
         return not self._live
 
 
+class _LoopMailbox:
+    """Hands items from the driving thread to one event loop's queues with one wake-up per batch, not per item:
+    a step that serves 32 streams delivers 32 deltas, and `call_soon_threadsafe` costs a write to the loop's
+    self-pipe (a system call, and a wake-up of the loop) each time. Items posted before the loop drains the box ride
+    on the same wake-up; order per queue is kept."""
+
+    _boxes: "dict[asyncio.AbstractEventLoop, _LoopMailbox]" = {}
+    _boxes_lock = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "_LoopMailbox":
+        with cls._boxes_lock:
+            box = cls._boxes.get(loop)
+            if box is None or box.loop.is_closed():
+                for dead in [lp for lp in cls._boxes if lp.is_closed()]:
+                    del cls._boxes[dead]
+                box = cls._boxes[loop] = cls(loop)
+            return box
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        """Any thread: queue `item` for `queue`; raises RuntimeError if the loop is closed."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            with self._lock:
+                self._scheduled = False
+                self._items.clear()
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class AsyncRequestStream:
     """Async iterator over one request's StreamDeltas (`async for delta in stream`). `aclose()`, dropping it or
     cancelling the task awaiting it cancels the request and frees its KV blocks at the next step; a failed step's
@@ -88,6 +136,7 @@ class AsyncRequestStream:
             raise RuntimeError("the async API needs a running event loop (call it from a coroutine); synchronous "
                                "code uses LLM.stream_deltas / LLM.generate") from None
         self._queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+        self._mailbox = _LoopMailbox.of(self._loop)
         seq.consumer = self._push
         driver.submit(seq)
 
@@ -99,7 +148,7 @@ class AsyncRequestStream:
         """On the driving thread: hand the item to the event loop (the outbox is for synchronous readers only)."""
         self.seq.outbox.clear()
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._mailbox.post(self._queue, item)
         except RuntimeError:  # the event loop is closed: nobody will read this request
             self._driver.cancel(self.seq)
 
