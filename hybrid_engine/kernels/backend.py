@@ -62,8 +62,9 @@ class KernelOps:
     decode_slots: Callable[..., Any] = decode_slots_ref
     # Optional fused ops (None = the model composes the unfused ones):
     rope_store_kv: Callable[..., Any] | None = None    # (q, k, v, positions, cos_sin, k_cache, v_cache, slots) -> (q, k)
-    linear_silu_mul: Callable[..., Any] | None = None  # decode: (x, gate_up_weight) -> silu_mul(linear(.)), or None where
-    # it does not apply (the model then composes linear and silu_mul)
+    # decode steps: (x, gate_up_weight) -> silu_mul(linear(.)), or None where it does not apply (the model then
+    # composes linear and silu_mul)
+    linear_silu_mul: Callable[..., Any] | None = None
     # (x, qkv_weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads, num_kv_heads) -> rotated q of a
     # decode token with k / v written to the cache, or None where it does not apply (the model composes the ops)
     linear_rope_store: Callable[..., Any] | None = None
