@@ -240,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="a,b,c,d", help="which of (a)..(d) to run")
     ap.add_argument("--agreement-model", default=None,
                     help="also run (d) on this model (e.g. a real-weights GGUF: random weights leave near-ties)")
+    ap.add_argument("--agreement-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                    help="dtype of the --agreement-model run (auto: float16 on CUDA, float32 on the CPU)")
+    ap.add_argument("--agreement-full", action="store_true",
+                    help="the --agreement-model run at the full sizes (64 prompts x 32 tokens) also on the CPU")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -255,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         llm.close()
     if args.agreement_model:
         del llm
+        sizes = Sizes(False, args.runs) if args.agreement_full else z
         real = res["systems"]["hybrid"]["prefix_cache"]["agreement_real_model"] = \
-            real_model_agreement(args.agreement_model, z)
+            real_model_agreement(args.agreement_model, sizes, args.agreement_dtype)
         print(json.dumps({"real_model_agreement": real["agreement"]}), flush=True)
     res["wall_s"] = time.perf_counter() - t_start
     with open(args.out, "w") as f:
@@ -265,17 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def real_model_agreement(model: str, z: Sizes) -> dict:
-    """(d) on another model, in the dtype the first one ran in (fp16 on the GPU)."""
+def real_model_agreement(model: str, z: Sizes, dtype: str = "auto") -> dict:
+    """(d) on another model, in `dtype` (auto: fp16 on the GPU, as the first model ran, fp32 on the CPU)."""
     import gc
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    llm = LLM(model, capture="eager", dtype="float16" if torch.cuda.is_available() else "float32")
+    if dtype == "auto":
+        dtype = "float16" if torch.cuda.is_available() else "float32"
+    llm = LLM(model, capture="eager", dtype=dtype)
     try:
         vocab = llm.model_config.vocab_size
-        return {"model": model, **agreement(llm, vocab, z)}
+        return {"model": model, "dtype": dtype, "device": str(llm.device), **agreement(llm, vocab, z)}
     finally:
         llm.close()
 
