@@ -63,6 +63,13 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def check_dot_tiles(**tiles: int) -> None:
+    """ValueError unless every named tile size is a power of two >= 16 (what tl.dot accepts)."""
+    for name, value in tiles.items():
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name}={value} must be a power of two >= 16 (tl.dot tiles)")
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

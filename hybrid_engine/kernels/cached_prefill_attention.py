@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tuning
-from ._triton import cdiv, jit_helpers, launch, next_pow2
+from ._triton import cdiv, check_dot_tiles, jit_helpers, launch, next_pow2
 from ._workspace import sm_count, split_buffers
 from .kv_store import _paged_offsets  # noqa: F401 (called by _attend_keys)
 
@@ -197,9 +197,7 @@ def _check_config(config: tuple[int, int, int, int, int]) -> None:
     if len(config) != 5:
         raise ValueError(f"config={config!r}: want (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLITS)")
     block_m, block_n, num_warps, num_stages, splits = config
-    for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"{name}={value}: must be a power of two >= 16 (tl.dot tiles)")
+    check_dot_tiles(BLOCK_M=block_m, BLOCK_N=block_n)
     if num_warps < 1 or num_warps & (num_warps - 1) or num_stages < 1:
         raise ValueError(f"num_warps={num_warps}, num_stages={num_stages}: num_warps a power of two, stages >= 1")
     if not 1 <= splits <= MAX_SPLITS:

@@ -29,7 +29,7 @@ import functools
 import torch
 
 from . import tuning
-from ._triton import cdiv, jit_helpers, launch
+from ._triton import cdiv, check_dot_tiles, jit_helpers, launch
 from .gemm import linear_rows
 from ._workspace import split_buffers
 from .gemv import _store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref
@@ -73,9 +73,7 @@ def _check_config(config: tuple[int, ...]) -> tuple[int, int, int, int, int]:
     if len(config) != 5:
         raise ValueError(f"config {config} must be (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)")
     block_n, block_k, split, num_warps, num_stages = config
-    for name, value in (("BLOCK_N", block_n), ("BLOCK_K", block_k)):
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"{name}={value} must be a power of two >= 16 (tl.dot)")
+    check_dot_tiles(BLOCK_N=block_n, BLOCK_K=block_k)
     if split < 1 or num_warps < 1 or num_stages < 1:
         raise ValueError(f"SPLIT_K={split}, num_warps={num_warps}, num_stages={num_stages} must be >= 1")
     return block_n, block_k, split, num_warps, num_stages

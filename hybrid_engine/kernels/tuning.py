@@ -60,9 +60,7 @@ def _tables(slug: str) -> dict[str, dict[str, Any]]:
 
 def lookup(family: str, key: str, device: torch.device) -> list[int] | None:
     """The tuned entry for `key` in `family` on `device`'s card, or None (CPU, untuned card or shape)."""
-    if device.type != "cuda":
-        return None
-    entry = _tables(device_slug(torch.cuda.get_device_name(device))).get(family, {}).get(key)
+    entry = entries(family, device).get(key)
     return list(entry) if entry is not None else None
 
 
