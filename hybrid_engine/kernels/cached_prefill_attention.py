@@ -3,9 +3,12 @@ reading the cached K/V in place from the paged cache.
 
 A short chunk after a long history has few query tiles (130 new tokens: 3 tiles x 32 heads = 96 programs on 132 SMs)
 and each would walk thousands of keys serially, so the keys are split across programs as in flash-decoding: grid
-(query tiles, query heads, SPLITS), each split a contiguous BLOCK_N-aligned range of the keys its tile needs,
-computed on the device from the start tensor (one CUDA graph serves every start). The last program to finish a
-(tile, head) merges the partials in split order, so the result does not depend on which program arrives last.
+(query tiles, query heads, SPLITS), each split a contiguous BLOCK_N-aligned range of at least SPLIT_MIN_KEYS keys of
+the tile's context, computed on the device from the start tensor (one CUDA graph serves every start; a short context
+leaves later splits empty and runs unsplit, with no merge). With several splits active, the last program to finish a
+(tile, head) merges the partials, loading every split's rows at once and summing them in one fixed reduction, so the
+result does not depend on which program arrives last. Inside a split, the key blocks every row of the tile sees run
+without masks; only the diagonal and the range's end are masked. Scores are kept in log2 units (exp2).
 """
 from __future__ import annotations
 
@@ -33,6 +36,9 @@ CACHED_CONFIGS: list[tuple[int, tuple[int, int, int, int, int]]] = [
 TUNED_HEADS, TUNED_SMS = 32, 132
 MAX_SPLITS = 64
 CPU_CACHED_CONFIG = (16, 16, 4, 2, 2)  # the interpreter: small tiles keep the CPU tests fast; 2 splits test the merge
+LOG2E = 1.4426950408889634
+SPLIT_MIN_KEYS = 256  # on a GPU a split walks at least this many keys: below that a merge costs more than it saves
+MERGE_ELEMENTS = 8192  # fp32 partials one merge step loads at once: (splits, rows, head_dim) all in flight
 
 
 def cached_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -62,61 +68,99 @@ def cached_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     return out.transpose(0, 1)
 
 
-def _attend_keys(q, K_CACHE, V_CACHE, BT, kv_head, rows, ctx, lo, hi, scale, stride_cb, stride_co, stride_ch,
-                 head_dim, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax of one query tile over keys lo..hi-1 read through the block table: (row max, row sum,
-    unnormalised output). Row r sees keys <= ctx + r. A row with no visible key in the range keeps (-inf, 0, 0):
-    its exponentials use 0 as the max, where the running max would give exp(-inf + inf) = nan."""
+def _key_block(q, K_CACHE, V_CACHE, BT, kv_head, rows, ctx, n0, hi, qk_scale, m_i, l_i, acc, stride_cb, stride_co,
+               stride_ch, head_dim, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys n0..n0+BLOCK_N-1 (read through the block table) folded into the online softmax (m_i, l_i, acc), scores
+    in log2 units. MASKED: keys at or past `hi` or past a row's own position (row r sees keys <= ctx + r) are
+    dropped, and a row with no visible key so far keeps (-inf, 0, 0) (its exponentials use 0 as the max, where the
+    running max would give exp2(-inf + inf) = nan). Unmasked: every row sees every key of the block."""
     d = tl.arange(0, BLOCK_D)
-    d_mask = (d < head_dim)[None, :]
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_mask = cols < hi
+    if MASKED:
+        off = _paged_offsets(BT, cols, col_mask, kv_head, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+    else:
+        off = (tl.load(BT + cols // BLOCK_SIZE).to(tl.int64) * stride_cb
+               + (cols % BLOCK_SIZE).to(tl.int64) * stride_co + kv_head * stride_ch)
+    kv_at = off[:, None] + d[None, :]
+    kv_mask = col_mask[:, None] & (d < head_dim)[None, :]
+    if EVEN_D and not MASKED:
+        k = tl.load(K_CACHE + kv_at)
+    else:
+        k = tl.load(K_CACHE + kv_at, mask=kv_mask, other=0.0)
+    scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        scores = tl.where((cols[None, :] <= (rows + ctx)[:, None]) & col_mask[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_exp = m_new
+    if MASKED:
+        m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_exp)
+    p = tl.exp2(scores - m_exp[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if EVEN_D and not MASKED:
+        v = tl.load(V_CACHE + kv_at)
+    else:
+        v = tl.load(V_CACHE + kv_at, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+def _attend_keys(q, K_CACHE, V_CACHE, BT, kv_head, rows, first_row, ctx, lo, hi, qk_scale, stride_cb, stride_co,
+                 stride_ch, head_dim, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of one query tile (rows first_row..) over keys lo..hi-1, lo a multiple of BLOCK_N: (row max,
+    row sum, unnormalised output), in log2 units. Keys up to ctx + first_row are visible to every row of the tile:
+    their whole blocks run without masks, the rest (the diagonal, the end of the range) with them."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < hi
-        off = _paged_offsets(BT, cols, col_mask, kv_head, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
-        kv_mask = col_mask[:, None] & d_mask
-        k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
-        scores = tl.where((cols[None, :] <= (rows + ctx)[:, None]) & col_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_exp)
-        p = tl.exp(scores - m_exp[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    full_hi = lo + tl.maximum(tl.minimum(hi, ctx + first_row + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(lo, full_hi, BLOCK_N):
+        m_i, l_i, acc = _key_block(q, K_CACHE, V_CACHE, BT, kv_head, rows, ctx, n0, hi, qk_scale, m_i, l_i, acc,
+                                   stride_cb, stride_co, stride_ch, head_dim, False, EVEN_D, BLOCK_SIZE, BLOCK_N,
+                                   BLOCK_D, DOT_PRECISION)
+    for n0 in range(full_hi, hi, BLOCK_N):
+        m_i, l_i, acc = _key_block(q, K_CACHE, V_CACHE, BT, kv_head, rows, ctx, n0, hi, qk_scale, m_i, l_i, acc,
+                                   stride_cb, stride_co, stride_ch, head_dim, True, EVEN_D, BLOCK_SIZE, BLOCK_N,
+                                   BLOCK_D, DOT_PRECISION)
     return m_i, l_i, acc
 
 
-def _merge_splits(WS_ACC, WS_M, WS_L, first, active, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Normalised output of one (tile, head) from its partials first..first+active-1, summed in split order."""
-    r = tl.arange(0, BLOCK_M)
+def _merge_splits(WS_ACC, WS_M, WS_L, first, active, out_at, stride_ot, rows_left, head_dim,
+                  SPLITS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_ROWS: tl.constexpr):
+    """Store the normalised output of one (tile, head) (rows from `out_at`, `rows_left` of them real) from its
+    partials first..first+active-1 (log2 units). Each step loads MERGE_ROWS rows of every split at once, so their
+    latencies overlap; the splits are summed by one fixed reduction, whichever program merges."""
+    s_ok = (tl.arange(0, SPLITS_P2) < active)[:, None]
     d = tl.arange(0, BLOCK_D)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(0, active):
-        m = tl.maximum(m, tl.load(WS_M + (first + s).to(tl.int64) * BLOCK_M + r, cache_modifier=".cg"))
-    m = tl.where(m == float("-inf"), 0.0, m)  # a row no split saw (padding): weights 0, output 0
-    l_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in range(0, active):
-        part = (first + s).to(tl.int64) * BLOCK_M + r
-        w = tl.exp(tl.load(WS_M + part, cache_modifier=".cg") - m)
-        l_sum += w * tl.load(WS_L + part, cache_modifier=".cg")
-        acc += w[:, None] * tl.load(WS_ACC + part[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
-    return acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    for r0 in range(0, BLOCK_M, MERGE_ROWS):
+        r = r0 + tl.arange(0, MERGE_ROWS)
+        part = (first + tl.arange(0, SPLITS_P2)).to(tl.int64)[:, None] * BLOCK_M + r[None, :]  # [splits, rows]
+        m = tl.load(WS_M + part, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(WS_L + part, mask=s_ok, other=0.0, cache_modifier=".cg")
+        acc = tl.load(WS_ACC + part[:, :, None] * BLOCK_D + d[None, None, :], mask=s_ok[:, :, None], other=0.0,
+                      cache_modifier=".cg")
+        m_max = tl.max(m, axis=0)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # a row no split saw (padding): weights 0, output 0
+        w = tl.exp2(m - m_max[None, :])
+        l_sum = tl.sum(w * l_s, axis=0)
+        out = tl.sum(w[:, :, None] * acc, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        tl.store(out_at + r[:, None].to(tl.int64) * stride_ot + d[None, :], out.to(out_at.dtype.element_ty),
+                 mask=(r < rows_left)[:, None] & (d < head_dim)[None, :])
 
 
-def _cached_prefill_kernel(Q, K_CACHE, V_CACHE, BT, START, VALID_LEN, OUT, WS_ACC, WS_M, WS_L, COUNT, scale,
+def _cached_prefill_kernel(Q, K_CACHE, V_CACHE, BT, START, VALID_LEN, OUT, WS_ACC, WS_M, WS_L, COUNT, qk_scale,
                            stride_qt, stride_qh, stride_cb, stride_co, stride_ch, stride_ot, stride_oh, num_tokens,
                            head_dim, GROUP: tl.constexpr, HAS_VALID_LEN: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, MIN_KEYS: tl.constexpr,
+                           MERGE_ROWS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One query tile of one head over one split of the keys 0..start+its last valid row (keys stop at start +
-    valid_len; a padded tile has none). SPLITS > 1: partials to the workspace, the last arrival merges them."""
+    valid_len; a padded tile has none). A split walks at least MIN_KEYS keys, so a short context leaves the later
+    splits empty: with one split active its program stores the output; with more, each stores its partials and the
+    last program of the (tile, head) to arrive merges them."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -126,18 +170,24 @@ def _cached_prefill_kernel(Q, K_CACHE, V_CACHE, BT, START, VALID_LEN, OUT, WS_AC
     if HAS_VALID_LEN:
         n_valid = tl.minimum(tl.load(VALID_LEN).to(tl.int32), num_tokens)
     end_n = tl.where(start_m < n_valid, ctx + tl.minimum(start_m + BLOCK_M, n_valid), 0)
-    split_len = ((end_n + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N  # on the device: graph-safe
+    split_len = tl.maximum((end_n + SPLITS - 1) // SPLITS, MIN_KEYS)  # on the device: graph-safe
+    split_len = (split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    active = (end_n + split_len - 1) // split_len  # splits holding keys: 0 for a padded tile
     lo = split * split_len
     hi = tl.minimum(lo + split_len, end_n)
     rows = start_m + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     out_mask = (rows < num_tokens)[:, None] & (d < head_dim)[None, :]
     q = tl.load(Q + rows[:, None].to(tl.int64) * stride_qt + head * stride_qh + d[None, :], mask=out_mask, other=0.0)
-    m_i, l_i, acc = _attend_keys(q, K_CACHE, V_CACHE, BT, head // GROUP, rows, ctx, lo, hi, scale, stride_cb,
-                                 stride_co, stride_ch, head_dim, BLOCK_SIZE, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-    out_at = OUT + rows[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :]
-    if SPLITS == 1:
-        tl.store(out_at, (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(OUT.dtype.element_ty), mask=out_mask)
+    m_i, l_i, acc = _attend_keys(q, K_CACHE, V_CACHE, BT, head // GROUP, rows, start_m, ctx, lo, hi, qk_scale,
+                                 stride_cb, stride_co, stride_ch, head_dim, EVEN_D, BLOCK_SIZE, BLOCK_M, BLOCK_N,
+                                 BLOCK_D, DOT_PRECISION)
+    out_at = OUT + start_m.to(tl.int64) * stride_ot + head * stride_oh
+    if active <= 1:
+        if split == 0:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_at + tl.arange(0, BLOCK_M)[:, None].to(tl.int64) * stride_ot + d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=out_mask)
     else:
         pair = tile * tl.num_programs(1) + head
         part = (pair * SPLITS + split).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -145,14 +195,14 @@ def _cached_prefill_kernel(Q, K_CACHE, V_CACHE, BT, START, VALID_LEN, OUT, WS_AC
             tl.store(WS_ACC + part[:, None] * BLOCK_D + d[None, :], acc)
             tl.store(WS_M + part, m_i)
             tl.store(WS_L + part, l_i)
-        # every split's partials are written before its arrival is counted; the last arrival merges in split order
-        # and resets the counter for the next call (graph replays need no memset), as gemv's split-K does
+        # every split's partials are written before its arrival is counted; the last arrival merges and resets the
+        # counter for the next call (graph replays need no memset), as the decode GEMM's split-K does. Every program
+        # of the pair computes the same `active`, so all of them or none take this branch.
         tl.debug_barrier()
         arrived = tl.atomic_add(COUNT + pair, 1, sem="acq_rel")
         if arrived == SPLITS - 1:
-            active = tl.where(end_n > 0, (end_n + split_len - 1) // tl.maximum(split_len, 1), 0)
-            out = _merge_splits(WS_ACC, WS_M, WS_L, pair * SPLITS, active, BLOCK_M, BLOCK_D)
-            tl.store(out_at, out.to(OUT.dtype.element_ty), mask=out_mask)
+            _merge_splits(WS_ACC, WS_M, WS_L, pair * SPLITS, active, out_at, stride_ot, num_tokens - start_m,
+                          head_dim, SPLITS_P2, BLOCK_M, BLOCK_D, MERGE_ROWS)
             tl.atomic_xchg(COUNT + pair, 0)
 
 
@@ -204,6 +254,11 @@ def _check_config(config: tuple[int, int, int, int, int]) -> None:
         raise ValueError(f"SPLITS={splits}: must be in 1..{MAX_SPLITS}")
 
 
+def _merge_rows(splits_p2: int, block_m: int, block_d: int) -> int:
+    """Rows per merge step: every split's rows at once within MERGE_ELEMENTS, a power of two in 1..BLOCK_M."""
+    return min(block_m, 1 << max(0, (MERGE_ELEMENTS // (splits_p2 * block_d)).bit_length() - 1))
+
+
 def _workspace(q: torch.Tensor, tiles: int, splits: int, block_m: int, block_d: int):
     """(acc, m, l, counters) views of this shape's reused split workspace; the output itself where SPLITS = 1."""
     num_heads = q.shape[1]
@@ -218,10 +273,13 @@ def _workspace(q: torch.Tensor, tiles: int, splits: int, block_m: int, block_d: 
 def cached_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                     block_table: torch.Tensor, start: int | torch.Tensor, scale: float,
                                     valid_len: torch.Tensor | None = None,
-                                    config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+                                    config: tuple[int, int, int, int, int] | None = None,
+                                    min_split_keys: int | None = None) -> torch.Tensor:
     """Triton version of `cached_prefill_attention_ref`: K/V read in place from the paged cache, `start` from a
     device tensor, so the grid depends only on the number of new tokens and the block table's capacity (graph-safe
-    for any start). `config` (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLITS) overrides `cached_config`."""
+    for any start). `config` (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLITS) overrides `cached_config`;
+    `min_split_keys` (default SPLIT_MIN_KEYS on a GPU, 0 on the CPU, whose tests reach the merge with short
+    contexts) the fewest keys a split walks."""
     num_tokens, num_q_heads, head_dim = q.shape
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         return cached_prefill_attention_ref(q, k_cache, v_cache, block_table, start, scale, valid_len)
@@ -230,6 +288,10 @@ def cached_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_ca
         config = cached_config(num_tokens, block_table.shape[0] * block_size, num_q_heads, q.device,
                                head_dim, q.dtype)
     _check_config(config)
+    if min_split_keys is None:
+        min_split_keys = SPLIT_MIN_KEYS if q.is_cuda else 0
+    if min_split_keys < 0:
+        raise ValueError(f"min_split_keys={min_split_keys}: must be >= 0")
     block_m, block_n, num_warps, num_stages, splits = config
     out = torch.empty_like(q)
     if num_tokens == 0:
@@ -238,12 +300,14 @@ def cached_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_ca
         start = torch.full((1,), start, dtype=torch.int32, device=q.device)
     tiles, block_d = cdiv(num_tokens, block_m), next_pow2(max(head_dim, 16))
     ws_acc, ws_m, ws_l, count = _workspace(q, tiles, splits, block_m, block_d)
-    jit_helpers(globals(), ("_paged_offsets", "_attend_keys", "_merge_splits"))
+    jit_helpers(globals(), ("_paged_offsets", "_key_block", "_attend_keys", "_merge_splits"))
     launch(_cached_prefill_kernel, (tiles, num_q_heads, splits),
            q, k_cache, v_cache, block_table, start, valid_len if valid_len is not None else start, out, ws_acc, ws_m,
-           ws_l, count, scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-           out.stride(0), out.stride(1), num_tokens, head_dim, GROUP=num_q_heads // k_cache.shape[2],
-           HAS_VALID_LEN=valid_len is not None, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-           BLOCK_D=block_d, SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+           ws_l, count, scale * LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+           k_cache.stride(2), out.stride(0), out.stride(1), num_tokens, head_dim,
+           GROUP=num_q_heads // k_cache.shape[2], HAS_VALID_LEN=valid_len is not None, BLOCK_SIZE=block_size,
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SPLITS=splits, SPLITS_P2=next_pow2(splits),
+           MIN_KEYS=max(1, min_split_keys), MERGE_ROWS=_merge_rows(next_pow2(splits), block_m, block_d),
+           EVEN_D=head_dim == block_d, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
            num_warps=num_warps, num_stages=num_stages)
     return out

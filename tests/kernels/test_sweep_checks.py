@@ -3,6 +3,7 @@ the fp32 reference (and, for the decode GEMM, each row alone matches its row of 
 head layout (grouped KV heads here)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hybrid_engine.kernels import decode_gemm as dg
@@ -42,3 +43,14 @@ def test_cached_attention_check_with_grouped_kv_heads():
     sweep = cs.Sweep(cs.AttentionShape(4, 2, 16), budget_s=60, dtype=torch.float32, device="cpu")
     assert sweep.check(32, (16, 16, 4, 2, 2), start=480)
     assert sweep.errors["T=32 (16, 16, 4, 2, 2)"] < 1e-4
+
+
+def test_cached_attention_recommend_weighs_microseconds_not_ratios():
+    """A config 2 us slower at start 0 but 15 us faster at start 2000 wins (the ratio rule would pick the other);
+    a config missing at one start is never chosen; no common config: None."""
+    a, b, c = (64, 64, 4, 2, 1), (64, 32, 4, 2, 8), (16, 64, 4, 2, 2)
+    cfg, worst_ratio = cs.recommend({0: {a: 4.0, b: 6.0}, 2000: {a: 60.0, b: 45.0}})
+    assert cfg == b
+    assert worst_ratio == pytest.approx(1.5)
+    assert cs.recommend({0: {a: 4.0, b: 6.0, c: 3.0}, 2000: {a: 60.0, b: 45.0}})[0] == b
+    assert cs.recommend({0: {a: 1.0}, 480: {b: 2.0}}) == (None, float("inf"))

@@ -11,8 +11,9 @@ within the budget:
 2. splits: the best TOP_TILES tiles x SPLITS 1/2/4/8/16 at every start, beside the unsplit kernel as it was before
    the keys were split and the current `cached_config` choice.
 Every config is checked once against the fp32 reference (max abs error); configs that fail to compile or are wrong
-are recorded and skipped. The choice per token count (`recommend`): the config whose worst ratio to the best time
-over the starts is smallest (one graph, hence one config, serves every start).
+are recorded and skipped. The choice per token count (`recommend`): the config whose worst excess in us over the best
+time at any start is smallest (one graph, hence one config, serves every start; the excess is what a request's TTFT
+pays per layer, where a ratio would weigh a microsecond at start 0 like ten at start 2000).
 """
 from __future__ import annotations
 
@@ -188,12 +189,13 @@ def sweep_tokens(bench: AttentionBench, tokens: int,
 
 
 def recommend(times: dict[int, dict[Config, float]]) -> tuple[Config | None, float]:
-    """The config measured at every start whose worst ratio to that start's best is smallest (ties: least total)."""
+    """The config measured at every start whose worst excess over that start's best (us, what a request's TTFT
+    pays per layer) is smallest (ties: least total); returns it with its worst ratio to the best."""
     starts = list(times)
     best = {s: min(times[s].values()) for s in starts if times[s]}
     common = [c for c in times[starts[0]] if all(c in times[s] for s in starts)]
     if not common or len(best) < len(starts):
         return None, float("inf")
-    score = {c: (max(times[s][c] / best[s] for s in starts), sum(times[s][c] for s in starts)) for c in common}
+    score = {c: (max(times[s][c] - best[s] for s in starts), sum(times[s][c] for s in starts)) for c in common}
     cfg = min(common, key=score.get)
-    return cfg, score[cfg][0]
+    return cfg, max(times[s][cfg] / best[s] for s in starts)
