@@ -104,18 +104,23 @@ def cached_prefix(llm: LLM, ids: Ids, z: Sizes) -> dict:
             "cached_over_20": c["p50"] / s["p50"], "goal_cached_over_20": 1.2}
 
 
-def conversation(llm: LLM, ids: Ids, z: Sizes, out: list[list[float]], answers: SamplingParams) -> None:
-    """One agent conversation; appends its TTFT per turn (ms) to `out`."""
+def conversation(llm: LLM, ids: Ids, z: Sizes, out: list[list[float]], answers: SamplingParams,
+                 errors: list[str]) -> None:
+    """One agent conversation; appends its TTFT per turn (ms) to `out`, or what failed to `errors`."""
     history = ids(z.system)
     times = []
-    for _ in range(z.turns):
-        history = history + ids(z.message)
-        t0 = time.perf_counter()
-        stream = llm.stream_deltas({"prompt_token_ids": history}, answers)
-        first = next(stream)
-        times.append((time.perf_counter() - t0) * 1e3)
-        answer = list(first.token_ids) + [t for d in stream for t in d.token_ids]
-        history = history + answer
+    try:
+        for _ in range(z.turns):
+            history = history + ids(z.message)
+            t0 = time.perf_counter()
+            stream = llm.stream_deltas({"prompt_token_ids": history}, answers)
+            first = next(stream)
+            times.append((time.perf_counter() - t0) * 1e3)
+            answer = list(first.token_ids) + [t for d in stream for t in d.token_ids]
+            history = history + answer
+    except Exception as e:  # noqa: BLE001 - reported by multi_turn, with the turn it happened in
+        errors.append(f"turn {len(times) + 1}: {type(e).__name__}: {str(e)[:300]}")
+        return
     out.append(times)
 
 
@@ -125,14 +130,19 @@ def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int) -> dict:
     res = {}
     for on in (True, False):
         per_turn: list[list[float]] = []
+        errors: list[str] = []
         with caching(llm, on):
             for r in range(z.repeats):
                 gens = [Ids(vocab, 1000 * r + 10 * c + on) for c in range(concurrent)]
-                threads = [threading.Thread(target=conversation, args=(llm, g, z, per_turn, answers)) for g in gens]
+                threads = [threading.Thread(target=conversation, args=(llm, g, z, per_turn, answers, errors))
+                           for g in gens]
                 for t in threads:
                     t.start()
                 for t in threads:
                     t.join()
+                if errors:
+                    raise RuntimeError(f"{len(errors)} of {concurrent} conversations failed (caching "
+                                       f"{'on' if on else 'off'}, repeat {r}); first: {errors[0]}")
         p50 = [statistics.median(run[t] for run in per_turn) for t in range(z.turns)]
         res["on" if on else "off"] = p50
     return {"conversations": concurrent, "turns": z.turns, "system_tokens": z.system,
@@ -196,12 +206,13 @@ def agreement(llm: LLM, vocab: int, z: Sizes) -> dict:
             "first_divergence": [d for d in diverge if d is not None]}
 
 
-def run_parts(llm: LLM, z: Sizes, parts: set[str]) -> dict:
-    """The `systems` of the results file: hybrid (caching on) and, for (c), hybrid_prefix_caching_off."""
+def run_parts(llm: LLM, z: Sizes, parts: set[str], systems: dict) -> dict:
+    """Fills `systems` of the results file as the parts finish (a failing part leaves the earlier ones there):
+    hybrid (caching on) and, for (c), hybrid_prefix_caching_off."""
     vocab = llm.model_config.vocab_size
     pc: dict = {}
     hybrid: dict = {"prefix_cache": pc}
-    systems = {"hybrid": hybrid}
+    systems["hybrid"] = hybrid
     if "a" in parts:
         pc.update(cached_prefix(llm, Ids(vocab, 1), z))
         print(json.dumps({k: pc[k] for k in ("ttft_cached_prefix_ms", "ttft_20_ms", "ttft_50_ms")}), flush=True)
@@ -209,11 +220,11 @@ def run_parts(llm: LLM, z: Sizes, parts: set[str]) -> dict:
         one = multi_turn(llm, vocab, z, 1)
         pc.update({k: one[k] for k in ("multi_turn_ttft_p50_ms", "multi_turn_ttft_p50_ms_off")})
         pc["multi_turn"] = one
-        pc["multi_turn_concurrent"] = multi_turn(llm, vocab, z, z.conversations)
         if "ttft_50_ms" in pc:
             pc["multi_turn_worst_over_50"] = one["worst_turn_p50_ms"] / pc["ttft_50_ms"]
             pc["goal_multi_turn_over_50"] = 1.3
         print(json.dumps({"on": one["multi_turn_ttft_p50_ms"], "off": one["multi_turn_ttft_p50_ms_off"]}), flush=True)
+        pc["multi_turn_concurrent"] = multi_turn(llm, vocab, z, z.conversations)
     if "c" in parts:
         unique = unique_prompts(llm, Ids(vocab, 2), z)
         hybrid.update(unique["on"])
@@ -253,11 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     res = {"card": card_name(llm.device), **versions(), "model": args.preset, "dtype": str(llm.dtype)[6:],
            "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "load_s": time.perf_counter() - t_start}
+    res["systems"] = {}
     try:
-        res["systems"] = run_parts(llm, z, set(args.parts.split(",")))
+        run_parts(llm, z, set(args.parts.split(",")), res["systems"])
+    except Exception as e:  # noqa: BLE001 - the parts that finished are still written, with what stopped the rest
+        res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        print(f"stopped: {res['error']}", flush=True)
     finally:
         llm.close()
-    if args.agreement_model:
+    if args.agreement_model and "error" not in res:
         del llm
         sizes = Sizes(False, args.runs) if args.agreement_full else z
         real = res["systems"]["hybrid"]["prefix_cache"]["agreement_real_model"] = \
@@ -267,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {args.out} in {res['wall_s']:.0f} s", flush=True)
-    return 0
+    return 1 if "error" in res else 0
 
 
 def real_model_agreement(model: str, z: Sizes, dtype: str = "auto") -> dict:
