@@ -12,19 +12,22 @@ from hybrid_engine import cli
 from hybrid_engine.kernels import cached_prefill_attention as cpa
 from hybrid_engine.kernels import decode_gemm, tuning
 from hybrid_engine.kernels.sweeps import tune as tune_mod
-from hybrid_engine.kernels.sweeps.decode_gemm_sweep import MS, RULE_MS
+from hybrid_engine.kernels.sweeps.decode_gemm_sweep import (MS, RULE_MS, GemmShape, fits_smem, stage1_configs,
+                                                            sweep_shape)
 from hybrid_engine.models.shapes import model_shapes
 
 CARD = "NVIDIA Test Card"
-PLAIN_BEST = (32, 128, 1, 4, 4)  # the fake's fastest plain decode GEMM config, reached in stage 2
-FUSED_BEST = (32, 128, 1, 4, 3)  # the fused variants find PLAIN_BEST slow: the next plain finalist wins
+PLAIN_BEST = (32, 128, 1, 4, 4, 0)  # the fake's fastest plain decode GEMM config, reached in stage 2
+FUSED_BEST = (32, 128, 1, 4, 3, 0)  # the fused variants find PLAIN_BEST slow: the next plain finalist wins
 ATTENTION_BEST = {32: (16, 128, 4, 3, 8), 144: (64, 64, 4, 2, 4), 256: (64, 64, 4, 2, 2), 512: (64, 64, 4, 2, 1)}
 
 
-def _gemm_cost(kind: str, cfg: tuple[int, ...]) -> float:
-    bn, bk, split, warps, stages = cfg
-    cost = 10 + abs(bn - 32) / 16 * 1.5 + abs(bk - 128) / 64 * 1.3 + (split - 1) * 1.7 + abs(warps - 4) / 4 * 1.9
-    cost += abs(stages - 4) * 1.1
+def _gemm_cost(kind: str, cfg: tuple[int, ...], fastest: tuple[int, ...] = PLAIN_BEST) -> float:
+    """Grows with the distance of cfg from `fastest`; the fused variants find PLAIN_BEST slow."""
+    bn, bk, split, warps, stages, swap = cfg
+    f_bn, f_bk, f_split, f_warps, f_stages, f_swap = fastest
+    cost = 10 + abs(bn - f_bn) / 16 * 1.5 + abs(bk - f_bk) / 64 * 1.3 + abs(split - f_split) * 1.7
+    cost += abs(warps - f_warps) / 4 * 1.9 + abs(stages - f_stages) * 1.1 + (swap != f_swap) * 2
     return cost + (5 if kind in ("rope", "silu") and cfg == PLAIN_BEST else 0)
 
 
@@ -32,6 +35,7 @@ class FakeGemmBench:
     """`ShapeBench` without CUDA: us per call from `_gemm_cost`; `skip_all` plays a bench past its deadline."""
 
     made: list[str] = []
+    fastest = PLAIN_BEST
 
     def __init__(self, shape, dtype, deadline, skip_all=False):
         self.shape, self.times, self.failed, self.skipped, self.skip_all = shape, {}, {}, 0, skip_all
@@ -45,7 +49,7 @@ class FakeGemmBench:
             self.skipped += 1
             return None
         per_m = self.times.setdefault(kind, {}).setdefault(str(cfg), {})
-        per_m.update({m: _gemm_cost(kind, cfg) * (1 + m / 32) for m in ms})
+        per_m.update({m: _gemm_cost(kind, cfg, self.fastest) * (1 + m / 32) for m in ms})
         return sum(per_m[m] for m in RULE_MS if m in per_m)
 
 
@@ -92,7 +96,9 @@ def test_choices_are_saved_where_the_kernels_read_them(card):
     rows = tune_mod.tune(shapes, tune_mod.KERNELS, run)
     assert run.saved_to == card and not any(row.note for row in rows)
     table = json.loads(card.read_text())["tables"]
-    assert table["decode_gemm"] == {"128,64,float16": list(FUSED_BEST), "64,64,float16": list(PLAIN_BEST),
+    # qkv: head_dim 16 has a rotary half of 8 columns, which no BLOCK_N (>= 16) divides: no config fuses rope + KV
+    # store, the model composes the unfused ops, and the plain sum chooses
+    assert table["decode_gemm"] == {"128,64,float16": list(PLAIN_BEST), "64,64,float16": list(PLAIN_BEST),
                                     "352,64,float16": list(FUSED_BEST), "64,176,float16": list(PLAIN_BEST),
                                     "512,64,float16": list(PLAIN_BEST)}
     assert table["cached_attention"] == {f"{t},4,16,float16": list(c) for t, c in ATTENTION_BEST.items()}
@@ -102,9 +108,10 @@ def test_choices_are_saved_where_the_kernels_read_them(card):
     assert decode_gemm.config_for(64, 176, cuda, torch.bfloat16) != PLAIN_BEST  # measured for float16 only
     assert cpa.cached_config(100, 4096, 4, cuda, 16, torch.float16) == ATTENTION_BEST[144]
     assert cpa.cached_config(32, 4096, 4, cuda, 16, torch.float16) == ATTENTION_BEST[32]
-    qkv = rows[0]
-    assert qkv.label == "qkv 128x64" and qkv.us == {m: _gemm_cost("rope", FUSED_BEST) * (1 + m / 32) for m in RULE_MS}
-    assert qkv.baseline_us == {m: 50.0 + m for m in RULE_MS}
+    gate_up = rows[2]
+    assert gate_up.label == "gate_up 352x64"
+    assert gate_up.us == {m: _gemm_cost("silu", FUSED_BEST) * (1 + m / 32) for m in RULE_MS}
+    assert gate_up.baseline_us == {m: 50.0 + m for m in RULE_MS}
 
 
 def test_one_family_and_an_explicit_out_file(card, tmp_path):
@@ -132,6 +139,41 @@ def test_a_spent_budget_makes_no_bench(card):
     rows = tune_mod.tune(model_shapes("tiny-llama"), ("decode_gemm",), _run(budget_s=1e-9))
     assert FakeGemmBench.made == [] and all(r.note == "time limit reached before it started" for r in rows)
     assert not card.exists()
+
+
+def test_stage1_holds_swap_configs_that_fit_shared_memory():
+    """SWAP=1 tiles (BLOCK_N 64/128 x BLOCK_K 64..256) are searched from stage 1 at 3 stages, or 2 where 3 do not
+    fit; a tile that fits at neither (BLOCK_N 128 x BLOCK_K 256) is left out, and SWAP=0 keeps its grid."""
+    configs = stage1_configs(4096, 4096, quick=False, sms=132)
+    swap = {(bn, bk): ns for bn, bk, _, _, ns, sw in configs if sw}
+    assert swap == {(64, 64): 3, (64, 128): 3, (64, 256): 2, (128, 64): 3, (128, 128): 2}
+    grid = {(bn, bk) for bn in (16, 32, 64) for bk in (64, 128, 256, 512) if fits_smem(bn, bk, 3)}
+    assert {(bn, bk) for bn, bk, *_, sw in configs if not sw} == grid
+    assert all(fits_smem(bn, bk, ns) and warps == 4 for bn, bk, _, warps, ns, _ in configs)
+    assert (128, 128, 8, 4, 2, 1) in configs and (128, 128, 2, 4, 2, 1) not in configs  # 64 programs < 132 SMs
+
+
+class SwapFastestBench(FakeGemmBench):
+    """A fake where a BLOCK_N 128 swap config is fastest; its rope variant refuses BLOCK_N past the rotary half, as
+    `decode_rope_store_triton` does."""
+
+    fastest = (128, 128, 8, 4, 2, 1)
+
+    def time(self, kind, cfg, ms=RULE_MS, known_bad=None):
+        if kind.startswith("rope") and (self.shape.heads[2] // 2) % cfg[0]:
+            self.failed[f"{kind} {cfg}"] = "ValueError: rotary half not divisible by BLOCK_N"
+            return None
+        return super().time(kind, cfg, ms, known_bad)
+
+
+def test_a_fastest_swap_config_is_recommended():
+    """Plain shapes get the fastest swap config; QKV with head_dim 128 (rotary half 64) gets the fastest config its
+    fused rope + KV store runs, a BLOCK_N 64 swap one, not a plain config the model could not fuse."""
+    o = sweep_shape(SwapFastestBench(GemmShape("o", 4096, 4096), torch.float16, None))
+    assert o["chosen"] == SwapFastestBench.fastest
+    qkv = sweep_shape(SwapFastestBench(GemmShape("qkv", 12288, 4096, (32, 32, 128)), torch.float16, None))
+    assert qkv["plain_best"] == SwapFastestBench.fastest
+    assert qkv["fused"] == "rope" and qkv["chosen"][0] == 64 and qkv["chosen"][5] == 1
 
 
 def test_unknown_kernels_are_named():
@@ -181,8 +223,8 @@ def test_the_cli_tunes_saves_and_prints_the_table(capsys, monkeypatch, card):
     out, err = capsys.readouterr()
     assert f"wrote {card}" in err and card.exists()
     lines = out.splitlines()
-    qkv = next(ln for ln in lines if "qkv 128x64" in ln)
-    assert str(FUSED_BEST) in qkv and "M 1/8/32:" in qkv and "cuBLAS 51.0/58.0/82.0" in qkv
+    gate_up = next(ln for ln in lines if "gate_up 352x64" in ln)
+    assert str(FUSED_BEST) in gate_up and "M 1/8/32:" in gate_up and "cuBLAS 51.0/58.0/82.0" in gate_up
     assert sum("cached_attention" in ln for ln in lines) == 4
 
 

@@ -3,9 +3,17 @@
 Why: with a GEMV for one row and cuBLAS / a per-M GEMM for several, a row's summation order changed with the batch,
 so a request's greedy tokens changed with what else was in the batch. Here BLOCK_M is 16 for every M (tl.dot needs
 every dim >= 16; more rows add M-tiles to the grid) and the config (BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
-num_stages) comes from the weight shape only (`DECODE_GEMM_CONFIGS`, else `default_config(n, k)`), so every row is
-reduced the same way - K in BLOCK_K chunks through tl.dot with fp32 accumulation, split-K partials summed in the
-fixed order s = 0..SPLIT_K-1 - whatever M is. Rows past M clamp-read row M-1 and are never stored.
+num_stages, SWAP) comes from the weight shape only (`DECODE_GEMM_CONFIGS`, else `default_config(n, k)`; a 5-tuple
+means SWAP=0), so every row is reduced the same way - K in BLOCK_K chunks through tl.dot with fp32 accumulation,
+split-K partials summed in the fixed order s = 0..SPLIT_K-1 - whatever M is. Rows past M clamp-read row M-1 and are
+never stored.
+
+Two layouts of the dot, both reducing each output element over K on its own (so both keep rows independent):
+  SWAP=0  acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] @ W[BLOCK_N, BLOCK_K]^T  (rows as the MMA's M operand)
+  SWAP=1  acc[BLOCK_N, BLOCK_M] += W[BLOCK_N, BLOCK_K] @ x[BLOCK_M, BLOCK_K]^T  (weight rows as the M operand),
+          transposed to [BLOCK_M, BLOCK_N] after the K loop. Hopper's wgmma needs an M operand of >= 64, which
+          16 rows never give: with BLOCK_N 64 or 128 the weight tile does.
+The loads are the same; from the split-K fix-up on, both layouts run the same code.
 
 M-tiles are the fastest program index: the programs that read one weight tile run side by side and all but the
 first hit L2. Split-K (several programs per output tile, for shapes with few N-tiles): each split writes its fp32
@@ -18,7 +26,8 @@ the unfused kernels' formulas, so fused and composed give the same numbers):
   "plain"      out = x @ W^T (+ bias)                                  `decode_linear`
   "silu_mul"   gate/up weight [2I, K]: silu(gate) * up -> [M, I]        `decode_linear_silu_mul`
   "rope_store" QKV weight: q rotated -> [M, Hq, D], rotated k and v to the paged caches at each row's slot
-               (slot < 0: no write); a program holds BLOCK_N column pairs (j, j + D/2) of one head
+               (slot < 0: no write); a program holds BLOCK_N column pairs (j, j + D/2) of one head, so BLOCK_N
+               must divide D/2 (else the caller composes the unfused ops)
                                                                        `decode_linear_rope_store`
 The public functions have the signatures of `KernelOps.decode_linear`, `linear_silu_mul` and `linear_rope_store`.
 """
@@ -43,40 +52,43 @@ __all__ = ["DECODE_GEMM_CONFIGS", "decode_linear", "decode_linear_rope_store", "
 BLOCK_M = 16  # fixed for every M: the point of the module
 DECODE_MAX_ROWS = 32  # the largest decode bucket: split-K workspaces are sized for at least this many rows
 H200_SMS = 132
-# (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), from benchmarks/decode_gemm_bench.py on a GPU
-# (fp16; bf16 has the same element size). A shape not listed uses default_config(n, k).
-DECODE_GEMM_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+Config = tuple[int, int, int, int, int, int]  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP)
+# (N, K) -> a config (5-tuple: SWAP=0), from benchmarks/decode_gemm_bench.py on a GPU (fp16; bf16 has the same
+# element size). A shape not listed uses default_config(n, k).
+DECODE_GEMM_CONFIGS: dict[tuple[int, int], tuple[int, ...]] = {}
 
 
-def default_config(n: int, k: int) -> tuple[int, int, int, int, int]:
+def default_config(n: int, k: int) -> Config:
     """A config from the weight shape alone: split K until there are ~4 programs per SM of an H200 at M <= 16."""
     block_n = 32 if n >= 8192 else 16
     block_k = 256 if k >= 1024 else 128
     split = max(1, min(8, cdiv(4 * H200_SMS, cdiv(n, block_n)), cdiv(k, 2 * block_k)))
-    return block_n, block_k, split, 4, 3
+    return block_n, block_k, split, 4, 3, 0
 
 
 @functools.lru_cache(maxsize=None)
-def _config(n: int, k: int, device: torch.device | None, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+def _config(n: int, k: int, device: torch.device | None, dtype: torch.dtype) -> Config:
     tuned = tuning.lookup("decode_gemm", tuning.shape_key(n, k, dtype=dtype), device) if device else None
-    return tuple(tuned) if tuned else DECODE_GEMM_CONFIGS.get((n, k)) or default_config(n, k)
+    return _check_config(tuple(tuned) if tuned else DECODE_GEMM_CONFIGS.get((n, k)) or default_config(n, k))
 
 
-def config_for(n: int, k: int, device: torch.device | None = None,
-               dtype: torch.dtype = torch.float16) -> tuple[int, int, int, int, int]:
+def config_for(n: int, k: int, device: torch.device | None = None, dtype: torch.dtype = torch.float16) -> Config:
     """The config of an (N, K) weight: this card's tuning table (kernels/tuning.py), else `DECODE_GEMM_CONFIGS`,
-    else `default_config`. Never the row count: that is what keeps rows invariant."""
+    else `default_config`, as a 6-tuple. Never the row count: that is what keeps rows invariant."""
     return _config(n, k, device, dtype)
 
 
-def _check_config(config: tuple[int, ...]) -> tuple[int, int, int, int, int]:
-    if len(config) != 5:
-        raise ValueError(f"config {config} must be (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)")
-    block_n, block_k, split, num_warps, num_stages = config
-    check_dot_tiles(BLOCK_N=block_n, BLOCK_K=block_k)
+def _check_config(config: tuple[int, ...]) -> Config:
+    """The config as a 6-tuple (a 5-tuple gets SWAP=0); ValueError naming a bad length or value."""
+    if len(config) not in (5, 6):
+        raise ValueError(f"config {config} must be (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, SWAP])")
+    block_n, block_k, split, num_warps, num_stages, swap = (*config, 0)[:6]
+    check_dot_tiles(BLOCK_N=block_n, BLOCK_K=block_k)  # either layout: BLOCK_N, BLOCK_K and BLOCK_M = 16
     if split < 1 or num_warps < 1 or num_stages < 1:
         raise ValueError(f"SPLIT_K={split}, num_warps={num_warps}, num_stages={num_stages} must be >= 1")
-    return block_n, block_k, split, num_warps, num_stages
+    if swap not in (0, 1):
+        raise ValueError(f"SWAP={swap!r} must be 0 (rows as the MMA's M operand) or 1 (weight rows as it)")
+    return block_n, block_k, split, num_warps, num_stages, int(swap)
 
 
 # --- Device code -----------------------------------------------------------------------------------------------------
@@ -94,33 +106,48 @@ def _tile_columns(pid_n, N, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, HALF:
     return cols, w_a, w_a + N  # silu_mul: the up row N (= I) after its gate row
 
 
+def _mma(x, w, acc, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x @ w^T ([BLOCK_M, BLOCK_N]), or with SWAP acc + w @ x^T ([BLOCK_N, BLOCK_M]: the weight tile as the
+    MMA's M operand)."""
+    if SWAP:
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 def _dot_pair(X, W, x_rows, w_a, w_b, stride_xm, stride_wn, K, k_start, k_stop, PAIR: tl.constexpr,
               EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    """x[x_rows, k_start:k_stop] @ W[w_a]^T (and @ W[w_b]^T with PAIR), fp32, K in BLOCK_K steps."""
+              SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x[x_rows, k_start:k_stop] @ W[w_a]^T (and @ W[w_b]^T with PAIR), fp32 [BLOCK_M, BLOCK_N], K in BLOCK_K
+    steps; with SWAP accumulated as [BLOCK_N, BLOCK_M] and transposed at the end."""
     ks = k_start + tl.arange(0, BLOCK_K)
     x_ptrs = X + x_rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
     a_ptrs = W + w_a.to(tl.int64)[:, None] * stride_wn + ks[None, :]
     b_ptrs = W + w_b.to(tl.int64)[:, None] * stride_wn + ks[None, :]
-    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        acc_a = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_b = acc_a
     for k0 in range(k_start, k_stop, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs)
-            acc_a = tl.dot(x, tl.trans(tl.load(a_ptrs)), acc_a, input_precision=DOT_PRECISION)
+            acc_a = _mma(x, tl.load(a_ptrs), acc_a, SWAP, DOT_PRECISION)
             if PAIR:
-                acc_b = tl.dot(x, tl.trans(tl.load(b_ptrs)), acc_b, input_precision=DOT_PRECISION)
+                acc_b = _mma(x, tl.load(b_ptrs), acc_b, SWAP, DOT_PRECISION)
         else:
             kmask = (ks + (k0 - k_start) < K)[None, :]
             x = tl.load(x_ptrs, mask=kmask, other=0.0)
-            a = tl.load(a_ptrs, mask=kmask, other=0.0)
-            acc_a = tl.dot(x, tl.trans(a), acc_a, input_precision=DOT_PRECISION)
+            acc_a = _mma(x, tl.load(a_ptrs, mask=kmask, other=0.0), acc_a, SWAP, DOT_PRECISION)
             if PAIR:
-                b = tl.load(b_ptrs, mask=kmask, other=0.0)
-                acc_b = tl.dot(x, tl.trans(b), acc_b, input_precision=DOT_PRECISION)
+                acc_b = _mma(x, tl.load(b_ptrs, mask=kmask, other=0.0), acc_b, SWAP, DOT_PRECISION)
         x_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if SWAP:
+        acc_a = tl.trans(acc_a)
+        acc_b = tl.trans(acc_b)
     return acc_a, acc_b
 
 
@@ -195,7 +222,7 @@ def _store_rope(xa, xb, w_a, rows, M, Q_OUT, stride_qm, POS, CACHE, stride_cache
     _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF)
 
 
-_HELPERS = ("_tile_columns", "_dot_pair", "_split_k_fixup", "_store_tile", "_store_silu_mul", "_store_rope",
+_HELPERS = ("_tile_columns", "_mma", "_dot_pair", "_split_k_fixup", "_store_tile", "_store_silu_mul", "_store_rope",
             "_store_kv_halves")
 
 
@@ -203,7 +230,7 @@ def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, S
                         stride_wn, stride_om, k_chunk, stride_cache, stride_cb, stride_co, stride_ch, num_q_heads,
                         num_kv_heads, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        EVEN_K: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        EVEN_K: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, SWAP: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -214,7 +241,7 @@ def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, S
     cols, w_a, w_b = _tile_columns(pid_n, N, BLOCK_N, EPILOGUE, HALF)
     k_start = pid_k * k_chunk
     acc_a, acc_b = _dot_pair(X, W, tl.minimum(rows, M - 1), w_a, w_b, stride_xm, stride_wn, K, k_start,
-                             tl.minimum(K, k_start + k_chunk), PAIR, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                             tl.minimum(K, k_start + k_chunk), PAIR, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP,
                              DOT_PRECISION)
     last = pid_k == SPLIT_K - 1  # without split-K: the one program of the tile
     if SPLIT_K > 1:
@@ -241,7 +268,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, o
             n_tiles: int, config: tuple[int, ...], epilogue: str, rope: tuple = ()) -> None:
     """One launch of `_decode_gemm_kernel` over x2 [M, K] (rows contiguous); `n_tiles` N-tiles of `n_out` output
     columns; `rope` = the rope_store epilogue's (positions, cos_sin, k_cache, v_cache, slots, Hq, Hkv, HALF)."""
-    block_n, block_k, split, num_warps, num_stages = _check_config(config)
+    block_n, block_k, split, num_warps, num_stages, swap = _check_config(config)
     m, k = x2.shape
     if m == 0:
         return
@@ -268,7 +295,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, o
            x2, weight, bias if bias is not None else weight, out, ws, count, *rope_args, m, n_out, k, x2.stride(0),
            weight.stride(0), out.stride(0), k_chunk, *rope_ints, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
            BLOCK_K=block_k, SPLIT_K=split, EPILOGUE=epilogue, PAIR=pair, HAS_BIAS=bias is not None,
-           EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+           EVEN_K=k % block_k == 0, SWAP=swap, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
            num_warps=num_warps, num_stages=num_stages, **rope_kw)
 
 

@@ -1,5 +1,6 @@
 """Decode GEMM (M = 1..33 rows, BLOCK_M fixed at 16) vs the fp32 references, and batch invariance: a row's result is
-bitwise the same whatever the other rows are and however many there are, for every epilogue and with split-K."""
+bitwise the same whatever the other rows are and however many there are, for every epilogue, with split-K and in
+both dot layouts (SWAP=0: rows as the MMA's M operand; SWAP=1: weight rows)."""
 import pytest
 import torch
 from kernel_helpers import GPU, assert_close, assert_replays_like_ref, rand
@@ -11,8 +12,12 @@ from hybrid_engine.kernels.decode_gemm import (decode_gemm_triton, decode_rope_s
                                                linear_ref, linear_rope_store_ref, linear_silu_mul_ref)
 from hybrid_engine.kernels.rope import rope_ref
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): small tiles so odd sizes span several tiles on the CPU
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, SWAP]): small tiles so odd sizes span several tiles on the
+# CPU. The 5-tuples are SWAP=0; SWAP_CONFIGS are the same tiles with the weight as the dot's M operand.
 CONFIGS = [(16, 32, 1, 1, 1), (16, 32, 3, 1, 1), (32, 64, 2, 1, 1)]
+SWAP_CONFIGS = [(*c, 1) for c in CONFIGS]
+BOTH = [pytest.param(c, id=str(c)) for c in CONFIGS + SWAP_CONFIGS]
+ROPE_CONFIGS = CONFIGS[:2] + [(16, 64, 2, 1, 1)]  # BLOCK_N 16: the rotary half of head_dim 32
 # fp32 everywhere; fp16 also under the interpreter (its numpy dot has no bf16: bf16 only on the GPU)
 DEVICE_DTYPES = [pytest.param(("cpu", torch.float32), id="cpu-fp32"),
                  pytest.param(("cpu", torch.float16), id="cpu-fp16", marks=pytest.mark.skipif(
@@ -42,7 +47,7 @@ def _assert_row_invariant(fn, x, what):
         assert torch.equal(fn(x[idx]), full[idx]), f"{what}: the {len(idx)}-row subset differs"
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", BOTH)
 @pytest.mark.parametrize("m", [1, 5, 17, 33])
 @pytest.mark.parametrize("n,k,with_bias", [(48, 40, True), (80, 200, False), (40, 96, True)])
 def test_decode_gemm(dev_dtype, config, m, n, k, with_bias):
@@ -55,7 +60,7 @@ def test_decode_gemm(dev_dtype, config, m, n, k, with_bias):
     assert_close(out, linear_ref(x.float(), w.float(), None if b is None else b.float()), dtype, "decode gemm")
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", BOTH)
 @pytest.mark.parametrize("m,i,k", [(1, 24, 40), (17, 40, 200), (33, 16, 96)])
 def test_decode_silu_mul(dev_dtype, config, m, i, k):
     """Gate/up with SiLU-mul in the epilogue: the reference, and the composed decode GEMM + SiLU-mul (each half
@@ -88,7 +93,7 @@ def _rope_case(device, dtype, m, hq, hkv, d, k, bias, seed=0):
     return (x, w, b, pos, cos_sin), caches, slots
 
 
-@pytest.mark.parametrize("config", CONFIGS[:2] + [(16, 64, 2, 1, 1)])
+@pytest.mark.parametrize("config", ROPE_CONFIGS + [(*c, 1) for c in ROPE_CONFIGS], ids=str)
 @pytest.mark.parametrize("m,hq,hkv,d,k,bias", [(1, 2, 1, 32, 40, False), (5, 3, 3, 32, 96, True),
                                                (17, 4, 2, 64, 72, True)])
 def test_decode_rope_store(dev_dtype, config, m, hq, hkv, d, k, bias):
@@ -110,18 +115,19 @@ def test_decode_rope_store(dev_dtype, config, m, hq, hkv, d, k, bias):
         assert got[~written].isnan().all()  # nothing else written (slot -1 included)
 
 
-def test_rope_store_equals_composed_ops():
+@pytest.mark.parametrize("config", [CONFIGS[1], SWAP_CONFIGS[1]], ids=str)
+def test_rope_store_equals_composed_ops(config):
     """The fused epilogue rounds like the unfused ops: decode GEMM, then rope_ref on the rounded q and k."""
     (x, w, b, pos, cos_sin), (kc, vc), slots = _rope_case("cpu", torch.float16, 5, 2, 1, 32, 40, True, seed=3)
-    q = decode_rope_store_triton(x, w, b, pos, cos_sin, kc, vc, slots, 2, 1, CONFIGS[1])
-    qkv = decode_gemm_triton(x, w, b, CONFIGS[1]).view(5, 4, 32)
+    q = decode_rope_store_triton(x, w, b, pos, cos_sin, kc, vc, slots, 2, 1, config)
+    qkv = decode_gemm_triton(x, w, b, config).view(5, 4, 32)
     qc, kc2 = rope_ref(qkv[:, :2].clone(), qkv[:, 2:3].clone(), pos, cos_sin)
     torch.testing.assert_close(q, qc, rtol=0, atol=1e-3)  # one fp16 ulp where the fp32 sums differ in order
     kept = slots >= 0
     torch.testing.assert_close(kc.view(48, 1, 32)[slots[kept]], kc2[kept], rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("config", CONFIGS[:2])
+@pytest.mark.parametrize("config", CONFIGS[:2] + SWAP_CONFIGS[:2], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_batch_invariance_plain_and_silu(config, dtype):
     """33 rows: each row alone, and subsets of 2, 3, 16 and 17 rows, give bitwise the rows of the 33-row call (and
@@ -133,7 +139,7 @@ def test_batch_invariance_plain_and_silu(config, dtype):
     _assert_row_invariant(lambda rows: decode_silu_triton(rows, w, config), x, "silu_mul")
 
 
-@pytest.mark.parametrize("config", CONFIGS[:2])
+@pytest.mark.parametrize("config", CONFIGS[:2] + SWAP_CONFIGS[:2], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_batch_invariance_rope_store(config, dtype):
     """The same for q and for what each row writes to the caches."""
@@ -190,7 +196,7 @@ def test_workspace_grows_once_past_max_rows(monkeypatch):
 def test_default_config_from_shape_only():
     """Valid for every LLaMA-2-7B shape, enough programs at M <= 16 (or the split cap), and a table entry wins."""
     for n, k in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096), (48, 40)]:
-        block_n, block_k, split, _, _ = dg._check_config(dg.default_config(n, k))
+        block_n, block_k, split, _, _, _ = dg._check_config(dg.default_config(n, k))
         assert -(-n // block_n) * split >= 4 * dg.H200_SMS or split == min(8, -(-k // (2 * block_k)))
     assert dg.config_for(48, 40) == dg.default_config(48, 40)
 
@@ -205,12 +211,61 @@ def test_config_errors(monkeypatch):
         decode_gemm_triton(torch.randn(2, 39), w, None, CONFIGS[0])
     with pytest.raises(ValueError, match="even"):
         decode_silu_triton(x, w[:47], CONFIGS[0])
-    monkeypatch.setitem(dg.DECODE_GEMM_CONFIGS, (48, 40), (16, 32, 1, 1, 1))
-    dg._config.cache_clear()  # config_for memoizes per shape, device and dtype
+    with pytest.raises(ValueError, match=r"SWAP=2 must be 0 .* or 1"):
+        decode_gemm_triton(x, w, None, (16, 32, 1, 1, 1, 2))
+    with pytest.raises(ValueError, match=r"SWAP='1'"):
+        decode_gemm_triton(x, w, None, (16, 32, 1, 1, 1, "1"))
+    for bad in ((16, 32, 1, 1), (16, 32, 1, 1, 1, 0, 0)):
+        with pytest.raises(ValueError, match=r"num_stages\[, SWAP\]\)"):
+            decode_gemm_triton(x, w, None, bad)
     try:
-        assert dg.config_for(48, 40) == (16, 32, 1, 1, 1)
+        for entry, want in (((16, 32, 1, 1, 1), (16, 32, 1, 1, 1, 0)), ((32, 64, 2, 4, 3, 1), (32, 64, 2, 4, 3, 1))):
+            monkeypatch.setitem(dg.DECODE_GEMM_CONFIGS, (48, 40), entry)
+            dg._config.cache_clear()  # config_for memoizes per shape, device and dtype
+            assert dg.config_for(48, 40) == want
     finally:
         dg._config.cache_clear()
+
+
+def test_swap_reaches_the_kernel_and_a_5_tuple_means_swap_0(monkeypatch):
+    """The outputs cannot tell the layouts apart (both are right), so the layout run is read off the launch."""
+    real, swaps = dg.launch, []
+
+    def spy(fn, grid, *args, **kw):
+        swaps.append(kw["SWAP"])
+        return real(fn, grid, *args, **kw)
+
+    monkeypatch.setattr(dg, "launch", spy)
+    x = rand(3, 40, dtype=torch.float32, device="cpu", seed=15)
+    w = rand(48, 40, dtype=torch.float32, device="cpu", seed=16, scale=0.2)
+    for config in (CONFIGS[0], (*CONFIGS[0], 0), SWAP_CONFIGS[0], (*CONFIGS[0], True)):
+        assert_close(decode_gemm_triton(x, w, None, config), linear_ref(x, w), torch.float32, str(config))
+    assert swaps == [0, 0, 1, 1]
+    assert dg._check_config(CONFIGS[0]) == (*CONFIGS[0], 0)
+
+
+def test_rope_store_refuses_a_block_n_past_the_rotary_half(monkeypatch):
+    """head_dim 32 has a rotary half of 16 columns: a BLOCK_N 32 config (here a swap one) cannot hold a head's
+    column pairs, so the kernel raises and the dispatch returns None with the caches untouched (the caller composes
+    the unfused ops); a BLOCK_N 16 swap config serves it."""
+    (x, w, b, pos, cos_sin), (kc, vc), slots = _rope_case("cpu", torch.float32, 3, 2, 1, 32, 40, True)
+    with pytest.raises(ValueError, match="rotary half divisible by BLOCK_N=32"):
+        decode_rope_store_triton(x, w, b, pos, cos_sin, kc, vc, slots, 2, 1, (32, 32, 1, 1, 1, 1))
+    monkeypatch.setattr(dg, "_kernel_ok", lambda *args: True)  # the CUDA dispatch, run by the interpreter
+    args = (x, w, b, pos, cos_sin, kc, vc, slots, 2, 1)
+    try:
+        monkeypatch.setitem(dg.DECODE_GEMM_CONFIGS, (128, 40), (32, 32, 1, 1, 1, 1))
+        dg._config.cache_clear()
+        assert dg.decode_linear_rope_store(*args) is None and kc.isnan().all() and vc.isnan().all()
+        monkeypatch.setitem(dg.DECODE_GEMM_CONFIGS, (128, 40), (16, 32, 1, 1, 1, 1))
+        dg._config.cache_clear()
+        q = dg.decode_linear_rope_store(*args)
+    finally:
+        dg._config.cache_clear()
+    kr, vr = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    assert_close(q, linear_rope_store_ref(x, w, b, pos, cos_sin, kr, vr, slots, 2, 1), torch.float32, "q")
+    kept = slots[slots >= 0]
+    assert_close(kc.view(48, 32)[kept], kr.view(48, 32)[kept], torch.float32, "k slots")
 
 
 def test_dispatch_off_cuda_is_row_by_row():
@@ -242,6 +297,37 @@ def test_decode_linear_gpu_buckets(n, k, dtype):
         assert_close(act, linear_silu_mul_ref(x, w).float(), dtype, "silu_mul")
         assert torch.equal(dg.decode_linear_silu_mul(x[:1], w), act[:1])
     assert_replays_like_ref(lambda: dg.decode_linear(x, w), x, lambda: linear_ref(x, w).float(), dtype, "graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [(64, 128, 1, 4, 3, 1), (128, 64, 4, 4, 2, 1), (64, 256, 2, 8, 2, 1)], ids=str)
+def test_swap_configs_gpu(config):
+    """wgmma-sized swap tiles (the weight as the M operand): the O and gate/up shapes of LLaMA-2-7B right and every
+    decode bucket's rows bitwise those of the 32-row call; rope + KV store where BLOCK_N divides the rotary half (64),
+    else refused."""
+    dtype = torch.float16
+    x = torch.randn(32, 4096, device="cuda", dtype=dtype)
+    for n in (4096, 22016):
+        w = torch.randn(n, 4096, device="cuda", dtype=dtype) * 0.02
+        full = decode_gemm_triton(x, w, None, config)
+        assert_close(full, linear_ref(x, w).float(), dtype, f"plain {n}")
+        act = decode_silu_triton(x, w, config)
+        assert_close(act, linear_silu_mul_ref(x, w).float(), dtype, f"silu_mul {n}")
+        for m in (1, 2, 4, 8, 16):
+            assert torch.equal(decode_gemm_triton(x[-m:], w, None, config), full[-m:]), (n, m)
+            assert torch.equal(decode_silu_triton(x[-m:], w, config), act[-m:]), (n, m)
+    (x, w, b, pos, cos_sin), (kc, vc), slots = _rope_case("cuda", dtype, 8, 32, 32, 128, 4096, False)
+    w.mul_(0.1)
+    if config[0] > 64:
+        with pytest.raises(ValueError, match=f"BLOCK_N={config[0]}"):
+            decode_rope_store_triton(x, w, None, pos, cos_sin, kc, vc, slots, 32, 32, config)
+        return
+    q = decode_rope_store_triton(x, w, None, pos, cos_sin, kc, vc, slots, 32, 32, config)
+    kr, vr = torch.full_like(kc, float("nan")).float(), torch.full_like(vc, float("nan")).float()
+    assert_close(q, linear_rope_store_ref(x.float(), w.float(), None, pos, cos_sin, kr, vr, slots, 32, 32), dtype, "q")
+    q0 = decode_rope_store_triton(x[:1], w, None, pos[:1], cos_sin, kc, vc, slots[:1], 32, 32, config)
+    assert torch.equal(q0, q[:1])
 
 
 @pytest.mark.gpu

@@ -14,7 +14,8 @@ CPU = torch.device("cpu")
 CFG = (16, 64, 1, 4, 2)
 
 
-def test_decode_gemm_variants_pass_the_check_with_grouped_kv_heads():
+@pytest.mark.parametrize("swap", [0, 1])
+def test_decode_gemm_variants_pass_the_check_with_grouped_kv_heads(swap):
     torch.manual_seed(0)
     heads = (4, 2, 32)  # QKV weight [(4 + 2 * 2) * 32, 64]
     qkv = torch.randn(8 * 32, 64) * 0.02
@@ -22,9 +23,9 @@ def test_decode_gemm_variants_pass_the_check_with_grouped_kv_heads():
     x32 = torch.randn(32, 64)
     rope = ds.rope_operands(heads, torch.float32, CPU)
     for kind in ("plain", "rope", "rope_unfused"):
-        assert ds.check(kind, x32, qkv, CFG, rope) is None, kind
+        assert ds.check(kind, x32, qkv, (*CFG, swap), rope) is None, kind
     for kind in ("silu", "silu_unfused"):
-        assert ds.check(kind, x32, gate_up, CFG, rope) is None, kind
+        assert ds.check(kind, x32, gate_up, (*CFG, swap), rope) is None, kind
 
 
 def test_a_wrong_or_row_dependent_variant_is_refused(monkeypatch):

@@ -4,15 +4,18 @@
 Each number is us per call from one CUDA graph of REPS calls, each on its own weight copy (`timing.graph_us`). Every
 config is first checked against the fp32 reference and for batch invariance (each of the 32 rows alone equals its
 row of the 32-row call, bitwise); a wrong, non-invariant or failing config (too much shared memory) is recorded and
-skipped. The search, pruned to a few minutes (compiles can run first in worker processes, which fill Triton's disk
-cache):
-  1. (BLOCK_N 16/32/64) x (BLOCK_K 64..512) x (SPLIT_K 1/2/4/8) at num_warps 4, num_stages 3, where a split leaves
-     >= 2 BLOCK_K steps per split and 1..16 programs per SM at M <= 16 (split 1 always), and a stage's tiles fit
-     160 KB of shared memory with the fused variants' second weight tile;
-  2. num_warps 4/8 x num_stages 2/3/4 for the TOP best of step 1 (num_warps 8 only for BLOCK_N x BLOCK_K >= 8192,
-     num_stages 4 only for BLOCK_K <= 256);
-  3. the fused epilogues for the TOP best plain configs: SiLU-mul on gate/up, rope + KV store on QKV, against the
-     plain decode GEMM + silu_mul / rope_store_kv kernels.
+skipped. A config is (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP); SWAP=1 puts the weight tile in the
+dot's M operand (wgmma-sized BLOCK_N, see decode_gemm.py). The search, pruned to a few minutes (compiles can run
+first in worker processes, which fill Triton's disk cache):
+  1. SWAP=0: (BLOCK_N 16/32/64) x (BLOCK_K 64..512) at num_stages 3; SWAP=1: (BLOCK_N 64/128) x (BLOCK_K 64..256)
+     at num_stages 3, or 2 where 3 stages do not fit; each x (SPLIT_K 1/2/4/8) at num_warps 4, where a split leaves
+     >= 2 BLOCK_K steps per split and 1..16 programs per SM at M <= 16 (split 1 always), and the stages' tiles fit
+     160 KB of shared memory (`fits_smem`: the rows' tile and the fused variants' two weight tiles);
+  2. num_warps 4/8 x num_stages 2/3/4 for the TOP best of step 1, same SWAP (num_warps 8 only for
+     BLOCK_N x BLOCK_K >= 8192, num_stages 4 only for BLOCK_K <= 256, the tiles fitting);
+  3. the fused epilogues for the TOP best plain configs the fused kernel can run (rope + KV store: BLOCK_N divides
+     the rotary half head_dim / 2): SiLU-mul on gate/up, rope + KV store on QKV, against the plain decode GEMM +
+     silu_mul / rope_store_kv kernels.
 Rule: the config with the least sum of us over M in RULE_MS; for QKV and gate/up the sum of the fused variant (what
 the model runs).
 """
@@ -38,7 +41,8 @@ MS = (1, 2, 4, 8, 16, 32)
 RULE_MS = (1, 8, 32)  # one of each Triton specialisation of M (== 1, neither, multiple of 16)
 TOP = 3
 FUSED_KIND = {"qkv": "rope", "gate_up": "silu"}  # the fused epilogue the model runs on these projections
-Config = tuple[int, int, int, int, int]
+SMEM_BYTES = 160 * 1024
+Config = dg.Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,10 @@ class GemmShape:
     def fused(self) -> str | None:
         return FUSED_KIND.get(self.name) if self.name != "qkv" or self.heads else None
 
+    def fuses(self, cfg: Config) -> bool:
+        """Whether the fused epilogue runs cfg: rope + KV store needs BLOCK_N to divide the rotary half."""
+        return self.fused != "rope" or (self.heads[2] // 2) % cfg[0] == 0
+
 
 class GemmBench(Protocol):
     """What the search needs of a shape's measurements: `ShapeBench` on the GPU, a fake in tests."""
@@ -73,26 +81,35 @@ class GemmBench(Protocol):
              known_bad: dict | None = None) -> float | None: ...
 
 
+def fits_smem(bn: int, bk: int, stages: int) -> bool:
+    """Whether `stages` copies of a step's tiles (the rows' [16, BLOCK_K] and two [BLOCK_N, BLOCK_K] weight tiles, as
+    in the fused variants; 2-byte elements) fit SMEM_BYTES of shared memory."""
+    return (dg.BLOCK_M + 2 * bn) * bk * 2 * stages <= SMEM_BYTES
+
+
 def stage1_configs(n: int, k: int, quick: bool, sms: int) -> list[Config]:
+    tiles = [(0, bn, bk) for bn, bk in itertools.product((16, 32) if quick else (16, 32, 64),
+                                                         (128, 256) if quick else (64, 128, 256, 512))]
+    tiles += [(1, bn, bk) for bn, bk in itertools.product((64, 128), (128, 256) if quick else (64, 128, 256))]
     out = []
-    for bn, bk, split in itertools.product((16, 32) if quick else (16, 32, 64), (128, 256) if quick else
-                                           (64, 128, 256, 512), (1, 2, 4, 8)):
+    for (swap, bn, bk), split in itertools.product(tiles, (1, 2, 4, 8)):
         programs = -(-n // bn) * split
         if split > 1 and (k / split < 2 * bk or not sms <= programs <= 16 * sms):
             continue
-        if (16 + 2 * bn) * bk * 2 * 3 <= 160 * 1024:
-            out.append((bn, bk, split, 4, 3))
+        stages = next((ns for ns in ((3, 2) if swap else (3,)) if fits_smem(bn, bk, ns)), None)
+        if stages is not None:
+            out.append((bn, bk, split, 4, stages, swap))
     return out
 
 
 def stage2_configs(best: list[Config]) -> list[Config]:
     out = []
-    for bn, bk, split, _, _ in best:
+    for bn, bk, split, _, _, swap in best:
         for nw, ns in itertools.product((4, 8), (2, 3, 4)):
-            if (nw == 8 and bn * bk < 8192) or (ns == 4 and bk > 256) or (16 + 2 * bn) * bk * 2 * ns > 160 * 1024:
+            if (nw == 8 and bn * bk < 8192) or (ns == 4 and bk > 256) or not fits_smem(bn, bk, ns):
                 continue
-            if (bn, bk, split, nw, ns) not in best:
-                out.append((bn, bk, split, nw, ns))
+            if (bn, bk, split, nw, ns, swap) not in best:
+                out.append((bn, bk, split, nw, ns, swap))
     return out
 
 
@@ -272,7 +289,7 @@ def sweep_shape(sb: GemmBench, pool: Executor | None = None, quick: bool = False
     chosen = best(scores, 1)[0]
     result: dict[str, Any] = {"plain_best": chosen, "plain_sum_us": scores[chosen]}
     if fused := sb.shape.fused:
-        finalists = best(scores, TOP)
+        finalists = best({c: s for c, s in scores.items() if sb.shape.fuses(c)}, TOP)
         bad = precompile(pool, _jobs(sb, (fused, fused + "_unfused"), finalists, dtype))
         fused_scores = {c: s for c in finalists if (s := sb.time(fused, c, MS, known_bad=bad)) is not None}
         for c in finalists:
