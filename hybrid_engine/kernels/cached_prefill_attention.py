@@ -6,7 +6,7 @@ and each would walk thousands of keys serially, so the keys are split across pro
 (query tiles, query heads, SPLITS), each split a contiguous BLOCK_N-aligned range of at least SPLIT_MIN_KEYS keys of
 the tile's context, computed on the device from the start tensor (one CUDA graph serves every start; a short context
 leaves later splits empty and runs unsplit, with no merge). With several splits active, the last program to finish a
-(tile, head) merges the partials, loading every split's rows at once and summing them in one fixed reduction, so the
+(tile, head) merges the partials in split order (an unrolled loop: the splits' loads are in flight together), so the
 result does not depend on which program arrives last. Inside a split, the key blocks every row of the tile sees run
 without masks; only the diagonal and the range's end are masked. Scores are kept in log2 units (exp2).
 """
@@ -34,11 +34,10 @@ CACHED_CONFIGS: list[tuple[int, tuple[int, int, int, int, int]]] = [
     (512, (64, 64, 4, 3, 2)), (1 << 30, (64, 64, 4, 3, 1))]
 # What CACHED_CONFIGS' SPLITS were chosen for: other head and SM counts keep the same programs per SM.
 TUNED_HEADS, TUNED_SMS = 32, 132
-MAX_SPLITS = 64
+MAX_SPLITS = 16  # the merge unrolls its loop over the splits
 CPU_CACHED_CONFIG = (16, 16, 4, 2, 2)  # the interpreter: small tiles keep the CPU tests fast; 2 splits test the merge
 LOG2E = 1.4426950408889634
 SPLIT_MIN_KEYS = 256  # on a GPU a split walks at least this many keys: below that a merge costs more than it saves
-MERGE_ELEMENTS = 8192  # fp32 partials one merge step loads at once: (splits, rows, head_dim) all in flight
 
 
 def cached_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -128,35 +127,37 @@ def _attend_keys(q, K_CACHE, V_CACHE, BT, kv_head, rows, first_row, ctx, lo, hi,
     return m_i, l_i, acc
 
 
-def _merge_splits(WS_ACC, WS_M, WS_L, first, active, out_at, stride_ot, rows_left, head_dim,
-                  SPLITS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_ROWS: tl.constexpr):
-    """Store the normalised output of one (tile, head) (rows from `out_at`, `rows_left` of them real) from its
-    partials first..first+active-1 (log2 units). Each step loads MERGE_ROWS rows of every split at once, so their
-    latencies overlap; the splits are summed by one fixed reduction, whichever program merges."""
-    s_ok = (tl.arange(0, SPLITS_P2) < active)[:, None]
+def _merge_splits(WS_ACC, WS_M, WS_L, first, active, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Normalised output of one (tile, head) from its partials first..first+active-1 (log2 units), summed in split
+    order. The loop over splits is unrolled (SPLITS is small), so each pass's loads are independent and in flight
+    together rather than one L2 round trip per split."""
+    r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    for r0 in range(0, BLOCK_M, MERGE_ROWS):
-        r = r0 + tl.arange(0, MERGE_ROWS)
-        part = (first + tl.arange(0, SPLITS_P2)).to(tl.int64)[:, None] * BLOCK_M + r[None, :]  # [splits, rows]
-        m = tl.load(WS_M + part, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(WS_L + part, mask=s_ok, other=0.0, cache_modifier=".cg")
-        acc = tl.load(WS_ACC + part[:, :, None] * BLOCK_D + d[None, None, :], mask=s_ok[:, :, None], other=0.0,
-                      cache_modifier=".cg")
-        m_max = tl.max(m, axis=0)
-        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # a row no split saw (padding): weights 0, output 0
-        w = tl.exp2(m - m_max[None, :])
-        l_sum = tl.sum(w * l_s, axis=0)
-        out = tl.sum(w[:, :, None] * acc, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-        tl.store(out_at + r[:, None].to(tl.int64) * stride_ot + d[None, :], out.to(out_at.dtype.element_ty),
-                 mask=(r < rows_left)[:, None] & (d < head_dim)[None, :])
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in tl.static_range(SPLITS):
+        m_s = tl.load(WS_M + (first + s).to(tl.int64) * BLOCK_M + r, mask=r * 0 + s < active,
+                      other=float("-inf"), cache_modifier=".cg")
+        m = tl.maximum(m, m_s)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row no split saw (padding): weights 0, output 0
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in tl.static_range(SPLITS):
+        part = (first + s).to(tl.int64) * BLOCK_M + r
+        ok = r * 0 + s < active  # per-row copies of the split's flag (a scalar mask is not portable)
+        w = tl.exp2(tl.load(WS_M + part, mask=ok, other=float("-inf"), cache_modifier=".cg") - m)
+        l_sum += w * tl.load(WS_L + part, mask=ok, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * tl.load(WS_ACC + part[:, None] * BLOCK_D + d[None, :], mask=ok[:, None], other=0.0,
+                                    cache_modifier=".cg")
+    return acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
 
 
 def _cached_prefill_kernel(Q, K_CACHE, V_CACHE, BT, START, VALID_LEN, OUT, WS_ACC, WS_M, WS_L, COUNT, qk_scale,
                            stride_qt, stride_qh, stride_cb, stride_co, stride_ch, stride_ot, stride_oh, num_tokens,
                            head_dim, GROUP: tl.constexpr, HAS_VALID_LEN: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, MIN_KEYS: tl.constexpr,
-                           MERGE_ROWS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr, EVEN_D: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
     """One query tile of one head over one split of the keys 0..start+its last valid row (keys stop at start +
     valid_len; a padded tile has none). A split walks at least MIN_KEYS keys, so a short context leaves the later
     splits empty: with one split active its program stores the output; with more, each stores its partials and the
@@ -182,28 +183,27 @@ def _cached_prefill_kernel(Q, K_CACHE, V_CACHE, BT, START, VALID_LEN, OUT, WS_AC
     m_i, l_i, acc = _attend_keys(q, K_CACHE, V_CACHE, BT, head // GROUP, rows, start_m, ctx, lo, hi, qk_scale,
                                  stride_cb, stride_co, stride_ch, head_dim, EVEN_D, BLOCK_SIZE, BLOCK_M, BLOCK_N,
                                  BLOCK_D, DOT_PRECISION)
-    out_at = OUT + start_m.to(tl.int64) * stride_ot + head * stride_oh
-    if active <= 1:
-        if split == 0:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(out_at + tl.arange(0, BLOCK_M)[:, None].to(tl.int64) * stride_ot + d[None, :],
-                     out.to(OUT.dtype.element_ty), mask=out_mask)
-    else:
-        pair = tile * tl.num_programs(1) + head
-        part = (pair * SPLITS + split).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        if lo < hi:  # an empty split writes nothing: the merge reads only the first `active` splits
-            tl.store(WS_ACC + part[:, None] * BLOCK_D + d[None, :], acc)
-            tl.store(WS_M + part, m_i)
-            tl.store(WS_L + part, l_i)
-        # every split's partials are written before its arrival is counted; the last arrival merges and resets the
-        # counter for the next call (graph replays need no memset), as the decode GEMM's split-K does. Every program
-        # of the pair computes the same `active`, so all of them or none take this branch.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(COUNT + pair, 1, sem="acq_rel")
-        if arrived == SPLITS - 1:
-            _merge_splits(WS_ACC, WS_M, WS_L, pair * SPLITS, active, out_at, stride_ot, num_tokens - start_m,
-                          head_dim, SPLITS_P2, BLOCK_M, BLOCK_D, MERGE_ROWS)
-            tl.atomic_xchg(COUNT + pair, 0)
+    out_at = OUT + rows[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :]
+    direct = split == 0  # one split holds every key: its program stores the output
+    if SPLITS > 1:
+        direct = direct & (active <= 1)
+        if active > 1:  # every program of the pair computes the same `active`: all of them or none are here
+            pair = tile * tl.num_programs(1) + head
+            part = (pair * SPLITS + split).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            if lo < hi:  # an empty split writes nothing: the merge reads only the first `active` splits
+                tl.store(WS_ACC + part[:, None] * BLOCK_D + d[None, :], acc)
+                tl.store(WS_M + part, m_i)
+                tl.store(WS_L + part, l_i)
+            # every split's partials are written before its arrival is counted; the last arrival merges and resets
+            # the counter for the next call (graph replays need no memset), as the decode GEMM's split-K does
+            tl.debug_barrier()
+            arrived = tl.atomic_add(COUNT + pair, 1, sem="acq_rel")
+            if arrived == SPLITS - 1:
+                out = _merge_splits(WS_ACC, WS_M, WS_L, pair * SPLITS, active, SPLITS, BLOCK_M, BLOCK_D)
+                tl.store(out_at, out.to(OUT.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(COUNT + pair, 0)
+    if direct:
+        tl.store(out_at, (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(OUT.dtype.element_ty), mask=out_mask)
 
 
 def _scaled_splits(splits: int, num_heads: int, device: torch.device) -> int:
@@ -254,11 +254,6 @@ def _check_config(config: tuple[int, int, int, int, int]) -> None:
         raise ValueError(f"SPLITS={splits}: must be in 1..{MAX_SPLITS}")
 
 
-def _merge_rows(splits_p2: int, block_m: int, block_d: int) -> int:
-    """Rows per merge step: every split's rows at once within MERGE_ELEMENTS, a power of two in 1..BLOCK_M."""
-    return min(block_m, 1 << max(0, (MERGE_ELEMENTS // (splits_p2 * block_d)).bit_length() - 1))
-
-
 def _workspace(q: torch.Tensor, tiles: int, splits: int, block_m: int, block_d: int):
     """(acc, m, l, counters) views of this shape's reused split workspace; the output itself where SPLITS = 1."""
     num_heads = q.shape[1]
@@ -306,8 +301,6 @@ def cached_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_ca
            ws_l, count, scale * LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
            k_cache.stride(2), out.stride(0), out.stride(1), num_tokens, head_dim,
            GROUP=num_q_heads // k_cache.shape[2], HAS_VALID_LEN=valid_len is not None, BLOCK_SIZE=block_size,
-           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SPLITS=splits, SPLITS_P2=next_pow2(splits),
-           MIN_KEYS=max(1, min_split_keys), MERGE_ROWS=_merge_rows(next_pow2(splits), block_m, block_d),
-           EVEN_D=head_dim == block_d, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SPLITS=splits, MIN_KEYS=max(1, min_split_keys), EVEN_D=head_dim == block_d, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
            num_warps=num_warps, num_stages=num_stages)
     return out

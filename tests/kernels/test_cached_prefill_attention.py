@@ -102,35 +102,26 @@ def test_split_keys_match_reference_and_each_other(device_dtype, start, n, num_q
 
 
 @pytest.mark.parametrize("start,min_keys", [(7, 64), (100, 48), (100, 16), (0, 1000)])
-def test_min_split_keys_leaves_later_splits_empty(device_dtype, start, min_keys, monkeypatch):
+def test_min_split_keys_leaves_later_splits_empty(device_dtype, start, min_keys):
     """A split walks at least `min_split_keys` keys: with one split active its program stores the output itself
-    (no merge), with several the merge sees only the active ones; a merge that takes its rows a few at a time
-    (a small MERGE_ELEMENTS) gives the same. Every case matches the reference and repeats bitwise (the arrival
-    counters stay balanced whichever path a call takes)."""
+    (no merge), with several the merge reads only the active ones. Every case matches the reference and repeats
+    bitwise (the arrival counters stay balanced whichever path a call takes)."""
     device, dtype = device_dtype
     n, valid = 19, 17
     q, k_cache, v_cache, table, ref = _split_case(device, dtype, start, n, 4, 2, 24, 8)
     start_t = torch.tensor([start], dtype=torch.int32, device=device)
     valid_t = torch.tensor([valid], dtype=torch.int32, device=device)
-    config = (16, 16, 4, 2, 4)
     outs = []
-    for merge_elements in (cpa.MERGE_ELEMENTS, 4 * 32 * 2):  # all 16 rows of every split at once; 2 rows a step
-        monkeypatch.setattr(cpa, "MERGE_ELEMENTS", merge_elements)
-        for _ in range(2):
-            out = cached_prefill_attention_triton(q, k_cache, v_cache, table, start_t, 24 ** -0.5, valid_t,
-                                                  config=config, min_split_keys=min_keys)
-            assert_close(out[:valid], ref[:valid], dtype, f"start {start}, min_split_keys {min_keys}")
-            assert torch.isfinite(out.float()).all()
-            outs.append(out)
+    for _ in range(2):
+        out = cached_prefill_attention_triton(q, k_cache, v_cache, table, start_t, 24 ** -0.5, valid_t,
+                                              config=(16, 16, 4, 2, 4), min_split_keys=min_keys)
+        assert_close(out[:valid], ref[:valid], dtype, f"start {start}, min_split_keys {min_keys}")
+        assert torch.isfinite(out.float()).all()
+        outs.append(out)
     assert torch.equal(outs[0], outs[1]), "a repeat call differs"
     with pytest.raises(ValueError, match="min_split_keys=-1"):
-        cached_prefill_attention_triton(q, k_cache, v_cache, table, start_t, 1.0, config=config, min_split_keys=-1)
-
-
-def test_merge_rows_rule():
-    assert cpa._merge_rows(4, 64, 128) == 16
-    assert cpa._merge_rows(1, 16, 128) == 16  # capped at BLOCK_M
-    assert cpa._merge_rows(64, 64, 256) == 1  # never below one row
+        cached_prefill_attention_triton(q, k_cache, v_cache, table, start_t, 1.0, config=(16, 16, 4, 2, 4),
+                                        min_split_keys=-1)
 
 
 def test_config_rule_scales_splits_and_stays_within_the_table(monkeypatch):
