@@ -10,6 +10,7 @@ Triton on the CPU runs only under the interpreter (TRITON_INTERPRET=1), which th
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -151,18 +152,47 @@ def _probe_prefill(prefill: Callable[..., Any], device: torch.device, backend: s
             f"install a build with CUDA support (pip install 'hybrid-engine[{backend}]') or use 'triton'") from exc
 
 
+# Decode steps of 2..MIXED_DECODE_MAX_ROWS rows run the decode GEMM (fused SiLU-mul and rope + KV-store epilogues)
+# rather than the per-row-count product plan with unfused epilogues: on the H200 (LLaMA-2-7B shape, 2026-11-30) its
+# decode steps took 4.22 / 4.22 / 4.26 / 4.53 ms at 2 / 4 / 8 / 16 rows against 4.43 / 4.45 / 4.61 / 4.99, and
+# 5.81 against 5.62 at 32 rows. One row keeps the GEMVs (3.88 against 4.21 ms).
+MIXED_DECODE_MAX_ROWS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _measured(n: int, k: int, device: torch.device, dtype: torch.dtype) -> bool:
+    from . import tuning
+
+    return tuning.lookup("decode_gemm", tuning.shape_key(n, k, dtype=dtype), device) is not None
+
+
+def _by_rows(one_or_many: Callable[..., Any], few: Callable[..., Any]) -> Callable[..., Any]:
+    """A decode op (x, weight, ...) that calls `few` for 2..MIXED_DECODE_MAX_ROWS rows of x where this card's tuning
+    table has the weight's shape (measured: an untuned shape keeps the plan), and `one_or_many` otherwise."""
+    def op(x: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        rows = x.numel() // x.shape[-1]
+        use_few = 2 <= rows <= MIXED_DECODE_MAX_ROWS and x.is_cuda and _measured(*weight.shape, x.device, x.dtype)
+        return (few if use_few else one_or_many)(x, weight, *args, **kwargs)
+
+    op.__name__ = op.__qualname__ = f"{one_or_many.__name__}_or_{few.__module__.rsplit('.', 1)[-1]}"
+    return op
+
+
 def _decode_projections(batch_invariant: bool) -> dict[str, Any]:
-    """The decode-step projections: the batch-invariant decode GEMM (one kernel and one summation order per row at
-    every batch size), or the one-row GEMVs plus the per-row-count product plan."""
+    """The decode-step projections. batch_invariant: the decode GEMM at every row count (one kernel and one
+    summation order per row whatever the batch). Else: the one-row GEMVs for one row, the decode GEMM for
+    2..MIXED_DECODE_MAX_ROWS rows of a shape the card's tuning table holds, the per-row-count product plan elsewhere
+    (a row's numbers then depend on the batch size)."""
+    from . import decode_gemm as dg
+    from . import gemv
+
     if batch_invariant:
-        from .decode_gemm import decode_linear, decode_linear_rope_store, decode_linear_silu_mul
-
-        return dict(decode_linear=decode_linear, linear_silu_mul=decode_linear_silu_mul,
-                    linear_rope_store=decode_linear_rope_store, decode_projection="decode_gemm")
-    from .gemv import linear, linear_rope_store, linear_silu_mul
-
-    return dict(decode_linear=linear, linear_silu_mul=linear_silu_mul, linear_rope_store=linear_rope_store,
-                decode_projection="gemv+plan")
+        return dict(decode_linear=dg.decode_linear, linear_silu_mul=dg.decode_linear_silu_mul,
+                    linear_rope_store=dg.decode_linear_rope_store, decode_projection="decode_gemm")
+    return dict(decode_linear=_by_rows(gemv.linear, dg.decode_linear),
+                linear_silu_mul=_by_rows(gemv.linear_silu_mul, dg.decode_linear_silu_mul),
+                linear_rope_store=_by_rows(gemv.linear_rope_store, dg.decode_linear_rope_store),
+                decode_projection=f"gemv (1 row) + decode_gemm (2-{MIXED_DECODE_MAX_ROWS}) + plan")
 
 
 def triton_ops(device: torch.device, backend: str = "triton", batch_invariant: bool = False) -> KernelOps:

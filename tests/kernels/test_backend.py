@@ -26,19 +26,39 @@ def test_triton_on_cpu_under_interpreter():
     assert ops.name == "triton" and ops.prefill_attention is prefill_attention_triton
     assert ops.describe() == {"attention_backend": "triton", "prefill_attention": "triton",
                               "decode_attention": "triton", "elementwise_kernels": "triton", "sampling": "triton",
-                              "decode_projections": "gemv+plan"}
+                              "decode_projections": "gemv (1 row) + decode_gemm (2-16) + plan"}
 
 
 def test_batch_invariant_picks_the_decode_projections():
-    from hybrid_engine.kernels import decode_gemm, gemv
+    from hybrid_engine.kernels import decode_gemm
 
     on, off = get_ops("cpu", "triton", batch_invariant=True), get_ops("cpu", "triton")
     assert (on.decode_linear, on.linear_silu_mul, on.linear_rope_store) == (
         decode_gemm.decode_linear, decode_gemm.decode_linear_silu_mul, decode_gemm.decode_linear_rope_store)
-    assert (off.decode_linear, off.linear_silu_mul, off.linear_rope_store) == (
-        gemv.linear, gemv.linear_silu_mul, gemv.linear_rope_store)
-    assert off.describe()["decode_projections"] == "gemv+plan"
+    assert off.describe()["decode_projections"] == "gemv (1 row) + decode_gemm (2-16) + plan"
     assert get_ops("cpu").describe()["decode_projections"] == "linear_rows"  # torch: F.linear row by row
+
+
+@pytest.mark.parametrize("rows,tuned,cuda,expect", [(1, True, True, "one"), (2, True, True, "few"),
+                                                    (16, True, True, "few"), (17, True, True, "one"),
+                                                    (8, False, True, "one"), (8, True, False, "one")])
+def test_default_decode_projections_by_row_count(monkeypatch, rows, tuned, cuda, expect):
+    """Without batch invariance a decode op takes the decode GEMM for 2..16 rows of a shape this card's tuning
+    table holds (on a GPU), and the GEMV / product plan otherwise; every argument reaches the chosen op."""
+    monkeypatch.setattr(backend_module, "_measured", lambda *a: tuned)
+    calls = []
+    op = backend_module._by_rows(lambda *a, **k: calls.append(("one", a, k)),
+                                 lambda *a, **k: calls.append(("few", a, k)))
+
+    class X:  # the op reads only the shape, numel and device of x
+        shape, is_cuda, device, dtype = (rows, 8), cuda, "cuda", torch.float16
+
+        def numel(self):
+            return rows * 8
+
+    x, w = X(), torch.zeros(4, 8)
+    op(x, w, 1, bias=2)
+    assert calls == [(expect, (x, w, 1), {"bias": 2})]
 
 
 def test_sdpa_backend_keeps_triton_elsewhere():
