@@ -128,6 +128,36 @@ def test_prefix_cache_hits_replay_context_graphs_and_match_caching_off(engines):
     assert blocks_settled(graph)
 
 
+def test_long_prompt_chunks_replay_graphs_and_match_no_graphs():
+    """A long prompt arriving while another request decodes is prefilled in chunks: with the chunk size a bucket, its
+    non-final chunks replay the ("prefill_ctx_part", bucket) graph (the first one at start 0) and its final chunk the
+    ("prefill_ctx", bucket) graph, with no JIT step; both requests get the tokens an engine without graphs or caching
+    gives them alone."""
+    kw = dict(dtype="float32", device="cuda", prefill_buckets=BUCKETS, max_model_len=512, prefill_chunk_size=64)
+    graph = LLM("tiny-llama", capture="eager", **kw)
+    plain = LLM("tiny-llama", capture="off", enable_prefix_caching=False, **kw)
+    try:
+        assert ("prefill_ctx_part", 64) in graph.graphs.worker.captured
+        g = torch.Generator().manual_seed(3)
+        short = torch.randint(3, 500, (9,), generator=g).tolist()
+        long = torch.randint(3, 500, (200,), generator=g).tolist()  # chunks of 64, 64, 64 and 8 tokens
+        p = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+        want = [plain.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids for ids in (short, long)]
+        stream = graph.stream_deltas({"prompt_token_ids": short}, p)
+        got_short = list(next(stream).token_ids)  # decoding now
+        before = graph.stats()
+        got_long = graph.generate({"prompt_token_ids": long}, p)[0].outputs[0].token_ids
+        got_short += [t for d in stream for t in d.token_ids]
+        after = graph.stats()
+        assert after["prefill_chunks"] - before["prefill_chunks"] == 4
+        assert after["jit_steps"] == before["jit_steps"]
+        assert [got_short, got_long] == want
+        assert blocks_settled(graph)
+    finally:
+        graph.close()
+        plain.close()
+
+
 def test_serving_stream_is_current_only_while_enqueueing(engines):
     """The engine makes its stream current around its GPU work only: the caller's stream is current again after a
     request and while a stream of tokens is suspended between deltas, and StreamScope nests and restores."""

@@ -3,8 +3,9 @@
 `CaptureWorker` decides what to capture and when (device-independent, unit-tested on the CPU); `GraphRunner` owns
 the CUDA graphs: one decode graph per batch bucket (key ("decode", rows)), one prefill graph per length bucket (key:
 the bucket) and, with prefix caching, one prefill-after-cached-positions graph per bucket of new tokens (key
-("prefill_ctx", bucket); the start is read from a device buffer, so one graph serves any cached prefix), all in one
-memory pool. Batches with grammar-constrained rows run the decode step in two halves, each a graph per bucket (keys
+("prefill_ctx", bucket); the start is read from a device buffer, so one graph serves any cached prefix) and one for a
+long prompt's non-final chunks (key ("prefill_ctx_part", the chunk size's bucket): the same step without sampling
+or installing the sequence; its final chunk replays the "prefill_ctx" graph), all in one memory pool. Batches with grammar-constrained rows run the decode step in two halves, each a graph per bucket (keys
 ("decode_forward", rows) and ("decode_sample", rows)), captured once such a batch has asked for them.
 
 Rules from DESIGN.md that this module and the serving path obey while a capture may be running:
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 DECODE = "decode"
 CONTEXT = "prefill_ctx"
+CONTEXT_PART = "prefill_ctx_part"  # a non-final chunk of a long prompt: KV written, nothing sampled
 DECODE_FORWARD, DECODE_SAMPLE = "decode_forward", "decode_sample"  # the two halves of a constrained decode step
 _DECODE_KINDS = (DECODE, DECODE_FORWARD, DECODE_SAMPLE)
 
@@ -47,7 +49,8 @@ def is_decode(key: Any) -> bool:
 
 
 def is_context(key: Any) -> bool:
-    return isinstance(key, tuple) and key[0] == CONTEXT
+    """A prefill after cached positions: a "prefill_ctx" or "prefill_ctx_part" key."""
+    return isinstance(key, tuple) and key[0] in (CONTEXT, CONTEXT_PART)
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
@@ -223,11 +226,14 @@ class GraphRunner:
     """The engine's CUDA graphs. `ready_prefill_bucket`/`replay_*` are called by the serving thread."""
 
     def __init__(self, runner: Any, buckets: Iterable[int], policy: str, serve_stream: torch.cuda.Stream,
-                 context_buckets: bool = False) -> None:
+                 context_buckets: bool = False, chunk_size: int | None = None) -> None:
         self.runner = runner
         self.buckets = sorted(b for b in buckets if b <= runner.max_model_len)
         self.context_buckets = context_buckets
         contexts = [(CONTEXT, b) for b in self.buckets] if context_buckets else []
+        part = self.bucket_for(chunk_size) if context_buckets and chunk_size else None
+        self.part_bucket = part  # the bucket of a long prompt's non-final chunks (None: they run on the JIT path)
+        contexts += [(CONTEXT_PART, part)] if part is not None else []
         self.decode_buckets = decode_buckets(runner.max_num_seqs)
         self.pool = torch.cuda.graph_pool_handle()
         self.all_pools = [self.pool]
@@ -316,6 +322,9 @@ class GraphRunner:
     def replay_context_prefill(self, bucket: int) -> None:
         self._replay((CONTEXT, bucket))
 
+    def replay_context_part(self, bucket: int) -> None:
+        self._replay((CONTEXT_PART, bucket))
+
     def replay_decode(self, bucket: int) -> None:
         self._replay((DECODE, bucket))
 
@@ -347,10 +356,19 @@ class GraphRunner:
                 "capturing": w.capturing is not None}
 
     # -- worker side --
+    def ready_part_bucket(self, length: int) -> int | None:
+        """The captured bucket for a non-final chunk of `length` tokens, or None (demand recorded where one exists)."""
+        if self.part_bucket is None or length > self.part_bucket:
+            return None
+        if (CONTEXT_PART, self.part_bucket) not in self.worker.captured:
+            self.worker.record_demand((CONTEXT_PART, self.part_bucket))
+            return None
+        return self.part_bucket
+
     def _step_fn(self, key: Any, buf: Any, logits: Any = None) -> Callable[[], None]:
         """The step a key's graph holds, on `buf` (and, for a split half, the logits buffer `logits`)."""
         if is_context(key):
-            return lambda: self.runner.prefill_step(key[1], buf, context=True)
+            return lambda: self.runner.prefill_step(key[1], buf, context=True, final=key[0] == CONTEXT)
         if not is_decode(key):
             return lambda: self.runner.prefill_step(key, buf)
         kind, rows = key

@@ -80,7 +80,8 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
         # tensor parallelism: every rank captures the same graphs in the same order, before serving (a background
         # capture decided per rank could order the graphs' collectives differently and deadlock them)
         policy = "eager" if tp[1] > 1 else cfg.capture
-        graphs = GraphRunner(runner, cfg.prefill_buckets, policy, stream, context_buckets=cfg.enable_prefix_caching)
+        graphs = GraphRunner(runner, cfg.prefill_buckets, policy, stream, context_buckets=cfg.enable_prefix_caching,
+                             chunk_size=cfg.prefill_chunk_size)
         runner.graphs = graphs
         graphs.start()
     return Rank(loaded, ops, kv, runner, graphs, stream, n_blocks, copy_bytes)

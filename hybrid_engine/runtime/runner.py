@@ -265,13 +265,22 @@ class ModelRunner:
     def prefill_chunk(self, ids: list[int], start: int, row: int, table: list[int], params: SamplingParams,
                       seed: int, offset: int, final: bool, mask: torch.Tensor | None = None) -> str:
         """One chunk of a long prompt, `ids` at positions start.., after `start` positions already cached; the final
-        chunk samples the first token and installs the sequence in `row`. Always the JIT path."""
-        if start + len(ids) > self.max_model_len:
-            raise ValueError(f"chunk ends at position {start + len(ids)} > max_model_len={self.max_model_len}")
-        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=len(ids), start=start,
+        chunk samples the first token and installs the sequence in `row`. Replays the chunk graph (a non-final
+        chunk) or the bucket's prefill-after-cached-positions graph (the final one, as `prefill_from`) when
+        captured, whatever the start (0 included); else the JIT path."""
+        n = len(ids)
+        if start + n > self.max_model_len:
+            raise ValueError(f"chunk ends at position {start + n} > max_model_len={self.max_model_len}")
+        bucket = None
+        if self.graphs is not None:
+            bucket = self.graphs.ready_context_bucket(n) if final else self.graphs.ready_part_bucket(n)
+        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=bucket or n, start=start,
                            mask=mask if final else None)
+        if bucket is not None:
+            (self.graphs.replay_context_prefill if final else self.graphs.replay_context_part)(bucket)
+            return "graph"
         with torch.inference_mode():
-            self.prefill_step(len(ids), context=start > 0, final=final)
+            self.prefill_step(n, context=start > 0, final=final)
         return "jit"
 
     def decode(self, rows: int, updates: list[tuple[int, int, int]]) -> str:
