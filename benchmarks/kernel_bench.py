@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_engine.kernels import activation, decode_attention as dec, kv_store, prefill_attention as pre  # noqa
 from hybrid_engine.kernels import rms_norm, rope, sampling  # noqa: E402
+from hybrid_engine.kernels._workspace import capture_graph  # noqa: E402
 
 L2_ROTATION_BYTES = 512 << 20
 DEVICE = "cuda"  # --smoke: "cpu" with the Triton interpreter and tiny shapes, to check the script itself
@@ -49,10 +50,7 @@ def timed(fn, variants: int, iters: int = 200, graph_reps: int = 20) -> dict:
     torch.cuda.synchronize()
     result = {"eager_us": start.elapsed_time(stop) * 1e3 / iters, "graph_us": None}
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(variants):
-                fn(i)
+        graph, _ = capture_graph(lambda: [fn(i) for i in range(variants)])
         graph.replay()
         torch.cuda.synchronize()
         start.record()

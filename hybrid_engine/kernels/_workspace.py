@@ -2,6 +2,10 @@
 last-arriving program (split-K GEMV, split-key cached-prefill attention)."""
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Any, Callable
+
 import torch
 
 _SM_COUNT: dict[int, int] = {}
@@ -21,19 +25,28 @@ def _stream_id(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
-def split_buffers(device: torch.device, key: tuple, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 partials (at least `numel`) and zeroed int32 arrival counters (at least `counters`) of the kernel call
-    named by `key`, made once and reused: calls on one stream run in order and the kernels leave the counters at
-    zero, so a graph replay needs no memset.
+class _Reserving(threading.local):
+    on = False
 
-    Keyed by stream and by whether the stream is capturing, so that no two launches that can run at once share
-    them: requests run on the serving stream (JIT steps and graph replays, in order), while the capture worker
-    warms graphs up on its own stream at the same time; the buffers a capture records are used only by the replays
-    of the graphs captured with them, on the serving stream. Made on the first call of a kind (warm-up at load,
-    and inside the first capture, from the graphs' pool). A call needing more than a key's buffers hold gets new
-    ones; the old stay allocated, since a captured graph may still read them."""
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    full_key = (str(device), _stream_id(device), capturing, *key)
+
+_RESERVING = _Reserving()
+
+
+@contextlib.contextmanager
+def reserve_for_capture():
+    """While active on this thread, every `split_buffers` call (not capturing) also makes, zeroed, the buffers that a
+    capture of the same call on the same stream will use. The graph runner warms a step up inside this before
+    capturing it, so that no capture allocates one: memory a capture allocates comes from the pool every graph
+    shares, where graphs captured earlier keep their intermediates (each replay of theirs would overwrite it), and
+    the capture only records the counters' zero-fill instead of running it."""
+    was, _RESERVING.on = _RESERVING.on, True
+    try:
+        yield
+    finally:
+        _RESERVING.on = was
+
+
+def _ensure(full_key: tuple, device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
     bufs = _SPLIT_BUFFERS.get(full_key)
     if bufs is None or bufs[0].numel() < numel or bufs[1].numel() < counters:
         if bufs is not None:
@@ -42,6 +55,47 @@ def split_buffers(device: torch.device, key: tuple, numel: int, counters: int) -
                 torch.zeros(counters, dtype=torch.int32, device=device))
         _SPLIT_BUFFERS[full_key] = bufs
     return bufs
+
+
+def split_buffers(device: torch.device, key: tuple, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partials (at least `numel`) and zeroed int32 arrival counters (at least `counters`) of the kernel call
+    named by `key`, made once and reused: calls on one stream run in order and the kernels leave the counters at
+    zero, so a graph replay needs no memset.
+
+    Keyed by stream and by whether the stream is capturing, so that no two launches that can run at once share
+    them: requests run on the serving stream (JIT steps and graph replays, in order), while the capture worker
+    warms graphs up on its own stream at the same time; the buffers a capture records are used only by the replays
+    of the graphs captured with them, on the serving stream. Made outside any capture: on a call's first run, and
+    for captures by the warm-up run under `reserve_for_capture`; a capture that finds none raises (the graph then
+    fails to capture and its step stays on the JIT path). A call needing more than a key's buffers hold gets new
+    ones; the old stay allocated, since a captured graph may still read them."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    stream = _stream_id(device)
+    if capturing:
+        bufs = _SPLIT_BUFFERS.get((str(device), stream, True, *key))
+        if bufs is None or bufs[0].numel() < numel or bufs[1].numel() < counters:
+            raise RuntimeError(f"split buffers of {key} ({numel} partials, {counters} counters) were not reserved "
+                               "before this capture: warm the step up under reserve_for_capture() first")
+        return bufs
+    if _RESERVING.on:
+        _ensure((str(device), stream, True, *key), device, numel, counters)
+    return _ensure((str(device), stream, False, *key), device, numel, counters)
+
+
+def capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """A standalone CUDA graph of `fn()` (tests, benchmarks), made the engine's way: warmed up once with the split
+    buffers reserved, then captured, both on one side stream. Returns the graph and what the captured call
+    returned."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), reserve_for_capture():
+        fn()
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, out
 
 
 def clear_split_buffers() -> None:

@@ -8,6 +8,10 @@ argmax_i p_i / E_i with E_i = -log(u_i), i.e. a sample from p. Filtering keeps t
   top-p: the renormalised (after top-k) mass of tokens strictly more likely than i is < top_p.
 Both are thresholds on the scaled logit, so the kernel finds them by bisection without sorting.
 
+A NaN logit counts as -inf, so that a row whose logits are all NaN (numerical overflow upstream) still gets a token
+id inside the vocabulary (id 0 when nothing else is left) rather than an out-of-range one that would fail the next
+step's embedding lookup for every row of the batch.
+
 Grammar-constrained rows (structured output): an optional packed int32 bitmask [B, W] (token t allowed when bit
 t % 32 of word t // 32 is set; columns past 32 * W disallowed) and a per-row flag; a flagged row's disallowed
 logits become -inf before anything else, an unflagged row reads only its flag.
@@ -80,6 +84,7 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     """logits [B, V] fp32 -> tokens [B] int64. temperature 0 = argmax; top_k 0 and top_p 1.0 = off.
     bitmask [B, W] int32 and masked [B] (nonzero = apply that row's bitmask) constrain rows (see the module doc)."""
     logits = logits.float()
+    logits = logits.masked_fill(logits.isnan(), float("-inf"))  # a NaN logit is never drawn (see the module doc)
     if bitmask is not None:
         disallowed = ~allowed_ref(bitmask, logits.shape[1]) & (masked != 0)[:, None]
         logits = logits.masked_fill(disallowed, float("-inf"))
@@ -175,6 +180,7 @@ def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, BITMA
     idx = tl.arange(0, BLOCK_V)
     valid = idx < vocab
     logits = tl.load(LOGITS + row * stride_l + idx, mask=valid, other=float("-inf")).to(tl.float32)
+    logits = tl.where(logits == logits, logits, float("-inf"))  # NaN -> -inf: argmax would return a padding lane
     if HAS_MASK:
         if tl.load(MASKED + row) != 0:
             word = tl.load(BITMASK + row * stride_m + idx // 32, mask=valid & (idx // 32 < words), other=0)

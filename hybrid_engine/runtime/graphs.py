@@ -33,6 +33,7 @@ import torch
 
 from . import _gc, cuda_driver
 from ..kernels import gemm
+from ..kernels._workspace import reserve_for_capture
 from ..models.llama import between_layers
 
 logger = logging.getLogger(__name__)
@@ -389,7 +390,8 @@ class GraphRunner:
                 self._scratch_logits = torch.zeros_like(self.runner.logits)
             scratch = self._scratch
             scratch.valid_len.fill_(1 if is_decode(key) else key[1] if is_context(key) else key)
-            self._step_fn(key, scratch, self._scratch_logits)()
+            with reserve_for_capture():  # the split kernels' graph-side buffers, made and zeroed here, not in the pool
+                self._step_fn(key, scratch, self._scratch_logits)()
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")

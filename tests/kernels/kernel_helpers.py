@@ -37,10 +37,9 @@ def rand(*shape, dtype, device, seed=0, scale=1.0):
 def assert_replays_like_ref(fn, x, ref, dtype, what="in graph"):
     """Capture `out = fn()` in a CUDA graph (after a warm-up call), refill x with new values, replay, and compare
     the output with `ref()` computed afterwards from the new x."""
-    fn()  # warm
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
+    from hybrid_engine.kernels._workspace import capture_graph
+
+    g, out = capture_graph(fn)  # warmed up first, split buffers reserved
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()

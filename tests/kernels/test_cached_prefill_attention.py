@@ -167,28 +167,22 @@ def test_bad_config_is_a_value_error(config):
         cached_prefill_attention_triton(q, cache, cache, torch.arange(4, dtype=torch.int32), 0, 0.25, config=config)
 
 
-@pytest.mark.parametrize("same_stream", [True, False], ids=["warm-stream", "fresh-stream"])
 @pytest.mark.parametrize("splits", [None, 4])
 @GPU[0]
 @GPU[1]
-def test_graph_replays_serve_every_start(same_stream, splits):
+def test_graph_replays_serve_every_start(splits):
     """One captured graph (LLaMA-shaped heads, fp16, 144 new tokens, a 2,048-position table) replayed for starts 0
-    to 1,900 matches the reference each time. Captured on the warm-up's stream (the engine's way: the workspace
-    exists before the capture) or on a fresh one (the workspace is made inside the capture)."""
+    to 1,900 matches the reference each time. Captured the engine's way (`capture_graph`): warmed up with the split
+    buffers reserved, then captured on the warm-up's stream."""
+    from hybrid_engine.kernels._workspace import capture_graph
+
     device, dtype, n, heads, dim = "cuda", torch.float16, 144, 32, 128
     q, k_cache, v_cache, table, _ = _split_case(device, dtype, 1900, n, heads, heads, dim, 16)
     start_t = torch.zeros(1, dtype=torch.int32, device=device)
     valid_t = torch.tensor([130], dtype=torch.int32, device=device)
     config = None if splits is None else (64, 64, 4, 2, splits)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        cached_prefill_attention_triton(q, k_cache, v_cache, table, start_t, dim ** -0.5, valid_t, config=config)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream if same_stream else None):
-        out = cached_prefill_attention_triton(q, k_cache, v_cache, table, start_t, dim ** -0.5, valid_t,
-                                              config=config)
+    graph, out = capture_graph(lambda: cached_prefill_attention_triton(q, k_cache, v_cache, table, start_t,
+                                                                       dim ** -0.5, valid_t, config=config))
     for start in (0, 480, 1000, 1900, 1000):
         start_t.fill_(start)
         graph.replay()

@@ -35,6 +35,24 @@ def test_greedy_ties_take_lowest_index():
     assert torch.equal(sample_triton(logits, *args), want)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_nan_logits_never_give_a_token_outside_the_vocabulary(temperature):
+    """A NaN logit counts as -inf: a row with some NaNs draws among the others, a row of only NaNs gets token 0 (an
+    out-of-range id would fail the next step's embedding lookup for every row), other rows are untouched; the
+    reference and the Triton kernel agree."""
+    logits, *rest = mixed_case(batch=4, vocab=300)
+    logits[1, :] = float("nan")
+    logits[2, ::2] = float("nan")
+    logits[2, 7] = 50.0  # the clear maximum among the finite ones
+    p = params(4, temperature, 0, 1.0, [1, 2, 3, 4], 0)
+    clean = sample_ref(torch.where(logits.isnan(), torch.full_like(logits, -1e30), logits), *p)
+    for sample in (sample_ref, sample_triton):
+        out = sample(logits, *p)
+        assert out.tolist()[1] == 0 and out.tolist()[2] == 7, sample.__name__
+        assert out[[0, 3]].tolist() == clean[[0, 3]].tolist(), sample.__name__
+        assert ((out >= 0) & (out < 300)).all()
+
+
 def test_reference_equals_triton():
     case = mixed_case()
     want = sample_ref(*case)

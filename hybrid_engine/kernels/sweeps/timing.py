@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from .._workspace import reserve_for_capture
+
 REPS = 20  # calls per graph, and so the operand copies a bench makes: 20 weight matrices rotate well past L2
 
 
@@ -16,7 +18,7 @@ def graph_us(fn: Callable[[int], object], reps: int = REPS, replays: int = 7) ->
     `reps` back-to-back calls."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+    with torch.cuda.stream(s), reserve_for_capture():  # the split kernels' graph-side buffers, made outside it
         for i in range(reps):
             fn(i)
     torch.cuda.current_stream().wait_stream(s)
