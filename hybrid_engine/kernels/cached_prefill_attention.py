@@ -301,6 +301,7 @@ def cached_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_ca
            ws_l, count, scale * LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
            k_cache.stride(2), out.stride(0), out.stride(1), num_tokens, head_dim,
            GROUP=num_q_heads // k_cache.shape[2], HAS_VALID_LEN=valid_len is not None, BLOCK_SIZE=block_size,
-           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SPLITS=splits, MIN_KEYS=max(1, min_split_keys), EVEN_D=head_dim == block_d, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SPLITS=splits, MIN_KEYS=max(1, min_split_keys),
+           EVEN_D=head_dim == block_d, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
            num_warps=num_warps, num_stages=num_stages)
     return out

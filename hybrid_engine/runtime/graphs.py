@@ -5,8 +5,9 @@ the CUDA graphs: one decode graph per batch bucket (key ("decode", rows)), one p
 the bucket) and, with prefix caching, one prefill-after-cached-positions graph per bucket of new tokens (key
 ("prefill_ctx", bucket); the start is read from a device buffer, so one graph serves any cached prefix) and one for a
 long prompt's non-final chunks (key ("prefill_ctx_part", the chunk size's bucket): the same step without sampling
-or installing the sequence; its final chunk replays the "prefill_ctx" graph), all in one memory pool. Batches with grammar-constrained rows run the decode step in two halves, each a graph per bucket (keys
-("decode_forward", rows) and ("decode_sample", rows)), captured once such a batch has asked for them.
+or installing the sequence; its final chunk replays the "prefill_ctx" graph), all in one memory pool. Batches with
+grammar-constrained rows run the decode step in two halves, each a graph per bucket (keys ("decode_forward", rows)
+and ("decode_sample", rows)), captured once such a batch has asked for them.
 
 Rules from DESIGN.md that this module and the serving path obey while a capture may be running:
 - capture with capture_error_mode="thread_local" on the worker's own stream, via CUDAGraph.capture_begin/end
@@ -317,6 +318,15 @@ class GraphRunner:
             return None
         return bucket
 
+    def ready_part_bucket(self, length: int) -> int | None:
+        """The captured bucket for a non-final chunk of `length` tokens, or None (demand recorded where one exists)."""
+        if self.part_bucket is None or length > self.part_bucket:
+            return None
+        if (CONTEXT_PART, self.part_bucket) not in self.worker.captured:
+            self.worker.record_demand((CONTEXT_PART, self.part_bucket))
+            return None
+        return self.part_bucket
+
     def replay_prefill(self, bucket: int) -> None:
         self._replay(bucket)
 
@@ -357,15 +367,6 @@ class GraphRunner:
                 "capturing": w.capturing is not None}
 
     # -- worker side --
-    def ready_part_bucket(self, length: int) -> int | None:
-        """The captured bucket for a non-final chunk of `length` tokens, or None (demand recorded where one exists)."""
-        if self.part_bucket is None or length > self.part_bucket:
-            return None
-        if (CONTEXT_PART, self.part_bucket) not in self.worker.captured:
-            self.worker.record_demand((CONTEXT_PART, self.part_bucket))
-            return None
-        return self.part_bucket
-
     def _step_fn(self, key: Any, buf: Any, logits: Any = None) -> Callable[[], None]:
         """The step a key's graph holds, on `buf` (and, for a split half, the logits buffer `logits`)."""
         if is_context(key):
