@@ -46,9 +46,13 @@ def reserve_for_capture():
         _RESERVING.on = was
 
 
+def _fits(bufs: tuple[torch.Tensor, torch.Tensor] | None, numel: int, counters: int) -> bool:
+    return bufs is not None and bufs[0].numel() >= numel and bufs[1].numel() >= counters
+
+
 def _ensure(full_key: tuple, device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
     bufs = _SPLIT_BUFFERS.get(full_key)
-    if bufs is None or bufs[0].numel() < numel or bufs[1].numel() < counters:
+    if not _fits(bufs, numel, counters):
         if bufs is not None:
             _RETIRED.append(bufs)
         bufs = (torch.empty(numel, dtype=torch.float32, device=device),
@@ -73,7 +77,7 @@ def split_buffers(device: torch.device, key: tuple, numel: int, counters: int) -
     stream = _stream_id(device)
     if capturing:
         bufs = _SPLIT_BUFFERS.get((str(device), stream, True, *key))
-        if bufs is None or bufs[0].numel() < numel or bufs[1].numel() < counters:
+        if not _fits(bufs, numel, counters):
             raise RuntimeError(f"split buffers of {key} ({numel} partials, {counters} counters) were not reserved "
                                "before this capture: warm the step up under reserve_for_capture() first")
         return bufs

@@ -10,7 +10,6 @@ Triton on the CPU runs only under the interpreter (TRITON_INTERPRET=1), which th
 """
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -159,19 +158,15 @@ def _probe_prefill(prefill: Callable[..., Any], device: torch.device, backend: s
 MIXED_DECODE_MAX_ROWS = 16
 
 
-@functools.lru_cache(maxsize=None)
-def _measured(n: int, k: int, device: torch.device, dtype: torch.dtype) -> bool:
-    from . import tuning
-
-    return tuning.lookup("decode_gemm", tuning.shape_key(n, k, dtype=dtype), device) is not None
-
-
 def _by_rows(one_or_many: Callable[..., Any], few: Callable[..., Any]) -> Callable[..., Any]:
     """A decode op (x, weight, ...) that calls `few` for 2..MIXED_DECODE_MAX_ROWS rows of x where this card's tuning
     table has the weight's shape (measured: an untuned shape keeps the plan), and `one_or_many` otherwise."""
+    from . import decode_gemm as dg
+
     def op(x: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         rows = x.numel() // x.shape[-1]
-        use_few = 2 <= rows <= MIXED_DECODE_MAX_ROWS and x.is_cuda and _measured(*weight.shape, x.device, x.dtype)
+        use_few = (2 <= rows <= MIXED_DECODE_MAX_ROWS and x.is_cuda
+                   and dg.has_tuned_config(*weight.shape, x.device, x.dtype))
         return (few if use_few else one_or_many)(x, weight, *args, **kwargs)
 
     op.__name__ = op.__qualname__ = f"{one_or_many.__name__}_or_{few.__module__.rsplit('.', 1)[-1]}"

@@ -76,12 +76,8 @@ def _key_block(q, K_CACHE, V_CACHE, BT, kv_head, rows, ctx, n0, hi, qk_scale, m_
     running max would give exp2(-inf + inf) = nan). Unmasked: every row sees every key of the block."""
     d = tl.arange(0, BLOCK_D)
     cols = n0 + tl.arange(0, BLOCK_N)
-    col_mask = cols < hi
-    if MASKED:
-        off = _paged_offsets(BT, cols, col_mask, kv_head, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
-    else:
-        off = (tl.load(BT + cols // BLOCK_SIZE).to(tl.int64) * stride_cb
-               + (cols % BLOCK_SIZE).to(tl.int64) * stride_co + kv_head * stride_ch)
+    col_mask = cols < hi  # all true in an unmasked block
+    off = _paged_offsets(BT, cols, col_mask, kv_head, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
     kv_at = off[:, None] + d[None, :]
     kv_mask = col_mask[:, None] & (d < head_dim)[None, :]
     if EVEN_D and not MASKED:

@@ -47,6 +47,7 @@ tl = None  # triton.language, bound on first launch (see _triton.py)
 
 __all__ = ["DECODE_GEMM_CONFIGS", "decode_linear", "decode_linear_rope_store", "decode_linear_silu_mul",
            "decode_gemm_triton", "decode_silu_triton", "decode_rope_store_triton", "default_config", "config_for",
+           "has_tuned_config",
            "linear_ref", "linear_silu_mul_ref", "linear_rope_store_ref"]
 
 BLOCK_M = 16  # fixed for every M: the point of the module
@@ -67,8 +68,18 @@ def default_config(n: int, k: int) -> Config:
 
 
 @functools.lru_cache(maxsize=None)
+def _tuned(n: int, k: int, device: torch.device | None, dtype: torch.dtype) -> list[int] | None:
+    return tuning.lookup("decode_gemm", tuning.shape_key(n, k, dtype=dtype), device) if device else None
+
+
+def has_tuned_config(n: int, k: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this card's tuning table holds a measured config for an (N, K) weight in `dtype`."""
+    return _tuned(n, k, device, dtype) is not None
+
+
+@functools.lru_cache(maxsize=None)
 def _config(n: int, k: int, device: torch.device | None, dtype: torch.dtype) -> Config:
-    tuned = tuning.lookup("decode_gemm", tuning.shape_key(n, k, dtype=dtype), device) if device else None
+    tuned = _tuned(n, k, device, dtype)
     return _check_config(tuple(tuned) if tuned else DECODE_GEMM_CONFIGS.get((n, k)) or default_config(n, k))
 
 

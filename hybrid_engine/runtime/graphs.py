@@ -279,14 +279,18 @@ class GraphRunner:
     def bucket_for(self, length: int) -> int | None:
         return next((b for b in self.buckets if b >= length), None)
 
-    def ready_decode_bucket(self, rows: int) -> int | None:
-        bucket = next((b for b in self.decode_buckets if b >= rows), None)
+    def _ready(self, bucket: int | None, key: Any) -> int | None:
+        """`bucket` if its graph `key` is captured, else None (demand recorded; None too for no bucket)."""
         if bucket is None:
             return None
-        if (DECODE, bucket) not in self.worker.captured:
-            self.worker.record_demand((DECODE, bucket))
+        if key not in self.worker.captured:
+            self.worker.record_demand(key)
             return None
         return bucket
+
+    def ready_decode_bucket(self, rows: int) -> int | None:
+        bucket = next((b for b in self.decode_buckets if b >= rows), None)
+        return self._ready(bucket, (DECODE, bucket))
 
     def ready_split_bucket(self, rows: int) -> int | None:
         """The bucket whose forward and sample graphs are both captured (else None, and both are asked for)."""
@@ -301,31 +305,17 @@ class GraphRunner:
 
     def ready_prefill_bucket(self, length: int) -> int | None:
         bucket = self.bucket_for(length)
-        if bucket is None:
-            return None
-        if bucket not in self.worker.captured:
-            self.worker.record_demand(bucket)
-            return None
-        return bucket
+        return self._ready(bucket, bucket)
 
     def ready_context_bucket(self, length: int) -> int | None:
         """The captured bucket for `length` new tokens after cached positions, or None (demand recorded)."""
-        bucket = self.bucket_for(length)
-        if bucket is None or not self.context_buckets:
-            return None
-        if (CONTEXT, bucket) not in self.worker.captured:
-            self.worker.record_demand((CONTEXT, bucket))
-            return None
-        return bucket
+        bucket = self.bucket_for(length) if self.context_buckets else None
+        return self._ready(bucket, (CONTEXT, bucket))
 
     def ready_part_bucket(self, length: int) -> int | None:
         """The captured bucket for a non-final chunk of `length` tokens, or None (demand recorded where one exists)."""
-        if self.part_bucket is None or length > self.part_bucket:
-            return None
-        if (CONTEXT_PART, self.part_bucket) not in self.worker.captured:
-            self.worker.record_demand((CONTEXT_PART, self.part_bucket))
-            return None
-        return self.part_bucket
+        bucket = self.part_bucket if self.part_bucket is not None and length <= self.part_bucket else None
+        return self._ready(bucket, (CONTEXT_PART, bucket))
 
     def replay_prefill(self, bucket: int) -> None:
         self._replay(bucket)

@@ -234,15 +234,10 @@ class ModelRunner:
         """Stage and prefill one sequence into `row` (mask: its first token's bitmask); replays the bucket's graph
         when captured. Returns "graph" or "jit". Called with the serving stream current; a replay needs no
         inference mode."""
-        n = len(ids)
-        bucket = self.graphs.ready_prefill_bucket(n) if self.graphs is not None else None
-        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=bucket or n, mask=mask)
-        if bucket is not None:
-            self.graphs.replay_prefill(bucket)
-            return "graph"
-        with torch.inference_mode():
-            self.prefill_step(n)
-        return "jit"
+        graphs = self.graphs
+        bucket = graphs.ready_prefill_bucket(len(ids)) if graphs is not None else None
+        return self._prefill(ids, 0, (row, table, params, seed, offset, mask), bucket,
+                             lambda b: graphs.replay_prefill(b), context=False, final=True)
 
     def prefill_from(self, ids: list[int], start: int, row: int, table: list[int], params: SamplingParams,
                      seed: int, offset: int, mask: torch.Tensor | None = None) -> str:
@@ -250,17 +245,11 @@ class ModelRunner:
         start.., attention over the cached KV and themselves; samples the first token (mask: its bitmask) and
         installs the sequence in `row`. Replays the graph of the bucket for len(ids) new tokens when captured (any
         start)."""
-        n = len(ids)
-        if start + n > self.max_model_len:
-            raise ValueError(f"prefill ends at position {start + n} > max_model_len={self.max_model_len}")
-        bucket = self.graphs.ready_context_bucket(n) if self.graphs is not None else None
-        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=bucket or n, start=start, mask=mask)
-        if bucket is not None:
-            self.graphs.replay_context_prefill(bucket)
-            return "graph"
-        with torch.inference_mode():
-            self.prefill_step(n, context=True)
-        return "jit"
+        self._check_end("prefill", start + len(ids))
+        graphs = self.graphs
+        bucket = graphs.ready_context_bucket(len(ids)) if graphs is not None else None
+        return self._prefill(ids, start, (row, table, params, seed, offset, mask), bucket,
+                             lambda b: graphs.replay_context_prefill(b), context=True, final=True)
 
     def prefill_chunk(self, ids: list[int], start: int, row: int, table: list[int], params: SamplingParams,
                       seed: int, offset: int, final: bool, mask: torch.Tensor | None = None) -> str:
@@ -268,19 +257,30 @@ class ModelRunner:
         chunk samples the first token and installs the sequence in `row`. Replays the chunk graph (a non-final
         chunk) or the bucket's prefill-after-cached-positions graph (the final one, as `prefill_from`) when
         captured, whatever the start (0 included); else the JIT path."""
+        self._check_end("chunk", start + len(ids))
+        graphs, bucket = self.graphs, None
+        if graphs is not None:
+            bucket = graphs.ready_context_bucket(len(ids)) if final else graphs.ready_part_bucket(len(ids))
+        replay = (lambda b: graphs.replay_context_prefill(b)) if final else (lambda b: graphs.replay_context_part(b))
+        return self._prefill(ids, start, (row, table, params, seed, offset, mask if final else None), bucket, replay,
+                             context=start > 0, final=final)
+
+    def _check_end(self, what: str, end: int) -> None:
+        if end > self.max_model_len:
+            raise ValueError(f"{what} ends at position {end} > max_model_len={self.max_model_len}")
+
+    def _prefill(self, ids: list[int], start: int, staged: tuple, bucket: int | None, replay: Any, context: bool,
+                 final: bool) -> str:
+        """Stage `ids` at positions start.. with `staged` = (row, table, params, seed, offset, mask), padded to
+        `bucket`, and replay its graph (`replay(bucket)`); with no bucket, the JIT path's step on the exact length."""
+        row, table, params, seed, offset, mask = staged
         n = len(ids)
-        if start + n > self.max_model_len:
-            raise ValueError(f"chunk ends at position {start + n} > max_model_len={self.max_model_len}")
-        bucket = None
-        if self.graphs is not None:
-            bucket = self.graphs.ready_context_bucket(n) if final else self.graphs.ready_part_bucket(n)
-        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=bucket or n, start=start,
-                           mask=mask if final else None)
+        self.stage_prefill(ids, row, table, params, seed, offset, pad_to=bucket or n, start=start, mask=mask)
         if bucket is not None:
-            (self.graphs.replay_context_prefill if final else self.graphs.replay_context_part)(bucket)
+            replay(bucket)
             return "graph"
         with torch.inference_mode():
-            self.prefill_step(n, context=start > 0, final=final)
+            self.prefill_step(n, context=context, final=final)
         return "jit"
 
     def decode(self, rows: int, updates: list[tuple[int, int, int]]) -> str:

@@ -45,7 +45,9 @@ def test_batch_invariant_picks_the_decode_projections():
 def test_default_decode_projections_by_row_count(monkeypatch, rows, tuned, cuda, expect):
     """Without batch invariance a decode op takes the decode GEMM for 2..16 rows of a shape this card's tuning
     table holds (on a GPU), and the GEMV / product plan otherwise; every argument reaches the chosen op."""
-    monkeypatch.setattr(backend_module, "_measured", lambda *a: tuned)
+    from hybrid_engine.kernels import decode_gemm
+
+    monkeypatch.setattr(decode_gemm, "has_tuned_config", lambda *a: tuned)
     calls = []
     op = backend_module._by_rows(lambda *a, **k: calls.append(("one", a, k)),
                                  lambda *a, **k: calls.append(("few", a, k)))

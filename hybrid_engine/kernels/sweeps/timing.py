@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from .._workspace import reserve_for_capture
+from .._workspace import capture_graph
 
 REPS = 20  # calls per graph, and so the operand copies a bench makes: 20 weight matrices rotate well past L2
 
@@ -16,17 +16,7 @@ REPS = 20  # calls per graph, and so the operand copies a bench makes: 20 weight
 def graph_us(fn: Callable[[int], object], reps: int = REPS, replays: int = 7) -> float:
     """Median over `replays` of us per call of `fn(i)` (i = 0..reps-1: the copy it reads), from one CUDA graph of
     `reps` back-to-back calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), reserve_for_capture():  # the split kernels' graph-side buffers, made outside it
-        for i in range(reps):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):  # the warm-up's stream, as the engine captures: per-stream workspaces exist
-        for i in range(reps):
-            fn(i)
+    g, _ = capture_graph(lambda: [fn(i) for i in range(reps)])  # warmed up and captured as the engine does
     g.replay()
     torch.cuda.synchronize()
     times = []
