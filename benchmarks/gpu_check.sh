@@ -78,6 +78,13 @@ for s in $stages; do
     structured) timeout ${STRUCT_T:-400} python3 benchmarks/structured_bench.py --out "$OUT/structured_bench.json" 2>&1 | grep -v "Warn\|INFO" | tail -8;;
     serve) timeout ${SERVE_T:-400} python3 benchmarks/serve_load.py --model llama-2-7b-shape --clients ${CLIENTS:-32} \
              --out "$OUT/serve_load.json" 2>&1 | tail -2;;
+    # the any-card shapes (issue: per-device tuning): one results file per preset (kernels per decode step and GPU idle
+    # time included), then load_to_ready_s of one preset in fresh processes, empty and warm Triton cache
+    shapes) for m in ${SHAPES:-llama-2-7b-shape llama-3-8b-shape qwen2-7b-shape llama-3.2-1b-shape smollm2-135m-shape}; do
+              timeout ${SHAPE_T:-200} python3 -m hybrid_engine.bench --model $m --systems hybrid --runs ${SHAPE_RUNS:-20} \
+                --tpot-runs 10 --out-dir "$OUT/shapes" --system-timeout $(( ${SHAPE_T:-200} - 10 )) --settle-s 60 \
+                --no-progress 2>&1 | grep "^| hybrid\|wrote\|rror"; done;;
+    ltr) timeout 300 python3 benchmarks/load_to_ready.py --model ${LTR_MODEL:-llama-2-7b-shape} --out "$OUT/load_to_ready.json";;
     ab) for i in $(seq ${AB_ROUNDS:-2}); do  # same-lease A/B of batch-1 latency: the tree in .ab/ (a base commit) vs this one
           PYTHONPATH=.ab timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_base_$i.json" 2>&1 | tail -1
           timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_new_$i.json" 2>&1 | tail -1; done;;

@@ -47,11 +47,14 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout_s: float = 180, log: C
 
 
 def serial_vs_concurrent(request: Callable[[int], tuple[list[float], Any]], clients: int, tokens: int,
-                         between: Callable[[], Any] | None = None) -> dict:
+                         between: Callable[[], Any] | None = None,
+                         engine_counts: Callable[[], dict[str, float]] | None = None) -> dict:
     """request(i) -> (arrival time of each streamed chunk, answer). Runs every request alone, one after another,
     then (after `between()`, e.g. a prefix-cache reset, so that the concurrent requests do not reuse the KV the
     serial ones left) all `clients` at once: client-seen per-token gaps (p50, p99), generated tokens per second both
-    ways, and whether every concurrent answer equals the one served alone."""
+    ways, and whether every concurrent answer equals the one served alone. Where the concurrent wall time goes: each
+    client's first and last chunk after the start (p50, max), and `engine_counts()` (e.g. steps run, by kind)
+    before and after the concurrent phase, as their difference."""
     t0 = time.perf_counter()
     serial = [request(i)[1] for i in range(clients)]
     serial_s = time.perf_counter() - t0
@@ -65,6 +68,7 @@ def serial_vs_concurrent(request: Callable[[int], tuple[list[float], Any]], clie
         results[i] = request(i)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    before = engine_counts() if engine_counts is not None else {}
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -72,7 +76,14 @@ def serial_vs_concurrent(request: Callable[[int], tuple[list[float], Any]], clie
         t.join()
     conc_s = time.perf_counter() - t0
     gaps = sorted((b - a) * 1e3 for times, _ in results for a, b in zip(times, times[1:]))
-    return {"clients": clients, "max_tokens": tokens,
+    first = sorted((times[0] - t0) * 1e3 for times, _ in results if times)
+    last = sorted((times[-1] - t0) * 1e3 for times, _ in results if times)
+    timeline = {"wall_ms": conc_s * 1e3, "first_chunk_ms": {"p50": first[len(first) // 2], "max": first[-1]},
+                "last_chunk_ms": {"p50": last[len(last) // 2], "max": last[-1]}}
+    if engine_counts is not None:
+        after = engine_counts()
+        timeline["engine"] = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    return {"clients": clients, "max_tokens": tokens, "concurrent_timeline": timeline,
             "client_tpot_p50_ms": gaps[len(gaps) // 2], "client_tpot_p99_ms": gaps[int(len(gaps) * 0.99)],
             "throughput_tok_s": clients * tokens / conc_s, "serial_throughput_tok_s": clients * tokens / serial_s,
             "all_correct": [answer for _, answer in results] == serial}

@@ -31,12 +31,13 @@ def start(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, base
 
 
-def stream_one(base: str, model: str, ids: list[int], max_tokens: int) -> tuple[list[float], str]:
-    """Streams one completion; returns the arrival times of its chunks and its text."""
+def stream_one(client: httpx.Client, base: str, model: str, ids: list[int],
+               max_tokens: int) -> tuple[list[float], str]:
+    """Streams one completion over the shared `client`; returns the arrival times of its chunks and its text."""
     body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
     times, text = [], []
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+    with client.stream("POST", f"{base}/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -51,17 +52,36 @@ def wait_captures(base: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def engine_counts(base: str) -> dict[str, float]:
+    """The engine's step counters from /metrics (steps by kind, decode steps by batch size, chunks, preemptions)."""
+    out = {}
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith(("hybrid_engine_graph_steps", "hybrid_engine_jit_steps", "hybrid_engine_prefill_chunks",
+                            "hybrid_engine_preemptions", "hybrid_engine_decode_batch_sizes")):
+            out[name.removeprefix("hybrid_engine_")] = float(value)
+    return out
+
+
 def run(base: str, args: argparse.Namespace) -> dict:
+    # One client (connection pool) for every request, serial and concurrent alike, as a load generator keeps one:
+    # making an httpx.Client costs ~20-40 ms of the GIL (its SSL context), which 32 threads would pay one after
+    # another before their requests leave.
+    with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=args.clients + 4)) as client:
+        return _run(client, base, args)
+
+
+def _run(client: httpx.Client, base: str, args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, args.vocab) for _ in range(args.prompt_tokens)] for _ in range(args.clients)]
     for _ in range(4):  # warm-up on other prompts (none of the measured ones may sit in the prefix cache)
-        stream_one(base, args.model, [rng.randrange(3, args.vocab) for _ in range(args.prompt_tokens)], 4)
+        stream_one(client, base, args.model, [rng.randrange(3, args.vocab) for _ in range(args.prompt_tokens)], 4)
     wait_captures(base, args.capture_wait_s)
     def reset() -> None:  # the concurrent requests must not reuse the KV the serial ones left in the prefix cache
         httpx.post(f"{base}/reset_prefix_cache").raise_for_status()
 
-    res = serial_vs_concurrent(lambda i: stream_one(base, args.model, prompts[i], args.max_tokens), args.clients,
-                               args.max_tokens, between=reset)
+    res = serial_vs_concurrent(lambda i: stream_one(client, base, args.model, prompts[i], args.max_tokens), args.clients,
+                               args.max_tokens, between=reset, engine_counts=lambda: engine_counts(base))
     return {**res, "prompt_tokens": args.prompt_tokens,
             "engine_stats": httpx.get(f"{base}/health").json()}
 

@@ -79,3 +79,42 @@ def test_a_checkpoint_directory_needs_only_its_config(tmp_path):
 def test_a_missing_model_is_a_load_error_naming_it(tmp_path):
     with pytest.raises(ModelLoadError, match="nope"):
         model_shapes(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize(("model", "nk", "attention"), [
+    ("llama-3-8b-shape", {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+                          "lm_head": (128256, 4096)}, AttentionShape(32, 8, 128)),
+    ("qwen2-7b-shape", {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944),
+                        "lm_head": (152064, 3584)}, AttentionShape(28, 4, 128)),
+    ("llama-3.2-1b-shape", {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048),
+                            "down": (2048, 8192), "lm_head": (128256, 2048)}, AttentionShape(32, 8, 64)),
+    ("smollm2-135m-shape", {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536),
+                            "lm_head": (49152, 576)}, AttentionShape(9, 3, 64)),
+])
+def test_the_any_card_shape_presets_have_their_models_shapes(model, nk, attention):
+    shapes = model_shapes(model)
+    assert _nk(shapes) == nk and shapes.attention == attention and shapes.dtype == torch.float16
+
+
+def test_shape_presets_keep_their_architecture_flags():
+    from hybrid_engine.models.presets import preset_config
+
+    qwen = preset_config("qwen2-7b-shape")
+    assert qwen.model_type == "qwen2" and qwen.architectures == ["Qwen2ForCausalLM"] and not qwen.tie_word_embeddings
+    assert preset_config("llama-3.2-1b-shape").tie_word_embeddings
+    assert preset_config("smollm2-135m-shape").tie_word_embeddings
+    assert not preset_config("llama-2-7b-shape").tie_word_embeddings
+
+
+def test_a_shape_preset_with_tied_embeddings_loads_and_serves_on_the_cpu():
+    from hybrid_engine import LLM, SamplingParams
+
+    llm = LLM("smollm2-135m-shape", device="cpu", max_model_len=64)
+    try:
+        assert llm.model.args.tie_word_embeddings and llm.model.args.num_kv_heads == 3
+        assert llm.model.lm_head.weight.data_ptr() == llm.model.embed_tokens.weight.data_ptr()
+        out = llm.generate({"prompt_token_ids": list(range(3, 20))}, SamplingParams(max_tokens=3, temperature=0))
+        assert len(out[0].outputs[0].token_ids) == 3
+        assert all(0 <= t < 49152 for t in out[0].outputs[0].token_ids)
+    finally:
+        llm.close()

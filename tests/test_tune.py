@@ -57,7 +57,7 @@ class FakeAttentionBench:
     """`Sweep` without CUDA: the fastest config of each token count is ATTENTION_BEST's, at every start."""
 
     def __init__(self, shape, dtype, budget_s):
-        self.shape, self.failed, self.skipped = shape, {}, 0
+        self.shape, self.failed, self.skipped, self.sms = shape, {}, 0, 132
 
     def fixed_configs(self, tokens):
         return {"unsplit (before)": (64, 64, 4, 2, 1), "cached_config": (16, 64, 4, 2, 8)}

@@ -77,6 +77,11 @@ def measure_system(system: Any, plan: Plan, prompts: Prompts, tick: Callable[[in
     res.update(_tpot_end_to_end(system, plan, prompts, res["ttft_ms"], tick))
     checkpoint(res)
     res.update(_tpot_streamed(system, plan, prompts, tick))
+    if getattr(system, "device_type", None) == "cuda" and hasattr(system, "step_profile"):
+        try:
+            res.update(system.step_profile(prompts.ids_of(plan.tpot_prompt_len)))
+        except Exception as exc:  # noqa: BLE001 - a profiler problem must not lose the latency results
+            res["step_profile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     stats = _jsonable(system.stats())
     if "graph_pool_bytes" in stats:
         res["graph_pool_bytes"] = int(stats["graph_pool_bytes"] or 0)

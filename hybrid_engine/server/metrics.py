@@ -31,6 +31,10 @@ ENGINE_GAUGES = {
     "requests_served": "requests the engine finished",
     "requests_failed": "requests the engine failed",
     "decode_batch_sizes": "decode steps run, by batch size (rows)",
+    "graph_steps": "engine steps (prefills, prompt chunks, decodes) that replayed a CUDA graph",
+    "jit_steps": "engine steps that ran on the JIT path",
+    "prefill_chunks": "prompt chunks run beside decoding sequences",
+    "preemptions": "sequences preempted (their KV freed, recomputed later)",
 }
 ENGINE_LABELLED = {"decode_batch_sizes": "batch_size"}  # dict-valued stats: one gauge per key, as this label
 ENGINE_INFO_KEYS = ("attention_backend", "device", "dtype", "capture")

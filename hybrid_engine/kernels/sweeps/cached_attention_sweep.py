@@ -6,9 +6,10 @@ Operands: a paged cache of 16-token blocks behind a block table for CAPACITY pos
 blocks), new-token counts x cached starts; each call reads its own copy of the cache (COPIES rotate past L2, as each
 layer has its own). Compiles dominate (each (tile, SPLITS) is its own kernel), so the search runs in two phases
 within the budget:
-1. tiles: every (BLOCK_M, BLOCK_N, warps, stages) at TILE_SPLITS on the longest start, per token count (until half
-   the budget is spent);
-2. splits: the best TOP_TILES tiles x SPLITS 1/2/4/8/16 at every start, beside the unsplit kernel as it was before
+1. tiles: every (BLOCK_M, BLOCK_N, warps, stages) on the longest start, per token count (until half the budget is
+   spent), each at the SPLITS that gives about two programs per SM (`wave_splits`: one wave; a fixed SPLITS would
+   favour the tiles whose grid it happens to fit);
+2. splits: the best TOP_TILES tiles x SPLITS 1/2/3/4/6/8/16 at every start, beside the unsplit kernel as it was before
    the keys were split and the current `cached_config` choice.
 Every config is checked once against the fp32 reference (max abs error); configs that fail to compile or are wrong
 are recorded and skipped. The choice per token count (`recommend`): the config whose worst excess in us over the best
@@ -25,7 +26,8 @@ from typing import Protocol
 import torch
 
 from .. import cached_prefill_attention as cpa
-from .._workspace import clear_split_buffers
+from .._triton import cdiv
+from .._workspace import clear_split_buffers, sm_count
 from ..prefill_attention import config_for as prefill_config_for
 from .timing import graph_us
 
@@ -36,9 +38,9 @@ STARTS = (0, 480, 1000, 2000)
 BLOCK_SIZE, CAPACITY, COPIES = 16, 4096, 4
 TILES = [(bm, bn, w, st) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)
          if not (bm == 16 and w == 8) and not (bm == 128 and w == 4)]  # 16 rows need no 8 warps; 128 need them
-SPLITS = (1, 2, 4, 8, 16)
-TILE_SPLITS = 4  # phase 1 compares tiles at this SPLITS
-TOP_TILES = 3
+SPLITS = (1, 2, 3, 4, 6, 8, 16)
+PROGRAMS_PER_SM = 2  # phase 1 compares tiles with about this many programs per SM
+TOP_TILES = 4
 MAX_ERROR = 2e-2  # fp16 output vs the fp32 reference
 Config = tuple[int, int, int, int, int]
 Tile = tuple[int, int, int, int]
@@ -58,6 +60,8 @@ class AttentionBench(Protocol):
 
     failed: dict[str, str]
     skipped: int
+    shape: AttentionShape
+    sms: int
 
     def measure(self, tokens: int, cfg: Config, start: int, check_start: int,
                 share: float = 1.0) -> float | None: ...
@@ -72,6 +76,7 @@ class Sweep:
     def __init__(self, shape: AttentionShape, budget_s: float, dtype: torch.dtype = torch.float16,
                  device: str | torch.device = "cuda") -> None:
         self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+        self.sms = sm_count(self.device)
         self.t0, self.budget_s = time.monotonic(), budget_s
         self.scale = shape.head_dim ** -0.5
         blocks = CAPACITY // BLOCK_SIZE
@@ -154,17 +159,22 @@ def tiles_for(tokens: int) -> list[Tile]:
     return [tile for tile in TILES if tile[0] <= max(16, 1 << (tokens - 1).bit_length())]
 
 
+def wave_splits(tokens: int, block_m: int, num_heads: int, sms: int) -> int:
+    """SPLITS that brings the grid (query tiles x heads x SPLITS) to about PROGRAMS_PER_SM programs per SM."""
+    return max(1, min(max(SPLITS), round(PROGRAMS_PER_SM * sms / (cdiv(tokens, block_m) * num_heads))))
+
+
 def phase_tiles(bench: AttentionBench, tokens: int, start: int) -> list[Tile]:
-    """The TOP_TILES fastest tiles at TILE_SPLITS on `start`."""
+    """The TOP_TILES fastest tiles on `start`, each at its `wave_splits`."""
     times = {}
     for tile in tiles_for(tokens):
-        us = bench.measure(tokens, (*tile, TILE_SPLITS), start, start, share=0.5)
+        cfg = (*tile, wave_splits(tokens, tile[0], bench.shape.num_heads, bench.sms))
+        us = bench.measure(tokens, cfg, start, start, share=0.5)
         if us is not None:
-            times[tile] = us
+            times[cfg] = us
     ranked = sorted(times, key=times.get)
-    logger.info("T=%4d tiles at SPLITS %d, start %d: %s", tokens, TILE_SPLITS, start,
-                "  ".join(f"{c}:{times[c]:.1f}" for c in ranked[:6]))
-    return ranked[:TOP_TILES]
+    logger.info("T=%4d tiles at start %d: %s", tokens, start, "  ".join(f"{c}:{times[c]:.1f}" for c in ranked[:6]))
+    return [cfg[:4] for cfg in ranked[:TOP_TILES]]
 
 
 def phase_splits(bench: AttentionBench, tokens: int, tiles: list[Tile], starts: list[int],

@@ -1,0 +1,78 @@
+"""load_to_ready_s: wall time from `LLM(model)` in a fresh process until it has served a first request, with an empty
+Triton cache ("cold") and then with the cache that run filled ("warm"), as BENCHMARKS.md's `load_to_ready_s`.
+
+    python benchmarks/load_to_ready.py --model llama-2-7b-shape [--results results.json] [--out load.json]
+
+Each run is its own process (imports included in `process_s`, not in `load_to_ready_s`); `llm_s` is `LLM(...)`
+alone, `first_request_ms` the first 50-token request with one generated token. With --results, the numbers are
+added to that results file's `systems.hybrid`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from hybrid_engine import LLM, SamplingParams
+t1 = time.perf_counter()
+llm = LLM(sys.argv[1])
+t2 = time.perf_counter()
+llm.generate({"prompt_token_ids": list(range(3, 53))}, SamplingParams(max_tokens=1, temperature=0))
+t3 = time.perf_counter()
+print("RESULT " + json.dumps({"import_s": t1 - t0, "llm_s": t2 - t1, "first_request_ms": (t3 - t2) * 1e3,
+                              "load_to_ready_s": t3 - t1}))
+llm.close()
+"""
+
+
+def one(model: str, cache_dir: str, timeout_s: float) -> dict:
+    env = {**os.environ, "TRITON_CACHE_DIR": cache_dir,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD, model], capture_output=True, text=True, env=env,
+                          timeout=timeout_s, cwd=REPO)
+    wall = time.perf_counter() - t0
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"the child exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return {**json.loads(line[7:]), "process_s": wall}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama-2-7b-shape")
+    ap.add_argument("--timeout-s", type=float, default=240)
+    ap.add_argument("--results", type=Path, help="a results file whose systems.hybrid gets load_to_ready_s")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
+        cold = one(args.model, cache, args.timeout_s)
+        warm = one(args.model, cache, args.timeout_s)
+    res = {"model": args.model, "load_to_ready_s": {"cold": round(cold["load_to_ready_s"], 2),
+                                                     "warm": round(warm["load_to_ready_s"], 2)},
+           "runs": {"cold": cold, "warm": warm}}
+    print(json.dumps(res["load_to_ready_s"]), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+    if args.results:
+        results = json.loads(args.results.read_text())
+        hybrid = results.setdefault("systems", {}).setdefault("hybrid", {})
+        hybrid["load_to_ready_s"] = res["load_to_ready_s"]
+        hybrid["load_to_ready_runs"] = res["runs"]
+        tmp = args.results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Kernels per decode step and the GPU's idle time between them, from a profiler trace of graph-replayed steps.
+
+A request's decode steps replay one CUDA graph each. In the profiler's (Kineto's) Chrome trace, every kernel a graph
+runs carries the correlation id of the `cudaGraphLaunch` that replayed it, so the kernels group by launch. The
+decode graph is the launch size seen most often (prefill buckets run once per request). For each such step:
+`kernels` (inside the graph), `busy` (the union of its kernels' durations) and `idle` (its first kernel's start to
+its last kernel's end, minus busy: the gaps a launch chain leaves, which programmatic dependent launch and fusion
+attack). Work outside the graphs (copies, the host's table updates) is counted per step apart.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from collections import Counter, defaultdict
+from typing import Any, Callable
+
+GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def busy_us(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) spans."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(spans):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def parse_decode_steps(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """{kernels_per_step, gpu_busy_us_per_step, gpu_idle_us_per_step, other_gpu_ops_per_step, steps_profiled} from
+    Chrome-trace events (medians over the decode steps); ValueError when no kernel ran inside a graph."""
+    launches = {e["args"]["correlation"] for e in events
+                if e.get("name") in GRAPH_LAUNCHES and "correlation" in e.get("args", {})}
+    groups: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    outside: list[float] = []
+    for e in events:
+        if e.get("cat") not in GPU_CATEGORIES:
+            continue
+        corr = e.get("args", {}).get("correlation")
+        start = float(e["ts"])
+        if corr in launches:
+            groups[corr].append((start, start + float(e.get("dur", 0.0))))
+        else:
+            outside.append(start)
+    if not groups:
+        raise ValueError("no kernel in the trace ran inside a CUDA graph (is the decode graph captured?)")
+    size, _ = Counter(len(g) for g in groups.values()).most_common(1)[0]
+    steps = sorted((g for g in groups.values() if len(g) == size), key=lambda g: min(s for s, _ in g))
+    busy = [busy_us(g) for g in steps]
+    span = [max(e for _, e in g) - min(s for s, _ in g) for g in steps]
+    first, last = min(s for s, _ in steps[0]), max(e for _, e in steps[-1])
+    between = sum(1 for t in outside if first <= t <= last)  # copies and kernels outside the graphs, decode phase
+    return {"kernels_per_step": size, "gpu_busy_us_per_step": round(statistics.median(busy), 2),
+            "gpu_idle_us_per_step": round(statistics.median(sp - b for sp, b in zip(span, busy)), 2),
+            "other_gpu_ops_per_step": round(between / max(1, len(steps) - 1), 2), "steps_profiled": len(steps)}
+
+
+def profile_decode_steps(run: Callable[[], Any]) -> dict[str, Any]:
+    """Run `run()` (e.g. one request of ~50 tokens) under the CUDA profiler and parse its decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    finally:
+        os.unlink(path)
+    return parse_decode_steps(events)
