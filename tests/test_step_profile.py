@@ -37,4 +37,4 @@ def test_decode_steps_are_the_most_common_graph_launch_and_idle_is_span_minus_bu
 
 def test_a_trace_without_graph_kernels_is_refused():
     with pytest.raises(ValueError, match="inside a CUDA graph"):
-        parse_decode_steps([_kernel(1, 0.0, 1.0)])
+        parse_decode_steps([_kernel(1, 0.0, 1.0), _kernel(2, 3.0, 1.0)])  # one kernel per launch: no graph

@@ -1,8 +1,10 @@
 """Kernels per decode step and the GPU's idle time between them, from a profiler trace of graph-replayed steps.
 
 A request's decode steps replay one CUDA graph each. In the profiler's (Kineto's) Chrome trace, every kernel a graph
-runs carries the correlation id of the `cudaGraphLaunch` that replayed it, so the kernels group by launch. The
-decode graph is the launch size seen most often (prefill buckets run once per request). For each such step:
+runs carries the correlation id of the launch that replayed it (the engine launches graphs through the driver API,
+so the launch itself may be missing from the host side of the trace), while a plain launch has one kernel per
+correlation id: kernels sharing an id are one graph replay. The decode graph is the replay size seen most often
+(prefill buckets run once per request). For each such step:
 `kernels` (inside the graph), `busy` (the union of its kernels' durations) and `idle` (its first kernel's start to
 its last kernel's end, minus busy: the gaps a launch chain leaves, which programmatic dependent launch and fusion
 attack). Work outside the graphs (copies, the host's table updates) is counted per step apart.
@@ -16,7 +18,6 @@ import tempfile
 from collections import Counter, defaultdict
 from typing import Any, Callable
 
-GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
@@ -34,19 +35,13 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
 def parse_decode_steps(events: list[dict[str, Any]]) -> dict[str, Any]:
     """{kernels_per_step, gpu_busy_us_per_step, gpu_idle_us_per_step, other_gpu_ops_per_step, steps_profiled} from
     Chrome-trace events (medians over the decode steps); ValueError when no kernel ran inside a graph."""
-    launches = {e["args"]["correlation"] for e in events
-                if e.get("name") in GRAPH_LAUNCHES and "correlation" in e.get("args", {})}
-    groups: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    outside: list[float] = []
+    by_id: dict[Any, list[tuple[float, float]]] = defaultdict(list)
     for e in events:
-        if e.get("cat") not in GPU_CATEGORIES:
-            continue
-        corr = e.get("args", {}).get("correlation")
-        start = float(e["ts"])
-        if corr in launches:
-            groups[corr].append((start, start + float(e.get("dur", 0.0))))
-        else:
-            outside.append(start)
+        if e.get("cat") in GPU_CATEGORIES:
+            start = float(e["ts"])
+            by_id[e.get("args", {}).get("correlation")].append((start, start + float(e.get("dur", 0.0))))
+    groups = {c: spans for c, spans in by_id.items() if c is not None and len(spans) > 1}
+    outside = [s for c, spans in by_id.items() if c not in groups for s, _ in spans]
     if not groups:
         raise ValueError("no kernel in the trace ran inside a CUDA graph (is the decode graph captured?)")
     size, _ = Counter(len(g) for g in groups.values()).most_common(1)[0]

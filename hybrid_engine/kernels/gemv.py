@@ -1,8 +1,9 @@
 """Projections for one token (M = 1): a Triton GEMV over nn.Linear weights [N, K], fp32 accumulation.
 
-`linear(x, weight, bias)` is the `KernelOps.linear` of the Triton backends: x with one row, fp16/bf16 on CUDA and an
-(N, K) in `GEMV_CONFIGS` (shapes where the kernel measured faster than cuBLAS, benchmarks/gemv_bench.py) runs the
-Triton GEMV; several rows follow `gemm.config_for`, the measured plan per shape and row count (cuBLAS, cuBLASLt,
+`linear(x, weight, bias)` is the `KernelOps.linear` of the Triton backends: x with one row, fp16/bf16 on CUDA runs
+the Triton GEMV with the config `GEMV_CONFIGS` holds for its (N, K) (benchmarks/gemv_bench.py), or for a shape no
+entry covers the one derived from K (`default_config`: the measured configs with BLOCK_K capped at K); an entry of
+None means cuBLAS measured faster for that shape; several rows follow `gemm.config_for`, the measured plan per shape and row count (cuBLAS, cuBLASLt,
 the Triton GEMM, or cuBLAS on the weight's transposed copy); everything else (unknown shapes, fp32, CPU) goes to
 `gemm.linear_torch` (F.linear). `silu_mul_linear(h, weight)` = `linear(silu_mul(h), weight)` with the activation
 fused into the GEMV's input load (one kernel instead of two, and the [1, I] intermediate never goes through
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gemm
-from ._triton import cdiv, jit_helpers, launch
+from ._triton import cdiv, jit_helpers, launch, next_pow2
 from ._workspace import split_buffers
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
@@ -54,6 +55,18 @@ QKV_ROPE_CONFIGS: dict[tuple[int, int], tuple[int, ...] | None] = {
     (12288, 4096): (2, 2048, 4, 1),
 }
 DEFAULT_CONFIG = (4, 2048, 4, 1)  # what tests and linear_triton use when no table entry exists
+_UNLISTED = object()
+
+
+def default_config(k: int, kind: str = "plain") -> tuple[int, int, int, int]:
+    """The config of a weight no table lists, from K alone: the LLaMA-2-7B shapes' measured configs (plain and
+    QKV + rope (4 / 2, 2048, 4 warps), gate/up + SiLU (2, 4096, 8 warps)) with BLOCK_K capped at K rounded up to a
+    power of two, so that a thin model's programs do not walk masked lanes. On the H200 the GEMV beat cuBLAS on all
+    five LLaMA-2-7B shapes (10-25 %), where an unlisted shape used to go to cuBLAS (and unfused rope and SiLU)."""
+    if kind == "gate_up":
+        block_k = min(4096, next_pow2(k))
+        return 2, block_k, 8 if block_k >= 4096 else 4, 1
+    return (2 if kind == "qkv" else 4), min(2048, next_pow2(k)), 4, 1
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -293,14 +306,17 @@ def _gemv_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_t: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the Triton GEMV for one row where `GEMV_CONFIGS` says it measured faster, and for several
+    """F.linear, through the Triton GEMV for one row unless `GEMV_CONFIGS` says cuBLAS measured faster (None), and for
+    several
     rows through whatever the plan picks for the row count and shape (`gemm.config_for`: cuBLAS, cuBLASLt, the
     Triton GEMM, or cuBLAS on `weight_t`, the weight's transposed copy [K, N] where the model keeps one)."""
     if not _triton_ok(x, weight, bias):
         return gemm.linear_torch(x, weight, bias, weight_t)
     rows = x.numel() // x.shape[-1]
     if rows == 1:
-        config = GEMV_CONFIGS.get(tuple(weight.shape))
+        config = GEMV_CONFIGS.get(tuple(weight.shape), _UNLISTED)
+        if config is _UNLISTED:
+            config = default_config(weight.shape[1])
         return F.linear(x, weight, bias) if config is None else gemv_triton(x, weight, bias, config)
     choice = gemm.config_for(rows, *weight.shape, transposed=weight_t is not None)
     if choice == "t":
@@ -315,10 +331,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """`silu_mul(linear(x, weight))` for a gate/up weight [2I, K] in one fused Triton kernel, for one row where
-    `GATE_UP_SILU_CONFIGS` has the shape; None elsewhere (the caller then runs its own linear and silu_mul)."""
+    """`silu_mul(linear(x, weight))` for a gate/up weight [2I, K] in one fused Triton kernel for one row (the config of
+    `GATE_UP_SILU_CONFIGS`, else `default_config`); None where the table says the unfused pair measured faster, and
+    off the GPU (the caller then runs its own linear and silu_mul)."""
     if _gemv_ok(x, weight, None) and weight.shape[0] % 2 == 0:
-        config = GATE_UP_SILU_CONFIGS.get(tuple(weight.shape))
+        config = GATE_UP_SILU_CONFIGS.get(tuple(weight.shape), _UNLISTED)
+        if config is _UNLISTED:
+            config = default_config(weight.shape[1], "gate_up")
         if config is not None:
             return gemv_silu_triton(x, weight, config)
     return None
@@ -327,12 +346,15 @@ def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | Non
 def linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
                       cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                       num_q_heads: int, num_kv_heads: int) -> torch.Tensor | None:
-    """A decode token's QKV projection, rope and KV-cache writes in one Triton kernel, where `QKV_ROPE_CONFIGS` has
-    the shape and the layout allows (one row, whole-head rotary, contiguous cos/sin and caches); returns q
-    [1, Hq, D], or None (the caller then runs linear, rope and the KV store itself)."""
+    """A decode token's QKV projection, rope and KV-cache writes in one Triton kernel (the config of
+    `QKV_ROPE_CONFIGS`, else `default_config`), where the layout allows (one row, whole-head rotary, contiguous
+    cos/sin and caches) and the table does not say the unfused ops measured faster (None); returns q [1, Hq, D], or
+    None (the caller then runs linear, rope and the KV store itself)."""
     if not _gemv_ok(x, weight, bias) or x.shape[0] != 1:
         return None
-    config = QKV_ROPE_CONFIGS.get(tuple(weight.shape))
+    config = QKV_ROPE_CONFIGS.get(tuple(weight.shape), _UNLISTED)
+    if config is _UNLISTED:
+        config = default_config(weight.shape[1], "qkv")
     heads = num_q_heads + 2 * num_kv_heads
     if config is None or weight.shape[0] % heads:
         return None

@@ -264,3 +264,44 @@ def test_gemv_split_k(device_dtype, config, n, k):
         h = rand(1, 2 * k, dtype=dtype, device=device, seed=seed)
         assert_close(gemv_triton(h, w, None, config, silu_mul=True), silu_mul_linear_ref(h.float(), w.float()),
                      dtype, "split-k silu")
+
+
+@pytest.mark.parametrize(("k", "kind", "want"), [
+    (4096, "plain", (4, 2048, 4, 1)), (576, "plain", (4, 1024, 4, 1)), (3584, "plain", (4, 2048, 4, 1)),
+    (4096, "gate_up", (2, 4096, 8, 1)), (2048, "gate_up", (2, 2048, 4, 1)), (576, "qkv", (2, 1024, 4, 1)),
+    (37, "plain", (4, 64, 4, 1))])
+def test_default_config_keeps_the_measured_tiles_with_block_k_capped_at_k(k, kind, want):
+    assert gemv.default_config(k, kind) == want
+
+
+@pytest.mark.parametrize("n,k", [(13, 37), (24, 100)])
+def test_default_configs_are_exact_on_odd_shapes(device_dtype, n, k):
+    """The derived configs an unlisted shape gets (plain, gate/up + SiLU, QKV + rope) against the references."""
+    device, dtype = device_dtype
+    x = rand(1, k, dtype=dtype, device=device, seed=11)
+    w = rand(2 * n, k, dtype=dtype, device=device, seed=12, scale=0.2)
+    assert_close(gemv_triton(x, w, None, gemv.default_config(k)), linear_ref(x.float(), w.float()), dtype, "plain")
+    assert_close(gemv_silu_triton(x, w, gemv.default_config(k, "gate_up")), linear_silu_mul_ref(x.float(), w.float()),
+                 dtype, "gate_up")
+    (x, w, b, pos, cos_sin), (kc, vc), slot = _rope_case(device, dtype, 4, 2, 8, k, True, slot=6)
+    q = gemv_rope_store_triton(x, w, b, pos, cos_sin, kc, vc, slot, 4, 2, gemv.default_config(k, "qkv"))
+    kr, vr = torch.full_like(kc, float("nan")).float(), torch.full_like(vc, float("nan")).float()
+    qr = linear_rope_store_ref(x.float(), w.float(), b.float(), pos, cos_sin, kr, vr, slot, 4, 2)
+    assert_close(q, qr, dtype, "qkv rope")
+
+
+@pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096), (4096, 14336), (3072, 2048), (960, 576), (4608, 3584)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_unlisted_shapes_run_the_gemv_with_derived_configs_gpu(n, k):
+    """Shapes of Llama-3-8B, Llama-3.2-1B, SmolLM2 and Qwen2-7B (no table entry): `linear` and `linear_silu_mul`
+    take the GEMV with `default_config` (not cuBLAS, not None), exact against the reference and in a graph."""
+    assert (n, k) not in gemv.GEMV_CONFIGS and (n, k) not in gemv.GATE_UP_SILU_CONFIGS
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+    assert_close(gemv.linear(x, w), linear_ref(x, w).float(), torch.float16, "linear")
+    fused = gemv.linear_silu_mul(x, w)
+    assert fused is not None
+    assert_close(fused, linear_silu_mul_ref(x, w).float(), torch.float16, "linear_silu_mul")
+    assert_replays_like_ref(lambda: gemv.linear(x, w), x, lambda: linear_ref(x, w).float(), torch.float16,
+                            "linear in graph")
