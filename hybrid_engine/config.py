@@ -33,6 +33,9 @@ class EngineConfig:
         (gpu_memory_utilization) or, on CPU, max_num_seqs full requests within 1 GiB. Blocks are taken as sequences
         grow; when they run out the newest sequence is preempted and recomputed later.
     max_num_seqs: most sequences decoded together (batch rows; decode graphs for 1, 2, 4, ... up to it).
+    min_decode_bucket: the smallest decode graph's rows (a power of two <= max_num_seqs): a step of fewer rows pads
+        up to it. 1 (default) keeps a one-row graph. With batch_invariant, 16 runs every step's projections on 16
+        rows of distinct data, where the invariant kernel measured fastest (benchmarks/NOTES.md).
     prefill_chunk_size: a prompt longer than this that arrives while others decode is prefilled in chunks of this
         many tokens, one chunk per step, so that the running streams wait at most about one chunk per token.
     enable_prefix_caching: reuse the KV blocks of a prompt's cached prefix (full blocks, hashed over their tokens
@@ -43,8 +46,8 @@ class EngineConfig:
     batch_invariant: decode projections (QKV, O, gate/up, down, LM head) through one Triton kernel whose per-row
         sums keep one order at every batch size (kernels/decode_gemm.py), so a request's greedy tokens do not
         depend on what else is batched with it. False (default): the one-row GEMVs at batch 1 and the product plan
-        per row count above it (cuBLAS / Triton GEMM); on the H200 the invariant kernel measured 18% slower per
-        token at batch 1 (benchmarks/NOTES.md), so it is opt-in until it matches the GEMVs.
+        per row count above it (cuBLAS / Triton GEMM); on the H200 the invariant kernel measured 8.8 % slower per
+        token at batch 1 (4.22 vs 3.88 ms, benchmarks/NOTES.md), so it is opt-in until it matches the GEMVs.
     prefill_weight_copy: keep a second, transposed copy of the QKV and gate/up weights for multi-row (prefill)
         projections: cuBLAS's NN kernels are 4-9% faster there on the H100 (about -0.27 ms TTFT at 200 tokens for
         LLaMA-2-7B), for ~2/3 more weight memory (+9 GB for 7B). "auto" = on for CUDA when the copy takes at most
@@ -60,6 +63,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.85
     max_num_seqs: int = 32
+    min_decode_bucket: int = 1
     prefill_chunk_size: int = 512
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
@@ -89,6 +93,11 @@ class EngineConfig:
         if not (isinstance(self.max_num_seqs, int) and not isinstance(self.max_num_seqs, bool)
                 and 1 <= self.max_num_seqs <= 256):
             raise ValueError(f"max_num_seqs={self.max_num_seqs!r} must be an int in [1, 256]")
+        smallest = self.min_decode_bucket
+        if not (isinstance(smallest, int) and not isinstance(smallest, bool) and 1 <= smallest <= self.max_num_seqs
+                and smallest & (smallest - 1) == 0):
+            raise ValueError(f"min_decode_bucket={smallest!r} must be a power of two in [1, max_num_seqs="
+                             f"{self.max_num_seqs}]")
         if not (isinstance(self.prefill_chunk_size, int) and not isinstance(self.prefill_chunk_size, bool)
                 and self.prefill_chunk_size >= 16):
             raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size!r} must be an int >= 16")

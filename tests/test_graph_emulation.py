@@ -17,6 +17,7 @@ from collections import Counter
 import torch
 
 from hybrid_engine import LLM, SamplingParams
+from hybrid_engine.runtime.graphs import decode_buckets
 
 BUCKETS = (16, 32, 48, 64, 96, 128)
 CHUNK = 32
@@ -26,9 +27,9 @@ class EagerGraphs:
     """GraphRunner's serving side with every bucket captured: a replay runs the captured step eagerly, at the bucket
     size, on the runner's buffers (what the graph would do)."""
 
-    def __init__(self, runner, max_num_seqs: int) -> None:
+    def __init__(self, runner, max_num_seqs: int, min_decode_bucket: int = 1) -> None:
         self.runner, self.replays = runner, Counter()
-        self.decode_buckets = [b for b in (1, 2, 4, 8, 16, 32) if b < max_num_seqs] + [max_num_seqs]
+        self.decode_buckets = decode_buckets(max_num_seqs, min_decode_bucket)
 
     def _bucket(self, n: int) -> int | None:
         return next((b for b in BUCKETS if b >= n), None)
@@ -143,4 +144,28 @@ def test_agent_conversations_with_emulated_graphs_keep_every_kv_right():
     assert fails == [] and errors[:5] == []
     assert stats["prefix_cache_hit_tokens"] > 0 and stats["prefill_chunks"] > 0
     assert graphs.replays["decode"] > 0 and graphs.replays["ctx"] > 0 and graphs.replays["part"] > 0
+    llm.close()
+
+
+def test_a_smallest_decode_bucket_pads_one_row_and_keeps_its_tokens():
+    """min_decode_bucket: a lone sequence decodes in the 4-row graph, its 3 padding rows at position 0 of the scratch
+    block; its greedy tokens equal the unpadded engine's, and no real block is written by a padding row."""
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    prompt = {"prompt_token_ids": list(range(5, 40))}
+    plain = LLM("tiny-llama", max_model_len=256, max_num_seqs=8)
+    want = plain.generate(prompt, params)[0].outputs[0].token_ids
+    plain.close()
+    llm = LLM("tiny-llama", max_model_len=256, max_num_seqs=8, min_decode_bucket=4)
+    graphs = llm.runner.graphs = EagerGraphs(llm.runner, 8, llm.config.min_decode_bucket)
+    assert graphs.decode_buckets == [4, 8]
+    errors: list[str] = []
+    real_step = llm.core.step
+
+    def step() -> None:
+        real_step()
+        _check(llm, errors, "step")
+
+    llm.core.step = step
+    assert llm.generate(prompt, params)[0].outputs[0].token_ids == want
+    assert errors == [] and graphs.replays["decode"] >= 9
     llm.close()

@@ -70,7 +70,7 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
         from .graphs import decode_buckets
 
         with torch.cuda.stream(stream):
-            runner.warm_up(decode_rows=tuple(decode_buckets(cfg.max_num_seqs)))
+            runner.warm_up(decode_rows=tuple(decode_buckets(cfg.max_num_seqs, cfg.min_decode_bucket)))
         stream.synchronize()
     if cfg.capture == "eager" and device.type != "cuda":
         logger.warning("capture='eager' needs a CUDA device; on %s nothing is captured (as 'off')", device)
@@ -81,7 +81,7 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
         # capture decided per rank could order the graphs' collectives differently and deadlock them)
         policy = "eager" if tp[1] > 1 else cfg.capture
         graphs = GraphRunner(runner, cfg.prefill_buckets, policy, stream, context_buckets=cfg.enable_prefix_caching,
-                             chunk_size=cfg.prefill_chunk_size)
+                             chunk_size=cfg.prefill_chunk_size, min_decode_bucket=cfg.min_decode_bucket)
         runner.graphs = graphs
         graphs.start()
     return Rank(loaded, ops, kv, runner, graphs, stream, n_blocks, copy_bytes)

@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the KV cache of repeated prompt prefixes (default: on)")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                    help="decode projections whose per-row sums do not depend on the batch (default: off)")
+    p.add_argument("--min-decode-bucket", type=int, default=None,
+                   help="rows of the smallest decode graph, a power of two (default 1; 16 suits --batch-invariant)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
     return p
@@ -230,7 +232,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig keywords from the CLI; options left unset keep the engine's defaults."""
     names = ("dtype", "device", "max_model_len", "num_kv_blocks", "max_num_seqs", "block_size", "attention_backend",
              "capture", "prefill_weight_copy", "seed", "tensor_parallel_size", "enable_prefix_caching",
-             "batch_invariant")
+             "batch_invariant", "min_decode_bucket")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
