@@ -83,8 +83,11 @@ for s in $stages; do
     shapes) for m in ${SHAPES:-llama-2-7b-shape llama-3-8b-shape qwen2-7b-shape llama-3.2-1b-shape smollm2-135m-shape}; do
               timeout ${SHAPE_T:-200} python3 -m hybrid_engine.bench --model $m --systems hybrid --runs ${SHAPE_RUNS:-20} \
                 --tpot-runs 10 --out-dir "$OUT/shapes" --system-timeout $(( ${SHAPE_T:-200} - 10 )) --settle-s 60 \
-                --no-progress 2>&1 | grep "^| hybrid\|wrote\|rror"; done;;
-    ltr) timeout 300 python3 benchmarks/load_to_ready.py --model ${LTR_MODEL:-llama-2-7b-shape} --out "$OUT/load_to_ready.json";;
+                --no-progress 2>&1 | grep "^| hybrid\|wrote\|rror"; done
+            tar czf "$OUT/shapes.tgz" -C "$OUT" shapes && rm -r "$OUT/shapes";;  # a call returns at most 8 files
+    ltr) for w in ${LTR_WORKERS:-0 auto}; do  # load's kernels compiled one by one (0) vs on parallel threads (auto)
+           timeout 280 python3 benchmarks/load_to_ready.py --model ${LTR_MODEL:-llama-2-7b-shape} --compile-workers $w \
+             --out "$OUT/load_to_ready_$w.json" 2>&1 | tail -1; done;;
     ab) for i in $(seq ${AB_ROUNDS:-2}); do  # same-lease A/B of batch-1 latency: the tree in .ab/ (a base commit) vs this one
           PYTHONPATH=.ab timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_base_$i.json" 2>&1 | tail -1
           timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_new_$i.json" 2>&1 | tail -1; done;;

@@ -34,8 +34,9 @@ llm.close()
 """
 
 
-def one(model: str, cache_dir: str, timeout_s: float) -> dict:
-    env = {**os.environ, "TRITON_CACHE_DIR": cache_dir,
+def one(model: str, cache_dir: str, timeout_s: float, compile_workers: str | None = None) -> dict:
+    extra = {"HYBRID_ENGINE_COMPILE_WORKERS": compile_workers} if compile_workers is not None else {}
+    env = {**os.environ, **extra, "TRITON_CACHE_DIR": cache_dir,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, model], capture_output=True, text=True, env=env,
@@ -51,13 +52,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-2-7b-shape")
     ap.add_argument("--timeout-s", type=float, default=240)
+    ap.add_argument("--compile-workers", default=None,
+                    help="HYBRID_ENGINE_COMPILE_WORKERS of the children (e.g. auto: the load's kernels compiled on "
+                         "parallel threads; default: the engine's)")
     ap.add_argument("--results", type=Path, help="a results file whose systems.hybrid gets load_to_ready_s")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
-        cold = one(args.model, cache, args.timeout_s)
-        warm = one(args.model, cache, args.timeout_s)
-    res = {"model": args.model, "load_to_ready_s": {"cold": round(cold["load_to_ready_s"], 2),
+        cold = one(args.model, cache, args.timeout_s, args.compile_workers)
+        warm = one(args.model, cache, args.timeout_s, args.compile_workers)
+    res = {"model": args.model, "compile_workers": args.compile_workers, "load_to_ready_s": {"cold": round(cold["load_to_ready_s"], 2),
                                                      "warm": round(warm["load_to_ready_s"], 2)},
            "runs": {"cold": cold, "warm": warm}}
     print(json.dumps(res["load_to_ready_s"]), flush=True)

@@ -7,11 +7,16 @@ the CPU runs the kernels), so importing hybrid_engine must not freeze that choic
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import logging
 import os
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
+
+logger = logging.getLogger(__name__)
 
 
 def triton_available() -> bool:
@@ -143,11 +148,65 @@ def _params(fn) -> tuple[tuple[str, ...], dict]:
                                    if p.default is not inspect.Parameter.empty}
 
 
+# --- Compiling a run's kernels in parallel ----------------------------------------------------------------------------
+# Loading a model runs every kernel variant once (runner.warm_up), and with an empty Triton cache each first launch
+# compiles, one after another: most of a cold load. Inside `compile_only`, `launch` hands each specialisation it has
+# not compiled to Triton's asynchronous compile (`triton.runtime._async_compile.AsyncCompileMode`: Triton's own
+# binding and cache key, so the later launch finds exactly that kernel) on a thread pool and launches nothing; the
+# block returns when every compile has finished. Running the same code again afterwards then only launches.
+_COMPILE_ONLY = threading.local()
+
+
+def compile_workers() -> int:
+    """Threads for `compile_only` at load: $HYBRID_ENGINE_COMPILE_WORKERS ("auto": the cores this process may use,
+    at most 16). Default 0 (compile as the launches come, one at a time) until the parallel compile has been
+    measured on a GPU: benchmarks/load_to_ready.py --compile-workers compares the two."""
+    env = os.environ.get("HYBRID_ENGINE_COMPILE_WORKERS", "0")
+    if env == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return min(16, cores)
+    try:
+        return max(0, int(env))
+    except ValueError:
+        raise ValueError(f"HYBRID_ENGINE_COMPILE_WORKERS={env!r} must be an int >= 0 or 'auto'") from None
+
+
+@contextlib.contextmanager
+def compile_only(workers: int) -> Iterator[bool]:
+    """Within the block (this thread only), `launch` compiles instead of launching, on `workers` threads; yields
+    whether that mode is on: False (every launch runs as usual) under the interpreter, with workers < 2, or on a
+    Triton without asynchronous compiles. Launches not made through `launch`, and torch's own ops, still run."""
+    mode = None
+    if workers >= 2 and _launch_api() is not None:
+        try:
+            from triton.runtime._async_compile import AsyncCompileMode
+        except ImportError:
+            AsyncCompileMode = None
+        if AsyncCompileMode is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            mode = AsyncCompileMode(ThreadPoolExecutor(workers, thread_name_prefix="hybrid-engine-compile"))
+    if mode is None:
+        yield False
+        return
+    with mode:
+        _COMPILE_ONLY.on = True
+        try:
+            yield True
+        finally:
+            _COMPILE_ONLY.on = False
+    mode.executor.shutdown(wait=True)
+
+
 def launch(fn, grid: tuple[int, ...], *args, **kw) -> tuple | None:
     """Launch kernel function `fn` (a plain function, jitted on first use) on `grid` with positional runtime
     arguments `args` and keyword constexprs / launch options `kw`: `jit(fn)[grid](*args, **kw)`, with Triton's
     per-launch work done once per specialisation (see above). Returns (compiled kernel, trailing constexpr values,
-    argument key, launcher arguments) where the launch cache holds this specialisation, else None."""
+    argument key, launcher arguments) where the launch cache holds this specialisation, else None. Inside
+    `compile_only` nothing is launched: a specialisation Triton has not compiled is compiled in the background."""
+    if getattr(_COMPILE_ONLY, "on", False):
+        jit(fn).warmup(*args, grid=grid, **kw)
+        return None
     api = _launch_api() if _FAST_LAUNCH else None
     if api is None:
         jit(fn)[grid](*args, **kw)

@@ -67,10 +67,15 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
     _gc.freeze()
     graphs = None
     if device.type == "cuda":
+        from ..kernels._triton import compile_only, compile_workers
         from .graphs import decode_buckets
 
+        rows = tuple(decode_buckets(cfg.max_num_seqs, cfg.min_decode_bucket))
         with torch.cuda.stream(stream):
-            runner.warm_up(decode_rows=tuple(decode_buckets(cfg.max_num_seqs, cfg.min_decode_bucket)))
+            with compile_only(compile_workers()) as compiling:  # every variant compiled at once (an empty cache)
+                if compiling:
+                    runner.warm_up(decode_rows=rows)
+            runner.warm_up(decode_rows=rows)  # then each runs once, compiling nothing
         stream.synchronize()
     if cfg.capture == "eager" and device.type != "cuda":
         logger.warning("capture='eager' needs a CUDA device; on %s nothing is captured (as 'off')", device)

@@ -155,6 +155,9 @@ class ModelRunner:
                     scratch.valid_len.fill_(n)
                     self.prefill_step(n, scratch, context=True)
                 for rows in decode_rows:
+                    # valid token ids for the embedding lookup: under kernels._triton.compile_only no kernel runs,
+                    # and the sampler's output (the tokens a decode step reads) is then whatever memory held
+                    scratch.tokens.zero_()
                     self.decode_step(rows, scratch)
 
     def prefill_step(self, length: int, buf: StepBuffers | None = None, context: bool = False,

@@ -159,3 +159,73 @@ def test_cached_launch_matches_triton_launch_gpu(m):
         for a, b in zip(outs[False], outs[True]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert_close(outs[True][0], linear_ref(x.float(), w.float()), dtype, "gemm")
+
+
+class FakeAsyncCompileMode:
+    """Stands in for Triton's AsyncCompileMode: a context that records that it was entered and left."""
+    made = []
+
+    def __init__(self, executor):
+        self.executor, self.entered, self.left = executor, False, False
+        FakeAsyncCompileMode.made.append(self)
+
+    def __enter__(self):
+        self.entered = True
+        return self
+
+    def __exit__(self, *exc):
+        self.left = True
+
+
+@pytest.fixture
+def fake_async(monkeypatch, fake_triton):
+    import sys
+    import types
+
+    module = types.ModuleType("triton.runtime._async_compile")
+    module.AsyncCompileMode = FakeAsyncCompileMode
+    monkeypatch.setitem(sys.modules, "triton.runtime._async_compile", module)
+    FakeAsyncCompileMode.made = []
+    warmups = []
+    fake_triton.warmup = lambda *args, grid, **kw: warmups.append((grid, args, kw))
+    return warmups
+
+
+def test_compile_only_compiles_through_triton_and_launches_nothing(fake_async):
+    x = torch.zeros(64, dtype=torch.float16)
+    with _triton.compile_only(4) as compiling:
+        assert compiling
+        assert _triton.launch(fake_kernel, (3,), x, x, 48, 1e-5, True, num_warps=4) is None
+    (mode,) = FakeAsyncCompileMode.made
+    assert mode.entered and mode.left and mode.executor._max_workers == 4
+    assert fake_async == [((3,), (x, x, 48, 1e-5, True), {"num_warps": 4})]  # Triton's own warm-up (compile) call
+    assert _triton._LAUNCHES == {}  # nothing launched, nothing cached as launched
+    _triton.launch(fake_kernel, (3,), x, x, 48, 1e-5, True, num_warps=4)  # after the block: a launch again
+    assert len(_triton._LAUNCHES) == 1 and len(cached_kernels()[0].runs) == 0  # (first launch goes through jit)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_compile_only_with_fewer_than_two_workers_leaves_launches_alone(fake_async, workers):
+    x = torch.zeros(64, dtype=torch.float16)
+    with _triton.compile_only(workers) as compiling:
+        assert not compiling
+        _triton.launch(fake_kernel, (3,), x, x, 48, 1e-5, True, num_warps=4)
+    assert fake_async == [] and len(_triton._LAUNCHES) == 1 and FakeAsyncCompileMode.made == []
+
+
+def test_compile_only_is_off_without_the_launch_api(monkeypatch):
+    monkeypatch.setattr(_triton, "_launch_api", lambda: None)  # the interpreter, or an older Triton
+    with _triton.compile_only(8) as compiling:
+        assert not compiling
+
+
+def test_compile_workers_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("HYBRID_ENGINE_COMPILE_WORKERS", "3")
+    assert _triton.compile_workers() == 3
+    monkeypatch.setenv("HYBRID_ENGINE_COMPILE_WORKERS", "many")
+    with pytest.raises(ValueError, match="HYBRID_ENGINE_COMPILE_WORKERS='many' must be an int >= 0 or 'auto'"):
+        _triton.compile_workers()
+    monkeypatch.setenv("HYBRID_ENGINE_COMPILE_WORKERS", "auto")
+    assert 1 <= _triton.compile_workers() <= 16
+    monkeypatch.delenv("HYBRID_ENGINE_COMPILE_WORKERS")
+    assert _triton.compile_workers() == 0  # off until measured on a GPU
