@@ -1,10 +1,11 @@
-"""Paged decode attention: one query token per sequence over its cached tokens (flash-decoding, split-K)."""
+"""Paged decode attention: one query token per sequence over its cached tokens (flash-decoding, split-K, the splits
+merged inside the same launch)."""
 from __future__ import annotations
 
 import torch
 
 from ._triton import cdiv, jit_helpers, launch, next_pow2
-from ._workspace import sm_count
+from ._workspace import sm_count, split_buffers
 from .kv_store import _paged_offsets  # noqa: F401 (called by _decode_split_kernel)
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
@@ -36,17 +37,21 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
-def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, PART_LSE, OUT, scale,
+def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, PART_LSE, COUNT, OUT, scale,
                          stride_qb, stride_qh, stride_cb, stride_co, stride_ch, stride_bt, stride_ob, stride_oh,
-                         num_q_heads, head_dim, BLOCK_SIZE: tl.constexpr,
+                         num_q_heads, num_kv_heads, head_dim, BLOCK_SIZE: tl.constexpr,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One (sequence, kv head, split): the GROUP query heads of that kv head over one slice of the KV length."""
+                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One (sequence, kv head, split): the GROUP query heads of that kv head over one slice of the KV length. With
+    one split holding keys its program stores the output; with more, each stores its partials (normalised output
+    and log-sum-exp) and the last to arrive merges them for the GROUP heads and resets the counter (graph replays
+    need no memset)."""
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + b)
     split_len = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N  # on device: graph-safe
+    active = (seq_len + split_len - 1) // tl.maximum(split_len, 1)  # splits holding keys
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
     g = tl.arange(0, BLOCK_G)
@@ -75,32 +80,36 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
         out = acc / l_i[:, None]
-        if NUM_SPLITS == 1:
+        if active <= 1:  # the only split with keys (always so with NUM_SPLITS == 1)
             tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                      out.to(OUT.dtype.element_ty), mask=row_mask)
         else:
             part = (b * num_q_heads + heads) * NUM_SPLITS + split
             tl.store(PART_OUT + part[:, None] * BLOCK_D + d[None, :], out, mask=row_mask)
             tl.store(PART_LSE + part, m_i + tl.log(l_i), mask=g < GROUP)
+            # every split's partials are written before its arrival is counted; the last of the `active` splits
+            # merges (in split order, whichever arrives last) and resets the counter
+            tl.debug_barrier()
+            pair = b * num_kv_heads + kv_head
+            arrived = tl.atomic_add(COUNT + pair, 1, sem="acq_rel")
+            if arrived == active - 1:
+                for h in tl.static_range(GROUP):
+                    _merge_head(PART_OUT, PART_LSE, OUT, b, kv_head * GROUP + h, active, stride_ob, stride_oh,
+                                num_q_heads, head_dim, NUM_SPLITS, BLOCK_S, BLOCK_D)
+                tl.atomic_xchg(COUNT + pair, 0)
 
 
-def _decode_reduce_kernel(PART_OUT, PART_LSE, SEQ_LENS, OUT, stride_ob, stride_oh, num_q_heads, head_dim,
-                          NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
-    """Merge the splits of one (sequence, query head) by their log-sum-exp."""
-    b = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    seq_len = tl.load(SEQ_LENS + b)
-    split_len = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    active = (seq_len + split_len - 1) // tl.maximum(split_len, 1)
+def _merge_head(PART_OUT, PART_LSE, OUT, b, head, active, stride_ob, stride_oh, num_q_heads, head_dim,
+                NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the `active` splits of one (sequence, query head) by their log-sum-exp into OUT."""
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     s_mask = s < active
     part = (b * num_q_heads + head) * NUM_SPLITS + s
-    lse = tl.load(PART_LSE + part, mask=s_mask, other=float("-inf"))
+    lse = tl.load(PART_LSE + part, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
     weight = tl.where(s_mask, tl.exp(lse - tl.max(lse, axis=0)), 0.0)
     parts = tl.load(PART_OUT + part[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None] & (d < head_dim)[None, :],
-                    other=0.0)
+                    other=0.0, cache_modifier=".cg")
     out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(weight, axis=0)
     tl.store(OUT + b * stride_ob + head * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < head_dim)
 
@@ -119,7 +128,9 @@ def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                             num_splits: int | None = None) -> torch.Tensor:
-    """Triton flash-decoding over the paged cache: grid (batch, kv heads, splits) + a log-sum-exp reduction.
+    """Triton flash-decoding over the paged cache: grid (batch, kv heads, splits), the splits merged by log-sum-exp
+    in the last-arriving program of each (sequence, kv head) (one launch; the partials and arrival counters are the
+    reused workspace of `split_buffers`, made outside any graph capture).
 
     The grid and the number of splits depend only on shapes; each split's slice of the KV length is computed on
     the device from seq_lens, so the kernel never reads a length on the host and is safe inside a CUDA graph.
@@ -136,23 +147,21 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         splits = num_splits
     block_d = next_pow2(max(head_dim, 16))
     out = torch.empty_like(q)
-    if splits > 1:
-        part_out = torch.empty((batch, num_q_heads, splits, block_d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch, num_q_heads, splits), dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out
     if batch == 0:
         return out
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    jit_helpers(globals(), ("_paged_offsets",))
-    launch(_decode_split_kernel, (batch, num_kv_heads, splits),
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), num_q_heads, head_dim, BLOCK_SIZE=block_size,
-        GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
-        DOT_PRECISION=precision, num_warps=4, num_stages=2)
     if splits > 1:
-        launch(_decode_reduce_kernel, (batch, num_q_heads),
-            part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1), num_q_heads, head_dim,
-            NUM_SPLITS=splits, BLOCK_N=block_n, BLOCK_S=next_pow2(splits), BLOCK_D=block_d, num_warps=1)
+        parts = batch * num_q_heads * splits
+        ws, count = split_buffers(q.device, ("decode_attention", num_q_heads, num_kv_heads, splits, block_d),
+                                  parts * (block_d + 1), batch * num_kv_heads)
+        part_out, part_lse = ws[:parts * block_d], ws[parts * block_d:parts * (block_d + 1)]
+    else:
+        part_out = part_lse = count = out
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    jit_helpers(globals(), ("_paged_offsets", "_merge_head"))
+    launch(_decode_split_kernel, (batch, num_kv_heads, splits),
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, count, out, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), num_q_heads, num_kv_heads, head_dim, BLOCK_SIZE=block_size,
+        GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
+        BLOCK_S=next_pow2(splits), DOT_PRECISION=precision, num_warps=4, num_stages=2)
     return out

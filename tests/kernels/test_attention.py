@@ -156,3 +156,18 @@ def test_prefill_attention_rope_fused(device_dtype, tokens, valid, num_q_heads, 
     assert_close(caches[0], caches[2], dtype, "k cache")
     assert_close(caches[1], caches[3], dtype, "v cache")
     assert torch.isfinite(got).all()
+
+
+def test_decode_splits_merge_in_one_launch_and_leave_the_counters_at_zero():
+    """Several splits merged by the last-arriving program of each (sequence, kv head): right for every active count
+    (1: stored directly; 2, 3: merged), GQA groups included, again on a second call through the same reused
+    workspace (the merger resets the counters)."""
+    from hybrid_engine.kernels import _workspace
+
+    _workspace.clear_split_buffers()
+    args = paged_case("cpu", torch.float32, 16, 8, 2, 64, [1, 20, 33, 47], seed=5)
+    want = decode_reference(*args, 0.125)
+    for _ in range(2):
+        assert_close(decode_attention_triton(*args, 0.125, num_splits=3), want, torch.float32, "fused merge")
+    (key,) = [k for k in _workspace._SPLIT_BUFFERS if "decode_attention" in k]
+    assert int(_workspace._SPLIT_BUFFERS[key][1].abs().sum()) == 0
