@@ -10,7 +10,7 @@ import torch
 
 from hybrid_engine import cli
 from hybrid_engine.kernels import cached_prefill_attention as cpa
-from hybrid_engine.kernels import decode_gemm, tuning
+from hybrid_engine.kernels import decode_gemm, gemv, tuning
 from hybrid_engine.kernels.sweeps import tune as tune_mod
 from hybrid_engine.kernels.sweeps.decode_gemm_sweep import (MS, RULE_MS, GemmShape, fits_smem, stage1_configs,
                                                             sweep_shape)
@@ -53,6 +53,26 @@ class FakeGemmBench:
         return sum(per_m[m] for m in RULE_MS if m in per_m)
 
 
+GEMV_BEST = {"plain": (4, 64, 4, 1), "gate_up": (2, 64, 4, 1), "qkv": (1, 64, 4, 1)}  # tiny-llama's K = 64
+
+
+class FakeGemvBench:
+    """`GpuGemvBench` without CUDA: us grows with the distance from GEMV_BEST[kind]; cuBLAS takes 20 us, except on
+    the LM head (512 x 64), where it takes 5 and wins."""
+
+    def __init__(self, shape, dtype, deadline):
+        from hybrid_engine.kernels.sweeps.gemv_sweep import kind_of
+
+        self.shape, self.kind, self.failed, self.skipped = shape, kind_of(shape), {}, 0
+
+    def cublas_us(self):
+        return None if self.kind != "plain" else 5.0 if self.shape.n == 512 else 20.0
+
+    def time(self, cfg):
+        best = GEMV_BEST[self.kind]
+        return 8.0 + sum(abs(a - b) / max(a, b) for a, b in zip(cfg, best))
+
+
 class FakeAttentionBench:
     """`Sweep` without CUDA: the fastest config of each token count is ATTENTION_BEST's, at every start."""
 
@@ -78,6 +98,7 @@ def card(tmp_path, monkeypatch):
     def clear():
         tuning._tables.cache_clear()
         decode_gemm._config.cache_clear()
+        gemv.config_for.cache_clear()
         cpa.tuned_configs.cache_clear()
 
     clear()
@@ -87,14 +108,15 @@ def card(tmp_path, monkeypatch):
 
 def _run(**kw) -> tune_mod.TuneRun:
     return tune_mod.TuneRun(CARD, gemm_bench=kw.pop("gemm_bench", FakeGemmBench), attention_bench=FakeAttentionBench,
-                            **kw)
+                            gemv_bench=FakeGemvBench, **kw)
 
 
 def test_choices_are_saved_where_the_kernels_read_them(card):
     shapes = model_shapes("tiny-llama")
     run = _run(budget_s=60)
     rows = tune_mod.tune(shapes, tune_mod.KERNELS, run)
-    assert run.saved_to == card and not any(row.note for row in rows)
+    assert run.saved_to == card
+    assert [(r.label, r.note) for r in rows if r.note] == [("lm_head 512x64", "cuBLAS is faster: saved as an empty entry")]
     table = json.loads(card.read_text())["tables"]
     # qkv: head_dim 16 has a rotary half of 8 columns, which no BLOCK_N (>= 16) divides: no config fuses rope + KV
     # store, the model composes the unfused ops, and the plain sum chooses
@@ -102,14 +124,23 @@ def test_choices_are_saved_where_the_kernels_read_them(card):
                                     "352,64,float16": list(FUSED_BEST), "64,176,float16": list(PLAIN_BEST),
                                     "512,64,float16": list(PLAIN_BEST)}
     assert table["cached_attention"] == {f"{t},4,16,float16": list(c) for t, c in ATTENTION_BEST.items()}
+    # the one-row GEMVs: qkv's head_dim 16 gives the rope variant (BLOCK_J divides the rotary half 8); the LM head
+    # keeps cuBLAS (an empty entry)
+    assert table["gemv"] == {"64,64,float16": list(GEMV_BEST["plain"]), "64,176,float16": [4, 256, 4, 1],
+                             "512,64,float16": []}
+    assert table["gemv_silu"] == {"352,64,float16": list(GEMV_BEST["gate_up"])}
+    assert table["gemv_rope"] == {"128,64,float16": list(GEMV_BEST["qkv"])}
     cuda = torch.device("cuda")
+    assert gemv.config_for("plain", 64, 64, cuda, torch.float16) == GEMV_BEST["plain"]
+    assert gemv.config_for("plain", 512, 64, cuda, torch.float16) is None  # cuBLAS
+    assert gemv.config_for("gate_up", 352, 64, cuda, torch.float16) == GEMV_BEST["gate_up"]
+    assert gemv.config_for("plain", 64, 64, cuda, torch.bfloat16) == gemv.default_config(64)  # float16 only
     assert decode_gemm.config_for(352, 64, cuda, torch.float16) == FUSED_BEST  # gate/up: the fused variant's sum
     assert decode_gemm.config_for(64, 176, cuda, torch.float16) == PLAIN_BEST
     assert decode_gemm.config_for(64, 176, cuda, torch.bfloat16) != PLAIN_BEST  # measured for float16 only
     assert cpa.cached_config(100, 4096, 4, cuda, 16, torch.float16) == ATTENTION_BEST[144]
     assert cpa.cached_config(32, 4096, 4, cuda, 16, torch.float16) == ATTENTION_BEST[32]
-    gate_up = rows[2]
-    assert gate_up.label == "gate_up 352x64"
+    gate_up = next(r for r in rows if r.family == "decode_gemm" and r.label == "gate_up 352x64")
     assert gate_up.us == {m: _gemm_cost("silu", FUSED_BEST) * (1 + m / 32) for m in RULE_MS}
     assert gate_up.baseline_us == {m: 50.0 + m for m in RULE_MS}
 
@@ -177,8 +208,8 @@ def test_a_fastest_swap_config_is_recommended():
 
 
 def test_unknown_kernels_are_named():
-    with pytest.raises(ValueError, match=r"kernels=\['gemv'\]: choose one or more of"):
-        tune_mod.tune(model_shapes("tiny-llama"), ("gemv",), _run())
+    with pytest.raises(ValueError, match=r"kernels=\['flash'\]: choose one or more of"):
+        tune_mod.tune(model_shapes("tiny-llama"), ("flash",), _run())
 
 
 # --- The CLI ----------------------------------------------------------------------------------------------------------
@@ -198,8 +229,8 @@ def test_without_cuda_the_cli_says_a_gpu_is_needed(capsys, monkeypatch, card):
 
 
 @pytest.mark.parametrize(("args", "named"), [
-    (["--kernels", "decode_gemm,gemv"], "--kernels='decode_gemm,gemv': choose one or more of decode_gemm, "
-                                        "cached_attention"),
+    (["--kernels", "decode_gemm,flash"], "--kernels='decode_gemm,flash': choose one or more of gemv, decode_gemm, "
+                                         "cached_attention"),
     (["--budget-s", "0"], "--budget-s=0.0: must be a number of seconds > 0"),
     (["--dtype", "float32"], "argument --dtype: invalid choice: 'float32'"),
     (["--tensor-parallel-size", "3"], "--tensor-parallel-size=3 must divide the model's num_attention_heads=4"),
@@ -219,11 +250,13 @@ def test_the_cli_tunes_saves_and_prints_the_table(capsys, monkeypatch, card):
     monkeypatch.setattr(tune_mod, "ShapeBench", lambda shape, dtype, device, deadline: FakeGemmBench(shape, dtype,
                                                                                                      deadline))
     monkeypatch.setattr(tune_mod, "Sweep", lambda shape, budget, dtype: FakeAttentionBench(shape, dtype, budget))
+    monkeypatch.setattr(tune_mod, "GpuGemvBench", lambda shape, dtype, device, deadline: FakeGemvBench(shape, dtype,
+                                                                                                       deadline))
     assert cli.main(["tune", "--model", "tiny-llama", "--quick"]) == 0
     out, err = capsys.readouterr()
     assert f"wrote {card}" in err and card.exists()
     lines = out.splitlines()
-    gate_up = next(ln for ln in lines if "gate_up 352x64" in ln)
+    gate_up = next(ln for ln in lines if "gate_up 352x64" in ln and ln.startswith("decode_gemm"))
     assert str(FUSED_BEST) in gate_up and "M 1/8/32:" in gate_up and "cuBLAS 51.0/58.0/82.0" in gate_up
     assert sum("cached_attention" in ln for ln in lines) == 4
 
@@ -234,3 +267,31 @@ def test_out_as_a_folder_writes_the_card_s_file_in_it(tmp_path):
     assert _out_path(tmp_path, CARD) == tmp_path / "nvidia-test-card.json"
     assert _out_path(tmp_path / "t.json", CARD) == tmp_path / "t.json"
     assert _out_path(None, CARD) is None
+
+
+def test_gemv_candidates_and_rule():
+    from hybrid_engine.kernels.sweeps.gemv_sweep import candidates, sweep_gemv
+
+    plain = candidates(GemmShape("o", 4096, 4096))
+    assert {bk for _, bk, _, _ in plain} == {512, 1024, 2048, 4096}
+    assert all(bn * bk >= 4096 for bn, bk, w, _ in plain if w == 8) and (4, 2048, 4, 1) in plain
+    assert {bk for _, bk, _, _ in candidates(GemmShape("down", 576, 100))} == {128}  # capped at K's power of two
+    qkv = candidates(GemmShape("qkv", 960, 576, (9, 3, 64)))
+    assert {bj for bj, *_ in qkv} == {1, 2, 4} and {bk for _, bk, _, _ in qkv} == {512, 1024}
+
+    class Bench:
+        def __init__(self, shape, cublas):
+            self.shape, self.failed, self.skipped, self._cublas = shape, {}, 0, cublas
+
+        def cublas_us(self):
+            return self._cublas
+
+        def time(self, cfg):
+            return 10.0 + cfg[0] + cfg[1] / 1024  # fewest rows and the shortest K step are fastest
+
+    fast_cublas = sweep_gemv(Bench(GemmShape("o", 4096, 4096), 5.0), None)
+    assert fast_cublas["chosen"] == () and fast_cublas["gemv_best"] == (2, 512, 4, 1)
+    slow_cublas = sweep_gemv(Bench(GemmShape("o", 4096, 4096), 50.0), None)
+    assert slow_cublas == {"chosen": (2, 512, 4, 1), "us": 12.5, "baseline_us": 50.0}
+    fused = sweep_gemv(Bench(GemmShape("gate_up", 8192, 4096), None), (3, 4096, 8, 1))  # `before`: not a candidate
+    assert fused["chosen"] == (1, 512, 4, 1) and fused["baseline_us"] == 10.0 + 3 + 4

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import gemm
+import functools
+
+from . import gemm, tuning
 from ._triton import cdiv, jit_helpers, launch, next_pow2
 from ._workspace import split_buffers
 
@@ -67,6 +69,24 @@ def default_config(k: int, kind: str = "plain") -> tuple[int, int, int, int]:
         block_k = min(4096, next_pow2(k))
         return 2, block_k, 8 if block_k >= 4096 else 4, 1
     return (2 if kind == "qkv" else 4), min(2048, next_pow2(k)), 4, 1
+
+
+# the tuning-table family of each GEMV variant (kernels/tuning.py; written by `hybrid-engine tune --kernels gemv`)
+FAMILIES = {"plain": "gemv", "gate_up": "gemv_silu", "qkv": "gemv_rope"}
+_TABLES = {"plain": GEMV_CONFIGS, "gate_up": GATE_UP_SILU_CONFIGS, "qkv": QKV_ROPE_CONFIGS}
+
+
+@functools.lru_cache(maxsize=None)
+def config_for(kind: str, n: int, k: int, device: torch.device, dtype: torch.dtype) -> tuple[int, ...] | None:
+    """The config of a one-row GEMV variant ("plain", "gate_up" with SiLU-mul, "qkv" with rope + KV store) of an
+    (N, K) weight: this card's tuning table (an empty entry: cuBLAS, or the unfused ops, measured faster there),
+    else the module's measured tables (None: the same), else `default_config`. Cached: the JIT path asks per
+    projection per step."""
+    tuned = tuning.lookup(FAMILIES[kind], tuning.shape_key(n, k, dtype=dtype), device)
+    if tuned is not None:
+        return tuple(tuned) or None
+    config = _TABLES[kind].get((n, k), _UNLISTED)
+    return default_config(k, kind) if config is _UNLISTED else config
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -314,9 +334,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return gemm.linear_torch(x, weight, bias, weight_t)
     rows = x.numel() // x.shape[-1]
     if rows == 1:
-        config = GEMV_CONFIGS.get(tuple(weight.shape), _UNLISTED)
-        if config is _UNLISTED:
-            config = default_config(weight.shape[1])
+        config = config_for("plain", *weight.shape, x.device, x.dtype)
         return F.linear(x, weight, bias) if config is None else gemv_triton(x, weight, bias, config)
     choice = gemm.config_for(rows, *weight.shape, transposed=weight_t is not None)
     if choice == "t":
@@ -335,9 +353,7 @@ def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | Non
     `GATE_UP_SILU_CONFIGS`, else `default_config`); None where the table says the unfused pair measured faster, and
     off the GPU (the caller then runs its own linear and silu_mul)."""
     if _gemv_ok(x, weight, None) and weight.shape[0] % 2 == 0:
-        config = GATE_UP_SILU_CONFIGS.get(tuple(weight.shape), _UNLISTED)
-        if config is _UNLISTED:
-            config = default_config(weight.shape[1], "gate_up")
+        config = config_for("gate_up", *weight.shape, x.device, x.dtype)
         if config is not None:
             return gemv_silu_triton(x, weight, config)
     return None
@@ -352,9 +368,7 @@ def linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     None (the caller then runs linear, rope and the KV store itself)."""
     if not _gemv_ok(x, weight, bias) or x.shape[0] != 1:
         return None
-    config = QKV_ROPE_CONFIGS.get(tuple(weight.shape), _UNLISTED)
-    if config is _UNLISTED:
-        config = default_config(weight.shape[1], "qkv")
+    config = config_for("qkv", *weight.shape, x.device, x.dtype)
     heads = num_q_heads + 2 * num_kv_heads
     if config is None or weight.shape[0] % heads:
         return None

@@ -14,6 +14,14 @@ from hybrid_engine.kernels.gemv import (gemv_rope_store_triton, gemv_silu_triton
 CONFIGS = [(4, 32, 1, 1), (8, 64, 2, 1), (16, 16, 1, 2)]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_config_lookups():
+    """gemv.config_for caches its answers: tests that change the tables start and end with an empty cache."""
+    gemv.config_for.cache_clear()
+    yield
+    gemv.config_for.cache_clear()
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("n,k", [(1, 1), (13, 37), (40, 96), (7, 130)])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -53,8 +61,8 @@ def test_gemv_silu_epilogue(device_dtype, config, i, k):
 
 
 def test_linear_silu_mul_dispatch(monkeypatch):
-    """The fused kernel runs only for a one-row CUDA fp16/bf16 input whose shape is in the table; elsewhere None,
-    and the model composes its own linear and silu_mul."""
+    """The fused kernel runs only for a one-row CUDA fp16/bf16 input whose shape the table does not mark None (an
+    unlisted shape gets the derived config); elsewhere None, and the model composes its own linear and silu_mul."""
     x, w = torch.randn(1, 16), torch.randn(10, 16)
     monkeypatch.setitem(gemv.GATE_UP_SILU_CONFIGS, (10, 16), gemv.DEFAULT_CONFIG)
     assert gemv.linear_silu_mul(x, w) is None  # CPU
@@ -63,8 +71,9 @@ def test_linear_silu_mul_dispatch(monkeypatch):
         assert gemv.linear_silu_mul(xc, wc) is not None
         assert gemv.linear_silu_mul(xc.repeat(2, 1), wc) is None  # two rows
         assert gemv.linear_silu_mul(xc, wc[:9]) is None  # odd row count: not a gate/up pair
-        monkeypatch.delitem(gemv.GATE_UP_SILU_CONFIGS, (10, 16))
-        assert gemv.linear_silu_mul(xc, wc) is None  # not in the table
+        monkeypatch.setitem(gemv.GATE_UP_SILU_CONFIGS, (10, 16), None)
+        gemv.config_for.cache_clear()
+        assert gemv.linear_silu_mul(xc, wc) is None  # the table says the unfused pair measured faster
 
 
 def test_model_takes_the_fused_gate_up_silu_only_where_it_applies():
@@ -127,7 +136,8 @@ def test_gemv_rope_store(device_dtype, config, hq, hkv, d, k, bias):
 
 
 def test_linear_rope_store_dispatch(monkeypatch):
-    """None on the CPU, for several rows, off the table, or for partial rotary; the kernel otherwise (GPU)."""
+    """None on the CPU, for several rows, where the table says None, or for partial rotary; the kernel otherwise
+    (GPU)."""
     (x, w, b, pos, cos_sin), (kc, vc), slot = _rope_case("cpu", torch.float32, 2, 1, 8, 16, False, slot=3)
     monkeypatch.setitem(gemv.QKV_ROPE_CONFIGS, tuple(w.shape), (2, 16, 1, 1))
     assert gemv.linear_rope_store(x, w, b, pos, cos_sin, kc, vc, slot, 2, 1) is None  # CPU
@@ -137,7 +147,8 @@ def test_linear_rope_store_dispatch(monkeypatch):
     assert gemv.linear_rope_store(x, w, b, pos, cos_sin, kc, vc, slot, 2, 1) is not None
     assert gemv.linear_rope_store(x.repeat(2, 1), w, b, pos, cos_sin, kc, vc, slot, 2, 1) is None
     assert gemv.linear_rope_store(x, w, b, pos, cos_sin[:, :4].contiguous(), kc, vc, slot, 2, 1) is None
-    monkeypatch.delitem(gemv.QKV_ROPE_CONFIGS, tuple(w.shape))
+    monkeypatch.setitem(gemv.QKV_ROPE_CONFIGS, tuple(w.shape), None)
+    gemv.config_for.cache_clear()
     assert gemv.linear_rope_store(x, w, b, pos, cos_sin, kc, vc, slot, 2, 1) is None
 
 

@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 
 from .. import cached_prefill_attention as cpa
+from ..cached_prefill_attention import TUNED_SMS
 from .._triton import cdiv
 from .._workspace import clear_split_buffers, sm_count
 from ..prefill_attention import config_for as prefill_config_for
@@ -76,7 +77,7 @@ class Sweep:
     def __init__(self, shape: AttentionShape, budget_s: float, dtype: torch.dtype = torch.float16,
                  device: str | torch.device = "cuda") -> None:
         self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
-        self.sms = sm_count(self.device)
+        self.sms = sm_count(self.device) if self.device.type == "cuda" else TUNED_SMS  # the CPU: tests only
         self.t0, self.budget_s = time.monotonic(), budget_s
         self.scale = shape.head_dim ** -0.5
         blocks = CAPACITY // BLOCK_SIZE

@@ -1,7 +1,8 @@
 """Run the sweeps for a set of shapes and save each choice into the card's tuning table as it is made.
 
-`tune` measures the decode GEMM shapes first (a decode step is mostly these projections), then the cached-prefill
-attention's token counts, within one time budget: a shape or token count still being measured when the budget runs
+`tune` measures the one-row GEMVs first (batch 1 decodes through them), then the decode GEMM shapes (the batch-
+invariant path, and 2-16 rows), then the cached-prefill attention's token counts, within one time budget shared in
+the proportions of SHARES: a shape or token count still being measured when the budget runs
 out is left unsaved, and everything finished before it stays saved. The benches that time a config are parameters,
 so the orchestration runs without CUDA in tests.
 """
@@ -21,11 +22,12 @@ import torch
 from .. import tuning
 from .cached_attention_sweep import STARTS, TOKENS, AttentionBench, AttentionShape, Sweep, recommend, sweep_tokens
 from .decode_gemm_sweep import RULE_MS, GemmBench, GemmShape, ShapeBench, chosen_us, sweep_shape
+from .gemv_sweep import GemvBench, GpuGemvBench, kind_of, sweep_gemv
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("decode_gemm", "cached_attention")  # the tuning-table families `tune` can measure
-GEMM_SHARE = 0.6  # of the budget, when both families are tuned: the rest is the attention's
+KERNELS = ("gemv", "decode_gemm", "cached_attention")  # what `tune` can measure, in the order it does
+SHARES = {"gemv": 1.0, "decode_gemm": 4.0, "cached_attention": 8 / 3}  # of the budget, among those asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +74,15 @@ class TuneRun:
     workers: int = 0
     progress: Progress | None = None
     gemm_bench: Callable[[GemmShape, torch.dtype, float], GemmBench] | None = None
+    gemv_bench: Callable[[GemmShape, torch.dtype, float], GemvBench] | None = None
     attention_bench: Callable[[AttentionShape, torch.dtype, float], AttentionBench] | None = None
     saved_to: Path | None = None
 
 
 def steps(shapes: TuneShapes, kernels: tuple[str, ...]) -> int:
     """How many units (decode GEMM shapes, attention token counts) `tune` goes through: a progress bar's total."""
-    return len(shapes.gemm) * ("decode_gemm" in kernels) + len(TOKENS) * ("cached_attention" in kernels)
+    return (len(shapes.gemm) * (("decode_gemm" in kernels) + ("gemv" in kernels))
+            + len(TOKENS) * ("cached_attention" in kernels))
 
 
 def tune(shapes: TuneShapes, kernels: tuple[str, ...], run: TuneRun) -> list[TuneRow]:
@@ -88,12 +92,19 @@ def tune(shapes: TuneShapes, kernels: tuple[str, ...], run: TuneRun) -> list[Tun
     if unknown or not kernels:
         raise ValueError(f"kernels={list(kernels)!r}: choose one or more of {list(KERNELS)}")
     t0 = time.monotonic()
+    total = sum(SHARES[k] for k in kernels)
+    ends, spent = {}, 0.0
+    for k in KERNELS:  # each family's deadline: its share of the budget after the families before it
+        if k in kernels:
+            spent += SHARES[k] / total
+            ends[k] = t0 + spent * run.budget_s
     rows: list[TuneRow] = []
+    if "gemv" in kernels:
+        rows += _tune_gemv(shapes, run, ends["gemv"])
     if "decode_gemm" in kernels:
-        share = GEMM_SHARE if "cached_attention" in kernels else 1.0
-        rows += _tune_gemm(shapes, run, t0 + share * run.budget_s)
+        rows += _tune_gemm(shapes, run, ends["decode_gemm"])
     if "cached_attention" in kernels:
-        rows += _tune_attention(shapes, run, run.budget_s - (time.monotonic() - t0))
+        rows += _tune_attention(shapes, run, ends["cached_attention"] - time.monotonic())
     return rows
 
 
@@ -118,6 +129,40 @@ def _compile_pool(workers: int) -> Executor | None:
 def default_workers() -> int:
     """Compile processes for the decode GEMM sweep: half the cores, at most 8."""
     return min(8, max(1, (os.cpu_count() or 2) // 2))
+
+
+def _tune_gemv(shapes: TuneShapes, run: TuneRun, deadline: float) -> list[TuneRow]:
+    from .. import gemv
+
+    make = run.gemv_bench or (lambda shape, dtype, until: GpuGemvBench(shape, dtype, "cuda", until))
+    rows = []
+    for shape in shapes.gemm:
+        kind = kind_of(shape)
+        family = gemv.FAMILIES[kind]
+        row = TuneRow(family, shape.label, tuning.shape_key(shape.n, shape.k, dtype=shapes.dtype), None)
+        _step(run, f"{family} {shape.label}")
+        if time.monotonic() >= deadline:
+            row.note = "time limit reached before it started"
+        else:
+            bench = make(shape, shapes.dtype, deadline)
+            before = gemv.config_for(kind, shape.n, shape.k, torch.device("cuda"), shapes.dtype)
+            result = sweep_gemv(bench, before)
+            row.baseline_us = {1: result["baseline_us"]} if result["baseline_us"] is not None else {}
+            if bench.skipped:
+                row.note = f"time limit reached: {bench.skipped} measurements skipped, not saved"
+            elif result["chosen"] is None:
+                row.note = f"no config worked ({len(bench.failed)} failed)"
+            else:
+                row.config, row.us = result["chosen"], {1: result["us"]}
+                if not row.config:
+                    row.note = "cuBLAS is faster: saved as an empty entry"
+                _save(run, family, row.key, row.config)
+                gemv.config_for.cache_clear()  # this process's later lookups see the entry
+        rows.append(row)
+        _done(run)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
 
 
 def _tune_gemm(shapes: TuneShapes, run: TuneRun, deadline: float) -> list[TuneRow]:
