@@ -189,13 +189,15 @@ def compile_only(workers: int) -> Iterator[bool]:
     if mode is None:
         yield False
         return
-    with mode:
-        _COMPILE_ONLY.on = True
-        try:
-            yield True
-        finally:
-            _COMPILE_ONLY.on = False
-    mode.executor.shutdown(wait=True)
+    try:
+        with mode:  # on leaving: waits for every compile (a failed one raises, as a failed launch would)
+            _COMPILE_ONLY.on = True
+            try:
+                yield True
+            finally:
+                _COMPILE_ONLY.on = False
+    finally:
+        mode.executor.shutdown(wait=True)
 
 
 def launch(fn, grid: tuple[int, ...], *args, **kw) -> tuple | None:
