@@ -195,13 +195,13 @@ def main() -> None:
                     help="which measurements (batch1, steps, invariance, concurrent, long)")
     ap.add_argument("--batch-invariant", choices=["on", "off"], default=None,
                     help="EngineConfig.batch_invariant (default: the engine's; not passed to engines without it)")
-    ap.add_argument("--min-decode-bucket", type=int, default=None, help="EngineConfig.min_decode_bucket")
+    ap.add_argument("--decode-buckets", default=None, help="EngineConfig.decode_buckets, comma-separated (e.g. 16)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     parts = set(("batch1",) if args.batch1_only else args.parts.split(","))
     opts = {} if args.batch_invariant is None else {"batch_invariant": args.batch_invariant == "on"}
-    if args.min_decode_bucket is not None:
-        opts["min_decode_bucket"] = args.min_decode_bucket
+    if args.decode_buckets is not None:
+        opts["decode_buckets"] = tuple(int(b) for b in args.decode_buckets.split(","))
     llm = LLM(args.model, capture="eager", **opts)
     vocab = llm.model_config.vocab_size
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -33,9 +33,11 @@ class EngineConfig:
         (gpu_memory_utilization) or, on CPU, max_num_seqs full requests within 1 GiB. Blocks are taken as sequences
         grow; when they run out the newest sequence is preempted and recomputed later.
     max_num_seqs: most sequences decoded together (batch rows; decode graphs for 1, 2, 4, ... up to it).
-    min_decode_bucket: the smallest decode graph's rows (a power of two <= max_num_seqs): a step of fewer rows pads
-        up to it. 1 (default) keeps a one-row graph. With batch_invariant, 16 runs every step's projections on 16
-        rows of distinct data, where the invariant kernel measured fastest (benchmarks/NOTES.md).
+    decode_buckets: batch sizes that get a decode graph (max_num_seqs is always one); a step pads up to the
+        smallest bucket >= its rows. None (default): 1, 2, 4, ... below max_num_seqs. E.g. (16,) with
+        batch_invariant runs every step's projections on 16 rows of distinct data, where the invariant kernel
+        measured fastest per call; (1, 16) keeps batch 1 on the GEMVs and gives 2-16 rows that case
+        (benchmarks/NOTES.md).
     prefill_chunk_size: a prompt longer than this that arrives while others decode is prefilled in chunks of this
         many tokens, one chunk per step, so that the running streams wait at most about one chunk per token.
     enable_prefix_caching: reuse the KV blocks of a prompt's cached prefix (full blocks, hashed over their tokens
@@ -63,7 +65,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.85
     max_num_seqs: int = 32
-    min_decode_bucket: int = 1
+    decode_buckets: tuple[int, ...] | None = None
     prefill_chunk_size: int = 512
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
@@ -93,11 +95,14 @@ class EngineConfig:
         if not (isinstance(self.max_num_seqs, int) and not isinstance(self.max_num_seqs, bool)
                 and 1 <= self.max_num_seqs <= 256):
             raise ValueError(f"max_num_seqs={self.max_num_seqs!r} must be an int in [1, 256]")
-        smallest = self.min_decode_bucket
-        if not (isinstance(smallest, int) and not isinstance(smallest, bool) and 1 <= smallest <= self.max_num_seqs
-                and smallest & (smallest - 1) == 0):
-            raise ValueError(f"min_decode_bucket={smallest!r} must be a power of two in [1, max_num_seqs="
-                             f"{self.max_num_seqs}]")
+        if self.decode_buckets is not None:
+            buckets = self.decode_buckets
+            if (not isinstance(buckets, (tuple, list)) or not buckets
+                    or any(not isinstance(b, int) or isinstance(b, bool) for b in buckets)
+                    or list(buckets) != sorted(set(buckets)) or not 1 <= buckets[0] <= buckets[-1] <= self.max_num_seqs):
+                raise ValueError(f"decode_buckets={self.decode_buckets!r} must be strictly increasing ints in "
+                                 f"[1, max_num_seqs={self.max_num_seqs}] (or None for powers of two)")
+            self.decode_buckets = tuple(buckets)
         if not (isinstance(self.prefill_chunk_size, int) and not isinstance(self.prefill_chunk_size, bool)
                 and self.prefill_chunk_size >= 16):
             raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size!r} must be an int >= 16")

@@ -149,9 +149,10 @@ def test_bad_engine_options(tmp_path):
         EngineConfig(capture="sometimes")
     with pytest.raises(ValueError, match="batch_invariant='yes' must be True or False"):
         EngineConfig(batch_invariant="yes")
-    for bad in (0, 3, 64):
-        with pytest.raises(ValueError, match=rf"min_decode_bucket={bad} must be a power of two in \[1, max_num_seqs=32\]"):
-            EngineConfig(min_decode_bucket=bad)
+    for bad in ((0, 4), (4, 2), (16, 64), (), 16, (True,)):
+        with pytest.raises(ValueError, match=r"must be strictly increasing ints in \[1, max_num_seqs=32\]"):
+            EngineConfig(decode_buckets=bad)
+    assert EngineConfig(decode_buckets=[1, 16]).decode_buckets == (1, 16)
 
 
 def test_corrupt_checkpoint_names_file(tmp_path):

@@ -27,9 +27,9 @@ class EagerGraphs:
     """GraphRunner's serving side with every bucket captured: a replay runs the captured step eagerly, at the bucket
     size, on the runner's buffers (what the graph would do)."""
 
-    def __init__(self, runner, max_num_seqs: int, min_decode_bucket: int = 1) -> None:
+    def __init__(self, runner, max_num_seqs: int, buckets: tuple[int, ...] | None = None) -> None:
         self.runner, self.replays = runner, Counter()
-        self.decode_buckets = decode_buckets(max_num_seqs, min_decode_bucket)
+        self.decode_buckets = decode_buckets(max_num_seqs, buckets)
 
     def _bucket(self, n: int) -> int | None:
         return next((b for b in BUCKETS if b >= n), None)
@@ -147,16 +147,16 @@ def test_agent_conversations_with_emulated_graphs_keep_every_kv_right():
     llm.close()
 
 
-def test_a_smallest_decode_bucket_pads_one_row_and_keeps_its_tokens():
-    """min_decode_bucket: a lone sequence decodes in the 4-row graph, its 3 padding rows at position 0 of the scratch
-    block; its greedy tokens equal the unpadded engine's, and no real block is written by a padding row."""
+def test_chosen_decode_buckets_pad_one_row_and_keep_its_tokens():
+    """decode_buckets=(4,): a lone sequence decodes in the 4-row graph, its 3 padding rows at position 0 of the
+    scratch block; its greedy tokens equal the unpadded engine's, and no real block is written by a padding row."""
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     prompt = {"prompt_token_ids": list(range(5, 40))}
     plain = LLM("tiny-llama", max_model_len=256, max_num_seqs=8)
     want = plain.generate(prompt, params)[0].outputs[0].token_ids
     plain.close()
-    llm = LLM("tiny-llama", max_model_len=256, max_num_seqs=8, min_decode_bucket=4)
-    graphs = llm.runner.graphs = EagerGraphs(llm.runner, 8, llm.config.min_decode_bucket)
+    llm = LLM("tiny-llama", max_model_len=256, max_num_seqs=8, decode_buckets=(4,))
+    graphs = llm.runner.graphs = EagerGraphs(llm.runner, 8, llm.config.decode_buckets)
     assert graphs.decode_buckets == [4, 8]
     errors: list[str] = []
     real_step = llm.core.step

@@ -35,7 +35,8 @@ def test_every_decode_bucket_before_any_prefill_bucket():
     assert w.pending() == [(_DECODE, 4), DECODE, 32, 16]
     assert decode_buckets(32) == [1, 2, 4, 8, 16, 32] and decode_buckets(12) == [1, 2, 4, 8, 12]
     assert decode_buckets(1) == [1]
-    assert decode_buckets(32, 16) == [16, 32] and decode_buckets(16, 16) == [16] and decode_buckets(12, 4) == [4, 8, 12]
+    assert decode_buckets(32, (16,)) == [16, 32] and decode_buckets(16, (16,)) == [16]
+    assert decode_buckets(32, (1, 16)) == [1, 16, 32] and decode_buckets(12, (4, 8, 12)) == [4, 8, 12]
 
 
 def test_failure_is_counted_and_not_retried():

@@ -55,14 +55,17 @@ def is_context(key: Any) -> bool:
     return isinstance(key, tuple) and key[0] in (CONTEXT, CONTEXT_PART)
 
 
-def decode_buckets(max_num_seqs: int, smallest: int = 1) -> list[int]:
-    """Batch buckets that get a decode graph: powers of two from `smallest` (a power of two; EngineConfig's
-    min_decode_bucket) up to max_num_seqs, and max_num_seqs itself. A step of fewer rows pads up to a bucket."""
-    out, b = [], smallest
-    while b < max_num_seqs:
-        out.append(b)
-        b *= 2
-    return out + [max_num_seqs]
+def decode_buckets(max_num_seqs: int, chosen: tuple[int, ...] | None = None) -> list[int]:
+    """Batch buckets that get a decode graph: `chosen` (EngineConfig.decode_buckets, sizes below max_num_seqs) or
+    the powers of two below max_num_seqs, then max_num_seqs itself. A step pads up to the smallest bucket >= its
+    rows."""
+    if chosen is None:
+        out, b = [], 1
+        while b < max_num_seqs:
+            out.append(b)
+            b *= 2
+        return out + [max_num_seqs]
+    return sorted({b for b in chosen if b < max_num_seqs} | {max_num_seqs})
 _LIVE_WORKERS: "weakref.WeakSet[CaptureWorker]" = weakref.WeakSet()
 
 
@@ -229,7 +232,8 @@ class GraphRunner:
     """The engine's CUDA graphs. `ready_prefill_bucket`/`replay_*` are called by the serving thread."""
 
     def __init__(self, runner: Any, buckets: Iterable[int], policy: str, serve_stream: torch.cuda.Stream,
-                 context_buckets: bool = False, chunk_size: int | None = None, min_decode_bucket: int = 1) -> None:
+                 context_buckets: bool = False, chunk_size: int | None = None,
+                 batch_buckets: tuple[int, ...] | None = None) -> None:
         self.runner = runner
         self.buckets = sorted(b for b in buckets if b <= runner.max_model_len)
         self.context_buckets = context_buckets
@@ -237,7 +241,7 @@ class GraphRunner:
         part = self.bucket_for(chunk_size) if context_buckets and chunk_size else None
         self.part_bucket = part  # the bucket of a long prompt's non-final chunks (None: they run on the JIT path)
         contexts += [(CONTEXT_PART, part)] if part is not None else []
-        self.decode_buckets = decode_buckets(runner.max_num_seqs, min_decode_bucket)
+        self.decode_buckets = decode_buckets(runner.max_num_seqs, batch_buckets)
         self.pool = torch.cuda.graph_pool_handle()
         self.all_pools = [self.pool]
         self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}

@@ -70,7 +70,7 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
         from ..kernels._triton import compile_only, compile_workers
         from .graphs import decode_buckets
 
-        rows = tuple(decode_buckets(cfg.max_num_seqs, cfg.min_decode_bucket))
+        rows = tuple(decode_buckets(cfg.max_num_seqs, cfg.decode_buckets))
         with torch.cuda.stream(stream):
             with compile_only(compile_workers()) as compiling:  # every variant compiled at once (an empty cache)
                 if compiling:
@@ -86,7 +86,7 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
         # capture decided per rank could order the graphs' collectives differently and deadlock them)
         policy = "eager" if tp[1] > 1 else cfg.capture
         graphs = GraphRunner(runner, cfg.prefill_buckets, policy, stream, context_buckets=cfg.enable_prefix_caching,
-                             chunk_size=cfg.prefill_chunk_size, min_decode_bucket=cfg.min_decode_bucket)
+                             chunk_size=cfg.prefill_chunk_size, batch_buckets=cfg.decode_buckets)
         runner.graphs = graphs
         graphs.start()
     return Rank(loaded, ops, kv, runner, graphs, stream, n_blocks, copy_bytes)

@@ -173,6 +173,11 @@ def _default_model_name(llm: Any) -> str:
     return model if isinstance(model, str) else type(model).__name__
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """"1,16,32" -> (1, 16, 32); argparse reports the ValueError as an invalid value of the flag."""
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybrid-engine serve", description="OpenAI-compatible HTTP server")
     p.add_argument("--model", default=None, help="checkpoint dir or preset (default: tiny-llama on CPU, "
@@ -208,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the KV cache of repeated prompt prefixes (default: on)")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                    help="decode projections whose per-row sums do not depend on the batch (default: off)")
-    p.add_argument("--min-decode-bucket", type=int, default=None,
-                   help="rows of the smallest decode graph, a power of two (default 1; 16 suits --batch-invariant)")
+    p.add_argument("--decode-buckets", type=_int_list, default=None,
+                   help="batch sizes with a decode graph, comma-separated (default 1,2,4,...; e.g. 16 with "
+                        "--batch-invariant)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
     return p
@@ -232,7 +238,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig keywords from the CLI; options left unset keep the engine's defaults."""
     names = ("dtype", "device", "max_model_len", "num_kv_blocks", "max_num_seqs", "block_size", "attention_backend",
              "capture", "prefill_weight_copy", "seed", "tensor_parallel_size", "enable_prefix_caching",
-             "batch_invariant", "min_decode_bucket")
+             "batch_invariant", "decode_buckets")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
