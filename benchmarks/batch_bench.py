@@ -195,11 +195,14 @@ def main() -> None:
                     help="which measurements (batch1, steps, invariance, concurrent, long)")
     ap.add_argument("--batch-invariant", choices=["on", "off"], default=None,
                     help="EngineConfig.batch_invariant (default: the engine's; not passed to engines without it)")
+    ap.add_argument("--batched-prefill", action="store_true", help="EngineConfig.batched_prefill")
     ap.add_argument("--decode-buckets", default=None, help="EngineConfig.decode_buckets, comma-separated (e.g. 16)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     parts = set(("batch1",) if args.batch1_only else args.parts.split(","))
     opts = {} if args.batch_invariant is None else {"batch_invariant": args.batch_invariant == "on"}
+    if args.batched_prefill:
+        opts["batched_prefill"] = True
     if args.decode_buckets is not None:
         opts["decode_buckets"] = tuple(int(b) for b in args.decode_buckets.split(","))
     llm = LLM(args.model, capture="eager", **opts)

@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="dtype of the --agreement-model run (auto: float16 on CUDA, float32 on the CPU)")
     ap.add_argument("--agreement-full", action="store_true",
                     help="the --agreement-model run at the full sizes (64 prompts x 32 tokens) also on the CPU")
+    ap.add_argument("--batched-prefill", action="store_true", help="EngineConfig.batched_prefill (the concurrent "
+                    "conversations' prompts of one step in one forward pass)")
     ap.add_argument("--max-model-len", type=int, default=None, help="of the --preset engine (default 4096 on a GPU, "
                     "1024 on the CPU)")
     ap.add_argument("--out", required=True)
@@ -262,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     z = Sizes(args.small or not cuda, args.runs)
     t_start = time.perf_counter()
-    llm = LLM(args.preset, capture="eager", max_model_len=args.max_model_len or (4096 if cuda else 1024))
+    llm = LLM(args.preset, capture="eager", max_model_len=args.max_model_len or (4096 if cuda else 1024),
+              batched_prefill=args.batched_prefill)
     res = {"card": card_name(llm.device), **versions(), "model": args.preset, "dtype": str(llm.dtype)[6:],
            "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-           "created": time.strftime("%Y-%m-%d %H:%M:%S"), "load_s": time.perf_counter() - t_start}
+           "created": time.strftime("%Y-%m-%d %H:%M:%S"), "load_s": time.perf_counter() - t_start,
+           "batched_prefill": args.batched_prefill}
     res["systems"] = {}
     try:
         run_parts(llm, z, set(args.parts.split(",")), res["systems"])

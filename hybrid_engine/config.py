@@ -40,6 +40,9 @@ class EngineConfig:
         (benchmarks/NOTES.md).
     prefill_chunk_size: a prompt longer than this that arrives while others decode is prefilled in chunks of this
         many tokens, one chunk per step, so that the running streams wait at most about one chunk per token.
+    batched_prefill: prompts admitted in the same step (two or more, whole, unconstrained) run as one forward pass
+        on the JIT path, their projections reading the weights once, instead of one (graph-replayed) prefill each;
+        off by default until measured on a GPU (benchmarks/NOTES.md); one GPU (tensor_parallel_size 1) only.
     enable_prefix_caching: reuse the KV blocks of a prompt's cached prefix (full blocks, hashed over their tokens
         and everything before them) and prefill only the rest; freed blocks stay cached until evicted (LRU).
     attention_backend: "auto" = triton on GPU, torch on CPU.
@@ -68,6 +71,7 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] | None = None
     prefill_chunk_size: int = 512
     enable_prefix_caching: bool = True
+    batched_prefill: bool = False
     attention_backend: str = "auto"
     capture: str = "idle"
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
@@ -108,11 +112,16 @@ class EngineConfig:
             raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size!r} must be an int >= 16")
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant={self.batch_invariant!r} must be True or False")
+        if not isinstance(self.batched_prefill, bool):
+            raise ValueError(f"batched_prefill={self.batched_prefill!r} must be True or False")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
         if not (isinstance(self.tensor_parallel_size, int) and not isinstance(self.tensor_parallel_size, bool)
                 and 1 <= self.tensor_parallel_size <= 8):
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be an int in [1, 8]")
+        if self.batched_prefill and self.tensor_parallel_size > 1:
+            raise ValueError(f"batched_prefill=True runs on one GPU only, not with tensor_parallel_size="
+                             f"{self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and not isinstance(self.model, str):
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs the model as a preset name, "
                              f"checkpoint directory or .gguf path (each worker loads its own shard), not a "

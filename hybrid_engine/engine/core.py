@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, runner: Any, scheduler: Scheduler, reader: Any, scope: Any, eos_token_ids: set[int],
-                 graphs: Any, lookahead: bool, chunk_size: int = 512) -> None:
+                 graphs: Any, lookahead: bool, chunk_size: int = 512, batched_prefill: bool = False) -> None:
         self.runner, self.sched, self.reader, self.scope = runner, scheduler, reader, scope
         self.chunk_size = chunk_size
+        self.batched_prefill = batched_prefill
         self.eos_token_ids, self.graphs, self.lookahead = eos_token_ids, graphs, lookahead
         self.cv = threading.Condition()
         self._driving = False
@@ -212,17 +213,49 @@ class EngineCore:
     def _prefills(self, decoding: bool) -> None:
         """Prompts of admitted sequences: short ones (or any while nothing decodes) whole, through the bucket graphs,
         after a prefix-cache hit from the first uncached position; a long one beside running decodes in chunks of
-        chunk_size, one chunk per step, so that no decode step waits for more than one chunk."""
-        chunked = False
+        chunk_size, one chunk per step, so that no decode step waits for more than one chunk. With batched_prefill,
+        two or more whole unconstrained prompts run as one forward pass (groups of at most chunk_size new tokens
+        while others decode)."""
+        chunked, whole = False, []
         for seq in self.sched.running:
             if not seq.in_prefill:
                 continue
             rest = seq.prefill_len - seq.prefilled
             if seq.prefilled == seq.cache_hit and (rest <= self.chunk_size or not decoding):
-                self._prefill_rest(seq)
+                whole.append(seq)
             elif not chunked:
                 self._prefill_chunk(seq)
                 chunked = True
+        together = [s for s in whole if s.grammar is None] if self.batched_prefill else []
+        for group in self._groups(together, self.chunk_size if decoding else None):
+            self._prefill_batch(group)
+        for seq in whole:
+            if seq.in_prefill:  # not in a batch (alone, constrained, or batching off)
+                self._prefill_rest(seq)
+
+    @staticmethod
+    def _groups(seqs: list[Sequence], budget: int | None) -> list[list[Sequence]]:
+        """Consecutive groups of at least two sequences whose new tokens stay within `budget` (None: no limit)."""
+        groups, cur, used = [], [], 0
+        for seq in seqs:
+            n = seq.prefill_len - seq.prefilled
+            if cur and budget is not None and used + n > budget:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(seq)
+            used += n
+        groups.append(cur)
+        return [g for g in groups if len(g) >= 2]
+
+    def _prefill_batch(self, group: list[Sequence]) -> None:
+        from ..runtime.runner import PrefillItem
+
+        items = [PrefillItem(s.prefill_ids[s.prefilled:], s.prefilled, s.row, s.block_table, s.params, s.seed,
+                             len(s.output_ids)) for s in group]
+        self._count(self.runner.prefill_batch(items))
+        self._push([(s, s.epoch, s.row) for s in group])
+        for s in group:
+            self._prefilled(s, s.prefill_len, push=False)
 
     def _prefill_rest(self, seq: Sequence) -> None:
         ids, start = seq.prefill_ids, seq.prefilled
@@ -253,8 +286,9 @@ class EngineCore:
             seq.prefilled = end
             self.sched.cache_written(seq, end)
 
-    def _prefilled(self, seq: Sequence, length: int) -> None:
-        self._push([(seq, seq.epoch, seq.row)])
+    def _prefilled(self, seq: Sequence, length: int, push: bool = True) -> None:
+        if push:
+            self._push([(seq, seq.epoch, seq.row)])
         seq.prefilled = length
         seq.num_enqueued, seq.kv_len = len(seq.output_ids) + 1, length
         self.sched.cache_written(seq, length)  # later steps run after this one on the stream: they see its KV

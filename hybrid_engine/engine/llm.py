@@ -119,7 +119,7 @@ class LLM:
         self._rng = random.Random(cfg.seed)
         self.core = EngineCore(self.runner, self.scheduler, self.reader, stream_scope(self.stream_ctx),
                                self.eos_token_ids, self.graphs, lookahead=self.device.type == "cuda",
-                               chunk_size=cfg.prefill_chunk_size)
+                               chunk_size=cfg.prefill_chunk_size, batched_prefill=cfg.batched_prefill)
         self.driver = AsyncDriver(self.core)  # drives async requests; its thread starts with the first of them
         logger.info("LLM ready: %s on %s (%s), max_model_len=%d, max_num_seqs=%d, %d KV blocks, attention=%s%s",
                     loaded.source, self.device, self.dtype, self.max_model_len, cfg.max_num_seqs, rank.num_blocks,

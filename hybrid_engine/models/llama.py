@@ -93,7 +93,8 @@ class ModelArgs:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """What attention needs besides q/k/v. Prefill: one sequence of T (maybe padded) tokens. Decode: B sequences."""
+    """What attention needs besides q/k/v. Prefill: one sequence of T (maybe padded) tokens, or (`seqs`) several
+    sequences' tokens one after another. Decode: B sequences."""
 
     is_prefill: bool
     slot_mapping: torch.Tensor  # [T] flat cache slot per token, -1 = padding (write nothing)
@@ -109,6 +110,10 @@ class AttentionMetadata:
     # positions before the first token are already in the cache (a tensor: one graph serves every start). Attention
     # then reads the cached context too. None for a whole prompt.
     context_start: torch.Tensor | None = None
+    # prefill of several sequences in one step (runner.prefill_batch; the JIT path): per sequence, host ints
+    # (first row, end row, positions already cached); block_tables [S, M], seq_lens [S], last_index [S] then hold
+    # one entry per sequence. None: one sequence.
+    seqs: tuple[tuple[int, int, int], ...] | None = None
 
 
 def rope_cos_sin_cache(config: Any, head_dim: int, max_positions: int) -> torch.Tensor:
@@ -186,7 +191,9 @@ class DecoderLayer(nn.Module):
                 cos_sin: torch.Tensor, meta: AttentionMetadata, scale: float, last_row_only: bool) -> torch.Tensor:
         """Rope, KV-cache writes and attention over the projected q, k, v (last_row_only: the last row's only)."""
         chunk = meta.context_start is not None
-        if meta.is_prefill and not last_row_only and not chunk and ops.prefill_attention_rope is not None:
+        many = meta.seqs is not None
+        if (meta.is_prefill and not last_row_only and not chunk and not many
+                and ops.prefill_attention_rope is not None):
             # one launch: rope, KV-cache writes and causal attention
             return ops.prefill_attention_rope(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
                                               meta.slot_mapping, scale, meta.valid_len)
@@ -195,6 +202,12 @@ class DecoderLayer(nn.Module):
         else:
             q, k = ops.rope(q, k, positions, cos_sin)
             ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.is_prefill and not last_row_only and many:  # each sequence over its cached context and itself
+            out = torch.empty_like(q)
+            for i, (first, end, start) in enumerate(meta.seqs):
+                out[first:end] = ops.cached_prefill_attention(q[first:end], self.k_cache, self.v_cache,
+                                                              meta.block_tables[i], start, scale)
+            return out
         if meta.is_prefill and not last_row_only and chunk:
             return ops.cached_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables[0],
                                                 meta.context_start, scale, meta.valid_len)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,21 @@ from ..models.llama_jit import jit_prefill
 from ..sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PrefillItem:
+    """One sequence of a batched prefill (`ModelRunner.prefill_batch`): its new tokens `ids` at positions start..,
+    after `start` cached ones; its row, block table, sampling parameters, seed and first token's counter."""
+
+    ids: list[int]
+    start: int
+    row: int
+    table: list[int]
+    params: SamplingParams
+    seed: int
+    offset: int
+
 
 class ModelRunner:
     """Runs the model's steps on the JIT path; `graphs` (if set) replays captured steps instead."""
@@ -267,6 +283,53 @@ class ModelRunner:
         replay = (lambda b: graphs.replay_context_prefill(b)) if final else (lambda b: graphs.replay_context_part(b))
         return self._prefill(ids, start, (row, table, params, seed, offset, mask if final else None), bucket, replay,
                              context=start > 0, final=final)
+
+    def prefill_batch(self, items: list["PrefillItem"]) -> str:
+        """Several sequences' prompts (each after its cached positions, 0 included) in one forward pass on the JIT
+        path, so their projections read the weights once: each samples its first token and is installed in its
+        row, as `prefill_from` does for one. Returns "jit". No bitmask: constrained sequences go one at a time."""
+        for it in items:
+            self._check_end("prefill", it.start + len(it.ids))
+        bs, spare = self.block_size, self.kv.scratch_block
+        seqs, ids, pos, slots, first = [], [], [], [], 0
+        for it in items:
+            n = len(it.ids)
+            seqs.append((first, first + n, it.start))
+            ids += it.ids
+            for p in range(it.start, it.start + n):
+                pos.append(p)
+                slots.append(it.table[p // bs] * bs + p % bs)
+            first += n
+        rows = [it.row for it in items]
+        # one pinned host buffer per dtype, one copy each (stream-ordered: torch keeps the host memory until done)
+        ints = torch.tensor([*ids, *pos, *slots, *(e - 1 for _, e, _ in seqs), *rows,
+                             *(it.offset for it in items), *(it.seed for it in items)], dtype=torch.int64)
+        i32 = torch.tensor([[*it.table, *[spare] * (self.max_blocks - len(it.table))] for it in items],
+                           dtype=torch.int32)
+        i32 = torch.cat([i32.view(-1), torch.tensor([s + e - f for f, e, s in seqs], dtype=torch.int32),
+                         torch.tensor([it.params.top_k for it in items], dtype=torch.int32)])
+        f32 = torch.tensor([[it.params.temperature, it.params.top_p] for it in items], dtype=torch.float32)
+        pin = self.device.type == "cuda"
+        ints, i32, f32 = (t.pin_memory().to(self.device, non_blocking=True) if pin else t for t in (ints, i32, f32))
+        t, s, m = len(ids), len(items), self.max_blocks
+        ids_d, pos_d, slots_d, last_d, rows_d, offsets_d, seeds_d = ints.split([t, t, t, s, s, s, s])
+        tables_d, seq_lens_d, top_k_d = i32.split([s * m, s, s])
+        tables_d = tables_d.view(s, m)
+        meta = AttentionMetadata(is_prefill=True, slot_mapping=slots_d, block_tables=tables_d, seq_lens=seq_lens_d,
+                                 last_index=last_d, seqs=tuple(seqs))
+        b = self.buf
+        with torch.inference_mode():
+            last = self.model(ids_d, pos_d, meta)  # [S, H]: each sequence's last row
+            temperature, top_p = f32[:, 0].contiguous(), f32[:, 1].contiguous()
+            tok = self.ops.sample(self.model.compute_logits(last), temperature, top_k_d, top_p, seeds_d, offsets_d)
+            b.block_tables.index_copy_(0, rows_d, tables_d)
+            for name, value in (("temperature", temperature), ("top_k", top_k_d), ("top_p", top_p),
+                                ("seeds", seeds_d)):
+                getattr(b, name).index_copy_(0, rows_d, value)
+            b.tokens.index_copy_(0, rows_d, tok)
+            b.offsets.index_copy_(0, rows_d, offsets_d + 1)
+            b.dec_positions.index_copy_(0, rows_d, seq_lens_d.long())
+        return "jit"
 
     def _check_end(self, what: str, end: int) -> None:
         if end > self.max_model_len:

@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the KV cache of repeated prompt prefixes (default: on)")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                    help="decode projections whose per-row sums do not depend on the batch (default: off)")
+    p.add_argument("--batched-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompts admitted together run as one forward pass (default: off)")
     p.add_argument("--decode-buckets", type=_int_list, default=None,
                    help="batch sizes with a decode graph, comma-separated (default 1,2,4,...; e.g. 16 with "
                         "--batch-invariant)")
@@ -238,7 +240,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig keywords from the CLI; options left unset keep the engine's defaults."""
     names = ("dtype", "device", "max_model_len", "num_kv_blocks", "max_num_seqs", "block_size", "attention_backend",
              "capture", "prefill_weight_copy", "seed", "tensor_parallel_size", "enable_prefix_caching",
-             "batch_invariant", "decode_buckets")
+             "batch_invariant", "decode_buckets", "batched_prefill")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
