@@ -123,3 +123,22 @@ def test_batched_prefill_is_one_gpu_only():
         EngineConfig(batched_prefill=True, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="batched_prefill='yes' must be True or False"):
         EngineConfig(batched_prefill="yes")
+
+
+def test_preempted_sequences_recompute_through_batches_with_the_same_tokens():
+    """A tiny KV cache forces preemption: recomputed sequences (prompt + tokens so far) come back through batched
+    prefills too, and every request still gets the tokens of an engine with room and no batching; blocks return."""
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.8, seed=7, ignore_eos=True)] * 3
+    prompts = [{"prompt_token_ids": [3 + (i * 41 + j * 7) % 500 for j in range(20)]} for i in range(6)]
+    roomy = LLM("tiny-llama", max_model_len=64, max_num_seqs=4)
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params)]
+    roomy.close()
+    small = LLM("tiny-llama", max_model_len=64, max_num_seqs=4, num_kv_blocks=6, block_size=16, batched_prefill=True)
+    calls = _spy(small)
+    for lookahead in (False, True):
+        small.core.lookahead = lookahead
+        assert [o.outputs[0].token_ids for o in small.generate(prompts, params)] == want
+    assert small.stats()["preemptions"] > 0 and calls
+    assert _all_back(small)
+    small.close()
