@@ -101,9 +101,10 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs={self.max_num_seqs!r} must be an int in [1, 256]")
         if self.decode_buckets is not None:
             buckets = self.decode_buckets
-            if (not isinstance(buckets, (tuple, list)) or not buckets
-                    or any(not isinstance(b, int) or isinstance(b, bool) for b in buckets)
-                    or list(buckets) != sorted(set(buckets)) or not 1 <= buckets[0] <= buckets[-1] <= self.max_num_seqs):
+            ints = isinstance(buckets, (tuple, list)) and bool(buckets) and all(
+                isinstance(b, int) and not isinstance(b, bool) for b in buckets)
+            if (not ints or list(buckets) != sorted(set(buckets))
+                    or not 1 <= buckets[0] <= buckets[-1] <= self.max_num_seqs):
                 raise ValueError(f"decode_buckets={self.decode_buckets!r} must be strictly increasing ints in "
                                  f"[1, max_num_seqs={self.max_num_seqs}] (or None for powers of two)")
             self.decode_buckets = tuple(buckets)

@@ -1,10 +1,11 @@
 """Projections for one token (M = 1): a Triton GEMV over nn.Linear weights [N, K], fp32 accumulation.
 
 `linear(x, weight, bias)` is the `KernelOps.linear` of the Triton backends: x with one row, fp16/bf16 on CUDA runs
-the Triton GEMV with the config `GEMV_CONFIGS` holds for its (N, K) (benchmarks/gemv_bench.py), or for a shape no
-entry covers the one derived from K (`default_config`: the measured configs with BLOCK_K capped at K); an entry of
-None means cuBLAS measured faster for that shape; several rows follow `gemm.config_for`, the measured plan per shape and row count (cuBLAS, cuBLASLt,
-the Triton GEMM, or cuBLAS on the weight's transposed copy); everything else (unknown shapes, fp32, CPU) goes to
+the Triton GEMV with the config `config_for` finds for its (N, K): the card's tuning table (`hybrid-engine tune
+--kernels gemv`), else `GEMV_CONFIGS` (benchmarks/gemv_bench.py, H100), else the one derived from K
+(`default_config`: the measured configs with BLOCK_K capped at K); an entry of None (empty in a tuning table) means
+cuBLAS measured faster for that shape. Several rows follow `gemm.config_for`, the measured plan per shape and row
+count (cuBLAS, cuBLASLt, the Triton GEMM, or cuBLAS on the weight's transposed copy); everything else (unknown shapes, fp32, CPU) goes to
 `gemm.linear_torch` (F.linear). `silu_mul_linear(h, weight)` = `linear(silu_mul(h), weight)` with the activation
 fused into the GEMV's input load (one kernel instead of two, and the [1, I] intermediate never goes through
 memory); it measured slower and is not used. `linear_silu_mul(x, weight)` = `silu_mul(linear(x, weight))` for the

@@ -290,28 +290,28 @@ class ModelRunner:
         row, as `prefill_from` does for one. Returns "jit". No bitmask: constrained sequences go one at a time."""
         for it in items:
             self._check_end("prefill", it.start + len(it.ids))
-        bs, spare = self.block_size, self.kv.scratch_block
-        seqs, ids, pos, slots, first = [], [], [], [], 0
+        bs, spare, m = self.block_size, self.kv.scratch_block, self.max_blocks
+        seqs, ids, first = [], [], 0
         for it in items:
-            n = len(it.ids)
-            seqs.append((first, first + n, it.start))
+            seqs.append((first, first + len(it.ids), it.start))
             ids += it.ids
-            for p in range(it.start, it.start + n):
-                pos.append(p)
-                slots.append(it.table[p // bs] * bs + p % bs)
-            first += n
-        rows = [it.row for it in items]
+            first += len(it.ids)
+        tables = torch.tensor([[*it.table, *[spare] * (m - len(it.table))] for it in items], dtype=torch.int64)
+        pos = torch.cat([torch.arange(it.start, it.start + len(it.ids)) for it in items])
+        owner = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(it.ids) for it in items]))
+        slots = tables[owner, pos // bs] * bs + pos % bs
         # one pinned host buffer per dtype, one copy each (stream-ordered: torch keeps the host memory until done)
-        ints = torch.tensor([*ids, *pos, *slots, *(e - 1 for _, e, _ in seqs), *rows,
+        head = torch.tensor([*ids], dtype=torch.int64)
+        tail = torch.tensor([*(e - 1 for _, e, _ in seqs), *(it.row for it in items),
                              *(it.offset for it in items), *(it.seed for it in items)], dtype=torch.int64)
-        i32 = torch.tensor([[*it.table, *[spare] * (self.max_blocks - len(it.table))] for it in items],
-                           dtype=torch.int32)
-        i32 = torch.cat([i32.view(-1), torch.tensor([s + e - f for f, e, s in seqs], dtype=torch.int32),
+        ints = torch.cat([head, pos, slots, tail])
+        seq_lens = torch.tensor([s + e - f for f, e, s in seqs], dtype=torch.int32)
+        i32 = torch.cat([tables.view(-1).to(torch.int32), seq_lens,
                          torch.tensor([it.params.top_k for it in items], dtype=torch.int32)])
         f32 = torch.tensor([[it.params.temperature, it.params.top_p] for it in items], dtype=torch.float32)
         pin = self.device.type == "cuda"
         ints, i32, f32 = (t.pin_memory().to(self.device, non_blocking=True) if pin else t for t in (ints, i32, f32))
-        t, s, m = len(ids), len(items), self.max_blocks
+        t, s = len(ids), len(items)
         ids_d, pos_d, slots_d, last_d, rows_d, offsets_d, seeds_d = ints.split([t, t, t, s, s, s, s])
         tables_d, seq_lens_d, top_k_d = i32.split([s * m, s, s])
         tables_d = tables_d.view(s, m)
