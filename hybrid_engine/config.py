@@ -42,7 +42,8 @@ class EngineConfig:
         many tokens, one chunk per step, so that the running streams wait at most about one chunk per token.
     batched_prefill: prompts admitted in the same step (two or more, whole, unconstrained) run as one forward pass
         on the JIT path, their projections reading the weights once, instead of one (graph-replayed) prefill each;
-        off by default until measured on a GPU (benchmarks/NOTES.md); one GPU (tensor_parallel_size 1) only.
+        off by default until measured on a GPU (benchmarks/NOTES.md). Under tensor parallelism every rank runs it
+        (eagerly: its collectives are outside graphs).
     enable_prefix_caching: reuse the KV blocks of a prompt's cached prefix (full blocks, hashed over their tokens
         and everything before them) and prefill only the rest; freed blocks stay cached until evicted (LRU).
     attention_backend: "auto" = triton on GPU, torch on CPU.
@@ -120,9 +121,6 @@ class EngineConfig:
         if not (isinstance(self.tensor_parallel_size, int) and not isinstance(self.tensor_parallel_size, bool)
                 and 1 <= self.tensor_parallel_size <= 8):
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be an int in [1, 8]")
-        if self.batched_prefill and self.tensor_parallel_size > 1:
-            raise ValueError(f"batched_prefill=True runs on one GPU only, not with tensor_parallel_size="
-                             f"{self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and not isinstance(self.model, str):
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs the model as a preset name, "
                              f"checkpoint directory or .gguf path (each worker loads its own shard), not a "

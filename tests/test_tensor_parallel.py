@@ -192,3 +192,17 @@ def test_an_engine_never_closed_ends_its_workers_when_collected():
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # the group was left: a new engine can make its own
+
+
+def test_tp2_batched_prefill_equals_tp1(reference):
+    """Batched prefill on both ranks (the call broadcast like the other prefills): TP=1's tokens."""
+    greedy, sampled = _params()
+    llm = LLM("tiny-llama", tensor_parallel_size=2, batched_prefill=True, **OPTS)
+    try:
+        calls, real = [], llm.runner.prefill_batch
+        llm.runner.prefill_batch = lambda items: calls.append(len(items)) or real(items)
+        assert _tokens(llm, greedy) == reference[0]
+        assert _tokens(llm, sampled) == reference[1]
+        assert calls and blocks_settled(llm)
+    finally:
+        llm.close()

@@ -31,7 +31,8 @@ from .comm import Communicator, init_group, set_safe_env
 logger = logging.getLogger(__name__)
 
 # runner methods that change device state: sent to every rank, in call order
-BROADCAST = ("prefill", "prefill_from", "prefill_chunk", "decode", "decode_forward", "move_row", "reset_rows")
+BROADCAST = ("prefill", "prefill_from", "prefill_chunk", "prefill_batch", "decode", "decode_forward", "move_row",
+             "reset_rows")
 READY_TIMEOUT_S = 1800.0  # load + warm-up + captures of a 70B shard
 SHUTDOWN_WAIT_S = 30.0
 
