@@ -57,7 +57,7 @@ def engine_counts(base: str) -> dict[str, float]:
     out = {}
     for line in httpx.get(f"{base}/metrics").text.splitlines():
         name, _, value = line.rpartition(" ")
-        if name.startswith(("hybrid_engine_graph_steps", "hybrid_engine_jit_steps", "hybrid_engine_prefill_chunks",
+        if name.startswith(("hybrid_engine_graph_steps", "hybrid_engine_jit_steps", "hybrid_engine_prefill_",
                             "hybrid_engine_preemptions", "hybrid_engine_decode_batch_sizes")):
             out[name.removeprefix("hybrid_engine_")] = float(value)
     return out

@@ -58,7 +58,9 @@ def test_a_list_of_prompts_prefills_in_one_pass_with_the_same_tokens(reference):
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
     assert got == want
     assert calls == [[(len(p["prompt_token_ids"]), 0) for p in prompts]]
-    assert llm.stats()["jit_steps"] >= 1 and _all_back(llm)
+    s = llm.stats()
+    assert s["prefill_batches"] == 1 and s["prefill_batched_sequences"] == 5 and s["jit_steps"] >= 1
+    assert _all_back(llm)
     llm.close()
 
 

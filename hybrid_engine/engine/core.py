@@ -46,7 +46,7 @@ class EngineCore:
         self.chunks = 0  # prompt chunks run (long prompts beside running decodes)
         self._first_mask = None  # host row for a constrained prefill's first-token bitmask (made on first use)
         self.counts = {"requests_served": 0, "requests_failed": 0, "requests_cancelled": 0, "jit_steps": 0,
-                       "graph_steps": 0}
+                       "graph_steps": 0, "prefill_batches": 0, "prefill_batched_sequences": 0}
 
     # ---- callers (any thread) ----
     def add(self, seq: Sequence) -> None:
@@ -253,6 +253,8 @@ class EngineCore:
         items = [PrefillItem(s.prefill_ids[s.prefilled:], s.prefilled, s.row, s.block_table, s.params, s.seed,
                              len(s.output_ids)) for s in group]
         self._count(self.runner.prefill_batch(items))
+        self.counts["prefill_batches"] += 1
+        self.counts["prefill_batched_sequences"] += len(group)
         self._push([(s, s.epoch, s.row) for s in group])
         for s in group:
             self._prefilled(s, s.prefill_len, push=False)

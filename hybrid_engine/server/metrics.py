@@ -34,6 +34,8 @@ ENGINE_GAUGES = {
     "graph_steps": "engine steps (prefills, prompt chunks, decodes) that replayed a CUDA graph",
     "jit_steps": "engine steps that ran on the JIT path",
     "prefill_chunks": "prompt chunks run beside decoding sequences",
+    "prefill_batches": "steps that prefilled several prompts in one forward pass (batched_prefill)",
+    "prefill_batched_sequences": "prompts prefilled in those steps",
     "preemptions": "sequences preempted (their KV freed, recomputed later)",
 }
 ENGINE_LABELLED = {"decode_batch_sizes": "batch_size"}  # dict-valued stats: one gauge per key, as this label
