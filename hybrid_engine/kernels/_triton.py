@@ -10,13 +10,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import logging
 import os
 import sys
 import threading
 from typing import Any, Iterator
-
-logger = logging.getLogger(__name__)
 
 
 def triton_available() -> bool:
@@ -154,7 +151,7 @@ def _params(fn) -> tuple[tuple[str, ...], dict]:
 # not compiled to Triton's asynchronous compile (`triton.runtime._async_compile.AsyncCompileMode`: Triton's own
 # binding and cache key, so the later launch finds exactly that kernel) on a thread pool and launches nothing; the
 # block returns when every compile has finished. Running the same code again afterwards then only launches.
-_COMPILE_ONLY = threading.local()
+_compiling_thread: int | None = None  # the thread inside `compile_only` (None: none; one global check per launch)
 
 
 def compile_workers() -> int:
@@ -189,13 +186,14 @@ def compile_only(workers: int) -> Iterator[bool]:
     if mode is None:
         yield False
         return
+    global _compiling_thread
     try:
         with mode:  # on leaving: waits for every compile (a failed one raises, as a failed launch would)
-            _COMPILE_ONLY.on = True
+            _compiling_thread = threading.get_ident()
             try:
                 yield True
             finally:
-                _COMPILE_ONLY.on = False
+                _compiling_thread = None
     finally:
         mode.executor.shutdown(wait=True)
 
@@ -206,7 +204,7 @@ def launch(fn, grid: tuple[int, ...], *args, **kw) -> tuple | None:
     per-launch work done once per specialisation (see above). Returns (compiled kernel, trailing constexpr values,
     argument key, launcher arguments) where the launch cache holds this specialisation, else None. Inside
     `compile_only` nothing is launched: a specialisation Triton has not compiled is compiled in the background."""
-    if getattr(_COMPILE_ONLY, "on", False):
+    if _compiling_thread is not None and _compiling_thread == threading.get_ident():
         jit(fn).warmup(*args, grid=grid, **kw)
         return None
     api = _launch_api() if _FAST_LAUNCH else None

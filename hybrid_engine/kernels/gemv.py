@@ -5,8 +5,8 @@ the Triton GEMV with the config `config_for` finds for its (N, K): the card's tu
 --kernels gemv`), else `GEMV_CONFIGS` (benchmarks/gemv_bench.py, H100), else the one derived from K
 (`default_config`: the measured configs with BLOCK_K capped at K); an entry of None (empty in a tuning table) means
 cuBLAS measured faster for that shape. Several rows follow `gemm.config_for`, the measured plan per shape and row
-count (cuBLAS, cuBLASLt, the Triton GEMM, or cuBLAS on the weight's transposed copy); everything else (unknown shapes, fp32, CPU) goes to
-`gemm.linear_torch` (F.linear). `silu_mul_linear(h, weight)` = `linear(silu_mul(h), weight)` with the activation
+count (cuBLAS, cuBLASLt, the Triton GEMM, or cuBLAS on the weight's transposed copy); everything else (fp32, CPU)
+goes to `gemm.linear_torch` (F.linear). `silu_mul_linear(h, weight)` = `linear(silu_mul(h), weight)` with the activation
 fused into the GEMV's input load (one kernel instead of two, and the [1, I] intermediate never goes through
 memory); it measured slower and is not used. `linear_silu_mul(x, weight)` = `silu_mul(linear(x, weight))` for the
 fused gate/up weight, with the SiLU-mul in the GEMV's epilogue (each program owns matching gate and up rows).
@@ -17,10 +17,10 @@ no host sync, output allocated like F.linear: CUDA-graph capturable.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
-
-import functools
 
 from . import gemm, tuning
 from ._triton import cdiv, jit_helpers, launch, next_pow2
@@ -327,9 +327,8 @@ def _gemv_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_t: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the Triton GEMV for one row unless `GEMV_CONFIGS` says cuBLAS measured faster (None), and for
-    several
-    rows through whatever the plan picks for the row count and shape (`gemm.config_for`: cuBLAS, cuBLASLt, the
+    """F.linear, through the Triton GEMV for one row unless `config_for` says cuBLAS measured faster (None), and for
+    several rows through whatever the plan picks for the row count and shape (`gemm.config_for`: cuBLAS, cuBLASLt, the
     Triton GEMM, or cuBLAS on `weight_t`, the weight's transposed copy [K, N] where the model keeps one)."""
     if not _triton_ok(x, weight, bias):
         return gemm.linear_torch(x, weight, bias, weight_t)

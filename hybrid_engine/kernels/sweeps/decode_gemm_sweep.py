@@ -252,7 +252,8 @@ class ShapeBench:
         """cuBLAS (F.linear) at every M and the one-row Triton GEMV with its table config (or the derived one)."""
         self.times["cublas"] = {"F.linear": {m: graph_us(lambda i, x=self.xs[m]: F.linear(x, self.ws[i]))
                                              for m in MS}}
-        cfg = gemv.GEMV_CONFIGS.get((self.shape.n, self.shape.k)) or gemv.default_config(self.shape.k)
+        s = self.shape
+        cfg = gemv.config_for("plain", s.n, s.k, self.xs[1].device, self.dtype) or gemv.default_config(s.k)
         self.times["gemv"] = {str(cfg): {1: graph_us(lambda i: gemv.gemv_triton(self.xs[1], self.ws[i], None, cfg))}}
 
 

@@ -26,15 +26,14 @@ from .timing import REPS, graph_us
 
 logger = logging.getLogger(__name__)
 
-KIND_OF = {"gate_up": "gate_up", "qkv": "qkv"}  # a shape's name -> the GEMV variant the model runs on it at one row
+KIND_OF = {"silu": "gate_up", "rope": "qkv"}  # GemmShape.fused -> the GEMV variant the model runs at one row
 MAX_ERROR = 2e-2  # fp16 output vs the fp32 reference (weights scaled to 0.02: outputs of order 1)
 Config = tuple[int, int, int, int]
 
 
 def kind_of(shape: GemmShape) -> str:
     """The GEMV variant of a decode projection: QKV (with its heads known) fuses rope, gate/up SiLU-mul."""
-    kind = KIND_OF.get(shape.name, "plain")
-    return "plain" if kind == "qkv" and shape.heads is None else kind
+    return KIND_OF.get(shape.fused, "plain")
 
 
 def candidates(shape: GemmShape) -> list[Config]:

@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .. import tuning
+from .. import gemv, tuning
 from .cached_attention_sweep import STARTS, TOKENS, AttentionBench, AttentionShape, Sweep, recommend, sweep_tokens
 from .decode_gemm_sweep import RULE_MS, GemmBench, GemmShape, ShapeBench, chosen_us, sweep_shape
 from .gemv_sweep import GemvBench, GpuGemvBench, kind_of, sweep_gemv
@@ -132,8 +132,6 @@ def default_workers() -> int:
 
 
 def _tune_gemv(shapes: TuneShapes, run: TuneRun, deadline: float) -> list[TuneRow]:
-    from .. import gemv
-
     make = run.gemv_bench or (lambda shape, dtype, until: GpuGemvBench(shape, dtype, "cuda", until))
     rows = []
     for shape in shapes.gemm:
