@@ -203,7 +203,11 @@ def launch(fn, grid: tuple[int, ...], *args, **kw) -> tuple | None:
     arguments `args` and keyword constexprs / launch options `kw`: `jit(fn)[grid](*args, **kw)`, with Triton's
     per-launch work done once per specialisation (see above). Returns (compiled kernel, trailing constexpr values,
     argument key, launcher arguments) where the launch cache holds this specialisation, else None. Inside
-    `compile_only` nothing is launched: a specialisation Triton has not compiled is compiled in the background."""
+    `compile_only` nothing is launched: a specialisation Triton has not compiled is compiled in the background.
+    Kernels that take `PDL` get the process's PDL mode (see `pdl_mode`)."""
+    extra = _pdl_kw(fn)
+    if extra:
+        kw = {**kw, **extra}
     if _compiling_thread is not None and _compiling_thread == threading.get_ident():
         jit(fn).warmup(*args, grid=grid, **kw)
         return None
@@ -231,6 +235,82 @@ def launch(fn, grid: tuple[int, ...], *args, **kw) -> tuple | None:
         kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                    kernel.function, kernel.packed_metadata, meta, enter, runtime.launch_exit_hook, *vals, *rest)
     return hit[0], hit[1], spec, vals
+
+
+# --- Programmatic dependent launch (PDL) ---------------------------------------------------------------------------
+# A kernel launched with PDL (Hopper and later) may start while the kernel before it in the stream is still running:
+# its programs are scheduled as soon as every program of the previous kernel has signalled (`gdc_launch_dependents`)
+# or exited, and they wait in `gdc_wait` until that kernel has finished and its writes are visible. What a kernel
+# does before the wait therefore overlaps the previous kernel's tail: launch latency and the ramp of its first
+# loads. A kernel opts in by a trailing `PDL: tl.constexpr = 0` parameter and a call of `pdl_enter(PDL)` (imported
+# into its module by that name) before it reads or
+# writes anything another kernel writes (mode 2 lets a kernel read its weights, which no kernel writes, before
+# that); every program calls it on every path, so one kernel's end still implies the end of all kernels before it.
+# `launch` passes PDL and Triton's `launch_pdl` option to such kernels; stream capture keeps the dependency as a
+# programmatic edge of the CUDA graph. HYBRID_ENGINE_PDL: 0 off, 1 wait first, 2 weights first (the default where
+# the card supports it); always off under the interpreter and before compute capability 9.0.
+
+_PDL_ENV = "HYBRID_ENGINE_PDL"
+tl = None  # triton.language, bound when `pdl_enter` is first jitted
+
+
+def pdl_enter(PDL: tl.constexpr):  # noqa: N803 - a Triton constexpr
+    """Inside a kernel (jitted by `launch`): wait for the previous kernel, then let the next one launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+_pdl_override: int | None = None
+
+
+def set_pdl_mode(mode: int | None) -> None:
+    """Launch PDL kernels with `mode` from now on (None: back to $HYBRID_ENGINE_PDL). For tests and benchmarks:
+    kernels already bound by a `Launch` keep the mode they were compiled with."""
+    global _pdl_override
+    if mode not in (None, 0, 1, 2):
+        raise ValueError(f"PDL mode {mode!r} must be None, 0, 1 or 2")
+    _pdl_override = mode
+    _pdl_kw.cache_clear()
+
+
+@functools.cache
+def _pdl_capable() -> bool:
+    """Kernels run compiled on a card of compute capability >= 9.0, with a Triton that has the GDC instructions."""
+    import torch
+
+    if interpreter_active() or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        return False
+    try:
+        import triton.language.extra.cuda as tl_cuda
+    except ImportError:
+        return False
+    return hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
+
+
+def pdl_mode() -> int:
+    """The PDL mode kernels are launched with (see above): `set_pdl_mode`'s, else $HYBRID_ENGINE_PDL's (default 2),
+    0 where the card or Triton cannot."""
+    mode = _pdl_override
+    if mode is None:
+        env = os.environ.get(_PDL_ENV, "2").strip().lower()
+        modes = {"0": 0, "off": 0, "false": 0, "no": 0, "1": 1, "2": 2, "on": 2}
+        if env not in modes:
+            raise ValueError(f"{_PDL_ENV}={env!r} must be one of 0 (off), 1 (wait first), 2 (weights first)")
+        mode = modes[env]
+    return mode if mode and _pdl_capable() else 0
+
+
+@functools.cache
+def _pdl_kw(fn) -> dict:
+    """The keywords `launch` adds for kernel function `fn`: {} unless it takes PDL and PDL is on."""
+    names, _ = _params(fn)
+    if "PDL" not in names:
+        return {}
+    if "pdl_enter" in fn.__globals__:
+        jit_helpers(fn.__globals__, ("pdl_enter",))
+    mode = pdl_mode()
+    return {"PDL": mode, "launch_pdl": True} if mode else {}
 
 
 class Launch:

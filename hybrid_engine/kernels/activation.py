@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, launch, next_pow2
+from ._triton import cdiv, launch, next_pow2, pdl_enter
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -15,7 +15,8 @@ def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :inter]) * x[..., inter:]
 
 
-def _silu_mul_kernel(X, OUT, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_mul_kernel(X, OUT, stride_x, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tuning
-from ._triton import cdiv, check_dot_tiles, jit_helpers, launch, next_pow2
+from ._triton import cdiv, check_dot_tiles, jit_helpers, launch, next_pow2, pdl_enter
 from ._workspace import sm_count, split_buffers
 from .kv_store import _paged_offsets  # noqa: F401 (called by _attend_keys)
 
@@ -153,11 +153,12 @@ def _cached_prefill_kernel(Q, K_CACHE, V_CACHE, BT, START, VALID_LEN, OUT, WS_AC
                            head_dim, GROUP: tl.constexpr, HAS_VALID_LEN: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr, EVEN_D: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
+                           DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
     """One query tile of one head over one split of the keys 0..start+its last valid row (keys stop at start +
     valid_len; a padded tile has none). A split walks at least MIN_KEYS keys, so a short context leaves the later
     splits empty: with one split active its program stores the output; with more, each stores its partials and the
     last program of the (tile, head) to arrive merges them."""
+    pdl_enter(PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, jit_helpers, launch, next_pow2
+from ._triton import cdiv, jit_helpers, launch, next_pow2, pdl_enter
 from ._workspace import sm_count, split_buffers
 from .kv_store import _paged_offsets  # noqa: F401 (called by _decode_split_kernel)
 
@@ -41,11 +41,13 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
                          stride_qb, stride_qh, stride_cb, stride_co, stride_ch, stride_bt, stride_ob, stride_oh,
                          num_q_heads, num_kv_heads, head_dim, BLOCK_SIZE: tl.constexpr,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         PDL: tl.constexpr = 0):
     """One (sequence, kv head, split): the GROUP query heads of that kv head over one slice of the KV length. With
     one split holding keys its program stores the output; with more, each stores its partials (normalised output
     and log-sum-exp) and the last to arrive merges them for the GROUP heads and resets the counter (graph replays
     need no memset)."""
+    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)

@@ -38,7 +38,7 @@ import functools
 import torch
 
 from . import tuning
-from ._triton import cdiv, check_dot_tiles, jit_helpers, launch
+from ._triton import cdiv, check_dot_tiles, jit_helpers, launch, pdl_enter
 from .gemm import linear_rows
 from ._workspace import split_buffers
 from .gemv import _store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref
@@ -242,7 +242,8 @@ def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, S
                         num_kv_heads, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
                         EVEN_K: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, SWAP: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)

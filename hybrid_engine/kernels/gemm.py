@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .._local import local_setting
-from ._triton import cdiv, launch
+from ._triton import cdiv, launch, pdl_enter
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -58,7 +58,8 @@ DEFAULT_CONFIG = (64, 64, 64, 4, 3)  # what tests and gemm_triton use when no co
 
 def _gemm_kernel(A, W, B, C, M, N, K, stride_am, stride_wn, stride_cm, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     pid_m = pid % num_pid_m  # M tiles fastest: the programs reading one weight tile run side by side

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gemm, tuning
-from ._triton import cdiv, jit_helpers, launch, next_pow2
+from ._triton import cdiv, jit_helpers, launch, next_pow2, pdl_enter
 from ._workspace import split_buffers
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
@@ -105,26 +105,37 @@ def silu_mul_linear_ref(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (F.silu(hf[..., :k]) * hf[..., k:] @ weight.float().t()).to(h.dtype)
 
 
+def _gemv_x(X, kk, K, SILU_MUL: tl.constexpr):
+    """The GEMV input at columns kk (fp32; 0 past K): x, or silu(gate) * up of X = [gate | up] with SILU_MUL."""
+    kmask = kk < K
+    if SILU_MUL:
+        g = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+        u = tl.load(X + K + kk, mask=kmask, other=0.0).to(tl.float32)
+        return g / (1.0 + tl.exp(-g)) * u
+    return tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+
+
 def _gemv_kernel(X, W, B, OUT, WS, COUNT, N, K, stride_w, k_chunk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr = 0):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
+    k_lo = pid_k * k_chunk
+    k_hi = tl.minimum(K, k_lo + k_chunk)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(pid_k * k_chunk, tl.minimum(K, pid_k * k_chunk + k_chunk), BLOCK_K):
+    if PDL == 2:  # the first weight tile streams in while the previous kernel finishes (no kernel writes weights)
+        w_first = tl.load(w_ptrs + k_lo, mask=row_mask[:, None] & (k_lo + cols < K)[None, :], other=0.0)
+    pdl_enter(PDL)
+    if PDL == 2:
+        acc += w_first.to(tl.float32) * _gemv_x(X, k_lo + cols, K, SILU_MUL)[None, :]
+        k_lo += BLOCK_K
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + cols
-        kmask = kk < K
-        if SILU_MUL:
-            g = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
-            u = tl.load(X + K + kk, mask=kmask, other=0.0).to(tl.float32)
-            x = g / (1.0 + tl.exp(-g)) * u
-        else:
-            x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs + k0, mask=row_mask[:, None] & kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+        w = tl.load(w_ptrs + k0, mask=row_mask[:, None] & (kk < K)[None, :], other=0.0)
+        acc += w.to(tl.float32) * _gemv_x(X, kk, K, SILU_MUL)[None, :]
     out = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -153,7 +164,7 @@ def linear_silu_mul_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (F.silu(h[..., :i]) * h[..., i:]).to(x.dtype)
 
 
-def _gemv_silu_kernel(X, W, OUT, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_silu_kernel(X, W, OUT, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = 0):
     """One row through a gate/up weight [2N, K] with SiLU-mul in the epilogue: each program computes BLOCK_N gate
     rows and the same BLOCK_N up rows and stores silu(gate) * up. Each half is rounded to OUT's dtype first and the
     SiLU is the silu_mul kernel's formula, so the result is what GEMV + silu_mul kernel give (one launch less, and
@@ -166,7 +177,18 @@ def _gemv_silu_kernel(X, W, OUT, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K:
     u_ptrs = W + (rows + N).to(tl.int64)[:, None] * stride_w + cols[None, :]
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = 0
+    if PDL == 2:  # the first weight tiles stream in while the previous kernel finishes
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        g_first = tl.load(g_ptrs, mask=mask, other=0.0)
+        u_first = tl.load(u_ptrs, mask=mask, other=0.0)
+    pdl_enter(PDL)
+    if PDL == 2:
+        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        acc_g += g_first.to(tl.float32) * x
+        acc_u += u_first.to(tl.float32) * x
+        k_lo = BLOCK_K
+    for k0 in range(k_lo, K, BLOCK_K):
         kk = k0 + cols
         kmask = kk < K
         x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
@@ -210,7 +232,7 @@ def linear_rope_store_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 def _gemv_rope_store_kernel(X, W, B, Q_OUT, POS, CACHE, K_CACHE, V_CACHE, SLOTS, K, stride_w, stride_cache,
                             stride_cb, stride_co, stride_ch, num_q_heads, num_kv_heads, HALF: tl.constexpr,
                             BLOCK_SIZE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                            HAS_BIAS: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, PDL: tl.constexpr = 0):
     """One decode token through a QKV weight [(Hq + 2 Hkv) * 2 HALF, K] with rope and the KV-cache writes in the
     epilogue: each program computes BLOCK_J column pairs (j, j + HALF) of one head, so it holds both rotary halves.
     q heads are rotated into Q_OUT, k heads rotated and v heads as they are go to their cache slot (slot < 0: no
@@ -226,7 +248,18 @@ def _gemv_rope_store_kernel(X, W, B, Q_OUT, POS, CACHE, K_CACHE, V_CACHE, SLOTS,
     b_ptrs = W + rows_b.to(tl.int64)[:, None] * stride_w + cols[None, :]
     acc_a = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = 0
+    if PDL == 2:  # the first weight tiles stream in while the previous kernel finishes
+        kmask = (cols < K)[None, :]
+        a_first = tl.load(a_ptrs, mask=kmask, other=0.0)
+        b_first = tl.load(b_ptrs, mask=kmask, other=0.0)
+    pdl_enter(PDL)
+    if PDL == 2:
+        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        acc_a += a_first.to(tl.float32) * x
+        acc_b += b_first.to(tl.float32) * x
+        k_lo = BLOCK_K
+    for k0 in range(k_lo, K, BLOCK_K):
         kk = k0 + cols
         kmask = (kk < K)[None, :]
         x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
@@ -308,6 +341,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k_chunk = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_chunk)
     ws, count = split_buffers(x.device, ("gemv", n, grid_n, split), split * n, grid_n) if split > 1 else (out, out)
+    jit_helpers(globals(), ("_gemv_x",))
     launch(_gemv_kernel, (grid_n, split),
         x, weight, bias if bias is not None else weight, out, ws, count, n, k, weight.stride(0), k_chunk,
         BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=split,

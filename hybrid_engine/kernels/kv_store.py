@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, launch, next_pow2
+from ._triton import cdiv, launch, next_pow2, pdl_enter
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -26,7 +26,8 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_co, stride_ch, num_kv_heads, head_dim, BLOCK_SIZE: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + token).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -82,7 +83,8 @@ def decode_slots_ref(block_tables: torch.Tensor, positions: torch.Tensor, block_
 
 
 def _slots_kernel(BT, stride_bt, POS, VALID, SLOTS, SEQ_LENS, n, start, START, BLOCK_SIZE: tl.constexpr,
-                  DECODE: tl.constexpr, START_PTR: tl.constexpr, BLOCK: tl.constexpr):
+                  DECODE: tl.constexpr, START_PTR: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_enter(PDL)
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = t < n
     if DECODE:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gemm
-from ._triton import cdiv, jit_helpers, launch, next_pow2
+from ._triton import cdiv, jit_helpers, launch, next_pow2, pdl_enter
 from .rope import _rotate_half, rope_store_kv_triton  # noqa: F401 (_rotate_half: called by _rope_tile)
 # re-exported: callers that imported the cached-prefill kernels from here before they moved keep working
 from .cached_prefill_attention import cached_prefill_attention_ref, cached_prefill_attention_triton  # noqa: F401
@@ -33,8 +33,9 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 def _prefill_kernel(Q, K, V, OUT, VALID_LEN, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                     stride_vh, stride_ot, stride_oh, num_tokens, head_dim,
                     GROUP: tl.constexpr, HAS_VALID_LEN: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
     """Causal flash attention for one query tile of one head; keys stop at the diagonal and at valid_len."""
+    pdl_enter(PDL)
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     kv_head = head // GROUP
@@ -157,10 +158,11 @@ def _prefill_rope_kernel(Q, K, V, POS, CACHE, K_CACHE, V_CACHE, SLOTS, OUT, VALI
                          stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cache, stride_cb,
                          stride_co, stride_ch, num_tokens, GROUP: tl.constexpr, HALF: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
     """`_prefill_kernel` with the rotary embedding applied as q and k tiles are loaded (the D-wide q.k product is
     the sum of the two rotated halves' products), and the roped k and v of this tile's rows written to the cache
     by the first q head of each kv head. Full rotary only (rot == head_dim == 2 * HALF)."""
+    pdl_enter(PDL)
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     kv_head = head // GROUP

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import launch, next_pow2
+from ._triton import launch, next_pow2, pdl_enter
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -23,7 +23,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 def _rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden

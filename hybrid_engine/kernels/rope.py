@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit_helpers, launch, next_pow2
+from ._triton import jit_helpers, launch, next_pow2, pdl_enter
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -50,7 +50,8 @@ _HELPERS = ("_rotate_half", "_rope_in_place")
 
 
 def _rope_kernel(Q, K, POS, CACHE, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_q_heads,
-                 num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                 num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + token).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
@@ -92,7 +93,8 @@ def rope_store_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_
 def _rope_store_kernel(Q, K, V, POS, CACHE, K_CACHE, V_CACHE, SLOTS, stride_qt, stride_qh, stride_kt, stride_kh,
                        stride_vt, stride_vh, stride_cache, stride_cb, stride_co, stride_ch, num_q_heads,
                        num_kv_heads, HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     pos = tl.load(POS + token).to(tl.int64)

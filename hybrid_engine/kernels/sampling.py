@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit_helpers, launch, next_pow2
+from ._triton import jit_helpers, launch, next_pow2, pdl_enter
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -174,8 +174,9 @@ def _nucleus_key(keys, weights, limit):
 
 
 def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, BITMASK, MASKED, stride_l, stride_m,
-                   words, vocab, BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr):
+                   words, vocab, BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr, PDL: tl.constexpr = 0):
     """One row per program; the whole row lives in registers (BLOCK_V >= vocab)."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK_V)
     valid = idx < vocab
