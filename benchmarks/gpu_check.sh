@@ -88,10 +88,12 @@ for s in $stages; do
     ltr) for w in ${LTR_WORKERS:-0 auto}; do  # load's kernels compiled one by one (0) vs on parallel threads (auto)
            timeout 280 python3 benchmarks/load_to_ready.py --model ${LTR_MODEL:-llama-2-7b-shape} --compile-workers $w \
              --out "$OUT/load_to_ready_$w.json" 2>&1 | tail -1; done;;
-    pdl) for m in ${PDL_MODELS:-llama-2-7b-shape llama-3.2-1b-shape smollm2-135m-shape}; do  # programmatic dependent launch off / on
-           for mode in ${PDL_MODES:-0 2}; do HYBRID_ENGINE_PDL=$mode timeout ${PDL_T:-150} python3 benchmarks/batch_bench.py \
-             --model $m --parts ${PDL_PARTS:-batch1} --runs ${PDL_RUNS:-20} --out "$OUT/pdl_${m}_$mode.json" 2>&1 \
-             | grep -v "Warn\|INFO" | tail -2 | sed "s/^/$m PDL=$mode /"; done; done;;
+    # same-lease A/B of batch-1 latency over environment knobs (e.g. HYBRID_ENGINE_PDL=0 vs 2), a fresh process each
+    knobs) mkdir -p "$OUT/knobs"; for m in ${KNOB_MODELS:-llama-2-7b-shape llama-3.2-1b-shape smollm2-135m-shape}; do
+             for kv in ${KNOBS:-HYBRID_ENGINE_PDL=0 HYBRID_ENGINE_PDL=2}; do env $kv timeout ${KNOB_T:-150} python3 \
+               benchmarks/batch_bench.py --model $m --parts ${KNOB_PARTS:-batch1} --runs ${KNOB_RUNS:-20} \
+               --out "$OUT/knobs/${m}_${kv//=/-}.json" 2>&1 | grep -v "Warn\|INFO" | tail -2 | sed "s/^/$m $kv /"; done; done
+           tar czf "$OUT/knobs.tgz" -C "$OUT" knobs && rm -r "$OUT/knobs";;
     ab) for i in $(seq ${AB_ROUNDS:-2}); do  # same-lease A/B of batch-1 latency: the tree in .ab/ (a base commit) vs this one
           PYTHONPATH=.ab timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_base_$i.json" 2>&1 | tail -1
           timeout 150 python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_new_$i.json" 2>&1 | tail -1; done;;

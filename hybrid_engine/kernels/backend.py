@@ -68,6 +68,11 @@ class KernelOps:
     # (x, qkv_weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads, num_kv_heads) -> rotated q of a
     # decode token with k / v written to the cache, or None where it does not apply (the model composes the ops)
     linear_rope_store: Callable[..., Any] | None = None
+    # one-row decode steps: the RMSNorm (and its residual add) before one of the two fused ops above, in the same
+    # kernel: (x, residual, norm_weight, eps, <that op's arguments>) -> (its result, x + residual), or None where it
+    # does not apply (the model then runs rms_norm and the op)
+    norm_linear_silu_mul: Callable[..., Any] | None = None
+    norm_linear_rope_store: Callable[..., Any] | None = None
     decode_projection: str = "linear_rows"  # what decode_linear and the two fused decode ops above run (stats)
     # (q, k, v, positions, cos_sin, k_cache, v_cache, slots, scale, valid_len) -> prefill attention output, with
     # rope and the KV-cache writes in the same launch
@@ -173,6 +178,17 @@ def _by_rows(one_or_many: Callable[..., Any], few: Callable[..., Any]) -> Callab
     return op
 
 
+def _after_norm(op: Callable[..., Any]) -> Callable[..., Any]:
+    """(x, residual, norm_weight, eps, weight, *args) -> op(x, weight, *args, norm=(residual, norm_weight, eps)): a
+    one-row GEMV op with the RMSNorm before it folded in (None where it does not apply)."""
+    def fused(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+              *args: Any) -> Any:
+        return op(x, weight, *args, norm=(residual, norm_weight, eps))
+
+    fused.__name__ = fused.__qualname__ = f"norm_{op.__name__}"
+    return fused
+
+
 def _decode_projections(batch_invariant: bool) -> dict[str, Any]:
     """The decode-step projections. batch_invariant: the decode GEMM at every row count (one kernel and one
     summation order per row whatever the batch). Else: the one-row GEMVs for one row, the decode GEMM for
@@ -187,6 +203,8 @@ def _decode_projections(batch_invariant: bool) -> dict[str, Any]:
     return dict(decode_linear=_by_rows(gemv.linear, dg.decode_linear),
                 linear_silu_mul=_by_rows(gemv.linear_silu_mul, dg.decode_linear_silu_mul),
                 linear_rope_store=_by_rows(gemv.linear_rope_store, dg.decode_linear_rope_store),
+                norm_linear_silu_mul=_after_norm(gemv.linear_silu_mul),
+                norm_linear_rope_store=_after_norm(gemv.linear_rope_store),
                 decode_projection=f"gemv (1 row) + decode_gemm (2-{MIXED_DECODE_MAX_ROWS}) + plan")
 
 

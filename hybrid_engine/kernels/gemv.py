@@ -10,6 +10,9 @@ goes to `gemm.linear_torch` (F.linear). `silu_mul_linear(h, weight)` = `linear(s
 fused into the GEMV's input load (one kernel instead of two, and the [1, I] intermediate never goes through
 memory); it measured slower and is not used. `linear_silu_mul(x, weight)` = `silu_mul(linear(x, weight))` for the
 fused gate/up weight, with the SiLU-mul in the GEMV's epilogue (each program owns matching gate and up rows).
+Both fused decode kernels can also take the RMSNorm before them (`norm=`, `fuse_norm`): each program adds the
+residual, weights its input by the norm weight and sums the squares as it walks K, and scales its sums by 1 / rms
+at the end (the projection is linear in its input), so no norm kernel runs between them and the kernel before.
 
 Each program owns BLOCK_N output rows and walks K in BLOCK_K chunks, keeping a [BLOCK_N, BLOCK_K] fp32 partial
 product in registers and reducing it once at the end; the weight loads are 16-byte vectors along K. No workspace,
@@ -18,6 +21,8 @@ no host sync, output allocated like F.linear: CUDA-graph capturable.
 from __future__ import annotations
 
 import functools
+import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +120,25 @@ def _gemv_x(X, kk, K, SILU_MUL: tl.constexpr):
     return tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
 
 
+def _normed_x(X, R, G, RES_OUT, kk, K, write_res, NORM: tl.constexpr):
+    """(input, its square) of a one-row kernel at columns kk, fp32, 0 past K. With NORM the input is the RMSNorm
+    numerator: s = X + R rounded to X's dtype (the residual stream, stored to RES_OUT by the lanes in `write_res`)
+    times the norm weight G; the square is s * s, whose sum over K gives the kernel its 1 / rms at the end."""
+    kmask = kk < K
+    x = tl.load(X + kk, mask=kmask, other=0.0)
+    if NORM:
+        x = x + tl.load(R + kk, mask=kmask, other=0.0)  # rounded to the input dtype, like the unfused add
+        tl.store(RES_OUT + kk, x, mask=kmask & write_res)
+        xf = x.to(tl.float32)
+        return xf * tl.load(G + kk, mask=kmask, other=0.0).to(tl.float32), xf * xf
+    xf = x.to(tl.float32)
+    return xf, xf
+
+
+def _inv_rms(sq, K, eps):
+    return 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+
+
 def _gemv_kernel(X, W, B, OUT, WS, COUNT, N, K, stride_w, k_chunk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr = 0):
     pid = tl.program_id(0)
@@ -164,19 +188,23 @@ def linear_silu_mul_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (F.silu(h[..., :i]) * h[..., i:]).to(x.dtype)
 
 
-def _gemv_silu_kernel(X, W, OUT, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = 0):
+def _gemv_silu_kernel(X, W, OUT, N, K, stride_w, R, G, RES_OUT, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NORM: tl.constexpr = False, PDL: tl.constexpr = 0):
     """One row through a gate/up weight [2N, K] with SiLU-mul in the epilogue: each program computes BLOCK_N gate
     rows and the same BLOCK_N up rows and stores silu(gate) * up. Each half is rounded to OUT's dtype first and the
     SiLU is the silu_mul kernel's formula, so the result is what GEMV + silu_mul kernel give (one launch less, and
-    the [1, 2N] intermediate never goes through memory)."""
+    the [1, 2N] intermediate never goes through memory). With NORM the row is rmsnorm(X + R) * G (RES_OUT = X + R,
+    written by program 0): the GEMV is linear, so 1 / rms, known once all of K is read, scales the sums at the end."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
+    write_res = (tl.zeros([BLOCK_K], tl.int32) + pid) == 0  # per lane (a scalar store mask is not portable)
     g_ptrs = W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
     u_ptrs = W + (rows + N).to(tl.int64)[:, None] * stride_w + cols[None, :]
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     k_lo = 0
     if PDL == 2:  # the first weight tiles stream in while the previous kernel finishes
         mask = row_mask[:, None] & (cols < K)[None, :]
@@ -184,33 +212,60 @@ def _gemv_silu_kernel(X, W, OUT, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K:
         u_first = tl.load(u_ptrs, mask=mask, other=0.0)
     pdl_enter(PDL)
     if PDL == 2:
-        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        acc_g += g_first.to(tl.float32) * x
-        acc_u += u_first.to(tl.float32) * x
+        x, x2 = _normed_x(X, R, G, RES_OUT, cols, K, write_res, NORM)
+        if NORM:
+            sq += x2
+        acc_g += g_first.to(tl.float32) * x[None, :]
+        acc_u += u_first.to(tl.float32) * x[None, :]
         k_lo = BLOCK_K
     for k0 in range(k_lo, K, BLOCK_K):
         kk = k0 + cols
-        kmask = kk < K
-        x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        mask = row_mask[:, None] & kmask[None, :]
-        acc_g += tl.load(g_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * x
-        acc_u += tl.load(u_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * x
+        x, x2 = _normed_x(X, R, G, RES_OUT, kk, K, write_res, NORM)
+        if NORM:
+            sq += x2
+        mask = row_mask[:, None] & (kk < K)[None, :]
+        acc_g += tl.load(g_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * x[None, :]
+        acc_u += tl.load(u_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * x[None, :]
     dtype = OUT.dtype.element_ty
-    gate = tl.sum(acc_g, axis=1).to(dtype).to(tl.float32)
-    up = tl.sum(acc_u, axis=1).to(dtype).to(tl.float32)
+    gate = tl.sum(acc_g, axis=1)
+    up = tl.sum(acc_u, axis=1)
+    if NORM:
+        inv_rms = _inv_rms(sq, K, eps)
+        gate *= inv_rms
+        up *= inv_rms
+    gate = gate.to(dtype).to(tl.float32)
+    up = up.to(dtype).to(tl.float32)
     tl.store(OUT + rows, (gate / (1.0 + tl.exp(-gate)) * up).to(dtype), mask=row_mask)
 
 
-def gemv_silu_triton(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ...] | None = None) -> torch.Tensor:
-    """silu_mul(x [1, K] @ weight[2I, K].T) -> [1, I] in x's dtype, one launch. weight rows contiguous."""
+Norm = tuple[torch.Tensor, torch.Tensor, float]  # (residual [1, K], norm weight [K], eps): an RMSNorm (with its residual add) before a one-row kernel
+
+
+def _norm_args(x: torch.Tensor, norm: Norm | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(R, G, RES_OUT, eps) kernel arguments of `norm` for input x (x itself in every slot without one)."""
+    if norm is None:
+        return x, x, x, 0.0
+    residual, weight, eps = norm
+    assert residual.shape == x.shape and weight.numel() == x.shape[-1] and weight.dtype == x.dtype, \
+        (residual.shape, weight.shape, x.shape)
+    return residual.contiguous(), weight, torch.empty_like(x), float(eps)
+
+
+def gemv_silu_triton(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ...] | None = None,
+                     norm: Norm | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """silu_mul(x [1, K] @ weight[2I, K].T) -> [1, I] in x's dtype, one launch. weight rows contiguous. With `norm`
+    (residual, norm weight, eps) the row is rmsnorm(x + residual) * norm weight, and the result (out, x + residual)."""
     n2, k = weight.shape
     assert x.numel() == k and n2 % 2 == 0, (x.shape, weight.shape)
     block_n, block_k, num_warps, num_stages, *_ = config or DEFAULT_CONFIG
     x = x.contiguous()
     out = torch.empty((*x.shape[:-1], n2 // 2), dtype=x.dtype, device=x.device)
+    r, g, res_out, eps = _norm_args(x, norm)
+    jit_helpers(globals(), ("_normed_x", "_inv_rms"))
     launch(_gemv_silu_kernel, (cdiv(n2 // 2, block_n),), x, weight, out, n2 // 2, k, weight.stride(0),
-           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
-    return out
+           r, g, res_out, eps, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm is not None, num_warps=num_warps,
+           num_stages=num_stages)
+    return out if norm is None else (out, res_out)
 
 
 def linear_rope_store_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
@@ -230,14 +285,16 @@ def linear_rope_store_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def _gemv_rope_store_kernel(X, W, B, Q_OUT, POS, CACHE, K_CACHE, V_CACHE, SLOTS, K, stride_w, stride_cache,
-                            stride_cb, stride_co, stride_ch, num_q_heads, num_kv_heads, HALF: tl.constexpr,
-                            BLOCK_SIZE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, PDL: tl.constexpr = 0):
+                            stride_cb, stride_co, stride_ch, num_q_heads, num_kv_heads, R, G, RES_OUT, eps,
+                            HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_J: tl.constexpr,
+                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr = False,
+                            PDL: tl.constexpr = 0):
     """One decode token through a QKV weight [(Hq + 2 Hkv) * 2 HALF, K] with rope and the KV-cache writes in the
     epilogue: each program computes BLOCK_J column pairs (j, j + HALF) of one head, so it holds both rotary halves.
     q heads are rotated into Q_OUT, k heads rotated and v heads as they are go to their cache slot (slot < 0: no
     write). Each projected value is rounded to the output dtype first and rotated with the rope kernel's formula,
-    so the result is what GEMV + rope/KV-store kernel give, with one launch and no [1, N] intermediate."""
+    so the result is what GEMV + rope/KV-store kernel give, with one launch and no [1, N] intermediate. NORM: the
+    row is rmsnorm(X + R) * G, as in the gate/up kernel."""
     pid = tl.program_id(0)
     head = pid // (HALF // BLOCK_J)
     j = (pid % (HALF // BLOCK_J)) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -248,6 +305,8 @@ def _gemv_rope_store_kernel(X, W, B, Q_OUT, POS, CACHE, K_CACHE, V_CACHE, SLOTS,
     b_ptrs = W + rows_b.to(tl.int64)[:, None] * stride_w + cols[None, :]
     acc_a = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    write_res = (tl.zeros([BLOCK_K], tl.int32) + pid) == 0
     k_lo = 0
     if PDL == 2:  # the first weight tiles stream in while the previous kernel finishes
         kmask = (cols < K)[None, :]
@@ -255,19 +314,27 @@ def _gemv_rope_store_kernel(X, W, B, Q_OUT, POS, CACHE, K_CACHE, V_CACHE, SLOTS,
         b_first = tl.load(b_ptrs, mask=kmask, other=0.0)
     pdl_enter(PDL)
     if PDL == 2:
-        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        acc_a += a_first.to(tl.float32) * x
-        acc_b += b_first.to(tl.float32) * x
+        x, x2 = _normed_x(X, R, G, RES_OUT, cols, K, write_res, NORM)
+        if NORM:
+            sq += x2
+        acc_a += a_first.to(tl.float32) * x[None, :]
+        acc_b += b_first.to(tl.float32) * x[None, :]
         k_lo = BLOCK_K
     for k0 in range(k_lo, K, BLOCK_K):
         kk = k0 + cols
         kmask = (kk < K)[None, :]
-        x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-        acc_a += tl.load(a_ptrs + k0, mask=kmask, other=0.0).to(tl.float32) * x
-        acc_b += tl.load(b_ptrs + k0, mask=kmask, other=0.0).to(tl.float32) * x
+        x, x2 = _normed_x(X, R, G, RES_OUT, kk, K, write_res, NORM)
+        if NORM:
+            sq += x2
+        acc_a += tl.load(a_ptrs + k0, mask=kmask, other=0.0).to(tl.float32) * x[None, :]
+        acc_b += tl.load(b_ptrs + k0, mask=kmask, other=0.0).to(tl.float32) * x[None, :]
     dtype = Q_OUT.dtype.element_ty
     xa = tl.sum(acc_a, axis=1)
     xb = tl.sum(acc_b, axis=1)
+    if NORM:
+        inv_rms = _inv_rms(sq, K, eps)
+        xa *= inv_rms
+        xb *= inv_rms
     if HAS_BIAS:
         xa += tl.load(B + rows_a).to(tl.float32)
         xb += tl.load(B + rows_b).to(tl.float32)
@@ -306,9 +373,11 @@ def _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF: tl.cons
 def gemv_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
                            cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                            num_q_heads: int, num_kv_heads: int,
-                           config: tuple[int, ...] | None = None) -> torch.Tensor:
+                           config: tuple[int, ...] | None = None,
+                           norm: Norm | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`linear_rope_store_ref` in one launch for one token (x [1, K]); returns q [1, Hq, D]. The whole head is
-    rotated (cos_sin has D columns); caches [blocks, block_size, Hkv, D] with equal strides."""
+    rotated (cos_sin has D columns); caches [blocks, block_size, Hkv, D] with equal strides. With `norm` (residual,
+    norm weight, eps) the row is rmsnorm(x + residual) * norm weight, and the result (q, x + residual)."""
     n, k = weight.shape
     heads = num_q_heads + 2 * num_kv_heads
     head_dim = n // heads
@@ -319,13 +388,14 @@ def gemv_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     assert half % block_j == 0 and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     x = x.contiguous()
     q = torch.empty((1, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
-    jit_helpers(globals(), ("_store_kv_halves",))
+    r, g, res_out, eps = _norm_args(x, norm)
+    jit_helpers(globals(), ("_store_kv_halves", "_normed_x", "_inv_rms"))
     launch(_gemv_rope_store_kernel, (heads * (half // block_j),), x, weight, bias if bias is not None else weight,
            q, positions, cos_sin, k_cache, v_cache, slots, k, weight.stride(0), cos_sin.stride(0),
-           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_q_heads, num_kv_heads, HALF=half,
-           BLOCK_SIZE=k_cache.shape[1], BLOCK_J=block_j, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-           num_warps=num_warps, num_stages=num_stages)
-    return q
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_q_heads, num_kv_heads, r, g, res_out, eps,
+           HALF=half, BLOCK_SIZE=k_cache.shape[1], BLOCK_J=block_j, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+           NORM=norm is not None, num_warps=num_warps, num_stages=num_stages)
+    return q if norm is None else (q, res_out)
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -382,25 +452,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, norm: Norm | None = None) -> Any:
     """`silu_mul(linear(x, weight))` for a gate/up weight [2I, K] in one fused Triton kernel for one row (the config of
     `GATE_UP_SILU_CONFIGS`, else `default_config`); None where the table says the unfused pair measured faster, and
-    off the GPU (the caller then runs its own linear and silu_mul)."""
-    if _gemv_ok(x, weight, None) and weight.shape[0] % 2 == 0:
+    off the GPU (the caller then runs its own linear and silu_mul). With `norm` (residual, norm weight, eps): the
+    RMSNorm before it in the same kernel, returning (out, x + residual), or None where that does not apply."""
+    if _gemv_ok(x, weight, None) and weight.shape[0] % 2 == 0 and _norm_ok(x, norm):
         config = config_for("gate_up", *weight.shape, x.device, x.dtype)
         if config is not None:
-            return gemv_silu_triton(x, weight, config)
+            return gemv_silu_triton(x, weight, config, norm)
     return None
 
 
 def linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
                       cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                      num_q_heads: int, num_kv_heads: int) -> torch.Tensor | None:
+                      num_q_heads: int, num_kv_heads: int, norm: Norm | None = None) -> Any:
     """A decode token's QKV projection, rope and KV-cache writes in one Triton kernel (the config of
     `QKV_ROPE_CONFIGS`, else `default_config`), where the layout allows (one row, whole-head rotary, contiguous
     cos/sin and caches) and the table does not say the unfused ops measured faster (None); returns q [1, Hq, D], or
-    None (the caller then runs linear, rope and the KV store itself)."""
-    if not _gemv_ok(x, weight, bias) or x.shape[0] != 1:
+    None (the caller then runs linear, rope and the KV store itself). With `norm` (residual, norm weight, eps): the
+    RMSNorm before it in the same kernel, returning (q, x + residual), or None where that does not apply."""
+    if not _gemv_ok(x, weight, bias) or x.shape[0] != 1 or not _norm_ok(x, norm):
         return None
     config = config_for("qkv", *weight.shape, x.device, x.dtype)
     heads = num_q_heads + 2 * num_kv_heads
@@ -412,7 +484,36 @@ def linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             or positions.numel() != 1 or slots.numel() != 1):
         return None
     return gemv_rope_store_triton(x, weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads,
-                                  num_kv_heads, config)
+                                  num_kv_heads, config, norm)
+
+
+# Fold a decode norm into the projection after it up to this hidden size (HYBRID_ENGINE_FUSE_NORM=auto). On the H200
+# (fp16, batch 1, PDL on; 2026-11-30) TPOT went 0.659 -> 0.531 ms at hidden 576 (SmolLM2-135M shape), 0.946 -> 0.949
+# at 2048 (Llama-3.2-1B) and 3.77 -> 4.26 at 4096 (LLaMA-2-7B): every program of the projection reads the residual
+# and the norm weight beside x, which costs nothing where a step is bound by latency and ~8 us per kernel where the
+# projection streams 100+ MB with thousands of two-row programs.
+FUSE_NORM_MAX_K = 1024
+
+
+def fuse_norm(k: int) -> bool:
+    """Whether one-row decode steps fold the RMSNorm (and its residual add) before a projection of input size k into
+    it: $HYBRID_ENGINE_FUSE_NORM "auto" (default: k <= FUSE_NORM_MAX_K), "1" always, "0" never."""
+    env = os.environ.get("HYBRID_ENGINE_FUSE_NORM", "auto").strip().lower()
+    if env == "auto":
+        return k <= FUSE_NORM_MAX_K
+    if env in ("1", "on", "true", "yes"):
+        return True
+    if env in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"HYBRID_ENGINE_FUSE_NORM={env!r} must be auto, 1 or 0")
+
+
+def _norm_ok(x: torch.Tensor, norm: Norm | None) -> bool:
+    if norm is None:
+        return True
+    residual, weight, _ = norm
+    return (fuse_norm(x.shape[-1]) and residual is not None and residual.shape == x.shape and residual.dtype == x.dtype
+            and residual.is_contiguous() and weight.dtype == x.dtype and weight.numel() == x.shape[-1])
 
 
 def silu_mul_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -78,11 +78,34 @@ def allowed_ref(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     return bits
 
 
+Advance = tuple[torch.Tensor, torch.Tensor]  # (tokens [B], positions [B]) int64 a decode step advances in place
+
+
+def advance_ref(tok: torch.Tensor, offsets: torch.Tensor, advance: Advance | None) -> torch.Tensor:
+    """What `advance` asks of a decode step's sample: each row's token into tokens, its sampling counter (offsets)
+    and position one on. Returns the tokens (tok itself without `advance`)."""
+    if advance is None:
+        return tok
+    tokens, positions = advance
+    tokens.copy_(tok)
+    offsets.add_(1)
+    positions.add_(1)
+    return tokens
+
+
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                seeds: torch.Tensor, offsets: torch.Tensor, bitmask: torch.Tensor | None = None,
-               masked: torch.Tensor | None = None) -> torch.Tensor:
+               masked: torch.Tensor | None = None, advance: Advance | None = None) -> torch.Tensor:
     """logits [B, V] fp32 -> tokens [B] int64. temperature 0 = argmax; top_k 0 and top_p 1.0 = off.
-    bitmask [B, W] int32 and masked [B] (nonzero = apply that row's bitmask) constrain rows (see the module doc)."""
+    bitmask [B, W] int32 and masked [B] (nonzero = apply that row's bitmask) constrain rows (see the module doc).
+    advance=(tokens, positions): also advance the rows as a decode step does (`advance_ref`)."""
+    return advance_ref(_sample_ref(logits, temperature, top_k, top_p, seeds, offsets, bitmask, masked), offsets,
+                       advance)
+
+
+def _sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                seeds: torch.Tensor, offsets: torch.Tensor, bitmask: torch.Tensor | None,
+                masked: torch.Tensor | None) -> torch.Tensor:
     logits = logits.float()
     logits = logits.masked_fill(logits.isnan(), float("-inf"))  # a NaN logit is never drawn (see the module doc)
     if bitmask is not None:
@@ -173,11 +196,17 @@ def _nucleus_key(keys, weights, limit):
     return hi.to(tl.int32)
 
 
-def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, BITMASK, MASKED, stride_l, stride_m,
-                   words, vocab, BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr, PDL: tl.constexpr = 0):
-    """One row per program; the whole row lives in registers (BLOCK_V >= vocab)."""
+def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, BITMASK, MASKED, POSITIONS, stride_l,
+                   stride_m, words, vocab, BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr,
+                   ADVANCE: tl.constexpr = False, PDL: tl.constexpr = 0):
+    """One row per program; the whole row lives in registers (BLOCK_V >= vocab). ADVANCE: the row's sampling
+    counter (OFFSETS) and position (POSITIONS) go one on once the draw has read the counter."""
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
+    if ADVANCE:
+        offset = tl.load(OFFSETS + row)
+        tl.store(OFFSETS + row, offset + 1)
+        tl.store(POSITIONS + row, tl.load(POSITIONS + row) + 1)
     idx = tl.arange(0, BLOCK_V)
     valid = idx < vocab
     logits = tl.load(LOGITS + row * stride_l + idx, mask=valid, other=float("-inf")).to(tl.float32)
@@ -201,7 +230,7 @@ def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, BITMA
             weights = tl.where(keep, tl.exp(scaled - tl.max(scaled, axis=0)), 0.0)
             threshold = _nucleus_key(keys, weights, top_p * tl.sum(weights, axis=0))
             keep = keep & (keys >= tl.minimum(threshold, tl.max(keys, axis=0)))
-        u = _uniform_tl(tl.load(SEEDS + row), tl.load(OFFSETS + row), idx)
+        u = _uniform_tl(tl.load(SEEDS + row), offset if ADVANCE else tl.load(OFFSETS + row), idx)
         score = tl.where(keep, scaled - tl.log(-tl.log(u)), float("-inf"))
         tl.store(OUT + row, tl.argmax(score, axis=0).to(tl.int64))
 
@@ -211,9 +240,10 @@ _HELPERS = ("_mix32_tl", "_uniform_tl", "_ordered_key", "_kth_largest_key", "_nu
 
 def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   seeds: torch.Tensor, offsets: torch.Tensor, bitmask: torch.Tensor | None = None,
-                  masked: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton version of `sample_ref` (same hash, same filters, same bitmask): no host sync, fixed grid,
-    graph-safe. Without a bitmask the kernel is compiled without the masking code."""
+                  masked: torch.Tensor | None = None, advance: Advance | None = None) -> torch.Tensor:
+    """Triton version of `sample_ref` (same hash, same filters, same bitmask, same `advance`): no host sync, fixed
+    grid, graph-safe. Without a bitmask the kernel is compiled without the masking code; with `advance` (int64
+    contiguous rows) the tokens are stored in place and the counters and positions advanced in the same launch."""
     batch, vocab = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -222,18 +252,21 @@ def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         _check_mask(bitmask, masked, batch)
         if bitmask.stride(-1) != 1:
             bitmask = bitmask.contiguous()
-    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    in_place = advance is not None and all(t.dtype == torch.int64 and t.is_contiguous() and t.shape == (batch,)
+                                           for t in (offsets, *advance))
+    out = advance[0] if in_place else torch.empty(batch, dtype=torch.int64, device=logits.device)
+    positions = advance[1] if in_place else out
     block_v = next_pow2(vocab)
     num_warps = 32 if block_v >= 32768 else 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
     if batch > 0:
         jit_helpers(globals(), _HELPERS)
         launch(_sample_kernel, (batch,),
             logits, temperature.float().contiguous(), top_k.int().contiguous(), top_p.float().contiguous(),
-            seeds.long().contiguous(), offsets.long().contiguous(), out,
-            bitmask if has_mask else out, masked.int().contiguous() if has_mask else out, logits.stride(0),
-            bitmask.stride(0) if has_mask else 0, bitmask.shape[1] if has_mask else 0, vocab,
-            BLOCK_V=block_v, HAS_MASK=has_mask, num_warps=num_warps)
-    return out
+            seeds.long().contiguous(), offsets if in_place else offsets.long().contiguous(), out,
+            bitmask if has_mask else out, masked.int().contiguous() if has_mask else out, positions,
+            logits.stride(0), bitmask.stride(0) if has_mask else 0, bitmask.shape[1] if has_mask else 0, vocab,
+            BLOCK_V=block_v, HAS_MASK=has_mask, ADVANCE=in_place, num_warps=num_warps)
+    return out if in_place else advance_ref(out, offsets, advance)
 
 
 def _check_mask(bitmask: torch.Tensor, masked: torch.Tensor | None, batch: int) -> None:

@@ -157,14 +157,23 @@ class DecoderLayer(nn.Module):
                 last_row_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args
         linear = ops.linear if meta.is_prefill else ops.decode_linear
-        if residual is None:
-            residual, x = x, ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps)
-        else:
-            x, residual = ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps, residual)
         p, scale, q = self.qkv_proj, a.head_dim ** -0.5, None
-        if not meta.is_prefill and ops.linear_rope_store is not None:  # decode: QKV, rope and KV writes in one kernel
-            q = ops.linear_rope_store(x, p.weight, p.bias, positions, cos_sin, self.k_cache, self.v_cache,
-                                      meta.slot_mapping, a.num_heads, a.num_kv_heads)  # None where it does not apply
+        decode = not meta.is_prefill
+        if decode and residual is not None and ops.norm_linear_rope_store is not None:
+            # one-row decode: residual add, RMSNorm, QKV, rope and KV writes in one kernel (None where it does not apply)
+            fused = ops.norm_linear_rope_store(x, residual, self.input_layernorm, a.rms_norm_eps, p.weight, p.bias,
+                                               positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
+                                               a.num_heads, a.num_kv_heads)
+            if fused is not None:
+                q, residual = fused
+        if q is None:
+            if residual is None:
+                residual, x = x, ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps)
+            else:
+                x, residual = ops.rms_norm(x, self.input_layernorm, a.rms_norm_eps, residual)
+            if decode and ops.linear_rope_store is not None:  # decode: QKV, rope and KV writes in one kernel
+                q = ops.linear_rope_store(x, p.weight, p.bias, positions, cos_sin, self.k_cache, self.v_cache,
+                                          meta.slot_mapping, a.num_heads, a.num_kv_heads)  # None: does not apply
         if q is not None:
             attn = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, scale)
         else:
@@ -176,10 +185,15 @@ class DecoderLayer(nn.Module):
         x = linear(attn.reshape(-1, a.q_size), self.o_proj.weight)
         if self.comm is not None:
             x = self.comm.all_reduce(x)
-        x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
-        gu = self.gate_up_proj
-        # decode: gate/up projection and SiLU-mul in one kernel where the backend has it (None where it does not apply)
-        act = ops.linear_silu_mul(x, gu.weight) if not meta.is_prefill and ops.linear_silu_mul is not None else None
+        gu, act = self.gate_up_proj, None
+        if decode and ops.norm_linear_silu_mul is not None:  # one-row decode: the norm, gate/up and SiLU-mul at once
+            fused = ops.norm_linear_silu_mul(x, residual, self.post_attention_layernorm, a.rms_norm_eps, gu.weight)
+            if fused is not None:
+                act, residual = fused
+        if act is None:
+            x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
+            # decode: gate/up projection and SiLU-mul in one kernel where the backend has it (None: does not apply)
+            act = ops.linear_silu_mul(x, gu.weight) if decode and ops.linear_silu_mul is not None else None
         if act is None:
             act = ops.silu_mul(linear(x, gu.weight, None, gu.weight_t))
         x = linear(act, self.down_proj.weight)
@@ -269,7 +283,11 @@ class LlamaModel(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                residual_apart: bool = False) -> Any:
+        """The residual stream after the last layer ([T, H]; a prefill with `meta.last_index`: the last row's only),
+        or with `residual_apart` the last layer's output and the residual (x, residual) it adds to, for
+        `compute_logits(x, residual=residual)` to add in its norm kernel."""
         x, residual = self.embed(input_ids), None
         last = len(self.layers) - 1 if meta.is_prefill and meta.last_index is not None else -1
         ops, cos_sin, hook = self.ops, self.cos_sin_cache, getattr(_LAYER_HOOK, "fn", None)
@@ -277,11 +295,16 @@ class LlamaModel(nn.Module):
             x, residual = layer.forward(ops, x, residual, positions, cos_sin, meta, last_row_only=i == last)
             if hook is not None:
                 hook()
-        return x + residual
+        return (x, residual) if residual_apart else x + residual
 
-    def compute_logits(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor:
-        """hidden: [N, H] pre-norm residual stream -> [N, vocab] fp32 logits (decode: one row per sequence)."""
-        x = self.ops.rms_norm(hidden, self.norm, self.args.rms_norm_eps)
+    def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
+                       decode: bool = False) -> torch.Tensor:
+        """hidden (+ residual): [N, H] pre-norm residual stream -> [N, vocab] fp32 logits (decode: one row per
+        sequence)."""
+        if residual is None:
+            x = self.ops.rms_norm(hidden, self.norm, self.args.rms_norm_eps)
+        else:
+            x, _ = self.ops.rms_norm(hidden, self.norm, self.args.rms_norm_eps, residual)
         logits = (self.ops.decode_linear if decode else self.ops.linear)(x, self.lm_head.weight)
         if self.comm is not None:  # [N, vocab_shard] per rank -> [N, vocab] on every rank
             logits = self.comm.all_gather_columns(logits)

@@ -316,3 +316,102 @@ def test_unlisted_shapes_run_the_gemv_with_derived_configs_gpu(n, k):
     assert_close(fused, linear_silu_mul_ref(x, w).float(), torch.float16, "linear_silu_mul")
     assert_replays_like_ref(lambda: gemv.linear(x, w), x, lambda: linear_ref(x, w).float(), torch.float16,
                             "linear in graph")
+
+
+def _norm_case(device, dtype, k, seed):
+    """(residual, norm weight, eps) for an RMSNorm folded into a one-row kernel."""
+    return (rand(1, k, dtype=dtype, device=device, seed=seed), 1 + rand(k, dtype=dtype, device=device, seed=seed + 1,
+                                                                          scale=0.3), 1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2])
+@pytest.mark.parametrize("i,k", [(5, 3), (24, 100), (9, 130)])
+def test_gemv_silu_with_the_norm_folded_in(device_dtype, config, i, k):
+    """norm=(residual, g, eps): rmsnorm(x + residual) * g through the gate/up kernel equals the norm reference then
+    the fused GEMV reference (up to the norm's rounding, which the fused kernel skips); x + residual is returned
+    exactly as the unfused add gives it, written once."""
+    from hybrid_engine.kernels.rms_norm import rms_norm_ref
+
+    device, dtype = device_dtype
+    x = rand(1, k, dtype=dtype, device=device, seed=16)
+    w = rand(2 * i, k, dtype=dtype, device=device, seed=17, scale=0.3)
+    residual, g, eps = _norm_case(device, dtype, k, seed=18)
+    out, new_residual = gemv_silu_triton(x, w, config, norm=(residual, g, eps))
+    normed, want_residual = rms_norm_ref(x.float(), g.float(), eps, residual.float())
+    assert torch.equal(new_residual, x + residual)
+    assert out.shape == (1, i) and out.dtype == dtype
+    assert_close(out, linear_silu_mul_ref(normed, w.float()), dtype, "norm + gemv silu")
+
+
+@pytest.mark.parametrize("config", [(1, 16, 1, 1), (2, 32, 2, 1)])
+@pytest.mark.parametrize("hq,hkv,d,k,bias", [(2, 1, 8, 37, False), (4, 2, 8, 130, True)])
+def test_gemv_rope_store_with_the_norm_folded_in(device_dtype, config, hq, hkv, d, k, bias):
+    from hybrid_engine.kernels.rms_norm import rms_norm_ref
+
+    device, dtype = device_dtype
+    (x, w, b, pos, cos_sin), (kc, vc), slot = _rope_case(device, dtype, hq, hkv, d, k, bias, slot=6)
+    residual, g, eps = _norm_case(device, dtype, k, seed=30)
+    q, new_residual = gemv_rope_store_triton(x, w, b, pos, cos_sin, kc, vc, slot, hq, hkv, config,
+                                             norm=(residual, g, eps))
+    normed, _ = rms_norm_ref(x.float(), g.float(), eps, residual.float())
+    kr, vr = torch.full_like(kc, float("nan")).float(), torch.full_like(vc, float("nan")).float()
+    qr = linear_rope_store_ref(normed, w.float(), None if b is None else b.float(), pos, cos_sin, kr, vr, slot, hq,
+                               hkv)
+    assert torch.equal(new_residual, x + residual)
+    assert_close(q, qr, dtype, "norm + q")
+    block, off = divmod(6, 4)
+    for got, want in ((kc, kr), (vc, vr)):
+        assert_close(got[block, off], want[block, off], dtype, "norm + cache slot")
+
+
+def test_norm_folding_rule(monkeypatch):
+    monkeypatch.delenv("HYBRID_ENGINE_FUSE_NORM", raising=False)
+    assert gemv.fuse_norm(576) and gemv.fuse_norm(gemv.FUSE_NORM_MAX_K) and not gemv.fuse_norm(2048)
+    monkeypatch.setenv("HYBRID_ENGINE_FUSE_NORM", "1")
+    assert gemv.fuse_norm(4096)
+    monkeypatch.setenv("HYBRID_ENGINE_FUSE_NORM", "0")
+    assert not gemv.fuse_norm(576)
+    monkeypatch.setenv("HYBRID_ENGINE_FUSE_NORM", "sometimes")
+    with pytest.raises(ValueError, match="HYBRID_ENGINE_FUSE_NORM='sometimes' must be auto, 1 or 0"):
+        gemv.fuse_norm(576)
+
+
+def test_norm_folding_dispatch(monkeypatch):
+    """The folded norm only where the fused op itself applies (one CUDA row), with a residual of x's shape and
+    dtype, and not with HYBRID_ENGINE_FUSE_NORM=0; CPU: None."""
+    x, w = torch.randn(1, 16), torch.randn(10, 16)
+    norm = (torch.randn(1, 16), torch.ones(16), 1e-5)
+    assert gemv.linear_silu_mul(x, w, norm=norm) is None  # CPU
+    if torch.cuda.is_available():
+        xc, wc = x.cuda().half(), w.cuda().half()
+        nc = (norm[0].cuda().half(), norm[1].cuda().half(), 1e-5)
+        out, res = gemv.linear_silu_mul(xc, wc, norm=nc)
+        assert torch.equal(res, xc + nc[0])
+        assert gemv.linear_silu_mul(xc, wc, norm=(nc[0].float(), nc[1], 1e-5)) is None  # residual dtype
+        assert gemv.linear_silu_mul(xc, wc, norm=(nc[0][:, :8], nc[1], 1e-5)) is None  # residual shape
+        monkeypatch.setenv("HYBRID_ENGINE_FUSE_NORM", "0")
+        assert gemv.linear_silu_mul(xc, wc, norm=nc) is None
+        assert gemv.linear_silu_mul(xc, wc) is not None  # without a norm: unchanged
+
+
+def test_model_folds_the_norms_only_where_the_op_applies():
+    """LlamaModel offers each decode norm to ops.norm_linear_*: None keeps rms_norm + the op (same tokens); a result
+    is used as the op's output and the new residual (a decoy changes the tokens)."""
+    from hybrid_engine import LLM, SamplingParams
+
+    llm = LLM("tiny-llama", capture="off")
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def tokens():
+        return llm.generate({"prompt_token_ids": [5, 9, 14, 3, 7]}, sp)[0].outputs[0].token_ids
+
+    base, calls = tokens(), []
+    llm.model.ops = replace(llm.ops, norm_linear_silu_mul=lambda *a: calls.append("mlp") or None,
+                            norm_linear_rope_store=lambda *a: calls.append("qkv") or None)
+    assert tokens() == base and {"mlp", "qkv"} <= set(calls)
+
+    def decoy(x, residual, g, eps, weight):
+        return torch.zeros(*x.shape[:-1], weight.shape[0] // 2, dtype=x.dtype), x + residual
+
+    llm.model.ops = replace(llm.ops, norm_linear_silu_mul=decoy)
+    assert tokens() != base

@@ -160,3 +160,25 @@ def test_gpu_triton_distribution():
                                                                       device="cuda"))
     stat, dof = chi_square(tokens.cpu(), torch.softmax(logits.cpu(), dim=-1))
     assert stat < CRITICAL[dof]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_advance_in_the_same_launch(device):
+    """advance=(tokens, positions): each row's token lands in `tokens`, its counter and position go one on, and the
+    draw used the counter before the step (the same tokens as without `advance`); the reference does the same with
+    torch ops. A counter that is not int64 contiguous is advanced outside the kernel, with the same result."""
+    logits, *p = mixed_case(device)
+    want = sample_ref(logits, *p)
+    for sample in (sample_ref, sample_triton):
+        offsets = p[4].clone()
+        tokens = torch.full_like(want, -1)
+        positions = torch.arange(want.numel(), device=device) * 7
+        got = sample(logits, *p[:4], offsets, advance=(tokens, positions))
+        assert got.data_ptr() == tokens.data_ptr() and torch.equal(tokens, want), sample.__name__
+        assert torch.equal(offsets, p[4] + 1)
+        assert torch.equal(positions, torch.arange(want.numel(), device=device) * 7 + 1)
+    strided = torch.stack([p[4], p[4]], dim=1)[:, 0]  # not contiguous: the kernel gets a copy, the add runs after
+    tokens, positions = torch.full_like(want, -1), torch.zeros_like(want)
+    sample_triton(logits, *p[:4], strided, advance=(tokens, positions))
+    assert torch.equal(tokens, want) and torch.equal(strided, p[4] + 1)
+    assert torch.equal(positions, torch.ones_like(want))
