@@ -73,18 +73,40 @@ def prefill_slots_ref(block_table: torch.Tensor, valid_len: torch.Tensor, block_
     return out
 
 
+Updates = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (flat block table, flat indices [U] int64, blocks [U])
+
+
+def _apply_updates(updates: Updates | None) -> None:
+    if updates is not None:
+        flat, index, block = updates
+        flat.scatter_(0, index, block)
+
+
 def decode_slots_ref(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int, slots: torch.Tensor,
-                     seq_lens: torch.Tensor) -> None:
+                     seq_lens: torch.Tensor, updates: Updates | None = None) -> None:
     """Sequence b's token at positions[b]: slots[b] (int64) its flat cache slot, seq_lens[b] (int32) = positions[b]
-    + 1, the tokens attention reads. block_tables: [B, max_blocks] int32, positions: [B] int64."""
+    + 1, the tokens attention reads. block_tables: [B, max_blocks] int32, positions: [B] int64. updates=(flat,
+    index, block): first flat[index[u]] = block[u] (the step's new block-table entries; flat is the whole table,
+    block_tables a view of its first rows)."""
+    _apply_updates(updates)
     blocks = block_tables.long().gather(1, (positions // block_size).unsqueeze(1)).squeeze(1)
     slots.copy_(blocks * block_size + positions % block_size)
     seq_lens.copy_(positions + 1)
 
 
-def _slots_kernel(BT, stride_bt, POS, VALID, SLOTS, SEQ_LENS, n, start, START, BLOCK_SIZE: tl.constexpr,
-                  DECODE: tl.constexpr, START_PTR: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+def _slots_kernel(BT, stride_bt, POS, VALID, SLOTS, SEQ_LENS, n, start, START, FLAT, UPD_INDEX, UPD_BLOCK, n_upd,
+                  BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr, START_PTR: tl.constexpr, BLOCK: tl.constexpr,
+                  BLOCK_U: tl.constexpr = 0, PDL: tl.constexpr = 0):
+    """Cache slots of a prefill's or a decode step's tokens. BLOCK_U > 0 (decode, one program): the step's n_upd
+    block-table entries are written first (FLAT[UPD_INDEX[u]] = UPD_BLOCK[u]), and the barrier makes them visible
+    to every thread of the program before any reads the table."""
     pdl_enter(PDL)
+    if BLOCK_U > 0:
+        u = tl.arange(0, BLOCK_U)
+        upd = u < n_upd
+        at = tl.load(UPD_INDEX + u, mask=upd, other=0)
+        tl.store(FLAT + at, tl.load(UPD_BLOCK + u, mask=upd, other=0), mask=upd)
+        tl.debug_barrier()
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = t < n
     if DECODE:
@@ -115,17 +137,22 @@ def prefill_slots_triton(block_table: torch.Tensor, valid_len: torch.Tensor, blo
         block = _slots_block(n)
         ptr = isinstance(start, torch.Tensor)
         launch(_slots_kernel, (cdiv(n, block),), block_table, 0, out, valid_len, out, out, n, 0 if ptr else start,
-               start if ptr else valid_len, BLOCK_SIZE=block_size, DECODE=False, START_PTR=ptr, BLOCK=block,
-               num_warps=4 if block >= 512 else 1)
+               start if ptr else valid_len, out, out, out, 0, BLOCK_SIZE=block_size, DECODE=False, START_PTR=ptr,
+               BLOCK=block, num_warps=4 if block >= 512 else 1)
     return out
 
 
 def decode_slots_triton(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int, slots: torch.Tensor,
-                        seq_lens: torch.Tensor) -> None:
-    """Triton version of `decode_slots_ref` (one launch)."""
+                        seq_lens: torch.Tensor, updates: Updates | None = None) -> None:
+    """Triton version of `decode_slots_ref` (one launch, the updates included where one program covers the rows)."""
     n = positions.shape[0]
+    block = _slots_block(n)
+    upd = updates is not None and cdiv(n, block) == 1 and n > 0
+    if not upd:
+        _apply_updates(updates)
     if n > 0:
-        block = _slots_block(n)
+        flat, index, new = updates if upd else (slots, slots, slots)
         launch(_slots_kernel, (cdiv(n, block),), block_tables, block_tables.stride(0), positions, slots, slots,
-               seq_lens, n, 0, positions, BLOCK_SIZE=block_size, DECODE=True, START_PTR=False, BLOCK=block,
+               seq_lens, n, 0, positions, flat, index, new, index.numel() if upd else 0, BLOCK_SIZE=block_size,
+               DECODE=True, START_PTR=False, BLOCK=block, BLOCK_U=next_pow2(index.numel()) if upd else 0,
                num_warps=1)

@@ -297,10 +297,10 @@ class LlamaModel(nn.Module):
                 hook()
         return (x, residual) if residual_apart else x + residual
 
-    def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
-                       decode: bool = False) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, decode: bool = False,
+                       fp32: bool = True) -> torch.Tensor:
         """hidden (+ residual): [N, H] pre-norm residual stream -> [N, vocab] fp32 logits (decode: one row per
-        sequence)."""
+        sequence; fp32=False: in the model's dtype, for a consumer that converts them itself, one kernel less)."""
         if residual is None:
             x = self.ops.rms_norm(hidden, self.norm, self.args.rms_norm_eps)
         else:
@@ -310,4 +310,4 @@ class LlamaModel(nn.Module):
             logits = self.comm.all_gather_columns(logits)
             if logits.shape[1] != self.args.vocab_size:  # the last shard's padding rows
                 logits = logits[:, :self.args.vocab_size].contiguous()
-        return logits.float()
+        return logits.float() if fp32 else logits

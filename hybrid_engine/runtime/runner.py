@@ -213,7 +213,7 @@ class ModelRunner:
         """One token for each of rows 0..rows-1: the staged block-table entries are added first; each row's KV
         slot and attention length are computed on the device from its position and block table."""
         b = buf or self.buf
-        logits = self.model.compute_logits(*self._decode_hidden(rows, b), decode=True)
+        logits = self.model.compute_logits(*self._decode_hidden(rows, b), decode=True, fp32=False)  # sample: fp32
         self.ops.sample(logits, b.temperature[:rows], b.top_k[:rows], b.top_p[:rows], b.seeds[:rows], b.offsets[:rows],
                         advance=(b.tokens[:rows], b.dec_positions[:rows]))
 
@@ -221,7 +221,7 @@ class ModelRunner:
         """The forward half of a split decode step: `decode_step` up to the logits, which go to `logits`."""
         b = buf or self.buf
         out = self.logits if logits is None else logits
-        out[:rows].copy_(self.model.compute_logits(*self._decode_hidden(rows, b), decode=True))
+        out[:rows].copy_(self.model.compute_logits(*self._decode_hidden(rows, b), decode=True, fp32=False))
 
     def decode_sample_step(self, rows: int, buf: StepBuffers | None = None, logits: torch.Tensor | None = None) -> None:
         """The sample half: each row's token from the forward half's logits, masked where the row's flag is set,
@@ -233,9 +233,9 @@ class ModelRunner:
 
     def _decode_hidden(self, rows: int, b: StepBuffers) -> tuple[torch.Tensor, torch.Tensor]:
         """(last layer's output, residual) of a decode step's rows; compute_logits adds them in its norm kernel."""
-        b.block_tables.view(-1).scatter_(0, b.upd_index, b.upd_block)
         pos = b.dec_positions[:rows]
-        self.ops.decode_slots(b.block_tables[:rows], pos, self.block_size, b.dec_slots[:rows], b.seq_lens[:rows])
+        self.ops.decode_slots(b.block_tables[:rows], pos, self.block_size, b.dec_slots[:rows], b.seq_lens[:rows],
+                              (b.block_tables.view(-1), b.upd_index, b.upd_block))  # the staged entries first
         meta = AttentionMetadata(is_prefill=False, slot_mapping=b.dec_slots[:rows], block_tables=b.block_tables[:rows],
                                  seq_lens=b.seq_lens[:rows])
         return self.model(b.tokens[:rows], pos, meta, residual_apart=True)

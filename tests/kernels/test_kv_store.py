@@ -89,6 +89,36 @@ def test_decode_slots(device, batch, block_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,batch,block_size", [(4, 1, 16), (4, 3, 16), (6, 5, 8)])
+def test_decode_slots_apply_the_steps_block_table_entries_first(device, rows, batch, block_size):
+    """updates=(flat table, indices, blocks): the new entries are in the table before the slots are read from it,
+    including a row's entry for the block its position has just entered; padding entries go to the spare row and
+    change nothing else. Reference and kernel give the same table and slots."""
+    max_blocks = 5
+    table = torch.arange((rows + 1) * max_blocks, dtype=torch.int32).view(rows + 1, max_blocks) + 100
+    positions = torch.tensor([block_size * (1 + b % 3) for b in range(batch)])  # first token of a new block
+    spare = rows * max_blocks
+    index = torch.full((rows,), spare, dtype=torch.int64)
+    new = torch.full((rows,), 7, dtype=torch.int32)
+    for b in range(batch):
+        index[b], new[b] = b * max_blocks + int(positions[b]) // block_size, 500 + b
+    want = [(500 + b) * block_size for b in range(batch)]
+    results = []
+    for fn, dev in ((decode_slots_ref, "cpu"), (decode_slots_triton, device)):
+        t = table.clone().to(dev)
+        slots = torch.full((batch,), -7, device=dev)
+        lens = torch.full((batch,), -7, dtype=torch.int32, device=dev)
+        fn(t[:batch], positions.to(dev), block_size, slots, lens, (t.view(-1), index.to(dev), new.to(dev)))
+        assert slots.tolist() == want, fn.__name__
+        results.append(t.cpu())
+    assert torch.equal(results[0][:rows], results[1][:rows])
+    untouched = torch.ones(rows, max_blocks, dtype=torch.bool)
+    for b in range(batch):
+        untouched[b, int(positions[b]) // block_size] = False
+    assert torch.equal(results[1][:rows][untouched], table[:rows][untouched])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size,start,n,valid", [(16, 16, 20, 20), (16, 37, 11, 9), (8, 5, 30, 30)])
 def test_prefill_slots_of_a_chunk_after_cached_positions(device, block_size, start, n, valid):
     g = torch.Generator().manual_seed(start)
