@@ -243,9 +243,9 @@ def launch(fn, grid: tuple[int, ...], *args, **kw) -> tuple | None:
 # or exited, and they wait in `gdc_wait` until that kernel has finished and its writes are visible. What a kernel
 # does before the wait therefore overlaps the previous kernel's tail: launch latency and the ramp of its first
 # loads. A kernel opts in by a trailing `PDL: tl.constexpr = 0` parameter and a call of `pdl_enter(PDL)` (imported
-# into its module by that name) before it reads or
-# writes anything another kernel writes (mode 2 lets a kernel read its weights, which no kernel writes, before
-# that); every program calls it on every path, so one kernel's end still implies the end of all kernels before it.
+# into its module by that name) before it reads or writes anything another kernel writes (mode 2 lets a kernel read
+# its weights, which no kernel writes, before that); every program calls it on every path, so one kernel's end
+# still implies the end of all kernels before it.
 # `launch` passes PDL and Triton's `launch_pdl` option to such kernels; stream capture keeps the dependency as a
 # programmatic edge of the CUDA graph. HYBRID_ENGINE_PDL: 0 off, 1 wait first, 2 weights first (the default where
 # the card supports it); always off under the interpreter and before compute capability 9.0.

@@ -238,7 +238,8 @@ def _gemv_silu_kernel(X, W, OUT, N, K, stride_w, R, G, RES_OUT, eps, BLOCK_N: tl
     tl.store(OUT + rows, (gate / (1.0 + tl.exp(-gate)) * up).to(dtype), mask=row_mask)
 
 
-Norm = tuple[torch.Tensor, torch.Tensor, float]  # (residual [1, K], norm weight [K], eps): an RMSNorm (with its residual add) before a one-row kernel
+# (residual [1, K], norm weight [K], eps): an RMSNorm, with its residual add, folded into a one-row kernel
+Norm = tuple[torch.Tensor, torch.Tensor, float]
 
 
 def _norm_args(x: torch.Tensor, norm: Norm | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:

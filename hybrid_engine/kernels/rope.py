@@ -50,7 +50,8 @@ _HELPERS = ("_rotate_half", "_rope_in_place")
 
 
 def _rope_kernel(Q, K, POS, CACHE, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_q_heads,
-                 num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = 0):
+                 num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 PDL: tl.constexpr = 0):
     pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + token).to(tl.int64)

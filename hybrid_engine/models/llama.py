@@ -160,7 +160,7 @@ class DecoderLayer(nn.Module):
         p, scale, q = self.qkv_proj, a.head_dim ** -0.5, None
         decode = not meta.is_prefill
         if decode and residual is not None and ops.norm_linear_rope_store is not None:
-            # one-row decode: residual add, RMSNorm, QKV, rope and KV writes in one kernel (None where it does not apply)
+            # one-row decode: residual add, RMSNorm, QKV, rope and KV writes in one kernel (None: does not apply)
             fused = ops.norm_linear_rope_store(x, residual, self.input_layernorm, a.rms_norm_eps, p.weight, p.bias,
                                                positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
                                                a.num_heads, a.num_kv_heads)
@@ -284,7 +284,7 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                residual_apart: bool = False) -> Any:
+                residual_apart: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The residual stream after the last layer ([T, H]; a prefill with `meta.last_index`: the last row's only),
         or with `residual_apart` the last layer's output and the residual (x, residual) it adds to, for
         `compute_logits(x, residual=residual)` to add in its norm kernel."""
