@@ -54,6 +54,7 @@ class FakeGemmBench:
 
 
 GEMV_BEST = {"plain": (4, 64, 4, 1), "gate_up": (2, 64, 4, 1), "qkv": (1, 64, 4, 1)}  # tiny-llama's K = 64
+FOLDED_BEST = {"gate_up": (8, 64, 4, 1), "qkv": (4, 64, 4, 1)}  # with the norm folded in: taller tiles
 
 
 class FakeGemvBench:
@@ -71,6 +72,14 @@ class FakeGemvBench:
     def time(self, cfg):
         best = GEMV_BEST[self.kind]
         return 8.0 + sum(abs(a - b) / max(a, b) for a, b in zip(cfg, best))
+
+    def time_norm(self, cfg):
+        """The norm folded in: fastest on FOLDED_BEST, 9 us there."""
+        return 9.0 + sum(abs(a - b) / max(a, b) for a, b in zip(cfg, FOLDED_BEST[self.kind]))
+
+    def apart_us(self, cfg):
+        """Norm kernel + the kernel: 12 us for gate/up (folding wins), 8.5 us for QKV (apart wins)."""
+        return 12.0 if self.kind == "gate_up" else 8.5
 
 
 class FakeAttentionBench:
@@ -99,6 +108,7 @@ def card(tmp_path, monkeypatch):
         tuning._tables.cache_clear()
         decode_gemm._config.cache_clear()
         gemv.config_for.cache_clear()
+        gemv.norm_config_for.cache_clear()
         cpa.tuned_configs.cache_clear()
 
     clear()
@@ -116,7 +126,9 @@ def test_choices_are_saved_where_the_kernels_read_them(card):
     run = _run(budget_s=60)
     rows = tune_mod.tune(shapes, tune_mod.KERNELS, run)
     assert run.saved_to == card
-    assert [(r.label, r.note) for r in rows if r.note] == [("lm_head 512x64", "cuBLAS is faster: saved as an empty entry")]
+    assert [(r.family, r.label, r.note) for r in rows if r.note] == [
+        ("gemv_rope_norm", "qkv 128x64", "the norm apart is faster: saved as an empty entry"),
+        ("gemv", "lm_head 512x64", "cuBLAS is faster: saved as an empty entry")]
     table = json.loads(card.read_text())["tables"]
     # qkv: head_dim 16 has a rotary half of 8 columns, which no BLOCK_N (>= 16) divides: no config fuses rope + KV
     # store, the model composes the unfused ops, and the plain sum chooses
@@ -130,7 +142,14 @@ def test_choices_are_saved_where_the_kernels_read_them(card):
                              "512,64,float16": []}
     assert table["gemv_silu"] == {"352,64,float16": list(GEMV_BEST["gate_up"])}
     assert table["gemv_rope"] == {"128,64,float16": list(GEMV_BEST["qkv"])}
+    # with the norm folded in: gate/up folds on its own taller tile; QKV keeps the norm apart (an empty entry)
+    assert table["gemv_silu_norm"] == {"352,64,float16": list(FOLDED_BEST["gate_up"])}
+    assert table["gemv_rope_norm"] == {"128,64,float16": []}
     cuda = torch.device("cuda")
+    assert gemv.norm_config_for("gate_up", 352, 64, cuda, torch.float16) == FOLDED_BEST["gate_up"]
+    assert gemv.norm_config_for("qkv", 128, 64, cuda, torch.float16) is None
+    folded = next(r for r in rows if r.family == "gemv_silu_norm")
+    assert folded.us == {1: 9.0} and folded.baseline_us == {1: 12.0}
     assert gemv.config_for("plain", 64, 64, cuda, torch.float16) == GEMV_BEST["plain"]
     assert gemv.config_for("plain", 512, 64, cuda, torch.float16) is None  # cuBLAS
     assert gemv.config_for("gate_up", 352, 64, cuda, torch.float16) == GEMV_BEST["gate_up"]
@@ -278,6 +297,9 @@ def test_gemv_candidates_and_rule():
     assert {bk for _, bk, _, _ in candidates(GemmShape("down", 576, 100))} == {128}  # capped at K's power of two
     qkv = candidates(GemmShape("qkv", 960, 576, (9, 3, 64)))
     assert {bj for bj, *_ in qkv} == {1, 2, 4} and {bk for _, bk, _, _ in qkv} == {512, 1024}
+    folded = candidates(GemmShape("qkv", 960, 576, (9, 3, 64)), norm=True)  # taller tiles with the norm folded in
+    assert {bj for bj, *_ in folded} == {1, 2, 4, 8, 16}
+    assert {bj for bj, *_ in candidates(GemmShape("qkv", 448, 64, (4, 2, 16)), norm=True)} == {1, 2, 4, 8}
 
     class Bench:
         def __init__(self, shape, cublas):

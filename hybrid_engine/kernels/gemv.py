@@ -10,7 +10,7 @@ goes to `gemm.linear_torch` (F.linear). `silu_mul_linear(h, weight)` = `linear(s
 fused into the GEMV's input load (one kernel instead of two, and the [1, I] intermediate never goes through
 memory); it measured slower and is not used. `linear_silu_mul(x, weight)` = `silu_mul(linear(x, weight))` for the
 fused gate/up weight, with the SiLU-mul in the GEMV's epilogue (each program owns matching gate and up rows).
-Both fused decode kernels can also take the RMSNorm before them (`norm=`, `fuse_norm`): each program adds the
+Both fused decode kernels can also take the RMSNorm before them (`norm=`, `norm_config_for`): each program adds the
 residual, weights its input by the norm weight and sums the squares as it walks K, and scales its sums by 1 / rms
 at the end (the projection is linear in its input), so no norm kernel runs between them and the kernel before.
 
@@ -79,6 +79,8 @@ def default_config(k: int, kind: str = "plain") -> tuple[int, int, int, int]:
 
 # the tuning-table family of each GEMV variant (kernels/tuning.py; written by `hybrid-engine tune --kernels gemv`)
 FAMILIES = {"plain": "gemv", "gate_up": "gemv_silu", "qkv": "gemv_rope"}
+# ... and of the fused variants with the RMSNorm before them folded in (an empty entry: the norm stays apart)
+NORM_FAMILIES = {"gate_up": "gemv_silu_norm", "qkv": "gemv_rope_norm"}
 _TABLES = {"plain": GEMV_CONFIGS, "gate_up": GATE_UP_SILU_CONFIGS, "qkv": QKV_ROPE_CONFIGS}
 
 
@@ -459,7 +461,7 @@ def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, norm: Norm | None = N
     off the GPU (the caller then runs its own linear and silu_mul). With `norm` (residual, norm weight, eps): the
     RMSNorm before it in the same kernel, returning (out, x + residual), or None where that does not apply."""
     if _gemv_ok(x, weight, None) and weight.shape[0] % 2 == 0 and _norm_ok(x, norm):
-        config = config_for("gate_up", *weight.shape, x.device, x.dtype)
+        config = _config_with("gate_up", weight, x, norm)
         if config is not None:
             return gemv_silu_triton(x, weight, config, norm)
     return None
@@ -475,7 +477,7 @@ def linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     RMSNorm before it in the same kernel, returning (q, x + residual), or None where that does not apply."""
     if not _gemv_ok(x, weight, bias) or x.shape[0] != 1 or not _norm_ok(x, norm):
         return None
-    config = config_for("qkv", *weight.shape, x.device, x.dtype)
+    config = _config_with("qkv", weight, x, norm)
     heads = num_q_heads + 2 * num_kv_heads
     if config is None or weight.shape[0] % heads:
         return None
@@ -488,32 +490,56 @@ def linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                                   num_kv_heads, config, norm)
 
 
-# Fold a decode norm into the projection after it up to this hidden size (HYBRID_ENGINE_FUSE_NORM=auto). On the H200
-# (fp16, batch 1, PDL on; 2026-11-30) TPOT went 0.659 -> 0.531 ms at hidden 576 (SmolLM2-135M shape), 0.946 -> 0.949
-# at 2048 (Llama-3.2-1B) and 3.77 -> 4.26 at 4096 (LLaMA-2-7B): every program of the projection reads the residual
-# and the norm weight beside x, which costs nothing where a step is bound by latency and ~8 us per kernel where the
-# projection streams 100+ MB with thousands of two-row programs.
+# Where no tuning entry decides it (`norm_config_for`), a decode norm is folded into the projection after it up to
+# this hidden size. On the H200 (fp16, batch 1, PDL on; 2026-11-30) TPOT went 0.659 -> 0.531 ms at hidden 576
+# (SmolLM2-135M shape), 0.946 -> 0.949 at 2048 (Llama-3.2-1B) and 3.77 -> 4.26 at 4096 (LLaMA-2-7B), every shape on
+# its unfused config: every program of the projection reads the residual and the norm weight beside x, which costs
+# nothing where a step is bound by latency and ~8 us per kernel where the projection streams 100+ MB with thousands
+# of two-row programs.
 FUSE_NORM_MAX_K = 1024
 
 
-def fuse_norm(k: int) -> bool:
-    """Whether one-row decode steps fold the RMSNorm (and its residual add) before a projection of input size k into
-    it: $HYBRID_ENGINE_FUSE_NORM "auto" (default: k <= FUSE_NORM_MAX_K), "1" always, "0" never."""
+def fuse_norm_mode() -> str:
+    """$HYBRID_ENGINE_FUSE_NORM: "auto" (default: the tuning table, else hidden <= FUSE_NORM_MAX_K), "1" always (on
+    the fused kernel's own config), "0" never."""
     env = os.environ.get("HYBRID_ENGINE_FUSE_NORM", "auto").strip().lower()
-    if env == "auto":
-        return k <= FUSE_NORM_MAX_K
-    if env in ("1", "on", "true", "yes"):
-        return True
-    if env in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"HYBRID_ENGINE_FUSE_NORM={env!r} must be auto, 1 or 0")
+    modes = {"auto": "auto", "1": "1", "on": "1", "true": "1", "yes": "1", "0": "0", "off": "0", "false": "0",
+             "no": "0"}
+    if env not in modes:
+        raise ValueError(f"HYBRID_ENGINE_FUSE_NORM={env!r} must be auto, 1 or 0")
+    return modes[env]
+
+
+@functools.lru_cache(maxsize=None)
+def norm_config_for(kind: str, n: int, k: int, device: torch.device, dtype: torch.dtype) -> tuple[int, ...] | None:
+    """The config of the fused one-row variant `kind` ("gate_up" or "qkv") of an (N, K) weight with the RMSNorm
+    before it folded in, or None where the norm stays its own kernel: see `fuse_norm_mode`; in "auto" this card's
+    tuning table (`NORM_FAMILIES`, written by `hybrid-engine tune --kernels gemv`; an empty entry: apart measured
+    faster), else the unfused variant's config up to hidden FUSE_NORM_MAX_K."""
+    mode = fuse_norm_mode()
+    if mode == "0":
+        return None
+    if mode == "auto":
+        tuned = tuning.lookup(NORM_FAMILIES[kind], tuning.shape_key(n, k, dtype=dtype), device)
+        if tuned is not None:
+            return tuple(tuned) or None
+        if k > FUSE_NORM_MAX_K:
+            return None
+    return config_for(kind, n, k, device, dtype)
+
+
+def _config_with(kind: str, weight: torch.Tensor, x: torch.Tensor, norm: Norm | None) -> tuple[int, ...] | None:
+    """The config a fused one-row op runs with (None: it does not apply), with or without a norm folded in."""
+    if norm is None:
+        return config_for(kind, *weight.shape, x.device, x.dtype)
+    return norm_config_for(kind, *weight.shape, x.device, x.dtype)
 
 
 def _norm_ok(x: torch.Tensor, norm: Norm | None) -> bool:
     if norm is None:
         return True
     residual, weight, _ = norm
-    return (fuse_norm(x.shape[-1]) and residual is not None and residual.shape == x.shape and residual.dtype == x.dtype
+    return (residual is not None and residual.shape == x.shape and residual.dtype == x.dtype
             and residual.is_contiguous() and weight.dtype == x.dtype and weight.numel() == x.shape[-1])
 
 

@@ -18,8 +18,10 @@ CONFIGS = [(4, 32, 1, 1), (8, 64, 2, 1), (16, 16, 1, 2)]
 def _fresh_config_lookups():
     """gemv.config_for caches its answers: tests that change the tables start and end with an empty cache."""
     gemv.config_for.cache_clear()
+    gemv.norm_config_for.cache_clear()
     yield
     gemv.config_for.cache_clear()
+    gemv.norm_config_for.cache_clear()
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -365,15 +367,30 @@ def test_gemv_rope_store_with_the_norm_folded_in(device_dtype, config, hq, hkv, 
 
 
 def test_norm_folding_rule(monkeypatch):
+    """Where to fold: "auto" takes the card's tuning entry (a config, or empty: apart), else the unfused variant's
+    config up to hidden FUSE_NORM_MAX_K; "1" folds everywhere on that config, "0" nowhere; other values name the
+    allowed ones."""
+    cuda, f16 = torch.device("cuda"), torch.float16
+    tuned = {"gemv_silu_norm": {"64,4096,float16": [8, 1024, 4, 1], "64,576,float16": []}}
+    monkeypatch.setattr(gemv.tuning, "lookup", lambda family, key, device: tuned.get(family, {}).get(key))
+
+    def folded(kind, n, k):
+        gemv.norm_config_for.cache_clear()
+        return gemv.norm_config_for(kind, n, k, cuda, f16)
+
     monkeypatch.delenv("HYBRID_ENGINE_FUSE_NORM", raising=False)
-    assert gemv.fuse_norm(576) and gemv.fuse_norm(gemv.FUSE_NORM_MAX_K) and not gemv.fuse_norm(2048)
+    assert folded("qkv", 96, 576) == gemv.config_for("qkv", 96, 576, cuda, f16)  # untuned, small hidden
+    assert folded("qkv", 96, gemv.FUSE_NORM_MAX_K + 1) is None  # untuned, large hidden
+    assert folded("gate_up", 64, 4096) == (8, 1024, 4, 1)  # tuned: fold, on the measured config
+    assert folded("gate_up", 64, 576) is None  # tuned: apart measured faster
     monkeypatch.setenv("HYBRID_ENGINE_FUSE_NORM", "1")
-    assert gemv.fuse_norm(4096)
+    assert folded("gate_up", 64, 576) == gemv.config_for("gate_up", 64, 576, cuda, f16)
+    assert folded("qkv", 96, 4096) == gemv.config_for("qkv", 96, 4096, cuda, f16)
     monkeypatch.setenv("HYBRID_ENGINE_FUSE_NORM", "0")
-    assert not gemv.fuse_norm(576)
+    assert folded("gate_up", 64, 4096) is None
     monkeypatch.setenv("HYBRID_ENGINE_FUSE_NORM", "sometimes")
     with pytest.raises(ValueError, match="HYBRID_ENGINE_FUSE_NORM='sometimes' must be auto, 1 or 0"):
-        gemv.fuse_norm(576)
+        folded("qkv", 96, 576)
 
 
 def test_norm_folding_dispatch(monkeypatch):
@@ -390,6 +407,7 @@ def test_norm_folding_dispatch(monkeypatch):
         assert gemv.linear_silu_mul(xc, wc, norm=(nc[0].float(), nc[1], 1e-5)) is None  # residual dtype
         assert gemv.linear_silu_mul(xc, wc, norm=(nc[0][:, :8], nc[1], 1e-5)) is None  # residual shape
         monkeypatch.setenv("HYBRID_ENGINE_FUSE_NORM", "0")
+        gemv.norm_config_for.cache_clear()
         assert gemv.linear_silu_mul(xc, wc, norm=nc) is None
         assert gemv.linear_silu_mul(xc, wc) is not None  # without a norm: unchanged
 

@@ -55,3 +55,26 @@ def test_cached_attention_recommend_weighs_microseconds_not_ratios():
     assert worst_ratio == pytest.approx(1.5)
     assert cs.recommend({0: {a: 4.0, b: 6.0, c: 3.0}, 2000: {a: 60.0, b: 45.0}})[0] == b
     assert cs.recommend({0: {a: 1.0}, 480: {b: 2.0}}) == (None, float("inf"))
+
+
+def test_gemv_norm_variants_pass_the_check_and_a_wrong_one_is_refused(monkeypatch):
+    """The GEMV sweep times a fused kind with the norm folded in, and the norm kernel + the kind apart, only after
+    each matches the fp32 reference of rmsnorm(x + residual) * g through the kind; a folded kernel that gets the
+    norm wrong is refused (and recorded), while the kind without the norm still passes."""
+    from hybrid_engine.kernels import gemv
+    from hybrid_engine.kernels.sweeps import gemv_sweep as gs
+
+    monkeypatch.setattr(gs, "graph_us", lambda fn: (fn(0), 1.0)[1])  # run once, no timing on the CPU
+    cfg = (2, 32, 1, 1)
+    for shape in (ds.GemmShape("gate_up", 2 * 24, 40), ds.GemmShape("qkv", (2 + 2 * 1) * 16, 40, (2, 1, 16))):
+        bench = gs.GpuGemvBench(shape, torch.float32, "cpu")
+        assert (bench.time(cfg), bench.time_norm(cfg), bench.apart_us(cfg)) == (1.0, 1.0, 1.0), bench.failed
+    real = gemv.gemv_silu_triton
+
+    def norm_ignored(x, w, config=None, norm=None):  # folds the residual add but forgets 1 / rms and the weight
+        return real(x, w, config) if norm is None else (real(x + norm[0], w, config), x + norm[0])
+
+    monkeypatch.setattr(gemv, "gemv_silu_triton", norm_ignored)
+    bench = gs.GpuGemvBench(ds.GemmShape("gate_up", 2 * 24, 40), torch.float32, "cpu")
+    assert bench.time(cfg) == 1.0 and bench.time_norm(cfg) is None
+    assert "max abs error" in bench.failed[f"{cfg} norm folded"]

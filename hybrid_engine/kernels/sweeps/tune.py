@@ -22,7 +22,7 @@ import torch
 from .. import gemv, tuning
 from .cached_attention_sweep import STARTS, TOKENS, AttentionBench, AttentionShape, Sweep, recommend, sweep_tokens
 from .decode_gemm_sweep import RULE_MS, GemmBench, GemmShape, ShapeBench, chosen_us, sweep_shape
-from .gemv_sweep import GemvBench, GpuGemvBench, kind_of, sweep_gemv
+from .gemv_sweep import GemvBench, GpuGemvBench, kind_of, sweep_gemv, sweep_gemv_norm
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,10 @@ class TuneRun:
 
 
 def steps(shapes: TuneShapes, kernels: tuple[str, ...]) -> int:
-    """How many units (decode GEMM shapes, attention token counts) `tune` goes through: a progress bar's total."""
-    return (len(shapes.gemm) * (("decode_gemm" in kernels) + ("gemv" in kernels))
+    """How many units (decode GEMM shapes, GEMV shapes and their norm-folded variants, attention token counts)
+    `tune` goes through: a progress bar's total."""
+    folded = sum(kind_of(shape) in gemv.NORM_FAMILIES for shape in shapes.gemm)
+    return (len(shapes.gemm) * ("decode_gemm" in kernels) + (len(shapes.gemm) + folded) * ("gemv" in kernels)
             + len(TOKENS) * ("cached_attention" in kernels))
 
 
@@ -136,31 +138,48 @@ def _tune_gemv(shapes: TuneShapes, run: TuneRun, deadline: float) -> list[TuneRo
     rows = []
     for shape in shapes.gemm:
         kind = kind_of(shape)
-        family = gemv.FAMILIES[kind]
-        row = TuneRow(family, shape.label, tuning.shape_key(shape.n, shape.k, dtype=shapes.dtype), None)
-        _step(run, f"{family} {shape.label}")
+        key = tuning.shape_key(shape.n, shape.k, dtype=shapes.dtype)
+        row = TuneRow(gemv.FAMILIES[kind], shape.label, key, None)
+        _step(run, f"{row.family} {shape.label}")
+        bench = None
         if time.monotonic() >= deadline:
             row.note = "time limit reached before it started"
         else:
             bench = make(shape, shapes.dtype, deadline)
             before = gemv.config_for(kind, shape.n, shape.k, torch.device("cuda"), shapes.dtype)
-            result = sweep_gemv(bench, before)
-            row.baseline_us = {1: result["baseline_us"]} if result["baseline_us"] is not None else {}
-            if bench.skipped:
-                row.note = f"time limit reached: {bench.skipped} measurements skipped, not saved"
-            elif result["chosen"] is None:
-                row.note = f"no config worked ({len(bench.failed)} failed)"
-            else:
-                row.config, row.us = result["chosen"], {1: result["us"]}
-                if not row.config:
-                    row.note = "cuBLAS is faster: saved as an empty entry"
-                _save(run, family, row.key, row.config)
-                gemv.config_for.cache_clear()  # this process's later lookups see the entry
+            _record(run, row, bench, sweep_gemv(bench, before), "cuBLAS is faster")
+            gemv.config_for.cache_clear()  # this process's later lookups see the entry
         rows.append(row)
         _done(run)
+        if kind in gemv.NORM_FAMILIES:  # the same kernel with the RMSNorm before it folded in, vs the norm apart
+            folded = TuneRow(gemv.NORM_FAMILIES[kind], shape.label, key, None)
+            _step(run, f"{folded.family} {shape.label}")
+            if bench is None or time.monotonic() >= deadline:
+                folded.note = "time limit reached before it started"
+            else:
+                apart = row.config or gemv.config_for(kind, shape.n, shape.k, torch.device("cuda"), shapes.dtype)
+                _record(run, folded, bench, sweep_gemv_norm(bench, apart), "the norm apart is faster")
+                gemv.norm_config_for.cache_clear()
+            rows.append(folded)
+            _done(run)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows
+
+
+def _record(run: TuneRun, row: TuneRow, bench: GemvBench, result: dict, empty_means: str) -> None:
+    """Fill `row` from a GEMV sweep's result and save its choice (an empty entry: `empty_means`), unless the sweep
+    was cut short or nothing worked."""
+    row.baseline_us = {1: result["baseline_us"]} if result["baseline_us"] is not None else {}
+    if bench.skipped:
+        row.note = f"time limit reached: {bench.skipped} measurements skipped, not saved"
+    elif result["chosen"] is None:
+        row.note = f"no config worked ({len(bench.failed)} failed)"
+    else:
+        row.config, row.us = result["chosen"], {1: result["us"]}
+        if not row.config:
+            row.note = f"{empty_means}: saved as an empty entry"
+        _save(run, row.family, row.key, row.config)
 
 
 def _tune_gemm(shapes: TuneShapes, run: TuneRun, deadline: float) -> list[TuneRow]:
