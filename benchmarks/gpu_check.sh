@@ -28,6 +28,11 @@ for s in $stages; do
     allreduce) timeout 150 python3 benchmarks/allreduce_bench.py --gpus ${TP:-2} --out "$OUT/allreduce.json" 2>&1 | tail -14;;
     tptests) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_tensor_parallel_gpu.py 2>&1 | tail -15 | tee "$OUT/tp_tests.txt";;
     tpsmall) timeout 570 python3 benchmarks/tp_bench.py --tp ${TP:-2} --big "" --out-dir "$OUT" ${TP_ARGS:-} 2>&1 | grep -v "Warn\|INFO" | tail -12;;
+    # TP agreement on learned weights: SmolLM2-135M-Instruct's GGUF with attention cut to 6 query / 2 KV heads
+    tpreal) timeout 120 python3 benchmarks/pruned_checkpoint.py --gguf "${GGUF:?set GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf}" \
+              --out /tmp/smollm2-135m-6-heads 2>&1 | tail -1
+            timeout 450 python3 benchmarks/tp_bench.py --tp ${TP:-2} --model /tmp/smollm2-135m-6-heads --big "" --runs 5 \
+              --out-dir "$OUT" ${TP_ARGS:-} 2>&1 | grep -v "Warn\|INFO" | tail -12;;
     tpbig) timeout 570 python3 benchmarks/tp_bench.py --tp ${TP:-2} --skip-small --out-dir "$OUT" ${TP_ARGS:-} 2>&1 | grep -v "Warn\|INFO" | tail -12;;
     probe) timeout 250 python3 benchmarks/probe.py --out "$OUT/probe.json" 2>&1 | tail -60;;
     cold) TRITON_CACHE_DIR=$(mktemp -d) timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_empty_cache.json" 2>&1 | tail -3

@@ -24,7 +24,7 @@ from hybrid_engine.bench.hardware import (card_name, count_params, floors, measu
                                           versions)
 from hybrid_engine.bench.measure import Plan, Prompts, measure_system
 from hybrid_engine.bench.systems import HybridSystem
-from hybrid_engine.models.presets import preset_config
+from hybrid_engine.models.loader import read_model_config
 
 
 def _measure(llm: LLM, plan: Plan, seed: int) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def main() -> None:
     # the prompt lengths' buckets only: every capture happens at load under tensor parallelism
     opts = dict(max_model_len=a.max_model_len, max_num_seqs=8, prefill_buckets=(16, 64, 112, 208))
     gen = torch.Generator().manual_seed(0)
-    vocab = preset_config(a.model).vocab_size
+    vocab = read_model_config(a.model).vocab_size
     agree_prompts = [torch.randint(3, vocab, (int(n),), generator=gen).tolist()
                      for n in torch.randint(8, 200, (a.agreement,), generator=gen)]
 
@@ -118,9 +118,9 @@ def _small(a: Any, plan: Plan, opts: dict, agree_prompts: list, copy: float, gem
                                                  / systems["hybrid_tp1"]["ttft_ms"][str(n)]["p50"], 3) for n in lengths}}
     print("tp", a.tp, json.dumps({k: systems["hybrid"][k] for k in ("ttft_ms", "tpot_ms")}), ratios,
           "agreement", agreement, flush=True)
-    res = _result(a.model, a.tp, cmd, _floors(preset_config(a.model), a.tp, copy, gemm, lengths), systems,
+    res = _result(a.model, a.tp, cmd, _floors(read_model_config(a.model), a.tp, copy, gemm, lengths), systems,
                   tp_agreement={"prompts": len(ref), "tokens": 32, "agreement": agreement},
-                  ratios=ratios, floors_tp1=_floors(preset_config(a.model), 1, copy, gemm, lengths))
+                  ratios=ratios, floors_tp1=_floors(read_model_config(a.model), 1, copy, gemm, lengths))
     name = out / f"{results_stem(res)}-tp{a.tp}.json"
     name.write_text(json.dumps(res, indent=1))
     print("wrote", name, flush=True)
@@ -136,7 +136,7 @@ def _big(a: Any, opts: dict, copy: float, gemm: float, lengths: list[int], cmd: 
     big_plan = Plan(lengths=lengths, runs=max(10, a.runs // 2), gen_tokens=64, tpot_runs=6, stream_runs=1,
                     tpot_prompt_len=100, warmup=2, settle_s=60.0)
     sys_big = {**_measure(llm, big_plan, 2), "load_s": round(load, 1), "allreduce": llm.executor.comm.method}
-    fl = _floors(preset_config(a.big), a.tp, copy, gemm, lengths)
+    fl = _floors(read_model_config(a.big), a.tp, copy, gemm, lengths)
     sys_big["tpot_over_floor"] = round(sys_big["tpot_ms"]["p50"] / fl["tpot_ms"], 3)
     sys_big["ttft_over_floor"] = {str(n): round(sys_big["ttft_ms"][str(n)]["p50"] / fl["ttft_ms"][str(n)], 3)
                                   for n in lengths}
