@@ -141,6 +141,50 @@ def _inv_rms(sq, K, eps):
     return 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
 
 
+def _dot_two(a_ptrs, b_ptrs, row_mask, X, R, G, RES_OUT, K, eps, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+             PDL: tl.constexpr):
+    """One row against two sets of weight rows (a_ptrs / b_ptrs: [rows, BLOCK_K] pointers at column 0, row_mask
+    [rows, 1]) over all of K: the fp32 sums (a, b), each over K in BLOCK_K steps and reduced once at the end. With
+    PDL == 2 the first tiles are read before `pdl_enter`; with NORM the input is `_normed_x`'s (program 0 writes the
+    residual) and the sums come scaled by 1 / rms. The fused gate/up and QKV kernels' shared walk."""
+    write_res = (tl.zeros([BLOCK_K], tl.int32) + tl.program_id(0)) == 0  # per lane (a scalar mask is not portable)
+    cols = tl.arange(0, BLOCK_K)
+    acc_a = tl.zeros(a_ptrs.shape, dtype=tl.float32)
+    acc_b = tl.zeros(b_ptrs.shape, dtype=tl.float32)
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    k_lo = 0
+    if PDL == 2:  # the first weight tiles stream in while the previous kernel finishes
+        mask = row_mask & (cols < K)[None, :]
+        a_first = tl.load(a_ptrs, mask=mask, other=0.0)
+        b_first = tl.load(b_ptrs, mask=mask, other=0.0)
+    pdl_enter(PDL)
+    if PDL == 2:
+        x, x2 = _normed_x(X, R, G, RES_OUT, cols, K, write_res, NORM)
+        if NORM:
+            sq += x2
+        acc_a += a_first.to(tl.float32) * x[None, :]
+        acc_b += b_first.to(tl.float32) * x[None, :]
+        k_lo = BLOCK_K
+    for k0 in range(k_lo, K, BLOCK_K):
+        kk = k0 + cols
+        x, x2 = _normed_x(X, R, G, RES_OUT, kk, K, write_res, NORM)
+        if NORM:
+            sq += x2
+        mask = row_mask & (kk < K)[None, :]
+        acc_a += tl.load(a_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * x[None, :]
+        acc_b += tl.load(b_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * x[None, :]
+    a = tl.sum(acc_a, axis=1)
+    b = tl.sum(acc_b, axis=1)
+    if NORM:
+        inv_rms = _inv_rms(sq, K, eps)
+        a *= inv_rms
+        b *= inv_rms
+    return a, b
+
+
+_DOT_TWO_HELPERS = ("_normed_x", "_inv_rms", "_dot_two")
+
+
 def _gemv_kernel(X, W, B, OUT, WS, COUNT, N, K, stride_w, k_chunk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr = 0):
     pid = tl.program_id(0)
@@ -197,44 +241,13 @@ def _gemv_silu_kernel(X, W, OUT, N, K, stride_w, R, G, RES_OUT, eps, BLOCK_N: tl
     SiLU is the silu_mul kernel's formula, so the result is what GEMV + silu_mul kernel give (one launch less, and
     the [1, 2N] intermediate never goes through memory). With NORM the row is rmsnorm(X + R) * G (RES_OUT = X + R,
     written by program 0): the GEMV is linear, so 1 / rms, known once all of K is read, scales the sums at the end."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
-    write_res = (tl.zeros([BLOCK_K], tl.int32) + pid) == 0  # per lane (a scalar store mask is not portable)
     g_ptrs = W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
     u_ptrs = W + (rows + N).to(tl.int64)[:, None] * stride_w + cols[None, :]
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    k_lo = 0
-    if PDL == 2:  # the first weight tiles stream in while the previous kernel finishes
-        mask = row_mask[:, None] & (cols < K)[None, :]
-        g_first = tl.load(g_ptrs, mask=mask, other=0.0)
-        u_first = tl.load(u_ptrs, mask=mask, other=0.0)
-    pdl_enter(PDL)
-    if PDL == 2:
-        x, x2 = _normed_x(X, R, G, RES_OUT, cols, K, write_res, NORM)
-        if NORM:
-            sq += x2
-        acc_g += g_first.to(tl.float32) * x[None, :]
-        acc_u += u_first.to(tl.float32) * x[None, :]
-        k_lo = BLOCK_K
-    for k0 in range(k_lo, K, BLOCK_K):
-        kk = k0 + cols
-        x, x2 = _normed_x(X, R, G, RES_OUT, kk, K, write_res, NORM)
-        if NORM:
-            sq += x2
-        mask = row_mask[:, None] & (kk < K)[None, :]
-        acc_g += tl.load(g_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * x[None, :]
-        acc_u += tl.load(u_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * x[None, :]
+    gate, up = _dot_two(g_ptrs, u_ptrs, row_mask[:, None], X, R, G, RES_OUT, K, eps, BLOCK_K, NORM, PDL)
     dtype = OUT.dtype.element_ty
-    gate = tl.sum(acc_g, axis=1)
-    up = tl.sum(acc_u, axis=1)
-    if NORM:
-        inv_rms = _inv_rms(sq, K, eps)
-        gate *= inv_rms
-        up *= inv_rms
     gate = gate.to(dtype).to(tl.float32)
     up = up.to(dtype).to(tl.float32)
     tl.store(OUT + rows, (gate / (1.0 + tl.exp(-gate)) * up).to(dtype), mask=row_mask)
@@ -264,7 +277,7 @@ def gemv_silu_triton(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, .
     x = x.contiguous()
     out = torch.empty((*x.shape[:-1], n2 // 2), dtype=x.dtype, device=x.device)
     r, g, res_out, eps = _norm_args(x, norm)
-    jit_helpers(globals(), ("_normed_x", "_inv_rms"))
+    jit_helpers(globals(), _DOT_TWO_HELPERS)
     launch(_gemv_silu_kernel, (cdiv(n2 // 2, block_n),), x, weight, out, n2 // 2, k, weight.stride(0),
            r, g, res_out, eps, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm is not None, num_warps=num_warps,
            num_stages=num_stages)
@@ -306,38 +319,9 @@ def _gemv_rope_store_kernel(X, W, B, Q_OUT, POS, CACHE, K_CACHE, V_CACHE, SLOTS,
     cols = tl.arange(0, BLOCK_K)
     a_ptrs = W + rows_a.to(tl.int64)[:, None] * stride_w + cols[None, :]
     b_ptrs = W + rows_b.to(tl.int64)[:, None] * stride_w + cols[None, :]
-    acc_a = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
-    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    write_res = (tl.zeros([BLOCK_K], tl.int32) + pid) == 0
-    k_lo = 0
-    if PDL == 2:  # the first weight tiles stream in while the previous kernel finishes
-        kmask = (cols < K)[None, :]
-        a_first = tl.load(a_ptrs, mask=kmask, other=0.0)
-        b_first = tl.load(b_ptrs, mask=kmask, other=0.0)
-    pdl_enter(PDL)
-    if PDL == 2:
-        x, x2 = _normed_x(X, R, G, RES_OUT, cols, K, write_res, NORM)
-        if NORM:
-            sq += x2
-        acc_a += a_first.to(tl.float32) * x[None, :]
-        acc_b += b_first.to(tl.float32) * x[None, :]
-        k_lo = BLOCK_K
-    for k0 in range(k_lo, K, BLOCK_K):
-        kk = k0 + cols
-        kmask = (kk < K)[None, :]
-        x, x2 = _normed_x(X, R, G, RES_OUT, kk, K, write_res, NORM)
-        if NORM:
-            sq += x2
-        acc_a += tl.load(a_ptrs + k0, mask=kmask, other=0.0).to(tl.float32) * x[None, :]
-        acc_b += tl.load(b_ptrs + k0, mask=kmask, other=0.0).to(tl.float32) * x[None, :]
+    all_rows = (j >= 0)[:, None]  # every column pair of the head is real
+    xa, xb = _dot_two(a_ptrs, b_ptrs, all_rows, X, R, G, RES_OUT, K, eps, BLOCK_K, NORM, PDL)
     dtype = Q_OUT.dtype.element_ty
-    xa = tl.sum(acc_a, axis=1)
-    xb = tl.sum(acc_b, axis=1)
-    if NORM:
-        inv_rms = _inv_rms(sq, K, eps)
-        xa *= inv_rms
-        xb *= inv_rms
     if HAS_BIAS:
         xa += tl.load(B + rows_a).to(tl.float32)
         xb += tl.load(B + rows_b).to(tl.float32)
@@ -392,7 +376,7 @@ def gemv_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     x = x.contiguous()
     q = torch.empty((1, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     r, g, res_out, eps = _norm_args(x, norm)
-    jit_helpers(globals(), ("_store_kv_halves", "_normed_x", "_inv_rms"))
+    jit_helpers(globals(), ("_store_kv_halves", *_DOT_TWO_HELPERS))
     launch(_gemv_rope_store_kernel, (heads * (half // block_j),), x, weight, bias if bias is not None else weight,
            q, positions, cos_sin, k_cache, v_cache, slots, k, weight.stride(0), cos_sin.stride(0),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_q_heads, num_kv_heads, r, g, res_out, eps,
