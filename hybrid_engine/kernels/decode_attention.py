@@ -2,6 +2,8 @@
 merged inside the same launch)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._triton import cdiv, jit_helpers, launch, next_pow2, pdl_enter
@@ -9,6 +11,12 @@ from ._workspace import sm_count, split_buffers
 from .kv_store import _paged_offsets  # noqa: F401 (called by _decode_split_kernel)
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
+
+# Keys a split holds at least on a GPU. A split costs its partials' round trip and the merge (an atomic and a second
+# dependent load chain); a key block of 64 more in one program costs one loop step. Measured on the H200 with
+# benchmarks/decode_attn_sweep.py (HYBRID_ENGINE_DECODE_MIN_SPLIT overrides it).
+MIN_SPLIT_KEYS = 256
+MERGE_ELEMENTS = 4096  # fp32 partials one merge load holds (32 registers a thread at 4 warps)
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -39,20 +47,21 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, PART_LSE, COUNT, OUT, scale,
                          stride_qb, stride_qh, stride_cb, stride_co, stride_ch, stride_bt, stride_ob, stride_oh,
-                         num_q_heads, num_kv_heads, head_dim, BLOCK_SIZE: tl.constexpr,
+                         num_q_heads, num_kv_heads, head_dim, min_split, BLOCK_SIZE: tl.constexpr,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         PDL: tl.constexpr = 0):
-    """One (sequence, kv head, split): the GROUP query heads of that kv head over one slice of the KV length. With
-    one split holding keys its program stores the output; with more, each stores its partials (normalised output
-    and log-sum-exp) and the last to arrive merges them for the GROUP heads and resets the counter (graph replays
-    need no memset)."""
+                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_G: tl.constexpr,
+                         MERGE_S: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
+    """One (sequence, kv head, split): the GROUP query heads of that kv head over one slice of the KV length (at
+    least `min_split` keys, so a short sequence runs as one split with no merge). With one split holding keys its
+    program stores the output; with more, each stores its partials (normalised output and log-sum-exp) and the last
+    to arrive merges them for the GROUP heads at once and resets the counter (graph replays need no memset)."""
     pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + b)
-    split_len = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N  # on device: graph-safe
+    split_len = tl.maximum((seq_len + NUM_SPLITS - 1) // NUM_SPLITS, min_split)  # on device: graph-safe
+    split_len = (split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     active = (seq_len + split_len - 1) // tl.maximum(split_len, 1)  # splits holding keys
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -72,13 +81,13 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
                                  BLOCK_SIZE)
             kv_mask = tok_mask[:, None] & (d < head_dim)[None, :]
             k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # in flight with k
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
             scores = tl.where(tok_mask[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
         out = acc / l_i[:, None]
@@ -95,41 +104,67 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
             pair = b * num_kv_heads + kv_head
             arrived = tl.atomic_add(COUNT + pair, 1, sem="acq_rel")
             if arrived == active - 1:
-                for h in tl.static_range(GROUP):
-                    _merge_head(PART_OUT, PART_LSE, OUT, b, kv_head * GROUP + h, active, stride_ob, stride_oh,
-                                num_q_heads, head_dim, NUM_SPLITS, BLOCK_S, BLOCK_D)
+                _merge_heads(PART_OUT, PART_LSE, OUT, b, kv_head, active, stride_ob, stride_oh, num_q_heads,
+                             head_dim, GROUP, NUM_SPLITS, BLOCK_S, MERGE_G, MERGE_S, BLOCK_D)
                 tl.atomic_xchg(COUNT + pair, 0)
 
 
-def _merge_head(PART_OUT, PART_LSE, OUT, b, head, active, stride_ob, stride_oh, num_q_heads, head_dim,
-                NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge the `active` splits of one (sequence, query head) by their log-sum-exp into OUT."""
-    s = tl.arange(0, BLOCK_S)
+def _merge_heads(PART_OUT, PART_LSE, OUT, b, kv_head, active, stride_ob, stride_oh, num_q_heads, head_dim,
+                 GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_G: tl.constexpr,
+                 MERGE_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the `active` splits of the GROUP query heads of one (sequence, kv head) by their log-sum-exp into OUT:
+    every head at once, MERGE_S splits per load (the weighted sum runs over the splits in that fixed order)."""
+    g = tl.arange(0, MERGE_G)
     d = tl.arange(0, BLOCK_D)
-    s_mask = s < active
-    part = (b * num_q_heads + head) * NUM_SPLITS + s
-    lse = tl.load(PART_LSE + part, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-    weight = tl.where(s_mask, tl.exp(lse - tl.max(lse, axis=0)), 0.0)
-    parts = tl.load(PART_OUT + part[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None] & (d < head_dim)[None, :],
-                    other=0.0, cache_modifier=".cg")
-    out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(weight, axis=0)
-    tl.store(OUT + b * stride_ob + head * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < head_dim)
+    heads = kv_head * GROUP + g
+    g_ok = g < GROUP
+    base = (b * num_q_heads + heads) * NUM_SPLITS  # [MERGE_G]: each head's first partial
+    s = tl.arange(0, BLOCK_S)
+    lse = tl.load(PART_LSE + base[:, None] + s[None, :], mask=g_ok[:, None] & (s < active)[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
+    top = tl.max(lse, axis=1)
+    acc = tl.zeros([MERGE_G, BLOCK_D], tl.float32)
+    total = tl.zeros([MERGE_G], tl.float32)
+    for s0 in range(0, active, MERGE_S):
+        sc = s0 + tl.arange(0, MERGE_S)
+        gs = g_ok[:, None] & (sc < active)[None, :]
+        part = base[:, None] + sc[None, :]
+        weight = tl.where(gs, tl.exp(tl.load(PART_LSE + part, mask=gs, other=float("-inf"), cache_modifier=".cg")
+                                     - top[:, None]), 0.0)
+        parts = tl.load(PART_OUT + part[:, :, None] * BLOCK_D + d[None, None, :],
+                        mask=gs[:, :, None] & (d < head_dim)[None, None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(parts * weight[:, :, None], axis=1)
+        total += tl.sum(weight, axis=1)
+    tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+             (acc / total[:, None]).to(OUT.dtype.element_ty), mask=g_ok[:, None] & (d < head_dim)[None, :])
 
 
 def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
-                         device: torch.device) -> tuple[int, int]:
-    """(num_splits, block_n) from the cache's shapes only: a captured graph stays valid for every sequence length,
-    and never from the batch size, so a sequence's attention sums in the same order whatever else is batched."""
+                         device: torch.device) -> tuple[int, int, int]:
+    """(num_splits, block_n, min_split) from the cache's shapes only: a captured graph stays valid for every
+    sequence length, and never from the batch size, so a sequence's attention sums in the same order whatever else
+    is batched. A split holds at least min_split keys (`MIN_SPLIT_KEYS` on a GPU: a shorter sequence is one split,
+    with no partials and no merge); the number of splits in use then depends on the sequence's own length only."""
     on_gpu = device.type == "cuda"
     block_n = 64 if on_gpu else 16
     max_tokens = max_blocks * block_size
     target = cdiv(4 * sm_count(device), num_kv_heads) if on_gpu else 2
-    return max(1, min(target, cdiv(max_tokens, block_n), 64)), block_n
+    return max(1, min(target, cdiv(max_tokens, block_n), 64)), block_n, min_split_keys() if on_gpu else 0
+
+
+def min_split_keys() -> int:
+    """Keys a split holds at least on a GPU: $HYBRID_ENGINE_DECODE_MIN_SPLIT, else MIN_SPLIT_KEYS."""
+    env = os.environ.get("HYBRID_ENGINE_DECODE_MIN_SPLIT", "").strip()
+    if not env:
+        return MIN_SPLIT_KEYS
+    if not env.isdigit():
+        raise ValueError(f"HYBRID_ENGINE_DECODE_MIN_SPLIT={env!r} must be a number of keys >= 0")
+    return int(env)
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                            num_splits: int | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, min_split: int | None = None) -> torch.Tensor:
     """Triton flash-decoding over the paged cache: grid (batch, kv heads, splits), the splits merged by log-sum-exp
     in the last-arriving program of each (sequence, kv head) (one launch; the partials and arrival counters are the
     reused workspace of `split_buffers`, made outside any graph capture).
@@ -144,10 +179,14 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or block_tables.stride(-1) != 1:
         return decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
     group = num_q_heads // num_kv_heads
-    splits, block_n = decode_launch_config(num_kv_heads, block_tables.shape[1], block_size, q.device)
+    splits, block_n, min_keys = decode_launch_config(num_kv_heads, block_tables.shape[1], block_size, q.device)
     if num_splits is not None:
         splits = num_splits
+    if min_split is not None:
+        min_keys = min_split
     block_d = next_pow2(max(head_dim, 16))
+    merge_g = next_pow2(group)
+    merge_s = max(1, min(next_pow2(splits), MERGE_ELEMENTS // (merge_g * block_d)))
     out = torch.empty_like(q)
     if batch == 0:
         return out
@@ -159,11 +198,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     else:
         part_out = part_lse = count = out
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    jit_helpers(globals(), ("_paged_offsets", "_merge_head"))
+    jit_helpers(globals(), ("_paged_offsets", "_merge_heads"))
     launch(_decode_split_kernel, (batch, num_kv_heads, splits),
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, count, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), num_q_heads, num_kv_heads, head_dim, BLOCK_SIZE=block_size,
-        GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
-        BLOCK_S=next_pow2(splits), DOT_PRECISION=precision, num_warps=4, num_stages=2)
+        out.stride(0), out.stride(1), num_q_heads, num_kv_heads, head_dim, max(0, int(min_keys)),
+        BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), MERGE_G=merge_g, MERGE_S=merge_s, DOT_PRECISION=precision,
+        num_warps=4, num_stages=2)
     return out

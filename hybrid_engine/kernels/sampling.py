@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import jit_helpers, launch, next_pow2, pdl_enter
+from ._workspace import split_buffers
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -196,54 +197,100 @@ def _nucleus_key(keys, weights, limit):
     return hi.to(tl.int32)
 
 
-def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, BITMASK, MASKED, POSITIONS, stride_l,
-                   stride_m, words, vocab, BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr,
-                   ADVANCE: tl.constexpr = False, PDL: tl.constexpr = 0):
-    """One row per program; the whole row lives in registers (BLOCK_V >= vocab). ADVANCE: the row's sampling
-    counter (OFFSETS) and position (POSITIONS) go one on once the draw has read the counter."""
-    pdl_enter(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    if ADVANCE:
-        offset = tl.load(OFFSETS + row)
-        tl.store(OFFSETS + row, offset + 1)
-        tl.store(POSITIONS + row, tl.load(POSITIONS + row) + 1)
-    idx = tl.arange(0, BLOCK_V)
-    valid = idx < vocab
+def _row_logits(LOGITS, BITMASK, MASKED, row, stride_l, stride_m, words, idx, valid, HAS_MASK: tl.constexpr):
+    """Logits idx of a row as fp32: NaN -> -inf (argmax would return a padding lane), a flagged row's disallowed
+    tokens -inf."""
     logits = tl.load(LOGITS + row * stride_l + idx, mask=valid, other=float("-inf")).to(tl.float32)
-    logits = tl.where(logits == logits, logits, float("-inf"))  # NaN -> -inf: argmax would return a padding lane
+    logits = tl.where(logits == logits, logits, float("-inf"))
     if HAS_MASK:
         if tl.load(MASKED + row) != 0:
             word = tl.load(BITMASK + row * stride_m + idx // 32, mask=valid & (idx // 32 < words), other=0)
             logits = tl.where(((word >> (idx % 32)) & 1) != 0, logits, float("-inf"))
+    return logits
+
+
+def _finish(OUT, OFFSETS, POSITIONS, row, token, offset, ADVANCE: tl.constexpr):
+    """Store a row's token; ADVANCE: its sampling counter (read as `offset` by every draw) and position one on."""
+    tl.store(OUT + row, token.to(tl.int64))
+    if ADVANCE:
+        tl.store(OFFSETS + row, offset + 1)
+        tl.store(POSITIONS + row, tl.load(POSITIONS + row) + 1)
+
+
+def _sample_kernel(LOGITS, TEMPERATURE, TOP_K, TOP_P, SEEDS, OFFSETS, OUT, BITMASK, MASKED, POSITIONS, PART, COUNT,
+                   stride_l, stride_m, words, vocab, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
+                   CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr,
+                   ADVANCE: tl.constexpr = False, PDL: tl.constexpr = 0):
+    """Grid (rows, CHUNKS). A row with top-k or top-p: its chunk-0 program holds the whole row in registers
+    (BLOCK_V >= vocab) and draws from it. Any other row (greedy, or temperature alone) is an argmax of a per-token
+    score: each program takes CHUNK tokens, stores its best (score, token), and the last to arrive picks the best
+    of them (the first chunk on ties, as one argmax over the row would) and resets the row's counter (graph replays
+    need no memset). ADVANCE: the row's sampling counter (OFFSETS) and position (POSITIONS) go one on once every
+    draw has read the counter."""
+    pdl_enter(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     temperature = tl.load(TEMPERATURE + row)
-    if temperature <= 0.0:
-        tl.store(OUT + row, tl.argmax(logits, axis=0).to(tl.int64))
+    top_k = tl.load(TOP_K + row)
+    top_p = tl.load(TOP_P + row)
+    offset = tl.load(OFFSETS + row)
+    filtered = (temperature > 0.0) & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0))
+    if filtered:
+        if chunk == 0:
+            idx = tl.arange(0, BLOCK_V)
+            valid = idx < vocab
+            logits = _row_logits(LOGITS, BITMASK, MASKED, row, stride_l, stride_m, words, idx, valid, HAS_MASK)
+            scaled = tl.where(valid, logits / temperature, float("-inf"))
+            keys = _ordered_key(scaled)
+            keep = valid
+            if (top_k > 0) & (top_k < vocab):
+                keep = keep & (keys >= _kth_largest_key(keys, valid, top_k).to(tl.int32))
+            if top_p < 1.0:
+                weights = tl.where(keep, tl.exp(scaled - tl.max(scaled, axis=0)), 0.0)
+                threshold = _nucleus_key(keys, weights, top_p * tl.sum(weights, axis=0))
+                keep = keep & (keys >= tl.minimum(threshold, tl.max(keys, axis=0)))
+            u = _uniform_tl(tl.load(SEEDS + row), offset, idx)
+            score = tl.where(keep, scaled - tl.log(-tl.log(u)), float("-inf"))
+            _finish(OUT, OFFSETS, POSITIONS, row, tl.argmax(score, axis=0), offset, ADVANCE)
     else:
-        scaled = tl.where(valid, logits / temperature, float("-inf"))
-        keys = _ordered_key(scaled)
-        keep = valid
-        top_k = tl.load(TOP_K + row)
-        if (top_k > 0) & (top_k < vocab):
-            keep = keep & (keys >= _kth_largest_key(keys, valid, top_k).to(tl.int32))
-        top_p = tl.load(TOP_P + row)
-        if top_p < 1.0:
-            weights = tl.where(keep, tl.exp(scaled - tl.max(scaled, axis=0)), 0.0)
-            threshold = _nucleus_key(keys, weights, top_p * tl.sum(weights, axis=0))
-            keep = keep & (keys >= tl.minimum(threshold, tl.max(keys, axis=0)))
-        u = _uniform_tl(tl.load(SEEDS + row), offset if ADVANCE else tl.load(OFFSETS + row), idx)
-        score = tl.where(keep, scaled - tl.log(-tl.log(u)), float("-inf"))
-        tl.store(OUT + row, tl.argmax(score, axis=0).to(tl.int64))
+        idx = chunk * CHUNK + tl.arange(0, CHUNK)
+        valid = idx < vocab
+        score = _row_logits(LOGITS, BITMASK, MASKED, row, stride_l, stride_m, words, idx, valid, HAS_MASK)
+        if temperature > 0.0:
+            u = _uniform_tl(tl.load(SEEDS + row), offset, idx)
+            score = tl.where(valid, score / temperature - tl.log(-tl.log(u)), float("-inf"))
+        token = chunk * CHUNK + tl.argmax(score, axis=0)
+        if CHUNKS == 1:
+            _finish(OUT, OFFSETS, POSITIONS, row, token, offset, ADVANCE)
+        else:
+            part = (row * CHUNKS + chunk) * 2
+            tl.store(PART + part, tl.max(score, axis=0))
+            tl.store(PART + part + 1, token.to(tl.float32))  # exact: a vocabulary is below 2**24
+            tl.debug_barrier()
+            if tl.atomic_add(COUNT + row, 1, sem="acq_rel") == CHUNKS - 1:
+                c = tl.arange(0, BLOCK_C)
+                parts = (row * CHUNKS + c) * 2
+                best = tl.load(PART + parts, mask=c < CHUNKS, other=float("-inf"), cache_modifier=".cg")
+                tokens = tl.load(PART + parts + 1, mask=c < CHUNKS, other=0.0, cache_modifier=".cg")
+                win = tl.argmax(best, axis=0)
+                _finish(OUT, OFFSETS, POSITIONS, row, tl.sum(tl.where(c == win, tokens, 0.0), axis=0), offset,
+                        ADVANCE)
+                tl.atomic_xchg(COUNT + row, 0)
 
 
-_HELPERS = ("_mix32_tl", "_uniform_tl", "_ordered_key", "_kth_largest_key", "_nucleus_key")
+_HELPERS = ("_mix32_tl", "_uniform_tl", "_ordered_key", "_kth_largest_key", "_nucleus_key", "_row_logits", "_finish")
+CHUNK = 4096  # tokens per program of an unfiltered row's argmax (a 128k vocabulary: 32 programs, not one)
 
 
 def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   seeds: torch.Tensor, offsets: torch.Tensor, bitmask: torch.Tensor | None = None,
-                  masked: torch.Tensor | None = None, advance: Advance | None = None) -> torch.Tensor:
+                  masked: torch.Tensor | None = None, advance: Advance | None = None,
+                  chunk_size: int | None = None) -> torch.Tensor:
     """Triton version of `sample_ref` (same hash, same filters, same bitmask, same `advance`): no host sync, fixed
     grid, graph-safe. Without a bitmask the kernel is compiled without the masking code; with `advance` (int64
-    contiguous rows) the tokens are stored in place and the counters and positions advanced in the same launch."""
+    contiguous rows) the tokens are stored in place and the counters and positions advanced in the same launch.
+    chunk_size: tokens per program of an unfiltered row (default `CHUNK`; a power of two); the reused partials and
+    arrival counters are `split_buffers`' (made outside any graph capture)."""
     batch, vocab = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -258,14 +305,21 @@ def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     positions = advance[1] if in_place else out
     block_v = next_pow2(vocab)
     num_warps = 32 if block_v >= 32768 else 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
+    chunk = min(CHUNK if chunk_size is None else chunk_size, block_v)
+    chunks = -(-vocab // chunk)
     if batch > 0:
+        if chunks > 1:
+            part, count = split_buffers(logits.device, ("sample", chunks), batch * chunks * 2, batch)
+        else:
+            part = count = out
         jit_helpers(globals(), _HELPERS)
-        launch(_sample_kernel, (batch,),
+        launch(_sample_kernel, (batch, chunks),
             logits, temperature.float().contiguous(), top_k.int().contiguous(), top_p.float().contiguous(),
             seeds.long().contiguous(), offsets if in_place else offsets.long().contiguous(), out,
-            bitmask if has_mask else out, masked.int().contiguous() if has_mask else out, positions,
+            bitmask if has_mask else out, masked.int().contiguous() if has_mask else out, positions, part, count,
             logits.stride(0), bitmask.stride(0) if has_mask else 0, bitmask.shape[1] if has_mask else 0, vocab,
-            BLOCK_V=block_v, HAS_MASK=has_mask, ADVANCE=in_place, num_warps=num_warps)
+            BLOCK_V=block_v, CHUNK=chunk, CHUNKS=chunks, BLOCK_C=next_pow2(chunks), HAS_MASK=has_mask,
+            ADVANCE=in_place, num_warps=num_warps)
     return out if in_place else advance_ref(out, offsets, advance)
 
 

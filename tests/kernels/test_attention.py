@@ -53,7 +53,27 @@ def test_decode_launch_depends_only_on_shapes():
     """Graph safety: the split count comes from (kv heads, max_blocks), never from seq_lens values or the batch."""
     cfg = decode_launch_config(32, 256, 16, torch.device("cpu"))
     assert cfg == decode_launch_config(32, 256, 16, torch.device("cpu"))
-    assert cfg[0] >= 1
+    assert cfg[0] >= 1 and cfg[2] >= 0
+
+
+@pytest.mark.parametrize("num_splits,min_split", [(4, 32), (3, 1000)])
+def test_decode_attention_min_split_keys(num_splits, min_split):
+    """A split holds at least min_split keys: fewer splits in use (one, with no merge, for a sequence that fits),
+    the same answer."""
+    args = paged_case("cpu", torch.float32, 16, 8, 2, 64, [1, 20, 33, 47, 100], seed=7)
+    want = decode_reference(*args, 0.125)
+    assert_close(decode_attention_triton(*args, 0.125, num_splits=num_splits, min_split=min_split), want,
+                 torch.float32, "min split")
+
+
+def test_decode_merge_walks_splits_in_chunks():
+    """A GQA group of 8 heads of dim 128 merges 4 splits per load: 5 active splits take two loads."""
+    from hybrid_engine.kernels.decode_attention import MERGE_ELEMENTS
+
+    assert MERGE_ELEMENTS // (8 * 128) < 5
+    args = paged_case("cpu", torch.float32, 16, 8, 1, 128, [80, 33, 1], seed=9)
+    assert_close(decode_attention_triton(*args, 0.125, num_splits=5), decode_reference(*args, 0.125),
+                 torch.float32, "chunked merge")
 
 
 @pytest.mark.parametrize("attention", [decode_attention_triton, decode_attention_ref])

@@ -182,3 +182,33 @@ def test_advance_in_the_same_launch(device):
     sample_triton(logits, *p[:4], strided, advance=(tokens, positions))
     assert torch.equal(tokens, want) and torch.equal(strided, p[4] + 1)
     assert torch.equal(positions, torch.ones_like(want))
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_unfiltered_rows_argmax_in_chunks(chunk_size):
+    """Rows without top-k / top-p (greedy, and temperature alone) are argmaxes over chunks of the vocabulary, merged
+    by the last-arriving program: the same tokens as the reference, with ties across chunks going to the lowest
+    index, rows of NaN to token 0, bitmasked rows respected, `advance` applied once per row, and the arrival
+    counters left at zero for the next call (run twice on the same workspace)."""
+    from hybrid_engine.kernels import _workspace
+
+    _workspace.clear_split_buffers()
+    logits, *p = mixed_case(vocab=257)
+    logits[0, [3, 200]] = 40.0  # a greedy row's tie across chunks: the lowest index wins
+    logits[10, :] = float("nan")  # a greedy row of NaN: token 0
+    bitmask = torch.zeros(16, 9, dtype=torch.int32)
+    bitmask[:, 5] = 0b1011  # tokens 160, 161, 163 allowed in flagged rows
+    masked = torch.tensor([1, 1, 0, 0] * 4, dtype=torch.int32)
+    want = sample_ref(logits, *p, bitmask, masked)
+    assert int(want[0]) in (160, 161, 163) and int(want[10]) == 0  # row 0 flagged, row 10 not
+    for _ in range(2):
+        offsets, tokens, positions = p[4].clone(), torch.full_like(want, -1), torch.zeros_like(want)
+        got = sample_triton(logits, *p[:4], offsets, bitmask, masked, advance=(tokens, positions),
+                            chunk_size=chunk_size)
+        assert torch.equal(got, want)
+        assert torch.equal(offsets, p[4] + 1) and torch.equal(positions, torch.ones_like(want))
+    unmasked = sample_ref(logits, *p)
+    assert unmasked[0] == 3 and unmasked[10] == 0
+    assert torch.equal(sample_triton(logits, *p, chunk_size=chunk_size), unmasked)
+    (key,) = [k for k in _workspace._SPLIT_BUFFERS if "sample" in k]
+    assert int(_workspace._SPLIT_BUFFERS[key][1].abs().sum()) == 0

@@ -1,0 +1,67 @@
+"""Decode attention at batch 1 by the keys a split holds at least (`min_split`), per head shape and cached length.
+
+    python benchmarks/decode_attn_sweep.py --out decode_attn_sweep.json
+
+Each number is us per call from one CUDA graph of calls, each on its own layer's cache (kernels/sweeps/timing.py),
+checked against the fp32 reference first. `MIN_SPLIT_KEYS` in kernels/decode_attention.py is chosen from this.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from hybrid_engine.kernels.decode_attention import decode_attention_ref, decode_attention_triton, decode_launch_config
+from hybrid_engine.kernels.sweeps.timing import REPS, graph_us
+
+HEADS = {"llama-2-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128), "qwen2-7b": (28, 4, 128),
+         "llama-3.2-1b": (32, 8, 64), "smollm2-135m": (9, 3, 64)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="16,80,200,300,500,700,1000,2000,4000")
+    ap.add_argument("--min-splits", default="0,128,256,512,1024")
+    ap.add_argument("--models", default=",".join(HEADS))
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    dev, dtype, block = torch.device("cuda"), torch.float16, 16
+    lengths = [int(x) for x in args.lengths.split(",")]
+    mins = [int(x) for x in args.min_splits.split(",")]
+    max_blocks = args.max_model_len // block
+    result: dict = {"card": torch.cuda.get_device_name(), "reps": REPS, "max_model_len": args.max_model_len,
+                    "us": {}}
+    for model in args.models.split(","):
+        hq, hkv, dim = HEADS[model]
+        splits = decode_launch_config(hkv, max_blocks, block, dev)[0]
+        g = torch.Generator(device=dev).manual_seed(0)
+        caches = [(torch.randn(max_blocks + 1, block, hkv, dim, device=dev, dtype=dtype, generator=g),
+                   torch.randn(max_blocks + 1, block, hkv, dim, device=dev, dtype=dtype, generator=g))
+                  for _ in range(REPS)]
+        table = torch.randperm(max_blocks, device=dev, generator=g).to(torch.int32)[None]
+        q = torch.randn(1, hq, dim, device=dev, dtype=dtype, generator=g)
+        rows = {}
+        for n in lengths:
+            lens = torch.tensor([n], device=dev, dtype=torch.int32)
+            want = decode_attention_ref(q.float(), caches[0][0].float(), caches[0][1].float(), table, lens, dim ** -0.5)
+            row = {}
+            for m in mins:
+                got = decode_attention_triton(q, *caches[0], table, lens, dim ** -0.5, min_split=m)
+                err = (got.float() - want).abs().max().item()
+                if err > 2e-2:
+                    row[m] = f"wrong: {err:.3g}"
+                    continue
+                row[m] = round(graph_us(lambda i: decode_attention_triton(q, *caches[i], table, lens, dim ** -0.5,
+                                                                          min_split=m)), 2)
+            rows[n] = row
+            print(model, f"splits={splits}", n, row, flush=True)
+        result["us"][model] = {"num_splits": splits, "by_length": rows}
+        del caches
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
