@@ -1,9 +1,11 @@
-"""Decode attention at batch 1 by the keys a split holds at least (`min_split`), per head shape and cached length.
+"""Decode attention at batch 1 by the length up to which a sequence runs as one split (`single_split`), per head
+shape and cached length.
 
     python benchmarks/decode_attn_sweep.py --out decode_attn_sweep.json
 
 Each number is us per call from one CUDA graph of calls, each on its own layer's cache (kernels/sweeps/timing.py),
-checked against the fp32 reference first. `MIN_SPLIT_KEYS` in kernels/decode_attention.py is chosen from this.
+checked against the fp32 reference first. `SINGLE_SPLIT_KEYS` in kernels/decode_attention.py is chosen from this. (Its first run on the H200 timed a
+minimum split length instead, the same kernel argument before the rule changed: results/nvidia-h200-2026-11-30-decode-attention-min-split.json.)
 """
 from __future__ import annotations
 
@@ -23,14 +25,14 @@ HEADS = {"llama-2-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128), "qwen2-7b": (2
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="16,80,200,300,500,700,1000,2000,4000")
-    ap.add_argument("--min-splits", default="0,128,256,512,1024")
+    ap.add_argument("--single-splits", default="0,128,192,256")
     ap.add_argument("--models", default=",".join(HEADS))
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     dev, dtype, block = torch.device("cuda"), torch.float16, 16
     lengths = [int(x) for x in args.lengths.split(",")]
-    mins = [int(x) for x in args.min_splits.split(",")]
+    mins = [int(x) for x in args.single_splits.split(",")]
     max_blocks = args.max_model_len // block
     result: dict = {"card": torch.cuda.get_device_name(), "reps": REPS, "max_model_len": args.max_model_len,
                     "us": {}}
@@ -49,13 +51,13 @@ def main() -> None:
             want = decode_attention_ref(q.float(), caches[0][0].float(), caches[0][1].float(), table, lens, dim ** -0.5)
             row = {}
             for m in mins:
-                got = decode_attention_triton(q, *caches[0], table, lens, dim ** -0.5, min_split=m)
+                got = decode_attention_triton(q, *caches[0], table, lens, dim ** -0.5, single_split=m)
                 err = (got.float() - want).abs().max().item()
                 if err > 2e-2:
                     row[m] = f"wrong: {err:.3g}"
                     continue
                 row[m] = round(graph_us(lambda i: decode_attention_triton(q, *caches[i], table, lens, dim ** -0.5,
-                                                                          min_split=m)), 2)
+                                                                          single_split=m)), 2)
             rows[n] = row
             print(model, f"splits={splits}", n, row, flush=True)
         result["us"][model] = {"num_splits": splits, "by_length": rows}

@@ -12,10 +12,11 @@ from .kv_store import _paged_offsets  # noqa: F401 (called by _decode_split_kern
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
-# Keys a split holds at least on a GPU. A split costs its partials' round trip and the merge (an atomic and a second
-# dependent load chain); a key block of 64 more in one program costs one loop step. Measured on the H200 with
-# benchmarks/decode_attn_sweep.py (HYBRID_ENGINE_DECODE_MIN_SPLIT overrides it).
-MIN_SPLIT_KEYS = 256
+# Keys up to which a sequence runs as one split on a GPU. Splitting costs the partials' round trip and the merge (an
+# atomic and a second dependent load chain, ~1.5-2.5 us on the H200); each key block of 64 one program walks costs
+# ~0.6-1 us. Measured with benchmarks/decode_attn_sweep.py (HYBRID_ENGINE_DECODE_SINGLE_SPLIT overrides it): one
+# split is faster up to two blocks (128 keys), splits of one block from three on.
+SINGLE_SPLIT_KEYS = 128
 MERGE_ELEMENTS = 4096  # fp32 partials one merge load holds (32 registers a thread at 4 warps)
 
 
@@ -47,12 +48,12 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, PART_LSE, COUNT, OUT, scale,
                          stride_qb, stride_qh, stride_cb, stride_co, stride_ch, stride_bt, stride_ob, stride_oh,
-                         num_q_heads, num_kv_heads, head_dim, min_split, BLOCK_SIZE: tl.constexpr,
+                         num_q_heads, num_kv_heads, head_dim, single_split, BLOCK_SIZE: tl.constexpr,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_G: tl.constexpr,
                          MERGE_S: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
-    """One (sequence, kv head, split): the GROUP query heads of that kv head over one slice of the KV length (at
-    least `min_split` keys, so a short sequence runs as one split with no merge). With one split holding keys its
+    """One (sequence, kv head, split): the GROUP query heads of that kv head over one slice of the KV length (a
+    sequence of at most `single_split` keys is one slice: no partials, no merge). With one split holding keys its
     program stores the output; with more, each stores its partials (normalised output and log-sum-exp) and the last
     to arrive merges them for the GROUP heads at once and resets the counter (graph replays need no memset)."""
     pdl_enter(PDL)
@@ -60,7 +61,7 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + b)
-    split_len = tl.maximum((seq_len + NUM_SPLITS - 1) // NUM_SPLITS, min_split)  # on device: graph-safe
+    split_len = tl.where(seq_len <= single_split, seq_len, (seq_len + NUM_SPLITS - 1) // NUM_SPLITS)  # graph-safe
     split_len = (split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     active = (seq_len + split_len - 1) // tl.maximum(split_len, 1)  # splits holding keys
     start = split * split_len
@@ -141,30 +142,31 @@ def _merge_heads(PART_OUT, PART_LSE, OUT, b, kv_head, active, stride_ob, stride_
 
 def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
                          device: torch.device) -> tuple[int, int, int]:
-    """(num_splits, block_n, min_split) from the cache's shapes only: a captured graph stays valid for every
+    """(num_splits, block_n, single_split) from the cache's shapes only: a captured graph stays valid for every
     sequence length, and never from the batch size, so a sequence's attention sums in the same order whatever else
-    is batched. A split holds at least min_split keys (`MIN_SPLIT_KEYS` on a GPU: a shorter sequence is one split,
-    with no partials and no merge); the number of splits in use then depends on the sequence's own length only."""
+    is batched. A sequence of at most single_split keys runs as one split (`SINGLE_SPLIT_KEYS` on a GPU: no
+    partials, no merge); the number of splits in use depends on the sequence's own length only."""
     on_gpu = device.type == "cuda"
     block_n = 64 if on_gpu else 16
     max_tokens = max_blocks * block_size
     target = cdiv(4 * sm_count(device), num_kv_heads) if on_gpu else 2
-    return max(1, min(target, cdiv(max_tokens, block_n), 64)), block_n, min_split_keys() if on_gpu else 0
+    return max(1, min(target, cdiv(max_tokens, block_n), 64)), block_n, single_split_keys() if on_gpu else 0
 
 
-def min_split_keys() -> int:
-    """Keys a split holds at least on a GPU: $HYBRID_ENGINE_DECODE_MIN_SPLIT, else MIN_SPLIT_KEYS."""
-    env = os.environ.get("HYBRID_ENGINE_DECODE_MIN_SPLIT", "").strip()
+def single_split_keys() -> int:
+    """Keys up to which a sequence runs as one split on a GPU: $HYBRID_ENGINE_DECODE_SINGLE_SPLIT, else
+    SINGLE_SPLIT_KEYS."""
+    env = os.environ.get("HYBRID_ENGINE_DECODE_SINGLE_SPLIT", "").strip()
     if not env:
-        return MIN_SPLIT_KEYS
+        return SINGLE_SPLIT_KEYS
     if not env.isdigit():
-        raise ValueError(f"HYBRID_ENGINE_DECODE_MIN_SPLIT={env!r} must be a number of keys >= 0")
+        raise ValueError(f"HYBRID_ENGINE_DECODE_SINGLE_SPLIT={env!r} must be a number of keys >= 0")
     return int(env)
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                            num_splits: int | None = None, min_split: int | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, single_split: int | None = None) -> torch.Tensor:
     """Triton flash-decoding over the paged cache: grid (batch, kv heads, splits), the splits merged by log-sum-exp
     in the last-arriving program of each (sequence, kv head) (one launch; the partials and arrival counters are the
     reused workspace of `split_buffers`, made outside any graph capture).
@@ -179,11 +181,11 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or block_tables.stride(-1) != 1:
         return decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
     group = num_q_heads // num_kv_heads
-    splits, block_n, min_keys = decode_launch_config(num_kv_heads, block_tables.shape[1], block_size, q.device)
+    splits, block_n, single = decode_launch_config(num_kv_heads, block_tables.shape[1], block_size, q.device)
     if num_splits is not None:
         splits = num_splits
-    if min_split is not None:
-        min_keys = min_split
+    if single_split is not None:
+        single = single_split
     block_d = next_pow2(max(head_dim, 16))
     merge_g = next_pow2(group)
     merge_s = max(1, min(next_pow2(splits), MERGE_ELEMENTS // (merge_g * block_d)))
@@ -202,7 +204,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     launch(_decode_split_kernel, (batch, num_kv_heads, splits),
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, count, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), num_q_heads, num_kv_heads, head_dim, max(0, int(min_keys)),
+        out.stride(0), out.stride(1), num_q_heads, num_kv_heads, head_dim, max(0, int(single)),
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), MERGE_G=merge_g, MERGE_S=merge_s, DOT_PRECISION=precision,
         num_warps=4, num_stages=2)

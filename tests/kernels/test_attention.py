@@ -56,14 +56,13 @@ def test_decode_launch_depends_only_on_shapes():
     assert cfg[0] >= 1 and cfg[2] >= 0
 
 
-@pytest.mark.parametrize("num_splits,min_split", [(4, 32), (3, 1000)])
-def test_decode_attention_min_split_keys(num_splits, min_split):
-    """A split holds at least min_split keys: fewer splits in use (one, with no merge, for a sequence that fits),
-    the same answer."""
-    args = paged_case("cpu", torch.float32, 16, 8, 2, 64, [1, 20, 33, 47, 100], seed=7)
+@pytest.mark.parametrize("num_splits,single_split", [(4, 32), (3, 1000)])
+def test_decode_attention_single_split_up_to_a_length(num_splits, single_split):
+    """A sequence of at most single_split keys runs as one split (no merge), longer ones split: the same answer."""
+    args = paged_case("cpu", torch.float32, 16, 8, 2, 64, [1, 20, 32, 33, 47, 100], seed=7)
     want = decode_reference(*args, 0.125)
-    assert_close(decode_attention_triton(*args, 0.125, num_splits=num_splits, min_split=min_split), want,
-                 torch.float32, "min split")
+    assert_close(decode_attention_triton(*args, 0.125, num_splits=num_splits, single_split=single_split), want,
+                 torch.float32, "single split")
 
 
 def test_decode_merge_walks_splits_in_chunks():
