@@ -17,6 +17,7 @@ tl = None  # triton.language, bound on first launch (see _triton.py)
 # ~0.6-1 us. Measured with benchmarks/decode_attn_sweep.py (HYBRID_ENGINE_DECODE_SINGLE_SPLIT overrides it): one
 # split is faster up to two blocks (128 keys), splits of one block from three on.
 SINGLE_SPLIT_KEYS = 128
+PREFETCH_BLOCKS = False  # not yet measured against plain loads on a card (benchmarks/decode_attn_sweep.py --prefetch)
 MERGE_ELEMENTS = 4096  # fp32 partials one merge load holds (32 registers a thread at 4 warps)
 
 
@@ -51,11 +52,14 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
                          num_q_heads, num_kv_heads, head_dim, single_split, BLOCK_SIZE: tl.constexpr,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_G: tl.constexpr,
-                         MERGE_S: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
+                         MERGE_S: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr = False,
+                         PDL: tl.constexpr = 0):
     """One (sequence, kv head, split): the GROUP query heads of that kv head over one slice of the KV length (a
     sequence of at most `single_split` keys is one slice: no partials, no merge). With one split holding keys its
     program stores the output; with more, each stores its partials (normalised output and log-sum-exp) and the last
-    to arrive merges them for the GROUP heads at once and resets the counter (graph replays need no memset)."""
+    to arrive merges them for the GROUP heads at once and resets the counter (graph replays need no memset).
+    PREFETCH: a program walking several key blocks loads block i + 1 before attending over block i (the same
+    arithmetic in the same order: only when the loads are issued changes)."""
     pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -75,22 +79,20 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for tok0 in range(start, end, BLOCK_N):
-            tok = tok0 + tl.arange(0, BLOCK_N)
-            tok_mask = tok < end
-            off = _paged_offsets(BLOCK_TABLES + b * stride_bt, tok, tok_mask, kv_head, stride_cb, stride_co, stride_ch,
-                                 BLOCK_SIZE)
-            kv_mask = tok_mask[:, None] & (d < head_dim)[None, :]
-            k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # in flight with k
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-            scores = tl.where(tok_mask[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        bt = BLOCK_TABLES + b * stride_bt
+        if PREFETCH:  # the next block's keys and values are loaded before this block's are used
+            k, v, tok_mask = _kv_block(K_CACHE, V_CACHE, bt, start, end, kv_head, stride_cb, stride_co, stride_ch,
+                                       head_dim, BLOCK_SIZE, BLOCK_N, BLOCK_D)
+            for tok0 in range(start, end, BLOCK_N):
+                k_next, v_next, mask_next = _kv_block(K_CACHE, V_CACHE, bt, tok0 + BLOCK_N, end, kv_head, stride_cb,
+                                                      stride_co, stride_ch, head_dim, BLOCK_SIZE, BLOCK_N, BLOCK_D)
+                m_i, l_i, acc = _attend(q, k, v, tok_mask, m_i, l_i, acc, scale, DOT_PRECISION)
+                k, v, tok_mask = k_next, v_next, mask_next
+        else:
+            for tok0 in range(start, end, BLOCK_N):
+                k, v, tok_mask = _kv_block(K_CACHE, V_CACHE, bt, tok0, end, kv_head, stride_cb, stride_co, stride_ch,
+                                           head_dim, BLOCK_SIZE, BLOCK_N, BLOCK_D)
+                m_i, l_i, acc = _attend(q, k, v, tok_mask, m_i, l_i, acc, scale, DOT_PRECISION)
         out = acc / l_i[:, None]
         if active <= 1:  # the only split with keys (always so with NUM_SPLITS == 1)
             tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -108,6 +110,32 @@ def _decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, PART_OUT, 
                 _merge_heads(PART_OUT, PART_LSE, OUT, b, kv_head, active, stride_ob, stride_oh, num_q_heads,
                              head_dim, GROUP, NUM_SPLITS, BLOCK_S, MERGE_G, MERGE_S, BLOCK_D)
                 tl.atomic_xchg(COUNT + pair, 0)
+
+
+def _kv_block(K_CACHE, V_CACHE, BT, tok0, end, kv_head, stride_cb, stride_co, stride_ch, head_dim,
+              BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Keys and values [BLOCK_N, BLOCK_D] of positions tok0.. of one kv head (zeros past `end`), and the mask of
+    positions below `end`."""
+    d = tl.arange(0, BLOCK_D)
+    tok = tok0 + tl.arange(0, BLOCK_N)
+    tok_mask = tok < end
+    off = _paged_offsets(BT, tok, tok_mask, kv_head, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+    kv_mask = tok_mask[:, None] & (d < head_dim)[None, :]
+    k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # in flight with k
+    return k, v, tok_mask
+
+
+def _attend(q, k, v, tok_mask, m_i, l_i, acc, scale, DOT_PRECISION: tl.constexpr):
+    """One key block of online softmax: the running max, sum and output of the query heads after it."""
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+    scores = tl.where(tok_mask[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 def _merge_heads(PART_OUT, PART_LSE, OUT, b, kv_head, active, stride_ob, stride_oh, num_q_heads, head_dim,
@@ -153,6 +181,15 @@ def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
     return max(1, min(target, cdiv(max_tokens, block_n), 64)), block_n, single_split_keys() if on_gpu else 0
 
 
+def prefetch_blocks() -> bool:
+    """Whether a program loads its next key block before attending over this one: $HYBRID_ENGINE_DECODE_PREFETCH
+    (0 / 1), else PREFETCH_BLOCKS."""
+    env = os.environ.get("HYBRID_ENGINE_DECODE_PREFETCH", "").strip()
+    if env not in ("", "0", "1"):
+        raise ValueError(f"HYBRID_ENGINE_DECODE_PREFETCH={env!r} must be 0 (off) or 1 (on)")
+    return PREFETCH_BLOCKS if not env else env == "1"
+
+
 def single_split_keys() -> int:
     """Keys up to which a sequence runs as one split on a GPU: $HYBRID_ENGINE_DECODE_SINGLE_SPLIT, else
     SINGLE_SPLIT_KEYS."""
@@ -166,7 +203,8 @@ def single_split_keys() -> int:
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                            num_splits: int | None = None, single_split: int | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, single_split: int | None = None,
+                            prefetch: bool | None = None) -> torch.Tensor:
     """Triton flash-decoding over the paged cache: grid (batch, kv heads, splits), the splits merged by log-sum-exp
     in the last-arriving program of each (sequence, kv head) (one launch; the partials and arrival counters are the
     reused workspace of `split_buffers`, made outside any graph capture).
@@ -186,6 +224,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         splits = num_splits
     if single_split is not None:
         single = single_split
+    if prefetch is None:
+        prefetch = prefetch_blocks()
     block_d = next_pow2(max(head_dim, 16))
     merge_g = next_pow2(group)
     merge_s = max(1, min(next_pow2(splits), MERGE_ELEMENTS // (merge_g * block_d)))
@@ -200,12 +240,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     else:
         part_out = part_lse = count = out
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    jit_helpers(globals(), ("_paged_offsets", "_merge_heads"))
+    jit_helpers(globals(), ("_paged_offsets", "_kv_block", "_attend", "_merge_heads"))
     launch(_decode_split_kernel, (batch, num_kv_heads, splits),
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, count, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), num_q_heads, num_kv_heads, head_dim, max(0, int(single)),
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), MERGE_G=merge_g, MERGE_S=merge_s, DOT_PRECISION=precision,
-        num_warps=4, num_stages=2)
+        PREFETCH=bool(prefetch), num_warps=4, num_stages=2)
     return out

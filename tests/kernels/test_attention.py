@@ -61,8 +61,10 @@ def test_decode_attention_single_split_up_to_a_length(num_splits, single_split):
     """A sequence of at most single_split keys runs as one split (no merge), longer ones split: the same answer."""
     args = paged_case("cpu", torch.float32, 16, 8, 2, 64, [1, 20, 32, 33, 47, 100], seed=7)
     want = decode_reference(*args, 0.125)
-    assert_close(decode_attention_triton(*args, 0.125, num_splits=num_splits, single_split=single_split), want,
-                 torch.float32, "single split")
+    plain = decode_attention_triton(*args, 0.125, num_splits=num_splits, single_split=single_split, prefetch=False)
+    assert_close(plain, want, torch.float32, "single split")
+    prefetched = decode_attention_triton(*args, 0.125, num_splits=num_splits, single_split=single_split, prefetch=True)
+    assert torch.equal(prefetched, plain)  # the next block loaded early: same arithmetic, same order
 
 
 def test_decode_merge_walks_splits_in_chunks():
