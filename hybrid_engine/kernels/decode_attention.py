@@ -17,6 +17,11 @@ tl = None  # triton.language, bound on first launch (see _triton.py)
 # ~0.6-1 us. Measured with benchmarks/decode_attn_sweep.py (HYBRID_ENGINE_DECODE_SINGLE_SPLIT overrides it): one
 # split is faster up to two blocks (128 keys), splits of one block from three on.
 SINGLE_SPLIT_KEYS = 128
+# Splits a sequence's keys are cut into at most. The merge walks MERGE_S splits per load, so many splits cost more
+# than longer ones: at 2,000 keys, Llama-3-8B's heads took 14.5 us as 32 splits of 64 keys and 12.7 us as 16 of 128
+# (Qwen2-7B 13.4 / 11.5; the sweep in results/nvidia-h200-2026-11-30-decode-attention-min-split.json). With 24, up to
+# ~1,500 keys split exactly as with 64 (one 64-key block each) and the grid launches fewer idle programs.
+MAX_SPLITS = 24
 PREFETCH_BLOCKS = False  # not yet measured against plain loads on a card (benchmarks/decode_attn_sweep.py --prefetch)
 MERGE_ELEMENTS = 4096  # fp32 partials one merge load holds (32 registers a thread at 4 warps)
 
@@ -178,7 +183,7 @@ def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
     block_n = 64 if on_gpu else 16
     max_tokens = max_blocks * block_size
     target = cdiv(4 * sm_count(device), num_kv_heads) if on_gpu else 2
-    return max(1, min(target, cdiv(max_tokens, block_n), 64)), block_n, single_split_keys() if on_gpu else 0
+    return max(1, min(target, cdiv(max_tokens, block_n), MAX_SPLITS)), block_n, single_split_keys() if on_gpu else 0
 
 
 def prefetch_blocks() -> bool:
