@@ -25,6 +25,9 @@ def add_tune_parser(sub: Any) -> None:
     t.add_argument("--quick", action="store_true", help="a smaller decode GEMM grid")
     t.add_argument("--budget-s", type=float, default=300.0,
                    help="time limit in seconds; what is finished by then stays saved (default 300)")
+    t.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the GEMV sweep, time the model's batch-1 TPOT with the table before and after it (fresh "
+                        "processes, alternated) and keep the new GEMV entries only if faster (default: on)")
     t.add_argument("--out", type=Path, default=None,
                    help="table file (or folder, for <card>.json) to write instead of the user cache; copy a table "
                         "into hybrid_engine/kernels/tuning/ to ship it")
@@ -91,6 +94,7 @@ def run_tune(args: argparse.Namespace) -> int:
     run = TuneRun(device_name, args.budget_s, args.quick, _out_path(args.out, device_name),
                   sm_count(torch.device("cuda")), default_workers())
     target = run.out or tuning.user_dir() / f"{tuning.device_slug(device_name)}.json"
+    before = target.read_text() if target.exists() else None
     print(f"[hybrid-engine] tuning {args.model} (tensor parallel {args.tensor_parallel_size}, "
           f"{str(shapes.dtype).removeprefix('torch.')}) on {device_name}: {', '.join(kernels)} within "
           f"{args.budget_s:.0f} s, saving to {target}", file=sys.stderr)
@@ -101,9 +105,40 @@ def run_tune(args: argparse.Namespace) -> int:
     if run.saved_to is None:
         print("[hybrid-engine] nothing was saved: no shape finished (raise --budget-s)", file=sys.stderr)
         return 1
+    if "gemv" in kernels:
+        _check_gemv(args, run.saved_to, before)
     print(f"[hybrid-engine] wrote {run.saved_to}; engines started on this card read it "
           f"(the decode GEMM table applies with --batch-invariant)", file=sys.stderr)
     return 0
+
+
+def _check_gemv(args: argparse.Namespace, table: Path, before: str | None) -> None:
+    """The end-to-end check of the run's GEMV entries (kernels/sweeps/verify.py), or why it did not run."""
+    import subprocess
+
+    from .kernels import tuning
+    from .kernels.sweeps.verify import GEMV_FAMILIES, gemv_changed, tpot_ms, verify_gemv
+
+    if not gemv_changed(table, before):
+        return
+    if not args.verify:
+        print("[hybrid-engine] --no-verify: the new GEMV entries are kept without the check in the model's decode "
+              "step", file=sys.stderr)
+        return
+    if args.tensor_parallel_size > 1:
+        print("[hybrid-engine] the check in the model's decode step runs at tensor parallel 1 only: the new GEMV "
+              "entries are kept unchecked", file=sys.stderr)
+        return
+    print("[hybrid-engine] checking the new GEMV entries in the model's decode step (4 fresh engines)...",
+          file=sys.stderr)
+    try:
+        verdict = verify_gemv(table, before, lambda d: tpot_ms(args.model, d, args.dtype or "auto"))
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        tuning.restore_families(table, before, GEMV_FAMILIES)
+        print(f"[hybrid-engine] the check could not run ({_one_line(exc)[:300]}): the GEMV families are back as they "
+              "were (--no-verify keeps new entries unchecked)", file=sys.stderr)
+        return
+    print(verdict.line(), file=sys.stderr)
 
 
 def _slashed(values: dict, keys: list) -> str:

@@ -87,6 +87,24 @@ def save(family: str, entries: dict[str, list[int]], device_name: str, path: Pat
         pass
     data["device"] = device_name
     data.setdefault("tables", {}).setdefault(family, {}).update({k: list(v) for k, v in entries.items()})
+    return _write(path, data)
+
+
+def restore_families(path: Path, before: str | None, families: tuple[str, ...]) -> Path:
+    """Put `families` of the table file at `path` back as they were in `before` (the file's earlier text; None or
+    a family missing there: the family is removed), leaving its other families as they are; written atomically."""
+    data = json.loads(path.read_text())
+    old = json.loads(before).get("tables", {}) if before else {}
+    tables = data.setdefault("tables", {})
+    for family in families:
+        if family in old:
+            tables[family] = old[family]
+        else:
+            tables.pop(family, None)
+    return _write(path, data)
+
+
+def _write(path: Path, data: dict[str, Any]) -> Path:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     os.replace(f.name, path)
