@@ -4,7 +4,7 @@ whether a program loads its next key block early (`prefetch`), per head shape an
     python benchmarks/decode_attn_sweep.py --out decode_attn_sweep.json
 
 Each number is us per call from one CUDA graph of calls, each on its own layer's cache (kernels/sweeps/timing.py),
-checked against the fp32 reference first. `SINGLE_SPLIT_KEYS` and `PREFETCH_BLOCKS` in kernels/decode_attention.py
+checked against the fp32 reference first. `SINGLE_SPLIT_KEYS` and `PREFETCH_MAX_HEAD_DIM` in kernels/decode_attention.py
 are chosen from this. (Its first run timed a minimum split length instead, the same kernel argument before the rule
 changed: results/nvidia-h200-2026-11-30-decode-attention-min-split.json.)
 """

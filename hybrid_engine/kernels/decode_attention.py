@@ -22,7 +22,12 @@ SINGLE_SPLIT_KEYS = 128
 # (Qwen2-7B 13.4 / 11.5; the sweep in results/nvidia-h200-2026-11-30-decode-attention-min-split.json). With 24, up to
 # ~1,500 keys split exactly as with 64 (one 64-key block each) and the grid launches fewer idle programs.
 MAX_SPLITS = 24
-PREFETCH_BLOCKS = False  # not yet measured against plain loads on a card (benchmarks/decode_attn_sweep.py --prefetch)
+# Head sizes up to which a program loads its next key block before attending over this one. H200 sweep
+# (results/nvidia-h200-2026-11-30-decode-attention-prefetch.json): at head size 64 (Llama-3.2-1B) faster in every
+# case timed, e.g. 80 keys in one program (two blocks) 3.97 vs 4.23 us, 200 keys in one program (four blocks) 6.24
+# vs 6.66, 2,000 keys in 32 splits 8.99 vs 9.20; at 128 the two key/value tiles in flight cost registers (LLaMA-2-7B
+# at 2,000 keys in 17 splits of two blocks: 20.0 vs 15.6 us).
+PREFETCH_MAX_HEAD_DIM = 64
 MERGE_ELEMENTS = 4096  # fp32 partials one merge load holds (32 registers a thread at 4 warps)
 
 
@@ -186,13 +191,13 @@ def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
     return max(1, min(target, cdiv(max_tokens, block_n), MAX_SPLITS)), block_n, single_split_keys() if on_gpu else 0
 
 
-def prefetch_blocks() -> bool:
+def prefetch_blocks(head_dim: int) -> bool:
     """Whether a program loads its next key block before attending over this one: $HYBRID_ENGINE_DECODE_PREFETCH
-    (0 / 1), else PREFETCH_BLOCKS."""
+    (0 / 1), else for head sizes up to PREFETCH_MAX_HEAD_DIM."""
     env = os.environ.get("HYBRID_ENGINE_DECODE_PREFETCH", "").strip()
     if env not in ("", "0", "1"):
         raise ValueError(f"HYBRID_ENGINE_DECODE_PREFETCH={env!r} must be 0 (off) or 1 (on)")
-    return PREFETCH_BLOCKS if not env else env == "1"
+    return head_dim <= PREFETCH_MAX_HEAD_DIM if not env else env == "1"
 
 
 def single_split_keys() -> int:
@@ -230,7 +235,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if single_split is not None:
         single = single_split
     if prefetch is None:
-        prefetch = prefetch_blocks()
+        prefetch = prefetch_blocks(head_dim)
     block_d = next_pow2(max(head_dim, 16))
     merge_g = next_pow2(group)
     merge_s = max(1, min(next_pow2(splits), MERGE_ELEMENTS // (merge_g * block_d)))
