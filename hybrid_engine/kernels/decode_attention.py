@@ -2,6 +2,7 @@
 merged inside the same launch)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -191,18 +192,20 @@ def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
     return max(1, min(target, cdiv(max_tokens, block_n), MAX_SPLITS)), block_n, single_split_keys() if on_gpu else 0
 
 
+@functools.lru_cache(maxsize=None)
 def prefetch_blocks(head_dim: int) -> bool:
     """Whether a program loads its next key block before attending over this one: $HYBRID_ENGINE_DECODE_PREFETCH
-    (0 / 1), else for head sizes up to PREFETCH_MAX_HEAD_DIM."""
+    (0 / 1; read once per process), else for head sizes up to PREFETCH_MAX_HEAD_DIM."""
     env = os.environ.get("HYBRID_ENGINE_DECODE_PREFETCH", "").strip()
     if env not in ("", "0", "1"):
         raise ValueError(f"HYBRID_ENGINE_DECODE_PREFETCH={env!r} must be 0 (off) or 1 (on)")
     return head_dim <= PREFETCH_MAX_HEAD_DIM if not env else env == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def single_split_keys() -> int:
-    """Keys up to which a sequence runs as one split on a GPU: $HYBRID_ENGINE_DECODE_SINGLE_SPLIT, else
-    SINGLE_SPLIT_KEYS."""
+    """Keys up to which a sequence runs as one split on a GPU: $HYBRID_ENGINE_DECODE_SINGLE_SPLIT (read once per
+    process), else SINGLE_SPLIT_KEYS."""
     env = os.environ.get("HYBRID_ENGINE_DECODE_SINGLE_SPLIT", "").strip()
     if not env:
         return SINGLE_SPLIT_KEYS
