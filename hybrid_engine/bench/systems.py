@@ -70,9 +70,14 @@ class HybridSystem:
     def step_profile(self, ids: list[int], n: int = 48) -> dict[str, Any]:
         """Kernels per graph-replayed decode step and the GPU idle time between them (bench/step_profile.py), from
         one profiled request of `n` tokens; CUDA only."""
+        from ..kernels._triton import pdl_mode
         from .step_profile import profile_decode_steps
 
-        return profile_decode_steps(lambda: self.generate_e2e(ids, n))
+        out = profile_decode_steps(lambda: self.generate_e2e(ids, n))
+        # with programmatic dependent launch a kernel starts while its predecessor runs and waits inside: its
+        # profiled duration (kernel_us_by_name) then includes that wait; HYBRID_ENGINE_PDL=0 gives kernels' own times
+        out["pdl_mode"] = pdl_mode()
+        return out
 
     def settle(self, timeout_s: float) -> dict[str, Any]:
         """Give the idle-capture worker its idle window: wait until no graph is pending (or timeout)."""
