@@ -13,6 +13,8 @@ inner loop) and masked on store. Output allocated like F.linear; no workspace, n
 """
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -154,9 +156,10 @@ def warm_up_lengths() -> set[int]:
 
 
 def config_for(m: int, n: int, k: int, transposed: bool = False) -> tuple[int, int, int, int, int] | str | None:
-    """The plan's choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt), None (cuBLAS), and
-    with `transposed` (the weight has a transposed copy) "t" / "t_lt" (cuBLAS / cuBLASLt on the copy). Outside
-    `graph_plan()` only "t" (its host cost is F.linear's) or None."""
+    """The plan's choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt), None (cuBLAS), with
+    `transposed` (the weight has a transposed copy) "t" / "t_lt" (cuBLAS / cuBLASLt on the copy), and "decode_gemm"
+    for a shape the plan does not list under `small_prefill_mode()` "decode_gemm". Outside `graph_plan()` only "t"
+    (its host cost is F.linear's) or None."""
     plan = in_graph_plan()
     if transposed:
         choice = next((cfg for max_m, cfg in GEMM_T_CONFIGS.get((n, k), ()) if m <= max_m), None)
@@ -164,7 +167,24 @@ def config_for(m: int, n: int, k: int, transposed: bool = False) -> tuple[int, i
             return choice
     if not plan:
         return None
+    if (n, k) not in GEMM_CONFIGS and m <= SMALL_PREFILL_MAX_ROWS and small_prefill_mode() == "decode_gemm":
+        return "decode_gemm"
     return next((cfg for max_m, cfg in GEMM_CONFIGS.get((n, k), ()) if m <= max_m), None)
+
+
+SMALL_PREFILL_MAX_ROWS = 32  # the decode GEMM's largest bucket
+
+
+@functools.lru_cache(maxsize=None)
+def small_prefill_mode() -> str:
+    """$HYBRID_ENGINE_SMALL_PREFILL (read once per process): "plan" (default) sends the graph-captured products of
+    2..SMALL_PREFILL_MAX_ROWS rows whose shape the plan does not list to cuBLAS; "decode_gemm" sends them to the
+    Triton decode GEMM (kernels/decode_gemm.py), which takes part in programmatic dependent launch where cuBLAS does
+    not. An A/B switch for the small shapes' prefill (their steps are launch-bound), not yet measured on a card."""
+    mode = os.environ.get("HYBRID_ENGINE_SMALL_PREFILL", "plan").strip().lower() or "plan"
+    if mode not in ("plan", "decode_gemm"):
+        raise ValueError(f"HYBRID_ENGINE_SMALL_PREFILL={mode!r} must be 'plan' or 'decode_gemm'")
+    return mode
 
 
 def reads_copy(rows: int, weight: torch.Tensor, weight_t: torch.Tensor | None) -> bool:

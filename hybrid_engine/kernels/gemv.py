@@ -434,6 +434,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return gemm.linear_lt(x, weight_t.t(), bias)
     if choice == "lt":
         return gemm.linear_lt(x, weight, bias)
+    if choice == "decode_gemm":
+        from .decode_gemm import decode_linear
+
+        return decode_linear(x, weight, bias)
     if choice is not None:
         return gemm.gemm_triton(x, weight, bias, choice)
     return F.linear(x, weight, bias)

@@ -61,6 +61,47 @@ def test_config_table_lookup(monkeypatch):
     assert gemm.config_for(40, 40, 96) == "lt" and 48 in gemm.warm_up_lengths()
 
 
+def test_small_prefill_switch_sends_unlisted_shapes_to_the_decode_gemm(monkeypatch):
+    """HYBRID_ENGINE_SMALL_PREFILL=decode_gemm: inside graph captures, products of 2..32 rows of a shape the plan
+    does not list go to the decode GEMM; listed shapes, more rows and the JIT path keep the plan; a bad value is a
+    ValueError naming it."""
+    monkeypatch.setitem(gemm.GEMM_CONFIGS, (40, 96), [(64, CONFIGS[0])])
+    for value, want in (("decode_gemm", "decode_gemm"), ("plan", None), ("", None)):
+        monkeypatch.setenv("HYBRID_ENGINE_SMALL_PREFILL", value)
+        gemm.small_prefill_mode.cache_clear()
+        assert gemm.config_for(20, 41, 96) is None  # the JIT path: cuBLAS whatever the switch
+        with gemm.graph_plan():
+            assert gemm.config_for(20, 41, 96) == want
+            assert gemm.config_for(32, 41, 96) == want
+            assert gemm.config_for(33, 41, 96) is None
+            assert gemm.config_for(20, 40, 96) == CONFIGS[0]  # the plan's own entry wins
+    monkeypatch.setenv("HYBRID_ENGINE_SMALL_PREFILL", "cublas")
+    gemm.small_prefill_mode.cache_clear()
+    with pytest.raises(ValueError, match="HYBRID_ENGINE_SMALL_PREFILL='cublas'"):
+        gemm.small_prefill_mode()
+    monkeypatch.delenv("HYBRID_ENGINE_SMALL_PREFILL")
+    gemm.small_prefill_mode.cache_clear()
+
+
+@pytest.mark.gpu
+def test_small_prefill_switch_computes_the_product_gpu(monkeypatch):
+    """The routed product equals F.linear (fp16, within tolerance) for the rows a small prefill bucket has."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setenv("HYBRID_ENGINE_SMALL_PREFILL", "decode_gemm")
+    gemm.small_prefill_mode.cache_clear()
+    try:
+        x = rand(16, 576, dtype=torch.float16, device="cuda", seed=1)
+        w = rand(960, 576, dtype=torch.float16, device="cuda", seed=2, scale=0.05)
+        b = rand(960, dtype=torch.float16, device="cuda", seed=3)
+        with gemm.graph_plan():
+            out = gemv.linear(x, w, b)
+        assert_close(out, linear_ref(x.float(), w.float(), b.float()), torch.float16, "small prefill")
+    finally:
+        monkeypatch.delenv("HYBRID_ENGINE_SMALL_PREFILL")
+        gemm.small_prefill_mode.cache_clear()
+
+
 def test_linear_lt_equals_linear():
     x, w = torch.randn(5, 16), torch.randn(8, 16)
     assert torch.allclose(gemm.linear_lt(x, w), F.linear(x, w), atol=1e-6)
