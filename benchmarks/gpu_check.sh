@@ -20,7 +20,9 @@ for s in $stages; do
     # sampling with advance) and of the engine's graphs: a few minutes, where `ktests` + `tests` take longer than a call
     quick) timeout 280 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels/test_gemv.py \
              tests/kernels/test_pdl.py tests/kernels/test_kv_store.py tests/kernels/test_sampling.py \
-             tests/test_graphs_gpu.py 2>&1 | tail -6 | tee "$OUT/gpu_quick_tests.txt";;
+             tests/test_graphs_gpu.py 2>&1 | tail -6 | tee "$OUT/gpu_quick_tests.txt"
+           timeout 150 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels/test_attention.py \
+             tests/kernels/test_gemm.py -k "decode or small_prefill" 2>&1 | tail -3 | tee -a "$OUT/gpu_quick_tests.txt";;
     ktests) timeout 250 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels 2>&1 | tail -15 | tee "$OUT/gpu_kernel_tests.txt";;
     tests) timeout 300 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests --ignore=tests/test_tensor_parallel_gpu.py 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt";;
     # tensor parallelism (kind nvidia-h200-x2): all-reduce methods by size, the TP GPU test (own process: it kills a
