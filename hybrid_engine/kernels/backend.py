@@ -73,6 +73,9 @@ class KernelOps:
     # does not apply (the model then runs rms_norm and the op)
     norm_linear_silu_mul: Callable[..., Any] | None = None
     norm_linear_rope_store: Callable[..., Any] | None = None
+    # graph-captured prefills of a few rows: (x, gate_up_weight) -> silu_mul(linear(.)) in one kernel, or None where
+    # it does not apply (gemv.small_prefill_silu_mul; the model then composes linear and silu_mul)
+    prefill_linear_silu_mul: Callable[..., Any] | None = None
     decode_projection: str = "linear_rows"  # what decode_linear and the two fused decode ops above run (stats)
     # (q, k, v, positions, cos_sin, k_cache, v_cache, slots, scale, valid_len) -> prefill attention output, with
     # rope and the KV-cache writes in the same launch
@@ -205,6 +208,7 @@ def _decode_projections(batch_invariant: bool) -> dict[str, Any]:
                 linear_rope_store=_by_rows(gemv.linear_rope_store, dg.decode_linear_rope_store),
                 norm_linear_silu_mul=_after_norm(gemv.linear_silu_mul),
                 norm_linear_rope_store=_after_norm(gemv.linear_rope_store),
+                prefill_linear_silu_mul=gemv.small_prefill_silu_mul,
                 decode_projection=f"gemv (1 row) + decode_gemm (2-{MIXED_DECODE_MAX_ROWS}) + plan")
 
 

@@ -455,6 +455,20 @@ def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, norm: Norm | None = N
     return None
 
 
+def small_prefill_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """`KernelOps.prefill_linear_silu_mul`: silu_mul(linear(x, gate/up weight [2I, K])) of a graph-captured prefill in
+    one decode-GEMM launch where `gemm.config_for` sends its product to the decode GEMM (`small_prefill_mode()`
+    "decode_gemm", 2..32 rows, a shape the plan does not list); None elsewhere (the caller composes the ops)."""
+    if not gemm.in_graph_plan():  # the JIT path: nothing more to check (its host time counts)
+        return None
+    rows = x.numel() // x.shape[-1]
+    if rows < 2 or not _triton_ok(x, weight, None) or gemm.config_for(rows, *weight.shape) != "decode_gemm":
+        return None
+    from .decode_gemm import decode_linear_silu_mul
+
+    return decode_linear_silu_mul(x, weight)
+
+
 def linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
                       cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                       num_q_heads: int, num_kv_heads: int, norm: Norm | None = None) -> Any:

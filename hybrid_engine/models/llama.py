@@ -194,6 +194,8 @@ class DecoderLayer(nn.Module):
             x, residual = ops.rms_norm(x, self.post_attention_layernorm, a.rms_norm_eps, residual)
             # decode: gate/up projection and SiLU-mul in one kernel where the backend has it (None: does not apply)
             act = ops.linear_silu_mul(x, gu.weight) if decode and ops.linear_silu_mul is not None else None
+            if not decode and ops.prefill_linear_silu_mul is not None:  # a few-row captured prefill (None: n/a)
+                act = ops.prefill_linear_silu_mul(x, gu.weight)
         if act is None:
             act = ops.silu_mul(linear(x, gu.weight, None, gu.weight_t))
         x = linear(act, self.down_proj.weight)

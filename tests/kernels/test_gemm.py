@@ -75,6 +75,8 @@ def test_small_prefill_switch_sends_unlisted_shapes_to_the_decode_gemm(monkeypat
             assert gemm.config_for(32, 41, 96) == want
             assert gemm.config_for(33, 41, 96) is None
             assert gemm.config_for(20, 40, 96) == CONFIGS[0]  # the plan's own entry wins
+    with gemm.graph_plan():  # on the CPU the fused gate/up never applies: the model composes the ops
+        assert gemv.small_prefill_silu_mul(torch.randn(4, 8), torch.randn(6, 8)) is None
     monkeypatch.setenv("HYBRID_ENGINE_SMALL_PREFILL", "cublas")
     gemm.small_prefill_mode.cache_clear()
     with pytest.raises(ValueError, match="HYBRID_ENGINE_SMALL_PREFILL='cublas'"):
@@ -96,7 +98,11 @@ def test_small_prefill_switch_computes_the_product_gpu(monkeypatch):
         b = rand(960, dtype=torch.float16, device="cuda", seed=3)
         with gemm.graph_plan():
             out = gemv.linear(x, w, b)
+            gate_up = rand(2 * 768, 576, dtype=torch.float16, device="cuda", seed=4, scale=0.05)
+            act = gemv.small_prefill_silu_mul(x, gate_up)
         assert_close(out, linear_ref(x.float(), w.float(), b.float()), torch.float16, "small prefill")
+        assert act is not None and gemv.small_prefill_silu_mul(x, gate_up) is None  # outside captures: n/a
+        assert_close(act, gemv.linear_silu_mul_ref(x.float(), gate_up.float()), torch.float16, "small prefill silu")
     finally:
         monkeypatch.delenv("HYBRID_ENGINE_SMALL_PREFILL")
         gemm.small_prefill_mode.cache_clear()
