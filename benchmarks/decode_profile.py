@@ -17,7 +17,6 @@ import torch
 
 from hybrid_engine import LLM
 from hybrid_engine.bench.systems import HybridSystem
-from hybrid_engine.kernels._triton import pdl_mode
 
 
 def main() -> None:
@@ -35,8 +34,7 @@ def main() -> None:
             ids = list(range(3, 3 + args.prompt_len))
             for _ in range(3):
                 system.generate_e2e(ids, args.tokens)
-            prof = system.step_profile(ids, args.tokens)
-            prof["pdl_mode"] = pdl_mode()
+            prof = system.step_profile(ids, args.tokens)  # with the PDL mode it ran under
             result["by_model"][model] = prof
             print(model, json.dumps(prof), flush=True)
         finally:

@@ -305,6 +305,8 @@ def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     positions = advance[1] if in_place else out
     block_v = next_pow2(vocab)
     num_warps = 32 if block_v >= 32768 else 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
+    if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"chunk_size={chunk_size}: must be a power of two >= 16")
     chunk = min(CHUNK if chunk_size is None else chunk_size, block_v)
     chunks = -(-vocab // chunk)
     if batch > 0:

@@ -212,3 +212,5 @@ def test_unfiltered_rows_argmax_in_chunks(chunk_size):
     assert torch.equal(sample_triton(logits, *p, chunk_size=chunk_size), unmasked)
     (key,) = [k for k in _workspace._SPLIT_BUFFERS if "sample" in k]
     assert int(_workspace._SPLIT_BUFFERS[key][1].abs().sum()) == 0
+    with pytest.raises(ValueError, match="chunk_size=48"):
+        sample_triton(logits, *p, chunk_size=48)

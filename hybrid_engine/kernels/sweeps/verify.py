@@ -91,8 +91,7 @@ def verify_gemv(table: Path, before: str | None, measure: Callable[[Path], float
         for _ in range(rounds):
             for arm in ("before", "after"):
                 times[arm].append(measure(dirs[arm]))
-    verdict = Verdict(statistics.median(times["before"]), statistics.median(times["after"]), False)
-    kept = verdict.after_ms < verdict.before_ms
-    if not kept:
+    before_ms, after_ms = statistics.median(times["before"]), statistics.median(times["after"])
+    if after_ms >= before_ms:
         tuning.restore_families(table, before, GEMV_FAMILIES)
-    return Verdict(verdict.before_ms, verdict.after_ms, kept)
+    return Verdict(before_ms, after_ms, kept=after_ms < before_ms)
