@@ -77,6 +77,19 @@ def test_decode_merge_walks_splits_in_chunks():
                  torch.float32, "chunked merge")
 
 
+@pytest.mark.parametrize("single_split,prefetch", [(16, False), (48, True)])
+def test_single_split_rule_keeps_rows_batch_invariant(single_split, prefetch):
+    """With sequences on both sides of the single-split length (one program, or splits and a merge), each row is
+    bit-identical alone and in the batch: the rule reads only the row's own length."""
+    q, kc, vc, tables, lens = paged_case("cpu", torch.float32, 16, 8, 2, 64, [47, 5, 90, 1, 48, 49], seed=11)
+    kw = dict(num_splits=3, single_split=single_split, prefetch=prefetch)
+    batched = decode_attention_triton(q, kc, vc, tables, lens, 0.125, **kw)
+    assert_close(batched, decode_reference(q, kc, vc, tables, lens, 0.125), torch.float32, "single-split rule")
+    for i in range(q.shape[0]):
+        alone = decode_attention_triton(q[i:i + 1], kc, vc, tables[i:i + 1], lens[i:i + 1], 0.125, **kw)
+        assert torch.equal(alone, batched[i:i + 1]), i
+
+
 @pytest.mark.parametrize("attention", [decode_attention_triton, decode_attention_ref])
 def test_decode_attention_is_batch_invariant(attention):
     """A sequence's output is bit-identical alone and in a batch with other lengths (fixed reduction order)."""
