@@ -65,13 +65,12 @@ def parse_decode_steps(events: list[dict[str, Any]]) -> dict[str, Any]:
 def _by_name(steps: list[tuple[list[str], list[tuple[float, float]]]], top: int = 16) -> dict[str, list[float]]:
     """{kernel name: [launches per step, median summed us per step]} for the `top` names by time, largest first."""
     per_step: list[dict[str, float]] = []
-    counts: dict[str, int] = {}
     for step_names, spans in steps:
         total: dict[str, float] = defaultdict(float)
         for name, (s, e) in zip(step_names, spans):
             total[name] += e - s
         per_step.append(total)
-        counts = Counter(step_names)  # the same graph every step: the last one's counts stand for all
+    counts = Counter(steps[-1][0]) if steps else Counter()  # the same graph every step: one step's counts
     med = {n: statistics.median(t.get(n, 0.0) for t in per_step) for n in counts}
     ranked = sorted(med, key=med.get, reverse=True)[:top]
     return {n: [counts[n], round(med[n], 2)] for n in ranked}

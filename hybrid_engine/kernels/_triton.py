@@ -13,7 +13,7 @@ import importlib.util
 import os
 import sys
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 
 def triton_available() -> bool:
@@ -288,16 +288,25 @@ def _pdl_capable() -> bool:
     return hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
 
 
+T = TypeVar("T")
+
+
+def env_choice(name: str, default: str, choices: dict[str, T], allowed: str) -> T:
+    """The kernels' A/B switches: $name (case and surrounding spaces ignored; unset or empty: `default`) mapped
+    through `choices`; ValueError naming the value and `allowed` otherwise."""
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be {allowed}")
+    return choices[value]
+
+
 def pdl_mode() -> int:
     """The PDL mode kernels are launched with (see above): `set_pdl_mode`'s, else $HYBRID_ENGINE_PDL's (default 2),
     0 where the card or Triton cannot."""
     mode = _pdl_override
     if mode is None:
-        env = os.environ.get(_PDL_ENV, "2").strip().lower()
-        modes = {"0": 0, "off": 0, "false": 0, "no": 0, "1": 1, "2": 2, "on": 2}
-        if env not in modes:
-            raise ValueError(f"{_PDL_ENV}={env!r} must be one of 0 (off), 1 (wait first), 2 (weights first)")
-        mode = modes[env]
+        mode = env_choice(_PDL_ENV, "2", {"0": 0, "off": 0, "false": 0, "no": 0, "1": 1, "2": 2, "on": 2},
+                          "one of 0 (off), 1 (wait first), 2 (weights first)")
     return mode if mode and _pdl_capable() else 0
 
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ._triton import cdiv, jit_helpers, launch, next_pow2, pdl_enter
+from ._triton import cdiv, env_choice, jit_helpers, launch, next_pow2, pdl_enter
 from ._workspace import sm_count, split_buffers
 from .kv_store import _paged_offsets  # noqa: F401 (called by _decode_split_kernel)
 
@@ -196,10 +196,9 @@ def decode_launch_config(num_kv_heads: int, max_blocks: int, block_size: int,
 def prefetch_blocks(head_dim: int) -> bool:
     """Whether a program loads its next key block before attending over this one: $HYBRID_ENGINE_DECODE_PREFETCH
     (0 / 1; read once per process), else for head sizes up to PREFETCH_MAX_HEAD_DIM."""
-    env = os.environ.get("HYBRID_ENGINE_DECODE_PREFETCH", "").strip()
-    if env not in ("", "0", "1"):
-        raise ValueError(f"HYBRID_ENGINE_DECODE_PREFETCH={env!r} must be 0 (off) or 1 (on)")
-    return head_dim <= PREFETCH_MAX_HEAD_DIM if not env else env == "1"
+    on = env_choice("HYBRID_ENGINE_DECODE_PREFETCH", "auto", {"auto": None, "0": False, "1": True},
+                    "0 (off) or 1 (on)")
+    return head_dim <= PREFETCH_MAX_HEAD_DIM if on is None else on
 
 
 @functools.lru_cache(maxsize=None)

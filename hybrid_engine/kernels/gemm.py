@@ -14,7 +14,6 @@ inner loop) and masked on store. Output allocated like F.linear; no workspace, n
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .._local import local_setting
-from ._triton import cdiv, launch, pdl_enter
+from ._triton import cdiv, env_choice, launch, pdl_enter
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -181,10 +180,8 @@ def small_prefill_mode() -> str:
     2..SMALL_PREFILL_MAX_ROWS rows whose shape the plan does not list to cuBLAS; "decode_gemm" sends them to the
     Triton decode GEMM (kernels/decode_gemm.py), which takes part in programmatic dependent launch where cuBLAS does
     not. An A/B switch for the small shapes' prefill (their steps are launch-bound), not yet measured on a card."""
-    mode = os.environ.get("HYBRID_ENGINE_SMALL_PREFILL", "plan").strip().lower() or "plan"
-    if mode not in ("plan", "decode_gemm"):
-        raise ValueError(f"HYBRID_ENGINE_SMALL_PREFILL={mode!r} must be 'plan' or 'decode_gemm'")
-    return mode
+    return env_choice("HYBRID_ENGINE_SMALL_PREFILL", "plan", {"plan": "plan", "decode_gemm": "decode_gemm"},
+                      "'plan' or 'decode_gemm'")
 
 
 def reads_copy(rows: int, weight: torch.Tensor, weight_t: torch.Tensor | None) -> bool:

@@ -21,14 +21,13 @@ no host sync, output allocated like F.linear: CUDA-graph capturable.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import gemm, tuning
-from ._triton import cdiv, jit_helpers, launch, next_pow2, pdl_enter
+from ._triton import cdiv, env_choice, jit_helpers, launch, next_pow2, pdl_enter
 from ._workspace import split_buffers
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
@@ -504,12 +503,9 @@ FUSE_NORM_MAX_K = 1024
 def fuse_norm_mode() -> str:
     """$HYBRID_ENGINE_FUSE_NORM: "auto" (default: the tuning table, else hidden <= FUSE_NORM_MAX_K), "1" always (on
     the fused kernel's own config), "0" never."""
-    env = os.environ.get("HYBRID_ENGINE_FUSE_NORM", "auto").strip().lower()
-    modes = {"auto": "auto", "1": "1", "on": "1", "true": "1", "yes": "1", "0": "0", "off": "0", "false": "0",
-             "no": "0"}
-    if env not in modes:
-        raise ValueError(f"HYBRID_ENGINE_FUSE_NORM={env!r} must be auto, 1 or 0")
-    return modes[env]
+    return env_choice("HYBRID_ENGINE_FUSE_NORM", "auto", {"auto": "auto", "1": "1", "on": "1", "true": "1",
+                                                          "yes": "1", "0": "0", "off": "0", "false": "0", "no": "0"},
+                      "auto, 1 or 0")
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import tuning
+from .. import gemv, tuning
 
-GEMV_FAMILIES = ("gemv", "gemv_silu", "gemv_rope", "gemv_silu_norm", "gemv_rope_norm")
+GEMV_FAMILIES = (*gemv.FAMILIES.values(), *gemv.NORM_FAMILIES.values())
 PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the folder holding hybrid_engine/
 
 CHILD = """
@@ -41,12 +41,15 @@ llm.close()
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """before_ms / after_ms: median batch-1 TPOT with the table before / after the run; kept: the new GEMV entries
+    """before_ms / after_ms: median batch-1 TPOT with the table before / after the run; `kept`: the new GEMV entries
     stay (else they were put back)."""
 
     before_ms: float
     after_ms: float
-    kept: bool
+
+    @property
+    def kept(self) -> bool:
+        return self.after_ms < self.before_ms
 
     def line(self) -> str:
         change = (self.after_ms / self.before_ms - 1) * 100
@@ -91,7 +94,7 @@ def verify_gemv(table: Path, before: str | None, measure: Callable[[Path], float
         for _ in range(rounds):
             for arm in ("before", "after"):
                 times[arm].append(measure(dirs[arm]))
-    before_ms, after_ms = statistics.median(times["before"]), statistics.median(times["after"])
-    if after_ms >= before_ms:
+    verdict = Verdict(statistics.median(times["before"]), statistics.median(times["after"]))
+    if not verdict.kept:
         tuning.restore_families(table, before, GEMV_FAMILIES)
-    return Verdict(before_ms, after_ms, kept=after_ms < before_ms)
+    return verdict
