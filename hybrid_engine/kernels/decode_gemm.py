@@ -127,11 +127,21 @@ def _mma(x, w, acc, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     return acc
 
 
+def _load_k(ptrs, ks, K, EVEN_K: tl.constexpr):
+    """A [rows, BLOCK_K] tile at columns ks, 0 past K (no mask when K is a whole number of BLOCK_K steps)."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(ks < K)[None, :], other=0.0)
+
+
 def _dot_pair(X, W, x_rows, w_a, w_b, stride_xm, stride_wn, K, k_start, k_stop, PAIR: tl.constexpr,
               EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """x[x_rows, k_start:k_stop] @ W[w_a]^T (and @ W[w_b]^T with PAIR), fp32 [BLOCK_M, BLOCK_N], K in BLOCK_K
-    steps; with SWAP accumulated as [BLOCK_N, BLOCK_M] and transposed at the end."""
+    steps; with SWAP accumulated as [BLOCK_N, BLOCK_M] and transposed at the end. Waits for the previous kernel
+    (`pdl_enter`) before reading x; with PDL == 2 the first weight tiles are read before that wait (weights are
+    never written, so the read overlaps the previous kernel's tail), then go through the same first MMA as the
+    loop's, so the sums keep their order."""
     ks = k_start + tl.arange(0, BLOCK_K)
     x_ptrs = X + x_rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
     a_ptrs = W + w_a.to(tl.int64)[:, None] * stride_wn + ks[None, :]
@@ -141,18 +151,27 @@ def _dot_pair(X, W, x_rows, w_a, w_b, stride_xm, stride_wn, K, k_start, k_stop, 
     else:
         acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_b = acc_a
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            acc_a = _mma(x, tl.load(a_ptrs), acc_a, SWAP, DOT_PRECISION)
-            if PAIR:
-                acc_b = _mma(x, tl.load(b_ptrs), acc_b, SWAP, DOT_PRECISION)
-        else:
-            kmask = (ks + (k0 - k_start) < K)[None, :]
-            x = tl.load(x_ptrs, mask=kmask, other=0.0)
-            acc_a = _mma(x, tl.load(a_ptrs, mask=kmask, other=0.0), acc_a, SWAP, DOT_PRECISION)
-            if PAIR:
-                acc_b = _mma(x, tl.load(b_ptrs, mask=kmask, other=0.0), acc_b, SWAP, DOT_PRECISION)
+    k_lo = k_start
+    if PDL == 2:  # k_start < K always: every split owns at least one BLOCK_K step
+        a_first = _load_k(a_ptrs, ks, K, EVEN_K)
+        if PAIR:
+            b_first = _load_k(b_ptrs, ks, K, EVEN_K)
+    pdl_enter(PDL)
+    if PDL == 2:
+        x = _load_k(x_ptrs, ks, K, EVEN_K)
+        acc_a = _mma(x, a_first, acc_a, SWAP, DOT_PRECISION)
+        if PAIR:
+            acc_b = _mma(x, b_first, acc_b, SWAP, DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        k_lo += BLOCK_K
+    for k0 in range(k_lo, k_stop, BLOCK_K):
+        kk = ks + (k0 - k_start)
+        x = _load_k(x_ptrs, kk, K, EVEN_K)
+        acc_a = _mma(x, _load_k(a_ptrs, kk, K, EVEN_K), acc_a, SWAP, DOT_PRECISION)
+        if PAIR:
+            acc_b = _mma(x, _load_k(b_ptrs, kk, K, EVEN_K), acc_b, SWAP, DOT_PRECISION)
         x_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -233,8 +252,8 @@ def _store_rope(xa, xb, w_a, rows, M, Q_OUT, stride_qm, POS, CACHE, stride_cache
     _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF)
 
 
-_HELPERS = ("_tile_columns", "_mma", "_dot_pair", "_split_k_fixup", "_store_tile", "_store_silu_mul", "_store_rope",
-            "_store_kv_halves")
+_HELPERS = ("_tile_columns", "_mma", "_load_k", "_dot_pair", "_split_k_fixup", "_store_tile", "_store_silu_mul",
+            "_store_rope", "_store_kv_halves")
 
 
 def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, SLOTS, M, N, K, stride_xm,
@@ -243,8 +262,7 @@ def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, S
                         SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
                         EVEN_K: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, SWAP: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
-    pdl_enter(PDL)
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # nothing is read before _dot_pair's pdl_enter but (with PDL == 2) weights
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     pid_m = pid % num_pid_m  # M-tiles fastest: the programs reading one weight tile run side by side
@@ -254,7 +272,7 @@ def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, S
     k_start = pid_k * k_chunk
     acc_a, acc_b = _dot_pair(X, W, tl.minimum(rows, M - 1), w_a, w_b, stride_xm, stride_wn, K, k_start,
                              tl.minimum(K, k_start + k_chunk), PAIR, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP,
-                             DOT_PRECISION)
+                             DOT_PRECISION, PDL)
     last = pid_k == SPLIT_K - 1  # without split-K: the one program of the tile
     if SPLIT_K > 1:
         tile = pid_m * (tl.num_programs(0) // num_pid_m) + pid_n

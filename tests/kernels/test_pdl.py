@@ -5,7 +5,7 @@ import pytest
 import torch
 from kernel_helpers import rand
 
-from hybrid_engine.kernels import _triton, gemv
+from hybrid_engine.kernels import _triton, decode_gemm, gemv
 from hybrid_engine.kernels._workspace import capture_graph
 from hybrid_engine.kernels.rms_norm import rms_norm_triton
 
@@ -90,4 +90,41 @@ def test_dependent_chain_in_a_graph_matches_no_pdl(mode):
             assert torch.equal(a, b)
     eager = _chain(x, res, norm_w, w1, w2, w3, steps=6)
     for a, b in zip(eager, want):
+        assert torch.equal(a, b)
+
+
+def _decode_chain(x, w1, w2, w3, steps):
+    """The decode GEMM (the batch-invariant projections) on 5 rows: split-K with a SiLU-mul epilogue, swap-AB,
+    plain with a masked K tail, `steps` times, each launch reading the previous one's output."""
+    for _ in range(steps):
+        h = decode_gemm.decode_silu_triton(x, w1, (16, 128, 3, 4, 2, 0))
+        h = decode_gemm.decode_gemm_triton(h, w2, None, (64, 64, 2, 4, 3, 1))
+        x = decode_gemm.decode_gemm_triton(h, w3, None, (16, 256, 1, 4, 2, 0))
+    return (x,)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="PDL needs a card of compute capability >= 9.0")
+@pytest.mark.parametrize("mode", [1, 2])
+def test_decode_gemm_chain_in_a_graph_matches_no_pdl(mode):
+    """With PDL 2 the decode GEMM reads its first weight tiles before waiting for the kernel before it: the rows'
+    sums must stay bitwise those of PDL off (same MMAs in the same order), from a graph and eagerly."""
+    hidden, inter = 1000, 1718  # odd sizes: masked K tails and N tiles
+    x = rand(5, hidden, dtype=torch.float16, device="cuda", seed=11)
+    w1 = rand(2 * inter, hidden, dtype=torch.float16, device="cuda", seed=12, scale=0.05)
+    w2 = rand(hidden, inter, dtype=torch.float16, device="cuda", seed=13, scale=0.05)
+    w3 = rand(hidden, hidden, dtype=torch.float16, device="cuda", seed=14, scale=0.05)
+    _triton.set_pdl_mode(0)
+    want = _decode_chain(x, w1, w2, w3, steps=4)
+    _triton.set_pdl_mode(mode)
+    graph, got = capture_graph(lambda: _decode_chain(x, w1, w2, w3, steps=4))
+    for _ in range(3):
+        for t in got:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    for a, b in zip(_decode_chain(x, w1, w2, w3, steps=4), want):
         assert torch.equal(a, b)
