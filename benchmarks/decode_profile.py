@@ -4,7 +4,8 @@
 
 Run it with HYBRID_ENGINE_PDL=0 for each kernel's own duration: with programmatic dependent launch a kernel starts
 while its predecessor runs and waits inside, so its profiled duration includes that wait. One fresh engine per
-model, every graph captured before the profiled request (`capture="eager"`).
+model, every graph captured before the profiled request (`capture="eager"`); `--batch-invariant` (with
+`--decode-buckets 16`) profiles the batch-invariant decode projections.
 """
 from __future__ import annotations
 
@@ -24,12 +25,17 @@ def main() -> None:
     ap.add_argument("--models", default="llama-3.2-1b-shape,smollm2-135m-shape", help="comma-separated presets")
     ap.add_argument("--prompt-len", type=int, default=57)
     ap.add_argument("--tokens", type=int, default=24, help="decode steps in the profiled request")
+    ap.add_argument("--batch-invariant", action="store_true", help="EngineConfig.batch_invariant")
+    ap.add_argument("--decode-buckets", default=None, help="EngineConfig.decode_buckets, comma-separated (e.g. 16)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    engine_kw = {"capture": "eager", "batch_invariant": args.batch_invariant}
+    if args.decode_buckets:
+        engine_kw["decode_buckets"] = tuple(int(b) for b in args.decode_buckets.split(","))
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "pdl_env": os.environ.get("HYBRID_ENGINE_PDL", "(default)"), "by_model": {}}
+              "pdl_env": os.environ.get("HYBRID_ENGINE_PDL", "(default)"), "engine": engine_kw, "by_model": {}}
     for model in [m for m in args.models.split(",") if m]:
-        system = HybridSystem(LLM(model, capture="eager"))
+        system = HybridSystem(LLM(model, **engine_kw))
         try:
             ids = list(range(3, 3 + args.prompt_len))
             for _ in range(3):
