@@ -95,7 +95,8 @@ def test_dependent_chain_in_a_graph_matches_no_pdl(mode):
 
 def _decode_chain(x, w1, w2, w3, steps):
     """The decode GEMM (the batch-invariant projections) on 5 rows: split-K with a SiLU-mul epilogue, swap-AB,
-    plain with a masked K tail, `steps` times, each launch reading the previous one's output."""
+    plain with a masked K tail, `steps` times, each launch reading the previous one's output (two steps: with
+    these weights a third would overflow float16)."""
     for _ in range(steps):
         h = decode_gemm.decode_silu_triton(x, w1, (16, 128, 3, 4, 2, 0))
         h = decode_gemm.decode_gemm_triton(h, w2, None, (64, 64, 2, 4, 3, 1))
@@ -116,9 +117,10 @@ def test_decode_gemm_chain_in_a_graph_matches_no_pdl(mode):
     w2 = rand(hidden, inter, dtype=torch.float16, device="cuda", seed=13, scale=0.05)
     w3 = rand(hidden, hidden, dtype=torch.float16, device="cuda", seed=14, scale=0.05)
     _triton.set_pdl_mode(0)
-    want = _decode_chain(x, w1, w2, w3, steps=4)
+    want = _decode_chain(x, w1, w2, w3, steps=2)
+    assert torch.isfinite(want[0]).all()  # equal NaNs would not compare equal: the chain must stay finite
     _triton.set_pdl_mode(mode)
-    graph, got = capture_graph(lambda: _decode_chain(x, w1, w2, w3, steps=4))
+    graph, got = capture_graph(lambda: _decode_chain(x, w1, w2, w3, steps=2))
     for _ in range(3):
         for t in got:
             t.fill_(float("nan"))
@@ -126,5 +128,5 @@ def test_decode_gemm_chain_in_a_graph_matches_no_pdl(mode):
         torch.cuda.synchronize()
         for a, b in zip(got, want):
             assert torch.equal(a, b)
-    for a, b in zip(_decode_chain(x, w1, w2, w3, steps=4), want):
+    for a, b in zip(_decode_chain(x, w1, w2, w3, steps=2), want):
         assert torch.equal(a, b)
