@@ -98,7 +98,7 @@ for s in $stages; do
                 --no-progress 2>&1 | grep "^| hybrid\|wrote\|rror"; done
             tar czf "$OUT/shapes.tgz" -C "$OUT" shapes && rm -r "$OUT/shapes";;  # a call returns at most 8 files
     ltr) for w in ${LTR_WORKERS:-0 auto}; do  # load's kernels compiled one by one (0) vs on parallel threads (auto)
-           timeout 280 python3 benchmarks/load_to_ready.py --model ${LTR_MODEL:-llama-2-7b-shape} --compile-workers $w \
+           timeout 280 python3 benchmarks/load_to_ready.py --model ${LTR_MODEL:-llama-2-7b-shape} --compile-workers $w ${LTR_ARGS:-} \
              --out "$OUT/load_to_ready_$w.json" 2>&1 | tail -1; done;;
     # same-lease A/B of batch-1 latency over environment knobs (e.g. HYBRID_ENGINE_PDL=0 vs 2), a fresh process each
     knobs) mkdir -p "$OUT/knobs"; for m in ${KNOB_MODELS:-llama-2-7b-shape llama-3.2-1b-shape smollm2-135m-shape}; do

@@ -4,7 +4,8 @@ Triton cache ("cold") and then with the cache that run filled ("warm"), as BENCH
     python benchmarks/load_to_ready.py --model llama-2-7b-shape [--results results.json] [--out load.json]
 
 Each run is its own process (imports included in `process_s`, not in `load_to_ready_s`); `llm_s` is `LLM(...)`
-alone, `first_request_ms` the first 50-token request with one generated token. With --results, the numbers are
+alone, `phases_s` its phases (`LLM.load_phases_s`), `first_request_ms` the first 50-token request with one
+generated token. With --results, the numbers are
 added to that results file's `systems.hybrid`.
 """
 from __future__ import annotations
@@ -29,13 +30,16 @@ t2 = time.perf_counter()
 llm.generate({"prompt_token_ids": list(range(3, 53))}, SamplingParams(max_tokens=1, temperature=0))
 t3 = time.perf_counter()
 print("RESULT " + json.dumps({"import_s": t1 - t0, "llm_s": t2 - t1, "first_request_ms": (t3 - t2) * 1e3,
-                              "load_to_ready_s": t3 - t1}))
+                              "load_to_ready_s": t3 - t1, "phases_s": llm.load_phases_s}))
 llm.close()
 """
 
 
-def one(model: str, cache_dir: str, timeout_s: float, compile_workers: str | None = None) -> dict:
+def one(model: str, cache_dir: str, timeout_s: float, compile_workers: str | None = None,
+        pycache_dir: str | None = None) -> dict:
     extra = {"HYBRID_ENGINE_COMPILE_WORKERS": compile_workers} if compile_workers is not None else {}
+    if pycache_dir is not None:
+        extra["PYTHONPYCACHEPREFIX"] = pycache_dir
     env = {**os.environ, **extra, "TRITON_CACHE_DIR": cache_dir,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
@@ -43,6 +47,8 @@ def one(model: str, cache_dir: str, timeout_s: float, compile_workers: str | Non
                           timeout=timeout_s, cwd=REPO)
     wall = time.perf_counter() - t0
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is not None:
+        print({k: v for k, v in json.loads(line[7:]).items() if k in ("llm_s", "phases_s")}, flush=True)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"the child exited {proc.returncode}: {proc.stderr[-2000:]}")
     return {**json.loads(line[7:]), "process_s": wall}
@@ -55,14 +61,20 @@ def main() -> int:
     ap.add_argument("--compile-workers", default=None,
                     help="HYBRID_ENGINE_COMPILE_WORKERS of the children (e.g. auto: the load's kernels compiled on "
                          "parallel threads; default: the engine's)")
+    ap.add_argument("--pycache", action="store_true",
+                    help="the children keep Python's bytecode in a directory of their own (PYTHONPYCACHEPREFIX, "
+                         "filled by the cold run), for an installation whose site-packages hold no .pyc files and "
+                         "cannot take them, where every process would otherwise compile the modules load imports")
     ap.add_argument("--results", type=Path, help="a results file whose systems.hybrid gets load_to_ready_s")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
-        cold = one(args.model, cache, args.timeout_s, args.compile_workers)
-        warm = one(args.model, cache, args.timeout_s, args.compile_workers)
-    res = {"model": args.model, "compile_workers": args.compile_workers, "load_to_ready_s": {"cold": round(cold["load_to_ready_s"], 2),
-                                                     "warm": round(warm["load_to_ready_s"], 2)},
+    with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache, \
+            tempfile.TemporaryDirectory(prefix="pycache-") as pycache:
+        kw = {"compile_workers": args.compile_workers, "pycache_dir": pycache if args.pycache else None}
+        cold = one(args.model, cache, args.timeout_s, **kw)
+        warm = one(args.model, cache, args.timeout_s, **kw)
+    res = {"model": args.model, "compile_workers": args.compile_workers, "pycache": args.pycache,
+           "load_to_ready_s": {"cold": round(cold["load_to_ready_s"], 2), "warm": round(warm["load_to_ready_s"], 2)},
            "runs": {"cold": cold, "warm": warm}}
     print(json.dumps(res["load_to_ready_s"]), flush=True)
     if args.out:

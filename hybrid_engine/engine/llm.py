@@ -102,6 +102,7 @@ class LLM:
         self.dtype = self.model.embed_tokens.weight.dtype
         self.ops, self.kv, self.graphs, self.stream_ctx = rank.ops, rank.kv, rank.graphs, rank.stream
         self.prefill_weight_copy_bytes = rank.prefill_weight_copy_bytes
+        self.load_phases_s = rank.load_s  # where this process's load went (runtime/rank.build_rank)
         self._rank_runner = rank.runner  # this process's own (rank 0's) runner
         self.runner = rank.runner if self.executor is None else self.executor.runner(rank.runner)
         self.reader = TokenReader(rank.runner.buf.tokens, self.device, depth=cfg.max_num_seqs + 4,

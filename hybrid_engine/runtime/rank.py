@@ -7,8 +7,12 @@ block count, warm-up steps, graph captures) then matches across ranks.
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,17 +40,24 @@ class Rank:
     stream: torch.cuda.Stream | None  # the serving stream (CUDA)
     num_blocks: int
     prefill_weight_copy_bytes: int
+    load_s: dict[str, float]  # wall seconds of each load phase (see `build_rank`)
 
 
 def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0, 1), comm: Any = None,
                need_tokenizer: bool = True) -> Rank:
     """Load rank `tp[0]`'s shard (of tp[1]), size the KV cache (the smallest count any rank can hold), warm up and
-    start the graph captures (under tensor parallelism every capture happens here, in a fixed order)."""
+    start the graph captures (under tensor parallelism every capture happens here, in a fixed order). Times its
+    phases into `Rank.load_s`: model (config, tokenizer, weights on the device), kv_and_runner (kernels, prefill
+    weight copies, KV cache, step buffers), compile (the parallel compile pass; an empty cache only),
+    warm_up (every kernel variant run once), graphs (the decode graphs taken at load, or every graph under
+    tensor parallelism / capture="eager")."""
+    clock = _PhaseClock(device)
     loaded = loader.load(cfg.model, cfg.tokenizer, _resolve_dtype(cfg.dtype), device, cfg.max_model_len, cfg.seed,
                          cfg.gguf_file, tp=tp, need_tokenizer=need_tokenizer)
     model = loaded.model
     model.set_comm(comm)
     dtype = model.embed_tokens.weight.dtype
+    clock.mark("model")
     ops = get_ops(device, cfg.attention_backend, batch_invariant=cfg.batch_invariant)
     copy_bytes = _prefill_weight_copies(cfg.prefill_weight_copy, model, device)
     n_blocks = cfg.num_kv_blocks or num_blocks_for(model, cfg.block_size, loaded.max_model_len, cfg.max_num_seqs,
@@ -65,18 +76,24 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
     # the decode captures, so that load ends with GPU work, not with a collection (~0.1-0.3 s) on an idle GPU.
     gc.collect()
     _gc.freeze()
+    clock.mark("kv_and_runner")
     graphs = None
     if device.type == "cuda":
-        from ..kernels._triton import compile_only, compile_workers
+        from ..kernels._triton import compile_only, compile_workers, warm_cache_marker
         from .graphs import decode_buckets
 
         rows = tuple(decode_buckets(cfg.max_num_seqs, cfg.decode_buckets))
+        marker = warm_cache_marker(warm_up_material(cfg, model, rows, loaded.max_model_len, device))
+        workers = 0 if marker.exists() else compile_workers()  # a warm cache: nothing to compile ahead
         with torch.cuda.stream(stream):
-            with compile_only(compile_workers()) as compiling:  # every variant compiled at once (an empty cache)
+            with compile_only(workers) as compiling:  # every variant compiled at once (an empty cache)
                 if compiling:
                     runner.warm_up(decode_rows=rows)
+            clock.mark("compile")
             runner.warm_up(decode_rows=rows)  # then each runs once, compiling nothing
         stream.synchronize()
+        clock.mark("warm_up")
+        _touch(marker)
     if cfg.capture == "eager" and device.type != "cuda":
         logger.warning("capture='eager' needs a CUDA device; on %s nothing is captured (as 'off')", device)
     if cfg.capture != "off" and device.type == "cuda":
@@ -89,7 +106,59 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
                              chunk_size=cfg.prefill_chunk_size, batch_buckets=cfg.decode_buckets)
         runner.graphs = graphs
         graphs.start()
-    return Rank(loaded, ops, kv, runner, graphs, stream, n_blocks, copy_bytes)
+        clock.mark("graphs", wait=False)  # the capture worker may be running: no device-wide wait from here on
+    logger.info("load phases (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in clock.phases.items()))
+    return Rank(loaded, ops, kv, runner, graphs, stream, n_blocks, copy_bytes, clock.phases)
+
+
+class _PhaseClock:
+    """Wall time between marks; on CUDA a mark first waits for the device (wait=True; only before the capture worker
+    starts), so that GPU work queued by a phase is counted in it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.phases = device, {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str, wait: bool = True) -> None:
+        if wait and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.phases[name] = round(now - self._last, 3)
+        self._last = now
+
+
+def warm_up_material(cfg: EngineConfig, model: Any, rows: tuple[int, ...], max_model_len: int,
+                     device: torch.device) -> str:
+    """What decides the kernel variants a load's warm-up compiles, as text for `warm_cache_marker`: the package's
+    sources and tuning tables, the Triton, torch and card, the kernels' environment switches, the model's shapes
+    and dtype, and the engine settings the warm-up reads."""
+    import triton
+
+    from ..kernels import tuning
+
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    files = sorted(package.rglob("*.py")) + sorted(package.rglob("tuning/*.json"))
+    user = tuning.user_dir() / f"{tuning.device_slug(torch.cuda.get_device_name(device))}.json"
+    for path in files + ([user] if user.is_file() else []):
+        digest.update(str(path.relative_to(package) if path.is_relative_to(package) else path).encode())
+        digest.update(path.read_bytes())
+    switches = sorted((k, v) for k, v in os.environ.items()
+                      if k.startswith(("HYBRID_ENGINE_", "TRITON_")) and k != "HYBRID_ENGINE_COMPILE_WORKERS")
+    settings = (cfg.max_num_seqs, cfg.block_size, cfg.prefill_buckets, cfg.prefill_chunk_size,
+                cfg.enable_prefix_caching, cfg.batch_invariant, cfg.attention_backend, cfg.decode_buckets)
+    return repr((digest.hexdigest(), triton.__version__, torch.__version__, torch.cuda.get_device_name(device),
+                 torch.cuda.get_device_capability(device), switches, model.args, str(model.embed_tokens.weight.dtype),
+                 rows, max_model_len, settings))
+
+
+def _touch(marker: Path) -> None:
+    """Create `marker` (best effort: a read-only cache only loses the shortcut)."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError as exc:
+        logger.debug("warm-up marker %s not written: %s", marker, exc)
 
 
 def _check_kv_fits(num_blocks: int, per_seq: int, max_model_len: int, block_size: int) -> None:

@@ -227,5 +227,15 @@ def test_compile_workers_reads_the_environment(monkeypatch):
         _triton.compile_workers()
     monkeypatch.setenv("HYBRID_ENGINE_COMPILE_WORKERS", "auto")
     assert 1 <= _triton.compile_workers() <= 16
+    monkeypatch.setenv("HYBRID_ENGINE_COMPILE_WORKERS", "0")
+    assert _triton.compile_workers() == 0
     monkeypatch.delenv("HYBRID_ENGINE_COMPILE_WORKERS")
-    assert _triton.compile_workers() == 0  # off until measured on a GPU
+    assert 1 <= _triton.compile_workers() <= 16  # default: auto
+
+
+def test_warm_cache_marker_lives_in_the_triton_cache_and_names_its_material(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    a = _triton.warm_cache_marker("model A, rows (1, 2)")
+    assert a.parent == tmp_path / "hybrid_engine_warm"
+    assert a == _triton.warm_cache_marker("model A, rows (1, 2)")
+    assert a != _triton.warm_cache_marker("model A, rows (1, 2, 4)")

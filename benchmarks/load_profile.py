@@ -1,0 +1,78 @@
+"""Where `LLM(model)` spends its load time: a fresh process per run under cProfile, functions by cumulative and own
+time, with an empty Triton cache and then with the cache that run filled (as `load_to_ready.py` times them).
+
+    python benchmarks/load_profile.py --model llama-2-7b-shape --out load_profile.json [--top 40]
+
+The wall times are the profiled ones (cProfile adds a few percent to Python-heavy phases); the GPU work of load is
+seen through the host functions that wait for it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHILD = """
+import cProfile, json, pstats, sys, time
+top = int(sys.argv[2])
+t0 = time.perf_counter()
+from hybrid_engine import LLM, SamplingParams
+t1 = time.perf_counter()
+prof = cProfile.Profile()
+prof.enable()
+llm = LLM(sys.argv[1])
+prof.disable()
+t2 = time.perf_counter()
+llm.generate({"prompt_token_ids": list(range(3, 53))}, SamplingParams(max_tokens=1, temperature=0))
+t3 = time.perf_counter()
+stats = pstats.Stats(prof)
+rows = []
+for (file, line, name), (calls, _, own, cum, _) in stats.stats.items():
+    where = file.split("site-packages/")[-1].split("hybrid_engine/")[-1]
+    rows.append({"function": f"{where}:{line}({name})", "calls": calls, "own_s": round(own, 3), "cum_s": round(cum, 3)})
+print("RESULT " + json.dumps({"import_s": t1 - t0, "llm_s": t2 - t1, "first_request_ms": (t3 - t2) * 1e3,
+                              "by_cumulative": sorted(rows, key=lambda r: -r["cum_s"])[:top],
+                              "by_own": sorted(rows, key=lambda r: -r["own_s"])[:top]}))
+llm.close()
+"""
+
+
+def one(model: str, cache_dir: str, top: int, timeout_s: float) -> dict:
+    env = {**os.environ, "TRITON_CACHE_DIR": cache_dir,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", CHILD, model, str(top)], capture_output=True, text=True, env=env,
+                          timeout=timeout_s, cwd=REPO)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"the child exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return json.loads(line[7:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama-2-7b-shape")
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--timeout-s", type=float, default=240)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    res: dict = {"model": args.model}
+    with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
+        res["cold"] = one(args.model, cache, args.top, args.timeout_s)
+        res["warm"] = one(args.model, cache, args.top, args.timeout_s)
+    for kind in ("cold", "warm"):
+        r = res[kind]
+        print(kind, f"LLM() {r['llm_s']:.1f} s, first request {r['first_request_ms']:.0f} ms; top cumulative:",
+              flush=True)
+        for row in r["by_cumulative"][:25]:
+            print(f"  {row['cum_s']:8.2f} {row['own_s']:8.2f} {row['calls']:7d}  {row['function'][:110]}")
+    args.out.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
