@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,26 @@ def _result(model: str, tp: int, cmd: str, floor: dict[str, Any], systems: dict[
             **extra}
 
 
+TOPICS = ("the moon", "bread", "a lighthouse", "python lists", "rain", "chess", "volcanoes", "the ocean", "trains",
+          "coffee", "bees", "winter", "a robot", "music", "mountains", "the internet")
+ASKS = ("Write a short poem about {}.", "Explain {} to a child.", "Give three facts about {}.",
+        "Tell a story about {}.")
+
+
+def chat_prompts(model_dir: str, n: int) -> list[list[int]]:
+    """n chat requests (an ask about a topic, as a user turn) through the checkpoint's tokenizer and chat template:
+    prompts a learned model answers with confidence, unlike random token ids, where near-ties decide most steps."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = [ASKS[i % len(ASKS)].format(TOPICS[(i // len(ASKS)) % len(TOPICS)]) for i in range(n)]
+    out = []
+    for text in texts:
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-2-7b-shape")
@@ -67,6 +88,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="10,50,100,200")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--agreement", type=int, default=64, help="prompts for tp_agreement (32 greedy tokens each)")
+    ap.add_argument("--agreement-prompts", choices=["auto", "ids", "chat"], default="auto",
+                    help="tp_agreement's prompts: random token ids, or chat requests through the checkpoint's "
+                         "tokenizer and chat template (auto: chat where the model directory has a tokenizer)")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--out-dir", default=".")
     a = ap.parse_args()
@@ -85,9 +109,16 @@ def main() -> None:
     # the prompt lengths' buckets only: every capture happens at load under tensor parallelism
     opts = dict(max_model_len=a.max_model_len, max_num_seqs=8, prefill_buckets=(16, 64, 112, 208))
     gen = torch.Generator().manual_seed(0)
-    vocab = read_model_config(a.model).vocab_size
-    agree_prompts = [torch.randint(3, vocab, (int(n),), generator=gen).tolist()
-                     for n in torch.randint(8, 200, (a.agreement,), generator=gen)]
+    kind = a.agreement_prompts
+    if kind == "auto":
+        kind = "chat" if os.path.isfile(os.path.join(a.model, "tokenizer.json")) else "ids"
+    if kind == "chat":
+        agree_prompts = chat_prompts(a.model, a.agreement)
+    else:
+        vocab = read_model_config(a.model).vocab_size
+        agree_prompts = [torch.randint(3, vocab, (int(n),), generator=gen).tolist()
+                         for n in torch.randint(8, 200, (a.agreement,), generator=gen)]
+    a.agreement_kind = kind
 
     if not a.skip_small:
         _small(a, plan, opts, agree_prompts, copy, gemm, lengths, cmd, out)
@@ -119,7 +150,8 @@ def _small(a: Any, plan: Plan, opts: dict, agree_prompts: list, copy: float, gem
     print("tp", a.tp, json.dumps({k: systems["hybrid"][k] for k in ("ttft_ms", "tpot_ms")}), ratios,
           "agreement", agreement, flush=True)
     res = _result(a.model, a.tp, cmd, _floors(read_model_config(a.model), a.tp, copy, gemm, lengths), systems,
-                  tp_agreement={"prompts": len(ref), "tokens": 32, "agreement": agreement},
+                  tp_agreement={"prompts": len(ref), "tokens": 32, "agreement": agreement,
+                                "prompt_kind": a.agreement_kind},
                   ratios=ratios, floors_tp1=_floors(read_model_config(a.model), 1, copy, gemm, lengths))
     name = out / f"{results_stem(res)}-tp{a.tp}.json"
     name.write_text(json.dumps(res, indent=1))
