@@ -40,7 +40,7 @@ import torch
 from . import tuning
 from ._triton import cdiv, check_dot_tiles, jit_helpers, launch, pdl_enter
 from .gemm import linear_rows
-from ._workspace import split_buffers
+from ._workspace import sm_count, split_buffers
 from .gemv import _store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
@@ -59,11 +59,12 @@ Config = tuple[int, int, int, int, int, int]  # (BLOCK_N, BLOCK_K, SPLIT_K, num_
 DECODE_GEMM_CONFIGS: dict[tuple[int, int], tuple[int, ...]] = {}
 
 
-def default_config(n: int, k: int) -> Config:
-    """A config from the weight shape alone: split K until there are ~4 programs per SM of an H200 at M <= 16."""
+def default_config(n: int, k: int, sms: int = H200_SMS) -> Config:
+    """A config from the weight shape and the card's SM count alone: split K until there are ~4 programs per SM at
+    M <= 16 (the card's own count: a smaller card splits less, a larger one more)."""
     block_n = 32 if n >= 8192 else 16
     block_k = 256 if k >= 1024 else 128
-    split = max(1, min(8, cdiv(4 * H200_SMS, cdiv(n, block_n)), cdiv(k, 2 * block_k)))
+    split = max(1, min(8, cdiv(4 * sms, cdiv(n, block_n)), cdiv(k, 2 * block_k)))
     return block_n, block_k, split, 4, 3, 0
 
 
@@ -80,12 +81,14 @@ def has_tuned_config(n: int, k: int, device: torch.device, dtype: torch.dtype) -
 @functools.lru_cache(maxsize=None)
 def _config(n: int, k: int, device: torch.device | None, dtype: torch.dtype) -> Config:
     tuned = _tuned(n, k, device, dtype)
-    return _check_config(tuple(tuned) if tuned else DECODE_GEMM_CONFIGS.get((n, k)) or default_config(n, k))
+    sms = sm_count(device) if device is not None and device.type == "cuda" else H200_SMS
+    return _check_config(tuple(tuned) if tuned else DECODE_GEMM_CONFIGS.get((n, k)) or default_config(n, k, sms))
 
 
 def config_for(n: int, k: int, device: torch.device | None = None, dtype: torch.dtype = torch.float16) -> Config:
     """The config of an (N, K) weight: this card's tuning table (kernels/tuning.py), else `DECODE_GEMM_CONFIGS`,
-    else `default_config`, as a 6-tuple. Never the row count: that is what keeps rows invariant."""
+    else `default_config` for this card's SM count, as a 6-tuple. Never the row count: that is what keeps rows
+    invariant."""
     return _config(n, k, device, dtype)
 
 

@@ -201,6 +201,16 @@ def test_default_config_from_shape_only():
     assert dg.config_for(48, 40) == dg.default_config(48, 40)
 
 
+def test_default_config_follows_the_cards_sm_count():
+    """An untuned card splits K for ~4 programs per SM of its own: fewer SMs, no more splits; never the row count."""
+    for n, k in [(4096, 4096), (4096, 11008), (2048, 8192)]:
+        small, h200, big = (dg.default_config(n, k, sms)[2] for sms in (46, dg.H200_SMS, 170))
+        assert small <= h200 <= big
+        tiles = -(-n // dg.default_config(n, k, 46)[0])
+        assert tiles * small >= 4 * 46 or small == min(8, -(-k // (2 * dg.default_config(n, k, 46)[1])))
+    assert dg.default_config(4096, 4096, 46)[2] < dg.default_config(4096, 4096, dg.H200_SMS)[2]
+
+
 def test_config_errors(monkeypatch):
     x, w = torch.randn(2, 40), torch.randn(48, 40)
     with pytest.raises(ValueError, match="BLOCK_N=8"):
