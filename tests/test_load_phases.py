@@ -81,3 +81,27 @@ def test_llm_reports_its_load_phases():
         assert all(v >= 0 for v in phases.values())
     finally:
         llm.close()
+
+
+def test_warm_up_without_the_graph_plan_pass_runs_the_jit_variants_only():
+    """graph_plan=False (a warm Triton cache, or no graphs): the JIT plan's prefill lengths, prefix-cache cases and
+    decode rows still run once; the graph plan's pass is left to the captures' own warm-up runs."""
+    from hybrid_engine import LLM
+    from hybrid_engine.kernels import gemm
+
+    llm = LLM("tiny-llama", device="cpu")
+    runner = llm._rank_runner
+    seen = []
+    prefill, decode = runner.prefill_step, runner.decode_step
+    runner.prefill_step = lambda n, *a, **k: (seen.append(("prefill", n, gemm.in_graph_plan())), prefill(n, *a, **k))
+    runner.decode_step = lambda rows, *a, **k: (seen.append(("decode", rows, gemm.in_graph_plan())), decode(rows, *a, **k))
+    try:
+        runner.warm_up(decode_rows=(1, 2))
+        both = list(seen)
+        seen.clear()
+        runner.warm_up(decode_rows=(1, 2), graph_plan=False)
+        assert seen and len(seen) < len(both)
+        assert set(seen) == {s for s in both if s[2] == seen[0][2]}  # exactly the first (JIT) pass
+        assert {("decode", 1), ("decode", 2)} <= {s[:2] for s in seen}
+    finally:
+        llm.close()

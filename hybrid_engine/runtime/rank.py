@@ -84,13 +84,16 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
 
         rows = tuple(decode_buckets(cfg.max_num_seqs, cfg.decode_buckets))
         marker = warm_cache_marker(warm_up_material(cfg, model, rows, loaded.max_model_len, device))
-        workers = 0 if marker.exists() else compile_workers()  # a warm cache: nothing to compile ahead
+        warm = marker.exists()  # this kernel set is in Triton's cache: nothing to compile ahead
+        # the graph captures' own variants: none without graphs; with a warm cache left to each capture's own
+        # warm-up run (which then only loads them from the cache), not compiled into the load
+        graph_plan = cfg.capture != "off" and not warm
         with torch.cuda.stream(stream):
-            with compile_only(workers) as compiling:  # every variant compiled at once (an empty cache)
+            with compile_only(0 if warm else compile_workers()) as compiling:  # an empty cache: compiled at once
                 if compiling:
-                    runner.warm_up(decode_rows=rows)
+                    runner.warm_up(decode_rows=rows, graph_plan=graph_plan)
             clock.mark("compile")
-            runner.warm_up(decode_rows=rows)  # then each runs once, compiling nothing
+            runner.warm_up(decode_rows=rows, graph_plan=graph_plan)  # then each runs once, compiling nothing
         stream.synchronize()
         clock.mark("warm_up")
         _touch(marker)
@@ -146,7 +149,7 @@ def warm_up_material(cfg: EngineConfig, model: Any, rows: tuple[int, ...], max_m
     switches = sorted((k, v) for k, v in os.environ.items()
                       if k.startswith(("HYBRID_ENGINE_", "TRITON_")) and k != "HYBRID_ENGINE_COMPILE_WORKERS")
     settings = (cfg.max_num_seqs, cfg.block_size, cfg.prefill_buckets, cfg.prefill_chunk_size,
-                cfg.enable_prefix_caching, cfg.batch_invariant, cfg.attention_backend, cfg.decode_buckets)
+                cfg.enable_prefix_caching, cfg.batch_invariant, cfg.attention_backend, cfg.decode_buckets, cfg.capture)
     return repr((digest.hexdigest(), triton.__version__, torch.__version__, torch.cuda.get_device_name(device),
                  torch.cuda.get_device_capability(device), switches, model.args, str(model.embed_tokens.weight.dtype),
                  rows, max_model_len, settings))

@@ -152,17 +152,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self, lengths: tuple[int, ...] = (1, 15, 16, 17, 100), decode_rows: tuple[int, ...] = (1,),
-                context_lengths: tuple[int, ...] = (1, 15, 16, 17, 100, 112, 200, 208)) -> None:
+                context_lengths: tuple[int, ...] = (1, 15, 16, 17, 100, 112, 200, 208),
+                graph_plan: bool = True) -> None:
         """Run every kernel variant the JIT path will launch once, on scratch buffers (Triton specialises integer
         arguments equal to 1 or divisible by 16; prefill attention's tiles change with the length), so the first
-        request compiles and loads nothing; and every projection and attention variant that graph captures use
-        (inside gemm.graph_plan, whose choices differ), so that no capture compiles."""
+        request compiles and loads nothing; and (graph_plan) every projection and attention variant that graph
+        captures use (inside gemm.graph_plan, whose choices differ), so that no capture compiles. graph_plan=False
+        leaves those to the capture worker's own warm-up run before each capture: right where Triton's cache
+        already holds them (it then only loads them), not where they would be compiled in the background."""
         from ..kernels import gemm, prefill_attention
 
         scratch = self.scratch_buffers()
         attention = prefill_attention.warm_up_lengths()
-        for plan, todo in ((nullcontext(), set(lengths) | attention),
-                           (gemm.graph_plan(), gemm.warm_up_lengths() | attention)):
+        passes = [(nullcontext(), set(lengths) | attention)]
+        if graph_plan:
+            passes.append((gemm.graph_plan(), gemm.warm_up_lengths() | attention))
+        for plan, todo in passes:
             with plan:
                 for n in sorted(n for n in todo if n <= self.max_model_len):
                     scratch.valid_len.fill_(n)
