@@ -140,7 +140,8 @@ def graph_plan() -> Iterator[None]:
 def warm_up_lengths() -> set[int]:
     """Row counts that compile every Triton config of the plan in both of Triton's integer specialisations of M (a
     multiple of 16 or not) and make every zero bias of the "lt" / "t_lt" entries, so that a request never compiles
-    a GEMM variant or allocates a bias (run at load, before any graph capture)."""
+    a GEMM variant or allocates a bias (run at load before any graph capture when Triton's cache is empty; with a
+    warm cache each capture's own warm-up run, before the capture begins, does the same for its step)."""
     out = set()
     for entries in GEMM_CONFIGS.values():
         low = 1
