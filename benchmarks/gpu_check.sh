@@ -30,6 +30,11 @@ for s in $stages; do
     allreduce) timeout 150 python3 benchmarks/allreduce_bench.py --gpus ${TP:-2} --out "$OUT/allreduce.json" 2>&1 | tail -14;;
     tptests) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_tensor_parallel_gpu.py 2>&1 | tail -15 | tee "$OUT/tp_tests.txt";;
     tpsmall) timeout 570 python3 benchmarks/tp_bench.py --tp ${TP:-2} --big "" --out-dir "$OUT" ${TP_ARGS:-} 2>&1 | grep -v "Warn\|INFO" | tail -12;;
+    # a file too large to carry in one call, in parts (e.g. split -b 47M x.gguf .gguf/part_): `ggstash` keeps the
+    # carried parts in /tmp/gg (a warm machine keeps /tmp between calls; carry replaces the folder), `ggjoin` joins
+    # /tmp/gg's parts into $GGUF
+    ggstash) mkdir -p /tmp/gg && cp .gguf/part_* /tmp/gg/ && ls /tmp/gg;;
+    ggjoin) cat /tmp/gg/part_* > "${GGUF:?set GGUF=/tmp/model.gguf}" && sha256sum "$GGUF";;
     # TP agreement on learned weights: SmolLM2-135M-Instruct's GGUF with attention cut to 6 query / 2 KV heads
     tpreal) timeout 120 python3 benchmarks/pruned_checkpoint.py --gguf "${GGUF:?set GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf}" \
               --out /tmp/smollm2-135m-6-heads 2>&1 | tail -1
