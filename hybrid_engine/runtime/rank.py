@@ -85,6 +85,8 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
         rows = tuple(decode_buckets(cfg.max_num_seqs, cfg.decode_buckets))
         marker = warm_cache_marker(warm_up_material(cfg, model, rows, loaded.max_model_len, device))
         warm = marker.exists()  # this kernel set is in Triton's cache: nothing to compile ahead
+        if comm is not None:  # every rank takes the same passes: their steps carry collectives, in the same order
+            warm = bool(comm.min_int(int(warm)))
         # the graph captures' own variants: none without graphs; with a warm cache left to each capture's own
         # warm-up run (which then only loads them from the cache), not compiled into the load
         graph_plan = cfg.capture != "off" and not warm
