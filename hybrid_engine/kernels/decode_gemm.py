@@ -81,7 +81,8 @@ def has_tuned_config(n: int, k: int, device: torch.device, dtype: torch.dtype) -
 @functools.lru_cache(maxsize=None)
 def _config(n: int, k: int, device: torch.device | None, dtype: torch.dtype) -> Config:
     tuned = _tuned(n, k, device, dtype)
-    sms = sm_count(device) if device is not None and device.type == "cuda" else H200_SMS
+    on_card = device is not None and device.type == "cuda" and torch.cuda.is_available()
+    sms = sm_count(device) if on_card else H200_SMS  # (a CUDA device named where none exists: tests, planning)
     return _check_config(tuple(tuned) if tuned else DECODE_GEMM_CONFIGS.get((n, k)) or default_config(n, k, sms))
 
 
