@@ -62,6 +62,9 @@ class EagerGraphs:
     def replay_decode(self, b):
         self._run(("decode", b), lambda: self.runner.decode_step(b))
 
+    def capture_if_starved(self):  # every bucket is "captured" already
+        pass
+
     def notify_busy(self):
         pass
 

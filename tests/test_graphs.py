@@ -226,3 +226,63 @@ def test_split_step_graphs_wait_for_demand_then_are_captured_in_an_idle_window()
         w.stop()
     eager = CaptureWorker([DECODE, *split], lambda key: None, policy="eager", on_demand=split)
     assert eager.pending() == [DECODE, *split]  # "eager" captures everything, asked for or not
+
+
+def test_sustained_load_starves_no_demanded_key():
+    """No idle window (a request always in flight): a key a request asked for waits starve_s, then `starved_key`
+    names it for a capture between steps; keys nobody asked for still wait for an idle window."""
+    done = []
+    w = CaptureWorker([DECODE, 16, 32, 64], done.append, quiet_s=0.05, starve_s=1.0)
+    w.run_one(DECODE)
+    w.set_busy(True)
+    w.start()
+    assert w.starved_key() is None  # nothing asked for yet
+    w.record_demand(32)
+    assert w.starved_key() is None  # asked for just now
+    time.sleep(1.2)
+    assert w.starved_key() == 32 and done == [DECODE]  # the worker itself never captured: no idle window
+    w.run_one(w.starved_key())  # what GraphRunner.capture_if_starved does on the serving thread
+    assert done == [DECODE, 32]
+    assert w.starved_key() is None  # 16 and 64: no request asked for them
+    w.record_demand(64)
+    assert w.starved_key() is None  # waits from the last capture on
+    time.sleep(1.2)
+    assert w.starved_key() == 64
+    w.set_busy(False)  # an idle window after all: the worker captures the rest itself
+    assert w.wait_idle(timeout=10)
+    assert sorted(done[2:], key=str) == [16, 64] and w.starved_key() is None
+    w.stop()
+
+
+def test_a_capture_on_the_serving_thread_excludes_the_worker():
+    """One capture at a time, whichever thread starts it: the worker waits while the serving thread captures."""
+    active, peak = [0], [0]
+    lock = threading.Lock()
+    entered = threading.Event()
+
+    def capture(key):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        entered.set()
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+
+    w = CaptureWorker([DECODE, 16, 32], capture, quiet_s=0.0, starve_s=0.0)
+    w.record_demand(16)
+    serving = threading.Thread(target=w.run_one, args=(16,))
+    serving.start()
+    assert entered.wait(5)
+    w.start()  # idle: the worker would capture at once, but the serving thread's capture is open
+    serving.join()
+    assert w.wait_idle(timeout=10)
+    w.stop()
+    assert peak[0] == 1
+    assert w.starved_key() is None  # everything captured
+
+
+def test_eager_policy_never_starves():
+    w = CaptureWorker([DECODE, 16], lambda key: None, policy="eager", starve_s=0.0)
+    w.record_demand(16)
+    assert w.starved_key() is None

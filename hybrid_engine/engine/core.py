@@ -172,6 +172,8 @@ class EngineCore:
             self._read_one()
         if not sched.has_work():
             self._drain()
+        elif self.graphs is not None:  # sustained load: a graph that waited too long for an idle window, now
+            self.graphs.capture_if_starved()
 
     def _decode_constrained(self, rows: int, updates: list[tuple[int, int, int]],
                             entries: list[tuple[Sequence, int, int]]) -> None:

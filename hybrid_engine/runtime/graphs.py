@@ -81,16 +81,21 @@ class CaptureWorker:
     ladder.
 
     policy "idle": capture only while no request is in flight (a request arriving mid-capture is served at once;
-    the capture in progress finishes). "eager": capture everything now, before serving. A failed capture is logged,
+    the capture in progress finishes). Under sustained load there is no such window: once a key some request asked
+    for has waited `starve_s` since it was first asked for (or since the last capture), `starved_key` names it, and
+    the serving thread captures it between two steps (`GraphRunner.capture_if_starved`), the running streams
+    waiting for that one capture. "eager": capture everything now, before serving. A failed capture is logged,
     counted and never retried; the engine keeps serving that shape on the JIT path.
     """
 
     def __init__(self, keys: Iterable[Any], capture: Callable[[Any], None], policy: str = "idle",
-                 quiet_s: float = 0.25, on_demand: Iterable[Any] = ()) -> None:
+                 quiet_s: float = 0.25, on_demand: Iterable[Any] = (), starve_s: float = 2.0) -> None:
         self.ladder = list(keys)
         # keys captured only once something asked for them (graphs that many engines never use)
         self.on_demand = set(on_demand) if policy != "eager" else set()
         self.quiet_s = quiet_s  # an idle window starts this long after the last request (or load) ended
+        self.starve_s = starve_s  # a demanded key waits at most about this long for an idle window
+        self._wanting_since: float | None = None  # when a demanded key last started waiting (None: none waits)
         self._last_busy = time.monotonic()
         self._capture = capture
         self.policy = policy
@@ -114,6 +119,8 @@ class CaptureWorker:
     def record_demand(self, key: Any) -> None:
         with self._cond:
             self.demand[key] += 1
+            if self._wanting_since is None and key not in self.captured and key not in self.failed:
+                self._wanting_since = time.monotonic()
             if key in self.on_demand and self.demand[key] == 1:
                 self._done = False  # a new key is pending: set_busy(False) must wake the worker again
             if not self._busy:  # mid-request the worker would only wake to wait again, taking the GIL from the
@@ -140,6 +147,21 @@ class CaptureWorker:
         with self._cond:
             while self._busy and not self._stop:
                 self._cond.wait()
+
+    def starved_key(self) -> Any:
+        """The key to capture between two steps on the serving thread, or None: a key some request asked for has
+        waited `starve_s` without an idle window (policy "idle", nothing capturing). Called every step: lock-free
+        until the wait is long enough."""
+        since = self._wanting_since
+        if since is None or self.policy != "idle" or self.capturing is not None:
+            return None
+        if time.monotonic() - since < self.starve_s:
+            return None
+        with self._cond:
+            wanted = [k for k in self.pending() if self.demand[k]]
+            if not wanted:
+                self._wanting_since = None
+            return wanted[0] if wanted and self.capturing is None else None
 
     # -- running --
     def run_one(self, key: Any) -> None:
@@ -191,7 +213,7 @@ class CaptureWorker:
         """Under the lock: the next key once no request has been in flight for quiet_s; None when stopping."""
         while not self._stop:
             quiet_left = self._last_busy + self.quiet_s - time.monotonic()
-            if self._busy or not self.pending():
+            if self._busy or not self.pending() or self.capturing is not None:  # (one capture at a time)
                 self._cond.wait()
             elif quiet_left > 0:
                 self._cond.wait(timeout=quiet_left)
@@ -201,6 +223,8 @@ class CaptureWorker:
 
     def _capture_one(self, key: Any) -> None:
         with self._cond:
+            if self.capturing is not None:  # the other thread is capturing: one capture at a time
+                return
             self.capturing = key
         t0 = time.perf_counter()
         switch = sys.getswitchinterval()
@@ -223,6 +247,8 @@ class CaptureWorker:
             with self._cond:
                 self.capturing = None
                 done = self._done = not self.pending()
+                waiting = any(self.demand[k] for k in self.pending())
+                self._wanting_since = time.monotonic() if waiting else None  # the next one waits from now
                 self._cond.notify_all()
             if done:  # the graphs and what their captures made: frozen out of later collections (_gc.py)
                 _gc.freeze()
@@ -347,6 +373,15 @@ class GraphRunner:
             cuda_driver.graph_launch(self._execs[key], self._device_index)
         else:
             self.graphs[key].replay()
+
+    def capture_if_starved(self) -> None:
+        """Between two steps, on the serving thread: capture the graph a request asked for that has waited too long
+        for an idle window (sustained load); the running streams wait for this one capture (~0.1-0.3 s for a 7B
+        shape). Nothing while an idle window can still come."""
+        key = self.worker.starved_key()
+        if key is not None:
+            logger.info("capturing %r between steps: no idle window for %.1f s", key, self.worker.starve_s)
+            self.worker.run_one(key)
 
     def notify_busy(self) -> None:
         self.worker.set_busy(True)
