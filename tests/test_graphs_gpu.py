@@ -107,6 +107,44 @@ def test_requests_during_background_captures_match_capture_off():
     off.close()
 
 
+def test_sustained_load_captures_between_steps_and_matches_capture_off():
+    """No idle window ever (the worker's quiet period is an hour): a long request keeps the engine busy while short
+    ones arrive; the buckets they ask for are captured between two steps by the driving thread (starve_s = 0), and
+    every answer, the long one included, equals an engine that never captures."""
+    import threading
+
+    kw = dict(dtype="float32", device="cuda", prefill_buckets=(16, 32, 64), max_model_len=512)
+    off = LLM("tiny-llama", capture="off", **kw)
+    llm = LLM("tiny-llama", capture="idle", **kw)
+    worker = llm.graphs.worker
+    worker.quiet_s, worker.starve_s = 3600.0, 0.0
+    by_worker, capture = [], worker._capture
+
+    def observed(key):
+        by_worker.append(threading.current_thread() is worker._thread)
+        capture(key)
+
+    worker._capture = observed
+    long_ids, long_p = list(range(3, 40)), SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [list(range(100 + 70 * i, 100 + 70 * i + n)) for i, n in enumerate((20, 21, 50, 10, 22, 51, 11))]
+    long_out = []
+    stream = llm.stream_deltas({"prompt_token_ids": long_ids}, long_p)
+    first = next(stream)  # the long request is running before the short ones arrive
+    runner = threading.Thread(target=lambda: long_out.extend(t for d in stream for t in d.token_ids))
+    runner.start()
+    got = [llm.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids for ids in prompts]
+    runner.join()
+    captured = {k for k in worker.captured if not isinstance(k, tuple)}
+    assert {32, 64, 16} <= captured  # prefill buckets, with no idle window: between steps
+    assert len(by_worker) >= 3 and not any(by_worker)  # each by a thread driving the steps, none by the worker
+    assert got == [off.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids for ids in prompts]
+    assert [*first.token_ids, *long_out] == off.generate({"prompt_token_ids": long_ids}, long_p)[0].outputs[0].token_ids
+    assert blocks_settled(llm)
+    llm.close()
+    off.close()
+
+
 def test_prefix_cache_hits_replay_context_graphs_and_match_caching_off(engines):
     """A cached prefix with new tokens replays the ("prefill_ctx", bucket) graph, whatever the cached length, and
     gives the tokens of an engine with no caching and no graphs (padding in the bucket, start from the device)."""
