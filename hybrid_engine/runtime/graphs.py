@@ -377,7 +377,7 @@ class GraphRunner:
     def capture_if_starved(self) -> None:
         """Between two steps, on the serving thread: capture the graph a request asked for that has waited too long
         for an idle window (sustained load); the running streams wait for this one capture (~0.1-0.3 s for a 7B
-        shape). Nothing while an idle window can still come."""
+        shape). Nothing until a demanded key has waited `CaptureWorker.starve_s`."""
         key = self.worker.starved_key()
         if key is not None:
             logger.info("capturing %r between steps: no idle window for %.1f s", key, self.worker.starve_s)
