@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, os.path.dirname(__file__))
+from load_to_ready import run_child  # noqa: E402
+
 CHILD = """
 import cProfile, json, pstats, sys, time
 top = int(sys.argv[2])
@@ -43,14 +44,7 @@ llm.close()
 
 
 def one(model: str, cache_dir: str, top: int, timeout_s: float) -> dict:
-    env = {**os.environ, "TRITON_CACHE_DIR": cache_dir,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", CHILD, model, str(top)], capture_output=True, text=True, env=env,
-                          timeout=timeout_s, cwd=REPO)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"the child exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return json.loads(line[7:])
+    return run_child(CHILD, [model, str(top)], cache_dir, timeout_s)
 
 
 def main() -> int:

@@ -35,23 +35,30 @@ llm.close()
 """
 
 
+def run_child(code: str, args: list[str], cache_dir: str, timeout_s: float,
+              env: dict[str, str] | None = None) -> dict:
+    """Run `code` in a fresh Python process (this checkout first on its path, `cache_dir` as its Triton cache, `env`
+    added) and return the JSON it printed on its "RESULT " line, with `process_s` (the process's wall time)."""
+    env = {**os.environ, **(env or {}), "TRITON_CACHE_DIR": cache_dir,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout_s, cwd=REPO)
+    wall = time.perf_counter() - t0
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"the child exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return {**json.loads(line[7:]), "process_s": wall}
+
+
 def one(model: str, cache_dir: str, timeout_s: float, compile_workers: str | None = None,
         pycache_dir: str | None = None) -> dict:
     extra = {"HYBRID_ENGINE_COMPILE_WORKERS": compile_workers} if compile_workers is not None else {}
     if pycache_dir is not None:
         extra["PYTHONPYCACHEPREFIX"] = pycache_dir
-    env = {**os.environ, **extra, "TRITON_CACHE_DIR": cache_dir,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, model], capture_output=True, text=True, env=env,
-                          timeout=timeout_s, cwd=REPO)
-    wall = time.perf_counter() - t0
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is not None:
-        print({k: v for k, v in json.loads(line[7:]).items() if k in ("llm_s", "phases_s")}, flush=True)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"the child exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return {**json.loads(line[7:]), "process_s": wall}
+    res = run_child(CHILD, [model], cache_dir, timeout_s, extra)
+    print({k: res[k] for k in ("llm_s", "phases_s")}, flush=True)
+    return res
 
 
 def main() -> int:

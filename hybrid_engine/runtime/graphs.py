@@ -246,9 +246,9 @@ class CaptureWorker:
             sys.setswitchinterval(switch)
             with self._cond:
                 self.capturing = None
-                done = self._done = not self.pending()
-                waiting = any(self.demand[k] for k in self.pending())
-                self._wanting_since = time.monotonic() if waiting else None  # the next one waits from now
+                rest = self.pending()
+                done = self._done = not rest
+                self._wanting_since = time.monotonic() if any(self.demand[k] for k in rest) else None  # from now
                 self._cond.notify_all()
             if done:  # the graphs and what their captures made: frozen out of later collections (_gc.py)
                 _gc.freeze()

@@ -77,10 +77,19 @@ def test_dependent_chain_in_a_graph_matches_no_pdl(mode):
     w1 = rand(2 * inter, hidden, dtype=torch.float16, device="cuda", seed=4, scale=0.05)
     w2 = rand(hidden, inter, dtype=torch.float16, device="cuda", seed=5, scale=0.05)
     w3 = rand(hidden, hidden, dtype=torch.float16, device="cuda", seed=6, scale=0.05)
+    _assert_matches_pdl_off(lambda: _chain(x, res, norm_w, w1, w2, w3, steps=6), mode)
+
+
+def _assert_matches_pdl_off(run, mode, finite=False):
+    """`run()` (a chain of dependent launches returning its outputs) under PDL `mode`, replayed three times from a
+    graph (outputs poisoned with NaN before each replay) and once eagerly, equals bitwise what it gives with PDL
+    off; with `finite`, that reference must hold no NaN/inf (equal NaNs would not compare equal)."""
     _triton.set_pdl_mode(0)
-    want = _chain(x, res, norm_w, w1, w2, w3, steps=6)
+    want = run()
+    if finite:
+        assert all(torch.isfinite(t).all() for t in want)
     _triton.set_pdl_mode(mode)
-    graph, got = capture_graph(lambda: _chain(x, res, norm_w, w1, w2, w3, steps=6))
+    graph, got = capture_graph(run)
     for _ in range(3):
         for t in got:
             t.fill_(float("nan"))
@@ -88,8 +97,7 @@ def test_dependent_chain_in_a_graph_matches_no_pdl(mode):
         torch.cuda.synchronize()
         for a, b in zip(got, want):
             assert torch.equal(a, b)
-    eager = _chain(x, res, norm_w, w1, w2, w3, steps=6)
-    for a, b in zip(eager, want):
+    for a, b in zip(run(), want):
         assert torch.equal(a, b)
 
 
@@ -116,17 +124,4 @@ def test_decode_gemm_chain_in_a_graph_matches_no_pdl(mode):
     w1 = rand(2 * inter, hidden, dtype=torch.float16, device="cuda", seed=12, scale=0.05)
     w2 = rand(hidden, inter, dtype=torch.float16, device="cuda", seed=13, scale=0.05)
     w3 = rand(hidden, hidden, dtype=torch.float16, device="cuda", seed=14, scale=0.05)
-    _triton.set_pdl_mode(0)
-    want = _decode_chain(x, w1, w2, w3, steps=2)
-    assert torch.isfinite(want[0]).all()  # equal NaNs would not compare equal: the chain must stay finite
-    _triton.set_pdl_mode(mode)
-    graph, got = capture_graph(lambda: _decode_chain(x, w1, w2, w3, steps=2))
-    for _ in range(3):
-        for t in got:
-            t.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
-    for a, b in zip(_decode_chain(x, w1, w2, w3, steps=2), want):
-        assert torch.equal(a, b)
+    _assert_matches_pdl_off(lambda: _decode_chain(x, w1, w2, w3, steps=2), mode, finite=True)
