@@ -2,7 +2,7 @@
 fp16), a paged cache of 16-token blocks behind a block table for 4,096 positions (random, non-contiguous blocks),
 new-token counts x cached starts.
 
-    PYTHONPATH=. python3 benchmarks/cached_attn_sweep.py [--tokens 32,144,256,512] [--starts 0,480,1000,2000]
+    PYTHONPATH=. python3 benchmarks/cached_attn_sweep.py [--tokens 32,96,144,256,512] [--starts 0,480,1000,2000]
         [--budget-s 170] [--json out.json]
 
 The sweep (its two phases within --budget-s, its checks and its rule) is the package's, hybrid_engine/kernels/
@@ -62,7 +62,7 @@ def _table(rows: list[dict]) -> str:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", default="32,144,256,512")
+    p.add_argument("--tokens", default="32,96,144,256,512")
     p.add_argument("--starts", default="0,480,1000,2000")
     p.add_argument("--budget-s", type=float, default=170.0)
     p.add_argument("--json")

@@ -1,11 +1,17 @@
 """Where a request's TTFT goes on the graph path: host phases, the prefill graph's GPU time, and a profiler trace.
 
     PYTHONPATH=. python3 benchmarks/ttft_breakdown.py [--lengths 10,100,200] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/ttft_breakdown.py --lengths 84 --cached-starts 0,496,1008,1952 --no-trace
 
 For each prompt length: the harness-style TTFT (generate, max_tokens=1, ids in, token ids out), the host time of
 each phase (wrapping the runner's stage / replay and the token reader's push / pop with perf_counter), and the GPU
 time of the bucket's graph replay alone (CUDA events on the serving stream, back to back). Writes a JSON summary and
 a Chrome trace of three requests at the longest length.
+
+With --cached-starts (an agent's turn: new tokens after a cached history), each length is measured after each
+start's worth of cached tokens (a multiple of the block size; the prefix is sent once first so its blocks are
+cached): the phases above (before_stage then includes the prefix-cache lookup) and the GPU time of the
+prefill-after-cached-positions graph of the bucket.
 """
 from __future__ import annotations
 
@@ -42,15 +48,15 @@ class PhaseClock:
         setattr(obj, attr, timed)
 
 
-def replay_gpu_ms(llm: LLM, bucket: int, reps: int) -> float:
-    """Median GPU time (ms) of the bucket's prefill graph replayed alone on the serving stream (CUDA events), on
-    whatever request is staged."""
+def replay_gpu_ms(llm: LLM, key, reps: int) -> float:
+    """Median GPU time (ms) of the graph `key` (a prefill bucket, or (CONTEXT, bucket)) replayed alone on the
+    serving stream (CUDA events), on whatever request is staged."""
     gpu = []
     with torch.cuda.stream(llm.stream_ctx):
         for _ in range(reps):
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
-            llm.graphs.graphs[bucket].replay()
+            llm.graphs.graphs[key].replay()
             e1.record()
             e1.synchronize()
             gpu.append(e0.elapsed_time(e1))
@@ -63,6 +69,9 @@ def main() -> None:
     p.add_argument("--lengths", default="10,100,200")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--out", default="/tmp/out")
+    p.add_argument("--cached-starts", default="",
+                   help="cached prefix lengths, comma-separated multiples of the block size: each length after each")
+    p.add_argument("--no-trace", action="store_true", help="skip the bucket sweep and the profiler trace")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,32 +86,18 @@ def main() -> None:
     clock.wrap(llm.graphs, "replay_prefill", "replay")
     clock.wrap(llm.reader, "push", "push")
     clock.wrap(llm.reader, "pop", "pop")
+    clock.wrap(llm.graphs, "replay_context_prefill", "replay")
+    starts = [int(v) for v in args.cached_starts.split(",")] if args.cached_starts else [None]
     summary = {}
-    for n in [int(v) for v in args.lengths.split(",")]:
-        ids = lambda: torch.randint(3, vocab, (n,), generator=rng).tolist()  # noqa: E731
-        for _ in range(3):
-            llm.generate({"prompt_token_ids": ids()}, sp)
-        per: dict[str, list[float]] = {k: [] for k in ("total", "engine_ttft", "before_stage", "stage", "replay",
-                                                          "push", "pop_wait", "after_pop")}
-        for _ in range(args.runs):
-            prompt = {"prompt_token_ids": ids()}
-            clock.marks.clear()
-            a = time.perf_counter()
-            res = llm.generate(prompt, sp)[0]
-            b = time.perf_counter()
-            m = {name: (s, e) for name, s, e in clock.marks}
-            per["total"].append(b - a)
-            per["engine_ttft"].append(res.metrics.ttft_s)
-            per["before_stage"].append(m["stage"][0] - a)
-            for k in ("stage", "replay", "push"):
-                per[k].append(m[k][1] - m[k][0])
-            per["pop_wait"].append(m["pop"][1] - m["pop"][0])
-            per["after_pop"].append(b - m["pop"][1])
-        bucket = llm.graphs.bucket_for(n)
-        row = {k: round(statistics.median(v) * 1e3, 4) for k, v in per.items()}
-        row.update(bucket=bucket, replay_gpu_ms=replay_gpu_ms(llm, bucket, 10))
-        summary[n] = row
-        print(n, row, flush=True)
+    for start in starts:
+        for n in [int(v) for v in args.lengths.split(",")]:
+            row = measure(llm, clock, rng, vocab, sp, n, start, args.runs)
+            summary[n if start is None else f"{n}@{start}"] = row
+            print(n if start is None else f"{n} new after {start} cached", row, flush=True)
+    if args.no_trace:
+        write(out, summary, {})
+        llm.close()
+        return
     buckets = {}
     for b in llm.graphs.buckets:  # GPU time of every bucket's graph, staged by a real request of that length
         llm.generate({"prompt_token_ids": torch.randint(3, vocab, (b,), generator=rng).tolist()}, sp)
@@ -117,10 +112,53 @@ def main() -> None:
             with record_function(f"request_{i}"):
                 llm.generate({"prompt_token_ids": ids}, sp)
     prof.export_chrome_trace(str(out / "ttft_trace.json"))
+    write(out, summary, buckets)
+    llm.close()
+
+
+def write(out: Path, summary: dict, buckets: dict) -> None:
     (out / "ttft_breakdown.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
                                                          "lengths": summary,
                                                          "bucket_replay_gpu_ms": buckets}, indent=1))
-    llm.close()
+
+
+def measure(llm: LLM, clock: PhaseClock, rng: torch.Generator, vocab: int, sp: SamplingParams, n: int,
+            start: int | None, runs: int) -> dict:
+    """Median phases of `runs` requests of `n` fresh tokens (after a cached prefix of `start` tokens, or alone)."""
+    from hybrid_engine.runtime.graphs import CONTEXT
+
+    def rand(k: int) -> list[int]:
+        return torch.randint(3, vocab, (k,), generator=rng).tolist()
+
+    prefix = rand(start) if start else []
+    if start is not None:
+        if start % llm.kv.block_size:
+            raise SystemExit(f"--cached-starts {start}: must be a multiple of the block size {llm.kv.block_size}")
+        llm.generate({"prompt_token_ids": prefix + rand(1)}, sp)  # caches the prefix's blocks
+    for _ in range(3):
+        llm.generate({"prompt_token_ids": prefix + rand(n)}, sp)
+    per: dict[str, list[float]] = {k: [] for k in ("total", "engine_ttft", "before_stage", "stage", "replay",
+                                                      "push", "pop_wait", "after_pop")}
+    hits = llm.stats()["prefix_cache_hit_tokens"]
+    for _ in range(runs):
+        prompt = {"prompt_token_ids": prefix + rand(n)}
+        clock.marks.clear()
+        a = time.perf_counter()
+        res = llm.generate(prompt, sp)[0]
+        b = time.perf_counter()
+        m = {name: (s, e) for name, s, e in clock.marks}
+        per["total"].append(b - a)
+        per["engine_ttft"].append(res.metrics.ttft_s)
+        per["before_stage"].append(m["stage"][0] - a)
+        for k in ("stage", "replay", "push"):
+            per[k].append(m[k][1] - m[k][0])
+        per["pop_wait"].append(m["pop"][1] - m["pop"][0])
+        per["after_pop"].append(b - m["pop"][1])
+    bucket = llm.graphs.bucket_for(n)
+    row = {k: round(statistics.median(v) * 1e3, 4) for k, v in per.items()}
+    row.update(bucket=bucket, replay_gpu_ms=replay_gpu_ms(llm, bucket if not start else (CONTEXT, bucket), 10),
+               hit_tokens_per_request=(llm.stats()["prefix_cache_hit_tokens"] - hits) / runs)
+    return row
 
 
 if __name__ == "__main__":

@@ -56,3 +56,20 @@ def test_default_capture_on_cpu_does_not_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="hybrid_engine.engine"):
         LLM("tiny-llama", device="cpu", max_model_len=64).close()
     assert not [r for r in caplog.records if "capture" in r.getMessage()]
+
+
+@pytest.mark.parametrize("ids, named", [([1, 2.5, 3], r"\[2\.5\]"), ([1, "7"], r"\['7'\]"), ([4, None], r"\[None\]"),
+                                        ([1, -2, 3], r"\[-2\]"), ([1, 10**6], r"\[1000000\]"),
+                                        ([1, 2**70], r"\[1180591620717411303424\]")])
+def test_bad_prompt_token_ids_are_named(llm, ids, named):
+    with pytest.raises(ValueError, match=named):
+        llm.generate({"prompt_token_ids": ids})
+    assert llm.stats()["kv_blocks_free"] + llm.stats()["kv_blocks_cached"] == llm.stats()["kv_blocks_total"]
+
+
+def test_numpy_prompt_token_ids_are_plain_ints(llm):
+    import numpy as np
+
+    seq = llm.sequences({"prompt_token_ids": list(np.array([5, 9, 11], dtype=np.int64))})[0]
+    assert seq.prompt_ids == [5, 9, 11] and all(type(t) is int for t in seq.prompt_ids)
+    assert llm.sequences({"prompt_token_ids": (5, 9, 11)})[0].prompt_ids == [5, 9, 11]

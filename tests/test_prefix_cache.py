@@ -91,7 +91,7 @@ def test_a_referenced_cached_block_is_never_handed_out():
     alloc.register(a[1], 12, 11, (2,))
     alloc.free(a)
     assert alloc.num_cached == 2 and alloc.num_free == 2
-    alloc.acquire(a[0])  # a hit: referenced again, no longer evictable
+    alloc.acquire(a[:1])  # a hit: referenced again, no longer evictable
     got = alloc.allocate(3)  # the two free blocks, then the only evictable one
     assert a[0] not in got and a[1] in got and alloc.num_evicted == 1
     assert alloc.lookup(12, 11, (2,)) is None and alloc.lookup(11, 0, (1,)) == a[0]

@@ -12,8 +12,15 @@ from __future__ import annotations
 import math
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
+from typing import Iterator
 
 from ..errors import HybridEngineError
+
+
+def _blocks(ids: list[int], lo: int, hi: int, block_size: int) -> Iterator[tuple[int, ...]]:
+    """The token tuples of the consecutive blocks of ids[lo:hi] (hi - lo a multiple of block_size), one C-level
+    pass (a 2,000-token prompt's blocks are hashed on its critical path)."""
+    return zip(*[iter(ids[lo:hi])] * block_size)
 
 
 @dataclass(slots=True)
@@ -68,11 +75,13 @@ class BlockAllocator:
         self.num_evicted += 1
         return block
 
-    def acquire(self, block: int) -> None:
-        """One more reference to a registered block (a cache hit); a cached one leaves the evictable set."""
-        if self.refs[block] == 0:
-            del self._cached[block]
-        self.refs[block] += 1
+    def acquire(self, blocks: list[int]) -> None:
+        """One more reference to each registered block (cache hits); a cached one leaves the evictable set."""
+        refs, cached = self.refs, self._cached
+        for block in blocks:
+            if refs[block] == 0:
+                del cached[block]
+            refs[block] += 1
 
     def free(self, blocks: list[int]) -> None:
         """Drop one reference to each block, last block first: a sequence's tail blocks are then evicted before its
@@ -173,25 +182,33 @@ class BlockManager:
     def hashes(self, ids: list[int], known: list[int], num_blocks: int) -> list[int]:
         """`known` extended in place to (at least) the chained hashes of the first `num_blocks` full blocks of `ids`;
         it holds those computed before (a sequence's list: its token ids only ever grow)."""
-        bs = self.block_size
-        for j in range(len(known), num_blocks):
-            parent = known[j - 1] if j else self.root
-            known.append(hash((parent, tuple(ids[j * bs:(j + 1) * bs]))))
+        bs, j = self.block_size, len(known)
+        if j < num_blocks:
+            parent = known[-1] if j else self.root
+            for block in _blocks(ids, j * bs, num_blocks * bs, bs):
+                parent = hash((parent, block))
+                known.append(parent)
         return known
 
     def cached_prefix(self, ids: list[int], known: list[int]) -> list[int]:
         """The registered blocks of the longest cached run of full blocks of `ids`, leaving at least the last token
-        to compute (its logits give the first output token). Takes no reference; hashes only up to the first miss."""
+        to compute (its logits give the first output token). Takes no reference; hashes only up to the first miss.
+        On a request's critical path (before its prefill starts): one pass, each block's tokens sliced once."""
         if not self.enable_caching:
             return []
-        bs, alloc = self.block_size, self.allocator
+        bs, lookup, parent = self.block_size, self.allocator.lookup, self.root
         out: list[int] = []
-        for j in range((len(ids) - 1) // bs):
-            h = self.hashes(ids, known, j + 1)[j] if j >= len(known) else known[j]
-            block = alloc.lookup(h, known[j - 1] if j else self.root, tuple(ids[j * bs:(j + 1) * bs]))
-            if block is None:
+        for j, block in enumerate(_blocks(ids, 0, (len(ids) - 1) // bs * bs, bs)):
+            if j < len(known):
+                h = known[j]
+            else:
+                h = hash((parent, block))
+                known.append(h)
+            hit = lookup(h, parent, block)
+            if hit is None:
                 break
-            out.append(block)
+            out.append(hit)
+            parent = h
         return out
 
     def cost(self, hit: list[int], num_tokens: int) -> int:
@@ -201,8 +218,7 @@ class BlockManager:
 
     def admit(self, table: list[int], hit: list[int], num_tokens: int) -> None:
         """Fill an empty `table` for `num_tokens` positions: the hit blocks (referenced), then new ones."""
-        for b in hit:
-            self.allocator.acquire(b)
+        self.allocator.acquire(hit)
         table.extend(hit)
         self.grow(table, num_tokens)
         self.queried_tokens += num_tokens
@@ -213,11 +229,10 @@ class BlockManager:
         returns `end`, the count registered so far."""
         if not self.enable_caching or end <= start:
             return max(start, end)
-        bs = self.block_size
         hashes = self.hashes(ids, known, end)
-        for j in range(start, end):
-            self.allocator.register(table[j], hashes[j], hashes[j - 1] if j else self.root,
-                                    tuple(ids[j * bs:(j + 1) * bs]))
+        for j, block in enumerate(_blocks(ids, start * self.block_size, end * self.block_size, self.block_size),
+                                  start):
+            self.allocator.register(table[j], hashes[j], hashes[j - 1] if j else self.root, block)
         return end
 
     @property

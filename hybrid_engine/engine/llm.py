@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import random
 import weakref
+from array import array
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
+
+import numpy as np
 
 
 from ..runtime import _gc
@@ -306,10 +309,9 @@ class LLM:
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(issubclass(t, int) for t in set(map(type, ids))):
+                ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
+                if not isinstance(ids, (list, tuple)):
                     raise ValueError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
-                ids, text = list(ids), prompt.get("prompt")
             elif "prompt" in prompt:
                 return self._prompt_ids(prompt["prompt"])
             else:
@@ -317,16 +319,27 @@ class LLM:
         elif isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty ('')")
-            text, ids = prompt, list(self._need_tokenizer("text prompts")(prompt)["input_ids"])
+            text, ids = prompt, self._need_tokenizer("text prompts")(prompt)["input_ids"]
         else:
             raise ValueError(f"prompt must be str or dict, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt is empty (0 tokens)")
+        return text, self._checked_ids(ids)
+
+    def _checked_ids(self, ids: list[int] | tuple[int, ...]) -> list[int]:
+        """`ids` as a list of Python ints, each in [0, vocab); ValueError naming the offenders otherwise. Packed into
+        an int64 array in one C pass (a long agent history is checked on its request's critical path)."""
         vocab = self.model.args.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            bad = [i for i in ids if not 0 <= i < vocab]
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        return text, ids
+        try:
+            packed = array("q", ids)  # ints (bools and numpy ints too); floats, strings, None raise
+        except (TypeError, OverflowError):
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            raise ValueError(f"prompt_token_ids must be ints in [0, {vocab}); got {bad[:5]!r}") from None
+        values = np.frombuffer(packed, dtype=np.int64)
+        if values.min() < 0 or values.max() >= vocab:
+            bad = values[(values < 0) | (values >= vocab)][:5].tolist()
+            raise ValueError(f"prompt token ids {bad} are outside the vocabulary [0, {vocab})")
+        return packed.tolist()
 
     def _check_lengths(self, ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):

@@ -142,7 +142,8 @@ def test_config_rule_scales_splits_and_stays_within_the_table(monkeypatch):
 
 def test_a_tuned_card_uses_its_measured_configs(monkeypatch):
     """Entries measured on this card (kernels/tuning.py) for these heads win: the one for the smallest measured
-    token count >= the new tokens, else the largest; SPLITS still stays within the block table."""
+    token count >= the new tokens, else the largest, with SPLITS scaled so that the grid keeps the measured
+    programs for fewer or more query tiles; SPLITS still stays within the block table."""
     table = {"32,32,128,float16": [16, 128, 4, 3, 2], "144,32,128,float16": [64, 32, 4, 2, 4],
              "144,8,128,float16": [32, 32, 4, 2, 8]}
     monkeypatch.setattr(cpa.tuning, "entries", lambda family, device: table if family == "cached_attention" else {})
@@ -151,10 +152,13 @@ def test_a_tuned_card_uses_its_measured_configs(monkeypatch):
         cuda = torch.device("cuda")
         assert cpa.tuned_configs(32, 128, torch.float16, cuda) == [(32, (16, 128, 4, 3, 2)), (144, (64, 32, 4, 2, 4))]
         assert cached_config(20, 1 << 20, 32, cuda) == (16, 128, 4, 3, 2)
-        assert cached_config(100, 1 << 20, 32, cuda) == (64, 32, 4, 2, 4)
-        assert cached_config(500, 1 << 20, 32, cuda) == (64, 32, 4, 2, 4)  # past the largest measured
+        assert cached_config(144, 1 << 20, 32, cuda) == (64, 32, 4, 2, 4)  # as measured
+        assert cached_config(130, 1 << 20, 32, cuda) == (64, 32, 4, 2, 4)  # the same 3 query tiles of 64
+        assert cached_config(100, 1 << 20, 32, cuda) == (64, 32, 4, 2, 6)  # 2 tiles: 2 x 6 programs as 3 x 4
+        assert cached_config(64, 1 << 20, 32, cuda) == (64, 32, 4, 2, 12)
+        assert cached_config(500, 1 << 20, 32, cuda) == (64, 32, 4, 2, 2)  # past the largest measured: 8 tiles
         assert cached_config(100, 64, 32, cuda)[4] == 2  # 64 positions of keys hold two BLOCK_N=32 blocks
-        assert cached_config(100, 1 << 20, 8, cuda) == (32, 32, 4, 2, 8)
+        assert cached_config(100, 1 << 20, 8, cuda) == (32, 32, 4, 2, 10)  # 4 tiles of 32 rows, 5 measured
     finally:
         cpa.tuned_configs.cache_clear()
 

@@ -34,7 +34,7 @@ from .timing import graph_us
 
 logger = logging.getLogger(__name__)
 
-TOKENS = (32, 144, 256, 512)
+TOKENS = (32, 96, 144, 256, 512)  # 96: an agent turn (a message plus the partly cached last block)
 STARTS = (0, 480, 1000, 2000)
 BLOCK_SIZE, CAPACITY, COPIES = 16, 4096, 4
 TILES = [(bm, bn, w, st) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)
