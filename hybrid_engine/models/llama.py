@@ -241,7 +241,10 @@ class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs, cos_sin_cache: torch.Tensor) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_shard, args.hidden_size)  # tensor parallelism: a vocab shard
+        # tensor parallelism: a vocab shard. Its weight is given (empty, as the loader's meta-device build wants),
+        # so that no random init runs: normal_ on a meta tensor imports torch's Python decompositions (~0.8 s)
+        self.embed_tokens = nn.Embedding(args.vocab_shard, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_shard, args.hidden_size, device="meta"))
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = nn.Parameter(torch.ones(args.hidden_size))
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_shard, bias=False)
