@@ -50,6 +50,9 @@ for s in $stages; do
     attn) timeout 150 python3 benchmarks/prefill_attn_sweep.py --lengths ${ATTN_T:-16,32,64,128,160,208,256,384,512} --json "$OUT/prefill_attn.json" 2>&1 | tail -22;;
     cattn) timeout 240 python3 benchmarks/cached_attn_sweep.py --json "$OUT/cached_attn.json" 2>&1 | tail -40;;
     ttft) timeout 150 python3 benchmarks/ttft_breakdown.py --out "$OUT" 2>&1 | grep -v Warn | tail -8;;
+    # an agent turn (prefix-caching issue): 84 new tokens after 0 / 1,952 cached, host phases and a host profile
+    aturn) timeout 200 python3 benchmarks/ttft_breakdown.py --lengths 50,84 --cached-starts 0,1952 --runs 20 --no-trace \
+             --host-profile --out "$OUT" 2>&1 | grep "new after";;
     jithost) timeout 200 python3 benchmarks/jit_host_profile.py --out "$OUT/jithost" 2>&1 | grep -v Warn | tail -${JITHOST_TAIL:-32};;  # A/B inside
     launch) timeout 120 python3 benchmarks/launch_overhead.py --json "$OUT/launch_overhead.json" 2>&1 | tail -20;;
     coldwarm) for i in $(seq ${COLD_RUNS:-1}); do  # several runs: the first request is host-bound, and hosts differ

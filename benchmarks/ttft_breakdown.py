@@ -72,6 +72,9 @@ def main() -> None:
     p.add_argument("--cached-starts", default="",
                    help="cached prefix lengths, comma-separated multiples of the block size: each length after each")
     p.add_argument("--no-trace", action="store_true", help="skip the bucket sweep and the profiler trace")
+    p.add_argument("--host-profile", action="store_true",
+                   help="also cProfile the host part of each (length, start)'s requests up to the prefill's staging "
+                        "(host_profile_<length>@<start>.txt under --out)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,8 @@ def main() -> None:
     for start in starts:
         for n in [int(v) for v in args.lengths.split(",")]:
             row = measure(llm, clock, rng, vocab, sp, n, start, args.runs)
+            if args.host_profile:
+                host_profile(llm, rng, vocab, sp, n, start, args.runs, out / f"host_profile_{n}@{start or 0}.txt")
             summary[n if start is None else f"{n}@{start}"] = row
             print(n if start is None else f"{n} new after {start} cached", row, flush=True)
     if args.no_trace:
@@ -114,6 +119,39 @@ def main() -> None:
     prof.export_chrome_trace(str(out / "ttft_trace.json"))
     write(out, summary, buckets)
     llm.close()
+
+
+def host_profile(llm: LLM, rng: torch.Generator, vocab: int, sp: SamplingParams, n: int, start: int | None,
+                 runs: int, path: Path) -> None:
+    """cProfile of `runs` requests (as `measure` sends them, prefix already cached) from generate() until the
+    runner stages the prefill: the host part of TTFT that grows with a cached history. Top 40 by own and by
+    cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    prefix = torch.randint(3, vocab, (start,), generator=rng).tolist() if start else []
+    if start:
+        llm.generate({"prompt_token_ids": prefix + [5]}, sp)
+    prof, stage = cProfile.Profile(), llm.runner.stage_prefill
+
+    def stop_then_stage(*a, **kw):
+        prof.disable()
+        return stage(*a, **kw)
+
+    llm.runner.stage_prefill = stop_then_stage
+    try:
+        for _ in range(runs):
+            ids = prefix + torch.randint(3, vocab, (n,), generator=rng).tolist()
+            prof.enable()
+            llm.generate({"prompt_token_ids": ids}, sp)
+            prof.disable()
+    finally:
+        llm.runner.stage_prefill = stage
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(40)
+    path.write_text(text.getvalue())
 
 
 def write(out: Path, summary: dict, buckets: dict) -> None:
