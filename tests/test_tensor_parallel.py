@@ -206,3 +206,46 @@ def test_tp2_batched_prefill_equals_tp1(reference):
         assert calls and blocks_settled(llm)
     finally:
         llm.close()
+
+
+def test_row_parallel_partials_are_summed_in_float32_and_rounded_once():
+    """A rank's O / down projection (DecoderLayer._row_parallel) with a communicator that adds the other rank's
+    partial: summed in float32 (the default) the float16 result is one card's projection (one rounding of the float32
+    sum) up to float32 summation order; summed natively each partial is rounded first and many elements differ."""
+    from types import SimpleNamespace
+
+    from hybrid_engine.kernels.gemm import linear_torch
+    from hybrid_engine.models.llama import DecoderLayer
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 96, generator=gen).half()
+    w = (torch.randn(64, 96, generator=gen) * 0.2).half()
+    one_card = linear_torch(x, w, out_dtype=torch.float32).half()  # float32 sum, rounded once
+
+    class Comm:
+        def __init__(self, sum_dtype):
+            self.sum_dtype = sum_dtype
+
+        def all_reduce(self, t):  # rank 0's partial + rank 1's, in the partial's dtype
+            return t + linear_torch(x[:, 48:], w[:, 48:], out_dtype=t.dtype)
+
+    mismatches = {}
+    for name, sum_dtype in (("float32", torch.float32), ("native", None)):
+        layer = SimpleNamespace(comm=Comm(sum_dtype))  # rank 0 of a layer: only its communicator is read
+        got = DecoderLayer._row_parallel(layer, linear_torch, x[:, :48], w[:, :48])
+        assert got.dtype == torch.float16
+        mismatches[name] = (got != one_card).float().mean().item()
+        assert (got.float() - one_card.float()).abs().max() <= 2 * torch.finfo(torch.float16).eps * one_card.abs().max()
+    assert mismatches["float32"] < 0.02 < mismatches["native"], mismatches
+
+
+def test_bad_tp_sum_dtype_is_named(monkeypatch):
+    import torch.distributed as dist
+
+    from hybrid_engine.distributed.comm import Communicator
+
+    monkeypatch.setenv("HYBRID_ENGINE_TP_SUM", "fp8")
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"HYBRID_ENGINE_TP_SUM='fp8' is not allowed; use one of \['float32', 'native'\]"):
+        Communicator(torch.device("cpu"))

@@ -29,6 +29,9 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 SYMM_ONE_SHOT_MAX_BYTES = 256 * 1024
 SYMM_TWO_SHOT_MAX_BYTES = 4 * 1024 * 1024
 ALLREDUCE_METHODS = ("auto", "nccl", "symm")
+# what the ranks' row-parallel partials are summed in (models/llama.py DecoderLayer._row_parallel): float32 (one
+# rounding, as one card) or the activations' own dtype ("native": half the bytes, each partial rounded first)
+SUM_DTYPES: dict[str, torch.dtype | None] = {"float32": torch.float32, "native": None}
 # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -58,12 +61,16 @@ class Communicator:
     """all_reduce (sum) and column all-gather over the default group; every method is usable inside a CUDA graph
     capture (the symmetric buffers are made and registered here, before any capture)."""
 
-    def __init__(self, device: torch.device, method: str | None = None) -> None:
+    def __init__(self, device: torch.device, method: str | None = None, sum_dtype: str | None = None) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = device
         method = method or os.environ.get("HYBRID_ENGINE_ALLREDUCE", "auto")
         if method not in ALLREDUCE_METHODS:
             raise ValueError(f"HYBRID_ENGINE_ALLREDUCE={method!r} is not allowed; use one of {list(ALLREDUCE_METHODS)}")
+        sum_dtype = sum_dtype or os.environ.get("HYBRID_ENGINE_TP_SUM", "float32")
+        if sum_dtype not in SUM_DTYPES:
+            raise ValueError(f"HYBRID_ENGINE_TP_SUM={sum_dtype!r} is not allowed; use one of {list(SUM_DTYPES)}")
+        self.sum_dtype = SUM_DTYPES[sum_dtype]
         self.group_name = dist.group.WORLD.group_name
         self.symm: torch.Tensor | None = None
         if device.type == "cuda":

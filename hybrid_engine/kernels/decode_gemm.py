@@ -341,12 +341,13 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def decode_gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       config: tuple[int, ...] | None = None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K].T (+ bias) -> [..., N] in x's dtype; config defaults to `config_for(N, K)`."""
+                       config: tuple[int, ...] | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K].T (+ bias) -> [..., N] in x's dtype (or out_dtype: the float32 sum unrounded);
+    config defaults to `config_for(N, K)`."""
     n, k = weight.shape
     config = config or config_for(n, k, x.device, x.dtype)
     x2 = _rows(x, k)
-    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    out = torch.empty((x2.shape[0], n), dtype=out_dtype or x.dtype, device=x.device)
     _launch(x2, weight, bias, out, n, cdiv(n, config[0]), config, "plain")
     return out.view(*x.shape[:-1], n)
 
@@ -397,12 +398,13 @@ def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  weight_t: torch.Tensor | None = None) -> torch.Tensor:
+                  weight_t: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`KernelOps.decode_linear`: F.linear whose rows do not depend on each other or on M. CUDA fp16/bf16 with a
-    contiguous weight: the decode GEMM; elsewhere F.linear one row at a time. weight_t is not read."""
+    contiguous weight: the decode GEMM; elsewhere F.linear one row at a time. weight_t is not read. out_dtype
+    (float32): the sum unrounded."""
     if _kernel_ok(x, weight, bias):
-        return decode_gemm_triton(x, weight, bias)
-    return linear_rows(x, weight, bias)
+        return decode_gemm_triton(x, weight, bias, out_dtype=out_dtype)
+    return linear_rows(x, weight, bias, out_dtype=out_dtype)
 
 
 def decode_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +93,10 @@ def _gemm_kernel(A, W, B, C, M, N, K, stride_am, stride_wn, stride_cm, BLOCK_M: 
 
 
 def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K].T (+ bias) -> [..., N] in x's dtype. weight's rows must be contiguous."""
+                config: tuple[int, int, int, int, int] | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K].T (+ bias) -> [..., N] in x's dtype (or out_dtype: the float32 sum unrounded).
+    weight's rows must be contiguous."""
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} columns but weight has K={k}")
@@ -104,7 +106,7 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out.view(*lead, n)
     grid = (cdiv(m, block_m) * cdiv(n, block_n),)
@@ -193,24 +195,58 @@ def reads_copy(rows: int, weight: torch.Tensor, weight_t: torch.Tensor | None) -
 
 
 def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 weight_t: torch.Tensor | None = None) -> torch.Tensor:
+                 weight_t: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`KernelOps.linear` of the torch backend: F.linear, on the transposed copy (cuBLAS's NN product on CUDA)
-    where the plan picks it (`reads_copy`)."""
+    where the plan picks it (`reads_copy`). out_dtype (float32): the sum not rounded to x's dtype (`linear_wide`)."""
+    if out_dtype is not None and out_dtype != x.dtype:
+        return linear_wide(x, weight, bias, out_dtype)
     if reads_copy(x.numel() // max(x.shape[-1], 1), weight, weight_t):
         return F.linear(x, weight_t.t(), bias)
     return F.linear(x, weight, bias)
+
+
+_MM_OUT_DTYPE: bool | None = None  # whether torch.mm takes out_dtype here (found on first use)
+
+
+def linear_wide(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """F.linear of 16-bit x and weight with its float32 sum returned in `out_dtype` instead of rounded to x's dtype
+    (a tensor-parallel rank's row-parallel partial, summed over the ranks before the one rounding). On CUDA cuBLAS
+    writes the float32 result of its float16 product (torch.mm's out_dtype); elsewhere the product is taken in
+    float32 (a product of two 16-bit values is exact in float32)."""
+    global _MM_OUT_DTYPE
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    out = None
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and out_dtype == torch.float32:
+        if _MM_OUT_DTYPE is not False:
+            try:
+                out = torch.mm(x2, weight.t(), out_dtype=out_dtype)
+                _MM_OUT_DTYPE = True
+            except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm's out_dtype on this card
+                _MM_OUT_DTYPE = False
+        if out is None:
+            out = gemm_triton(x2, weight, None, out_dtype=out_dtype)
+    else:
+        out = F.linear(x2.to(out_dtype), weight.to(out_dtype))
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out.view(*lead, weight.shape[0])
 
 
 _ZERO_BIAS: dict[tuple, torch.Tensor] = {}
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                weight_t: torch.Tensor | None = None) -> torch.Tensor:
+                weight_t: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear one row at a time: a row's result is the same whatever the other rows are (CPU BLAS picks its
-    blocking, and so its summation order, by the number of rows). For decode steps on the reference backend."""
+    blocking, and so its summation order, by the number of rows). For decode steps on the reference backend.
+    out_dtype: as `linear_torch`'s."""
+    one: Any = F.linear if out_dtype is None or out_dtype == x.dtype else (
+        lambda r, w, b: linear_wide(r, w, b, out_dtype))
     if x.shape[0] <= 1:
-        return F.linear(x, weight, bias)
-    return torch.cat([F.linear(x[i:i + 1], weight, bias) for i in range(x.shape[0])])
+        return one(x, weight, bias)
+    return torch.cat([one(x[i:i + 1], weight, bias) for i in range(x.shape[0])])
 
 
 def linear_lt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

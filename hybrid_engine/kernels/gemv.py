@@ -385,14 +385,16 @@ def gemv_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: tuple[int, int, int, int] | None = None, silu_mul: bool = False) -> torch.Tensor:
-    """x [1, K] (or [1, 2K] with silu_mul) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype. weight contiguous."""
+                config: tuple[int, int, int, int] | None = None, silu_mul: bool = False,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [1, K] (or [1, 2K] with silu_mul) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype (or out_dtype: the
+    float32 sum unrounded). weight contiguous."""
     n, k = weight.shape
     assert x.numel() == (2 * k if silu_mul else k), (x.shape, weight.shape)
     block_n, block_k, num_warps, num_stages, *rest = config or DEFAULT_CONFIG
     split = rest[0] if rest else 1
     x = x.contiguous()
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    out = torch.empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype, device=x.device)
     grid_n = cdiv(n, block_n)
     k_chunk = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_chunk)
@@ -416,17 +418,30 @@ def _gemv_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           weight_t: torch.Tensor | None = None) -> torch.Tensor:
+           weight_t: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear, through the Triton GEMV for one row unless `config_for` says cuBLAS measured faster (None), and for
     several rows through whatever the plan picks for the row count and shape (`gemm.config_for`: cuBLAS, cuBLASLt, the
-    Triton GEMM, or cuBLAS on `weight_t`, the weight's transposed copy [K, N] where the model keeps one)."""
+    Triton GEMM, or cuBLAS on `weight_t`, the weight's transposed copy [K, N] where the model keeps one).
+    out_dtype (float32): the sum unrounded, from the GEMV, the decode GEMM or the Triton GEMM where the plan picks
+    them, else from cuBLAS (`gemm.linear_wide`)."""
+    wide = out_dtype is not None and out_dtype != x.dtype
     if not _triton_ok(x, weight, bias):
-        return gemm.linear_torch(x, weight, bias, weight_t)
+        return gemm.linear_torch(x, weight, bias, weight_t, out_dtype)
     rows = x.numel() // x.shape[-1]
     if rows == 1:
         config = config_for("plain", *weight.shape, x.device, x.dtype)
-        return F.linear(x, weight, bias) if config is None else gemv_triton(x, weight, bias, config)
+        if config is None:
+            return gemm.linear_wide(x, weight, bias, out_dtype) if wide else F.linear(x, weight, bias)
+        return gemv_triton(x, weight, bias, config, out_dtype=out_dtype)
     choice = gemm.config_for(rows, *weight.shape, transposed=weight_t is not None)
+    if wide and choice not in ("decode_gemm", "t", "t_lt", "lt", None):
+        return gemm.gemm_triton(x, weight, bias, choice, out_dtype=out_dtype)
+    if wide and choice == "decode_gemm":
+        from .decode_gemm import decode_linear
+
+        return decode_linear(x, weight, bias, out_dtype=out_dtype)
+    if wide:  # a cuBLAS choice
+        return gemm.linear_wide(x, weight, bias, out_dtype)
     if choice == "t":
         return F.linear(x, weight_t.t(), bias)
     if choice == "t_lt":

@@ -182,9 +182,7 @@ class DecoderLayer(nn.Module):
             attn = self._attend(ops, q, k, v, positions, cos_sin, meta, scale, last_row_only)
             if last_row_only:
                 residual = residual.index_select(0, meta.last_index)
-        x = linear(attn.reshape(-1, a.q_size), self.o_proj.weight)
-        if self.comm is not None:
-            x = self.comm.all_reduce(x)
+        x = self._row_parallel(linear, attn.reshape(-1, a.q_size), self.o_proj.weight)
         gu, act = self.gate_up_proj, None
         if decode and ops.norm_linear_silu_mul is not None:  # one-row decode: the norm, gate/up and SiLU-mul at once
             fused = ops.norm_linear_silu_mul(x, residual, self.post_attention_layernorm, a.rms_norm_eps, gu.weight)
@@ -198,10 +196,20 @@ class DecoderLayer(nn.Module):
                 act = ops.prefill_linear_silu_mul(x, gu.weight)
         if act is None:
             act = ops.silu_mul(linear(x, gu.weight, None, gu.weight_t))
-        x = linear(act, self.down_proj.weight)
-        if self.comm is not None:
-            x = self.comm.all_reduce(x)
-        return x, residual
+        return self._row_parallel(linear, act, self.down_proj.weight), residual
+
+    def _row_parallel(self, linear: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The O or down projection; under tensor parallelism its ranks' partials summed. With the communicator's
+        `sum_dtype` float32 (the default) each rank's partial stays the projection's float32 sum, the ranks add
+        those, and the total is rounded once to x's dtype, as one card rounds its own float32 sum: TP=2 then differs
+        from TP=1 only by float32 summation order, where 16-bit partials would be rounded twice."""
+        comm = self.comm
+        if comm is None:
+            return linear(x, weight)
+        wide = comm.sum_dtype
+        if wide is None or wide == x.dtype:
+            return comm.all_reduce(linear(x, weight))
+        return comm.all_reduce(linear(x, weight, out_dtype=wide)).to(x.dtype)
 
     def _attend(self, ops: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 cos_sin: torch.Tensor, meta: AttentionMetadata, scale: float, last_row_only: bool) -> torch.Tensor:
