@@ -39,6 +39,11 @@ def _greedy(llm: LLM, prompts: list[list[int]], n: int) -> list[list[int]]:
     return [llm.generate({"prompt_token_ids": p}, sp)[0].outputs[0].token_ids for p in prompts]
 
 
+def _sum_name(llm: LLM) -> str:
+    """What the ranks' row-parallel partials were summed in (HYBRID_ENGINE_TP_SUM): "float32" or "native"."""
+    return "native" if llm.executor.comm.sum_dtype is None else str(llm.executor.comm.sum_dtype).removeprefix("torch.")
+
+
 def _free(llm: LLM) -> None:
     llm.close()
     del llm
@@ -141,7 +146,7 @@ def _small(a: Any, plan: Plan, opts: dict, agree_prompts: list, copy: float, gem
     llm = LLM(a.model, tensor_parallel_size=a.tp, **opts)
     load = time.perf_counter() - t0
     systems["hybrid"] = {**_measure(llm, plan, 1), "load_s": round(load, 1),
-                         "allreduce": llm.executor.comm.method}
+                         "allreduce": llm.executor.comm.method, "tp_sum": _sum_name(llm)}
     got = _greedy(llm, agree_prompts, 32)
     agreement = sum(g == r for g, r in zip(got, ref)) / len(ref)
     ratios = {"tpot_tp_over_tp1": round(systems["hybrid"]["tpot_ms"]["p50"] / systems["hybrid_tp1"]["tpot_ms"]["p50"], 3),
@@ -167,7 +172,8 @@ def _big(a: Any, opts: dict, copy: float, gemm: float, lengths: list[int], cmd: 
     load = time.perf_counter() - t0
     big_plan = Plan(lengths=lengths, runs=max(10, a.runs // 2), gen_tokens=64, tpot_runs=6, stream_runs=1,
                     tpot_prompt_len=100, warmup=2, settle_s=60.0)
-    sys_big = {**_measure(llm, big_plan, 2), "load_s": round(load, 1), "allreduce": llm.executor.comm.method}
+    sys_big = {**_measure(llm, big_plan, 2), "load_s": round(load, 1), "allreduce": llm.executor.comm.method,
+               "tp_sum": _sum_name(llm)}
     fl = _floors(read_model_config(a.big), a.tp, copy, gemm, lengths)
     sys_big["tpot_over_floor"] = round(sys_big["tpot_ms"]["p50"] / fl["tpot_ms"], 3)
     sys_big["ttft_over_floor"] = {str(n): round(sys_big["ttft_ms"][str(n)]["p50"] / fl["ttft_ms"][str(n)], 3)

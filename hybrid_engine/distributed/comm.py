@@ -29,8 +29,11 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 SYMM_ONE_SHOT_MAX_BYTES = 256 * 1024
 SYMM_TWO_SHOT_MAX_BYTES = 4 * 1024 * 1024
 ALLREDUCE_METHODS = ("auto", "nccl", "symm")
-# what the ranks' row-parallel partials are summed in (models/llama.py DecoderLayer._row_parallel): float32 (one
-# rounding, as one card) or the activations' own dtype ("native": half the bytes, each partial rounded first)
+# what the ranks' row-parallel partials are summed in (models/llama.py DecoderLayer._row_parallel): the activations'
+# own dtype ("native", the default: each partial rounded first) or float32 (one rounding, as one card; twice the
+# bytes and a cast per sum). On the CPU (gloo, float16, the pruned SmolLM2) float32 sums did not raise the greedy
+# agreement with TP=1 (column-parallel products and attention round differently per shard shape too): to be
+# measured on the GPU before it becomes the default
 SUM_DTYPES: dict[str, torch.dtype | None] = {"float32": torch.float32, "native": None}
 # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -67,7 +70,7 @@ class Communicator:
         method = method or os.environ.get("HYBRID_ENGINE_ALLREDUCE", "auto")
         if method not in ALLREDUCE_METHODS:
             raise ValueError(f"HYBRID_ENGINE_ALLREDUCE={method!r} is not allowed; use one of {list(ALLREDUCE_METHODS)}")
-        sum_dtype = sum_dtype or os.environ.get("HYBRID_ENGINE_TP_SUM", "float32")
+        sum_dtype = sum_dtype or os.environ.get("HYBRID_ENGINE_TP_SUM", "native")
         if sum_dtype not in SUM_DTYPES:
             raise ValueError(f"HYBRID_ENGINE_TP_SUM={sum_dtype!r} is not allowed; use one of {list(SUM_DTYPES)}")
         self.sum_dtype = SUM_DTYPES[sum_dtype]

@@ -200,9 +200,9 @@ class DecoderLayer(nn.Module):
 
     def _row_parallel(self, linear: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The O or down projection; under tensor parallelism its ranks' partials summed. With the communicator's
-        `sum_dtype` float32 (the default) each rank's partial stays the projection's float32 sum, the ranks add
-        those, and the total is rounded once to x's dtype, as one card rounds its own float32 sum: TP=2 then differs
-        from TP=1 only by float32 summation order, where 16-bit partials would be rounded twice."""
+        `sum_dtype` float32 (HYBRID_ENGINE_TP_SUM=float32) each rank's partial stays the projection's float32 sum,
+        the ranks add those, and the total is rounded once to x's dtype, as one card rounds its own float32 sum: this
+        projection then differs from TP=1 only by float32 summation order, where 16-bit partials are rounded twice."""
         comm = self.comm
         if comm is None:
             return linear(x, weight)
