@@ -48,8 +48,9 @@ class KernelOps:
     prefill_attention: Callable[..., Any]
     decode_attention: Callable[..., Any]
     sample: Callable[..., Any]
-    # projections (x, weight, bias=None, weight_t=None): cuBLAS unless a kernel measures faster; weight_t is the
-    # weight's transposed copy where the model keeps one (LlamaModel.add_prefill_weight_copies)
+    # projections (x, weight, bias=None, weight_t=None, out_dtype=None): cuBLAS unless a kernel measures faster;
+    # weight_t is the weight's transposed copy where the model keeps one (LlamaModel.add_prefill_weight_copies);
+    # out_dtype float32: the sum unrounded (tensor parallelism's row-parallel partials, HYBRID_ENGINE_TP_SUM)
     linear: Callable[..., Any] = linear_torch
     # decode projections (one row per sequence): each row's result must not depend on the other rows
     decode_linear: Callable[..., Any] = linear_torch
