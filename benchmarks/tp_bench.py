@@ -41,7 +41,8 @@ def _greedy(llm: LLM, prompts: list[list[int]], n: int) -> list[list[int]]:
 
 def _sum_name(llm: LLM) -> str:
     """What the ranks' row-parallel partials were summed in (HYBRID_ENGINE_TP_SUM): "float32" or "native"."""
-    return "native" if llm.executor.comm.sum_dtype is None else str(llm.executor.comm.sum_dtype).removeprefix("torch.")
+    dtype = llm.executor.comm.sum_dtype
+    return "native" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _free(llm: LLM) -> None:

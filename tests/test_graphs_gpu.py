@@ -127,7 +127,8 @@ def test_sustained_load_captures_between_steps_and_matches_capture_off():
     worker._capture = observed
     long_ids, long_p = list(range(3, 40)), SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    prompts = [list(range(100 + 50 * i, 100 + 50 * i + n)) for i, n in enumerate((20, 21, 50, 10, 22, 51, 11))]  # < vocab 512
+    # ids below the tiny preset's vocabulary of 512
+    prompts = [list(range(100 + 50 * i, 100 + 50 * i + n)) for i, n in enumerate((20, 21, 50, 10, 22, 51, 11))]
     long_out = []
     stream = llm.stream_deltas({"prompt_token_ids": long_ids}, long_p)
     first = next(stream)  # the long request is running before the short ones arrive

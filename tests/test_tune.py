@@ -19,7 +19,8 @@ from hybrid_engine.models.shapes import model_shapes
 CARD = "NVIDIA Test Card"
 PLAIN_BEST = (32, 128, 1, 4, 4, 0)  # the fake's fastest plain decode GEMM config, reached in stage 2
 FUSED_BEST = (32, 128, 1, 4, 3, 0)  # the fused variants find PLAIN_BEST slow: the next plain finalist wins
-ATTENTION_BEST = {32: (16, 128, 4, 3, 8), 96: (64, 64, 4, 3, 2), 144: (64, 64, 4, 2, 4), 256: (64, 64, 4, 2, 2), 512: (64, 64, 4, 2, 1)}
+ATTENTION_BEST = {32: (16, 128, 4, 3, 8), 96: (64, 64, 4, 3, 2), 144: (64, 64, 4, 2, 4), 256: (64, 64, 4, 2, 2),
+                  512: (64, 64, 4, 2, 1)}
 
 
 def _gemm_cost(kind: str, cfg: tuple[int, ...], fastest: tuple[int, ...] = PLAIN_BEST) -> float:
@@ -168,7 +169,8 @@ def test_one_family_and_an_explicit_out_file(card, tmp_path):
     out = tmp_path / "shipped.json"
     run = _run(out=out)
     rows = tune_mod.tune(model_shapes("llama-2-7b-shape", 2, "bfloat16"), ("cached_attention",), run)
-    assert run.saved_to == out and not card.exists() and [r.family for r in rows] == ["cached_attention"] * len(ATTENTION_BEST)
+    assert run.saved_to == out and not card.exists()
+    assert [r.family for r in rows] == ["cached_attention"] * len(ATTENTION_BEST)
     saved = json.loads(out.read_text())
     assert saved["device"] == CARD and "decode_gemm" not in saved["tables"]
     assert saved["tables"]["cached_attention"]["256,16,128,bfloat16"] == list(ATTENTION_BEST[256])

@@ -237,8 +237,8 @@ def cached_config(num_tokens: int, max_context: int, num_heads: int, device: tor
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, SPLITS) of the cached-prefill kernel for `num_tokens` new tokens of
     `num_heads` query heads over a block table holding `max_context` positions: the card's tuned entry for the
     smallest measured token count >= num_tokens (else the largest), its SPLITS scaled to keep its programs for this
-    count's query tiles, else `CACHED_CONFIGS` scaled to the heads and SMs. Depends on shapes only, never on the start, so one captured graph serves every start. SPLITS stays within
-    the keys the table can hold."""
+    count's query tiles, else `CACHED_CONFIGS` scaled to the heads and SMs. Depends on shapes only, never on the
+    start, so one captured graph serves every start. SPLITS stays within the keys the table can hold."""
     tuned = tuned_configs(num_heads, head_dim, dtype, device)
     if device.type != "cuda":
         block_m, block_n, num_warps, num_stages, splits = CPU_CACHED_CONFIG
