@@ -93,10 +93,11 @@ def main() -> None:
     starts = [int(v) for v in args.cached_starts.split(",")] if args.cached_starts else [None]
     summary = {}
     for start in starts:
+        prefix = cached_prefix(llm, rng, vocab, sp, start)
         for n in [int(v) for v in args.lengths.split(",")]:
-            row = measure(llm, clock, rng, vocab, sp, n, start, args.runs)
+            row = measure(llm, clock, rng, vocab, sp, n, start, prefix, args.runs)
             if args.host_profile:
-                host_profile(llm, rng, vocab, sp, n, start, args.runs, out / f"host_profile_{n}@{start or 0}.txt")
+                host_profile(llm, rng, vocab, sp, n, prefix, args.runs, out / f"host_profile_{n}@{start or 0}.txt")
             summary[n if start is None else f"{n}@{start}"] = row
             print(n if start is None else f"{n} new after {start} cached", row, flush=True)
     if args.no_trace:
@@ -105,13 +106,13 @@ def main() -> None:
         return
     buckets = {}
     for b in llm.graphs.buckets:  # GPU time of every bucket's graph, staged by a real request of that length
-        llm.generate({"prompt_token_ids": torch.randint(3, vocab, (b,), generator=rng).tolist()}, sp)
+        llm.generate({"prompt_token_ids": random_ids(rng, vocab, b)}, sp)
         buckets[b] = replay_gpu_ms(llm, b, 7)
     print("bucket replay GPU ms:", buckets, flush=True)
     n = max(summary)
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    ids = torch.randint(3, vocab, (n,), generator=rng).tolist()
+    ids = random_ids(rng, vocab, n)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(3):
             with record_function(f"request_{i}"):
@@ -121,18 +122,31 @@ def main() -> None:
     llm.close()
 
 
-def host_profile(llm: LLM, rng: torch.Generator, vocab: int, sp: SamplingParams, n: int, start: int | None,
+def random_ids(rng: torch.Generator, vocab: int, n: int) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=rng).tolist()
+
+
+def cached_prefix(llm: LLM, rng: torch.Generator, vocab: int, sp: SamplingParams, start: int | None) -> list[int]:
+    """`start` fresh token ids whose blocks are now in the prefix cache (one request of them plus a token); [] for
+    None or 0. `start` must be a multiple of the block size."""
+    if not start:
+        return []
+    if start % llm.kv.block_size:
+        raise SystemExit(f"--cached-starts {start}: must be a multiple of the block size {llm.kv.block_size}")
+    prefix = random_ids(rng, vocab, start)
+    llm.generate({"prompt_token_ids": prefix + random_ids(rng, vocab, 1)}, sp)
+    return prefix
+
+
+def host_profile(llm: LLM, rng: torch.Generator, vocab: int, sp: SamplingParams, n: int, prefix: list[int],
                  runs: int, path: Path) -> None:
-    """cProfile of `runs` requests (as `measure` sends them, prefix already cached) from generate() until the
-    runner stages the prefill: the host part of TTFT that grows with a cached history. Top 40 by own and by
-    cumulative time."""
+    """cProfile of `runs` requests of `n` fresh tokens after the cached `prefix` (as `measure` sends them) from
+    generate() until the runner stages the prefill: the host part of TTFT that grows with a cached history. Top 40
+    by own and by cumulative time."""
     import cProfile
     import io
     import pstats
 
-    prefix = torch.randint(3, vocab, (start,), generator=rng).tolist() if start else []
-    if start:
-        llm.generate({"prompt_token_ids": prefix + [5]}, sp)
     prof, stage = cProfile.Profile(), llm.runner.stage_prefill
 
     def stop_then_stage(*a, **kw):
@@ -142,7 +156,7 @@ def host_profile(llm: LLM, rng: torch.Generator, vocab: int, sp: SamplingParams,
     llm.runner.stage_prefill = stop_then_stage
     try:
         for _ in range(runs):
-            ids = prefix + torch.randint(3, vocab, (n,), generator=rng).tolist()
+            ids = prefix + random_ids(rng, vocab, n)
             prof.enable()
             llm.generate({"prompt_token_ids": ids}, sp)
             prof.disable()
@@ -161,18 +175,13 @@ def write(out: Path, summary: dict, buckets: dict) -> None:
 
 
 def measure(llm: LLM, clock: PhaseClock, rng: torch.Generator, vocab: int, sp: SamplingParams, n: int,
-            start: int | None, runs: int) -> dict:
-    """Median phases of `runs` requests of `n` fresh tokens (after a cached prefix of `start` tokens, or alone)."""
+            start: int | None, prefix: list[int], runs: int) -> dict:
+    """Median phases of `runs` requests of `n` fresh tokens (after `prefix`, `start` cached tokens, or alone)."""
     from hybrid_engine.runtime.graphs import CONTEXT
 
     def rand(k: int) -> list[int]:
-        return torch.randint(3, vocab, (k,), generator=rng).tolist()
+        return random_ids(rng, vocab, k)
 
-    prefix = rand(start) if start else []
-    if start is not None:
-        if start % llm.kv.block_size:
-            raise SystemExit(f"--cached-starts {start}: must be a multiple of the block size {llm.kv.block_size}")
-        llm.generate({"prompt_token_ids": prefix + rand(1)}, sp)  # caches the prefix's blocks
     for _ in range(3):
         llm.generate({"prompt_token_ids": prefix + rand(n)}, sp)
     per: dict[str, list[float]] = {k: [] for k in ("total", "engine_ttft", "before_stage", "stage", "replay",

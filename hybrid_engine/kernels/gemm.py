@@ -223,8 +223,8 @@ def linear_wide(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             try:
                 out = torch.mm(x2, weight.t(), out_dtype=out_dtype)
                 _MM_OUT_DTYPE = True
-            except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm's out_dtype on this card
-                _MM_OUT_DTYPE = False
+            except (RuntimeError, TypeError):  # torch.mm without out_dtype (TypeError) or without a kernel for
+                _MM_OUT_DTYPE = False           # it on this card (RuntimeError): the Triton GEMM from now on
         if out is None:
             out = gemm_triton(x2, weight, None, out_dtype=out_dtype)
     else:

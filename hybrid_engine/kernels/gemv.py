@@ -434,13 +434,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return gemm.linear_wide(x, weight, bias, out_dtype) if wide else F.linear(x, weight, bias)
         return gemv_triton(x, weight, bias, config, out_dtype=out_dtype)
     choice = gemm.config_for(rows, *weight.shape, transposed=weight_t is not None)
-    if wide and choice not in ("decode_gemm", "t", "t_lt", "lt", None):
-        return gemm.gemm_triton(x, weight, bias, choice, out_dtype=out_dtype)
-    if wide and choice == "decode_gemm":
+    if choice == "decode_gemm":
         from .decode_gemm import decode_linear
 
         return decode_linear(x, weight, bias, out_dtype=out_dtype)
-    if wide:  # a cuBLAS choice
+    if choice not in ("t", "t_lt", "lt", None):
+        return gemm.gemm_triton(x, weight, bias, choice, out_dtype=out_dtype)
+    if wide:  # a cuBLAS choice: cuBLAS writing its float32 sum
         return gemm.linear_wide(x, weight, bias, out_dtype)
     if choice == "t":
         return F.linear(x, weight_t.t(), bias)
@@ -448,12 +448,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return gemm.linear_lt(x, weight_t.t(), bias)
     if choice == "lt":
         return gemm.linear_lt(x, weight, bias)
-    if choice == "decode_gemm":
-        from .decode_gemm import decode_linear
-
-        return decode_linear(x, weight, bias)
-    if choice is not None:
-        return gemm.gemm_triton(x, weight, bias, choice)
     return F.linear(x, weight, bias)
 
 
