@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--no-trace", action="store_true", help="skip the bucket sweep and the profiler trace")
     p.add_argument("--host-profile", action="store_true",
                    help="also cProfile the host part of each (length, start)'s requests up to the prefill's staging "
-                        "(host_profile_<length>@<start>.txt under --out)")
+                        "(host_profile_<length>_at_<start>.txt under --out)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def main() -> None:
         for n in [int(v) for v in args.lengths.split(",")]:
             row = measure(llm, clock, rng, vocab, sp, n, start, prefix, args.runs)
             if args.host_profile:
-                host_profile(llm, rng, vocab, sp, n, prefix, args.runs, out / f"host_profile_{n}@{start or 0}.txt")
+                host_profile(llm, rng, vocab, sp, n, prefix, args.runs, out / f"host_profile_{n}_at_{start or 0}.txt")
             summary[n if start is None else f"{n}@{start}"] = row
             print(n if start is None else f"{n} new after {start} cached", row, flush=True)
     if args.no_trace:

@@ -57,6 +57,34 @@ def test_cached_attention_recommend_weighs_microseconds_not_ratios():
     assert cs.recommend({0: {a: 1.0}, 480: {b: 2.0}}) == (None, float("inf"))
 
 
+class _FakeBench:
+    """Times from a table: (64, 128) is fastest at one program per SM and slow at two; (64, 64) is in between."""
+
+    failed: dict = {}
+    skipped = 0
+    shape = cs.AttentionShape(32, 32, 128)
+    sms = 132
+
+    def __init__(self, times):
+        self.times, self.asked = times, []
+
+    def measure(self, tokens, cfg, start, check_start, share=1.0):
+        self.asked.append(cfg)
+        return self.times.get(cfg[:2], {}).get(cfg[4], 99.0)
+
+
+def test_cached_attention_tiles_ranked_by_their_faster_grid():
+    """96 tokens, 64-row tiles on 132 SMs: 2 splits is about one program per SM, 4 about two; the tiles slow at two
+    programs per SM but the fastest at one rank first (at two programs per SM alone, (64, 64) would)."""
+    assert cs.wave_splits(96, 64, 32, 132) == [2, 4]
+    assert cs.wave_splits(4096, 16, 32, 132) == [1]  # one split whatever the programs per SM: measured once
+    bench = _FakeBench({(64, 128): {2: 26.5, 4: 37.0}, (64, 64): {2: 31.0, 4: 28.2}})
+    tiles = cs.phase_tiles(bench, 96, 2000)
+    assert all(t[:2] == (64, 128) for t in tiles)  # its four warp/stage variants tie at 26.5 us
+    assert (64, 128, 4, 3, 2) in bench.asked and (64, 128, 4, 3, 4) in bench.asked
+    assert len(tiles) == cs.TOP_TILES and len(set(tiles)) == len(tiles)
+
+
 def test_gemv_norm_variants_pass_the_check_and_a_wrong_one_is_refused(monkeypatch):
     """The GEMV sweep times a fused kind with the norm folded in, and the norm kernel + the kind apart, only after
     each matches the fp32 reference of rmsnorm(x + residual) * g through the kind; a folded kernel that gets the
