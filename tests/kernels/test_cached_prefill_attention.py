@@ -74,7 +74,8 @@ def _split_case(device, dtype, start, n, num_q_heads, num_kv_heads, head_dim, bl
 
 @pytest.mark.parametrize("start", [0, 7, 33, 100])
 @pytest.mark.parametrize("n", [1, 5, 19])
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,block_size", [(4, 2, 24, 8), (2, 2, 16, 16), (2, 1, 16, 32)])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,block_size",
+                         [(4, 2, 24, 8), (2, 2, 16, 16), (2, 1, 16, 32)])
 def test_split_keys_match_reference_and_each_other(device_dtype, start, n, num_q_heads, num_kv_heads, head_dim,
                                                    block_size):
     """SPLITS 1, 2, 3 against the reference (padding rows past valid_len finite), with each other, and a repeat
