@@ -1,5 +1,6 @@
-"""Small all-reduces on the GPUs of one host: NCCL vs PyTorch symmetric memory (one-shot, two-shot; no multicast),
-per message size, eager and inside a CUDA graph (64 calls captured in one graph, as a decode step's collectives are).
+"""Small all-reduces on the GPUs of one host: NCCL vs our one-shot peer kernel vs PyTorch symmetric memory (one-shot,
+two-shot; no multicast), per message size, eager and inside a CUDA graph (64 calls captured in one graph, as a
+decode step's collectives are).
 
     python benchmarks/allreduce_bench.py --gpus 2 --out allreduce.json
 
@@ -21,7 +22,9 @@ SIZES = [2048, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1 << 20, 2 << 
 # PyTorch's symmetric-memory all-reduce kernels take float32 and bfloat16, not float16: "*_f32" convert a float16
 # message into a float32 symmetric buffer and back (what hybrid_engine does for float16 models); "*_bf16" are the
 # native bfloat16 kernels on a message of the same element count (for bfloat16 models)
-METHODS = ("nccl", "one_shot_f32", "two_shot_f32", "one_shot_bf16", "two_shot_bf16")
+# "peer": our one-shot kernel (hybrid_engine/kernels/allreduce.py) on the float16 message; "peer_f32": the same on a
+# float32 message of the same element count, rounded to float16 on the way out (HYBRID_ENGINE_TP_SUM=float32)
+METHODS = ("nccl", "peer", "peer_f32", "one_shot_f32", "two_shot_f32", "one_shot_bf16", "two_shot_bf16")
 
 
 def _free_port() -> int:
@@ -30,7 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(rank: int, world: int, port: int, out_path: str, calls: int) -> None:
+def _run(rank: int, world: int, port: int, out_path: str, calls: int, sizes: list[int], methods: list[str]) -> None:
     os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
@@ -41,8 +44,11 @@ def _run(rank: int, world: int, port: int, out_path: str, calls: int) -> None:
                             device_id=device)
     group = dist.group.WORLD.group_name
     dist.all_reduce(torch.ones(1, device=device))
-    symm = symm_mem.empty(max(SIZES) * 2, dtype=torch.uint8, device=device)  # float32 of the largest fp16 message
+    symm = symm_mem.empty(max(sizes) * 2, dtype=torch.uint8, device=device)  # float32 of the largest fp16 message
     symm_mem.rendezvous(symm, group)
+    from hybrid_engine.distributed.comm import PeerAllReduce
+
+    peer = PeerAllReduce(group, rank, world, device, half_bytes=max(sizes) * 2)
     bf16 = {}
     stream = torch.cuda.Stream(device)
     results: dict[str, dict[str, float]] = {}
@@ -51,6 +57,10 @@ def _run(rank: int, world: int, port: int, out_path: str, calls: int) -> None:
         n = x.numel()
         if method == "nccl":
             dist.all_reduce(x)
+        elif method == "peer":
+            peer(x, out)
+        elif method == "peer_f32":
+            peer(bf16["f32_in"][:n], out)
         elif method.endswith("_f32"):
             view, wide = symm.view(torch.float32)[:n], bf16["f32_out"][:n]
             view.copy_(x)
@@ -66,20 +76,23 @@ def _run(rank: int, world: int, port: int, out_path: str, calls: int) -> None:
                 view.copy_(src)
                 torch.ops.symm_mem.two_shot_all_reduce_out(view, "sum", group, dst)
 
-    big = max(SIZES) // 2
+    big = max(sizes) // 2
     bf16.update(x=torch.full((big,), float(rank + 1), dtype=torch.bfloat16, device=device),
                 out=torch.empty(big, dtype=torch.bfloat16, device=device),
-                f32_out=torch.empty(big, dtype=torch.float32, device=device))
-    for nbytes in SIZES:
+                f32_out=torch.empty(big, dtype=torch.float32, device=device),
+                f32_in=torch.empty(big, dtype=torch.float32, device=device))
+    for nbytes in sizes:
         n = nbytes // 2
         x = torch.full((n,), float(rank + 1), dtype=torch.float16, device=device)
         out = torch.empty_like(x)
         row: dict[str, float] = {}
-        for method in METHODS:
+        for method in methods:
             with torch.cuda.stream(stream):
                 for _ in range(5):
                     x.fill_(rank + 1)
                     op(method, x, out)
+                if method == "peer_f32":
+                    bf16["f32_in"].fill_(rank + 1)
                 got = (x if method == "nccl" else bf16["out"] if method.endswith("bf16") else out)[0].item()
                 want = world * (world + 1) / 2
                 if got != want:
@@ -129,8 +142,13 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--calls", type=int, default=64)
     ap.add_argument("--out", default="allreduce.json")
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="message sizes in bytes, comma-separated")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"some of {','.join(METHODS)}")
     a = ap.parse_args()
-    mp.spawn(_run, args=(a.gpus, _free_port(), a.out, a.calls), nprocs=a.gpus, join=True)
+    sizes, methods = [int(x) for x in a.sizes.split(",")], a.methods.split(",")
+    if any(m not in METHODS for m in methods):
+        raise SystemExit(f"--methods {a.methods!r}: each must be one of {list(METHODS)}")
+    mp.spawn(_run, args=(a.gpus, _free_port(), a.out, a.calls, sizes, methods), nprocs=a.gpus, join=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ for s in $stages; do
     tests) timeout 300 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests --ignore=tests/test_tensor_parallel_gpu.py 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt";;
     # tensor parallelism (kind nvidia-h200-x2): all-reduce methods by size, the TP GPU test (own process: it kills a
     # worker), then TP=1 vs TP=2 of the 7B shape (tpsmall) and the 70B shape at TP=2 (tpbig)
-    allreduce) timeout 150 python3 benchmarks/allreduce_bench.py --gpus ${TP:-2} --out "$OUT/allreduce.json" 2>&1 | tail -14;;
+    allreduce) timeout 200 python3 benchmarks/allreduce_bench.py --gpus ${TP:-2} --out "$OUT/allreduce.json" ${AR_ARGS:-} 2>&1 | tail -14;;
     tptests) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_tensor_parallel_gpu.py 2>&1 | tail -15 | tee "$OUT/tp_tests.txt";;
     tpsmall) timeout 570 python3 benchmarks/tp_bench.py --tp ${TP:-2} --big "" --out-dir "$OUT" ${TP_ARGS:-} 2>&1 | grep -v "Warn\|INFO" | tail -12;;
     # a file too large to carry in one call, in parts (e.g. split -b 47M x.gguf .gguf/part_): `ggstash` keeps the

@@ -10,6 +10,7 @@ Results follow ../shared/BENCHMARKS.md: `tensor_parallel_size` at the top level,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -99,6 +100,9 @@ def main() -> None:
                          "tokenizer and chat template (auto: chat where the model directory has a tokenizer)")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--out-dir", default=".")
+    ap.add_argument("--variants", default="", help="TP=N engines to measure against the one TP=1 run, comma-"
+                    "separated, each '' (as the environment says) or KEY=VALUE[+KEY=VALUE] with KEY allreduce "
+                    "(HYBRID_ENGINE_ALLREDUCE) or tp_sum (HYBRID_ENGINE_TP_SUM); one results file each")
     a = ap.parse_args()
     import sys
 
@@ -143,6 +147,33 @@ def _small(a: Any, plan: Plan, opts: dict, agree_prompts: list, copy: float, gem
     _free(llm)
     print("tp1", json.dumps({k: systems["hybrid_tp1"][k] for k in ("ttft_ms", "tpot_ms")}), flush=True)
 
+    for variant in a.variants.split(","):
+        with _variant_env(variant):
+            _small_tp(a, plan, opts, agree_prompts, ref, dict(systems), copy, gemm, lengths, cmd, out, variant)
+
+
+VARIANT_ENV = {"allreduce": "HYBRID_ENGINE_ALLREDUCE", "tp_sum": "HYBRID_ENGINE_TP_SUM"}
+
+
+@contextlib.contextmanager
+def _variant_env(variant: str):
+    """`--variants` entry, e.g. "allreduce=nccl+tp_sum=float32" ('' = the environment as it is): those settings in
+    os.environ (rank 0 reads them, the workers inherit them) while the TP engine runs."""
+    saved = dict(os.environ)
+    for item in filter(None, variant.split("+")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_ENV or not value:
+            raise SystemExit(f"--variants entry {item!r}: use KEY=VALUE with KEY one of {sorted(VARIANT_ENV)}")
+        os.environ[VARIANT_ENV[key]] = value
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _small_tp(a: Any, plan: Plan, opts: dict, agree_prompts: list, ref: list, systems: dict, copy: float,
+              gemm: float, lengths: list[int], cmd: str, out: Path, variant: str) -> None:
     t0 = time.perf_counter()
     llm = LLM(a.model, tensor_parallel_size=a.tp, **opts)
     load = time.perf_counter() - t0
@@ -153,13 +184,15 @@ def _small(a: Any, plan: Plan, opts: dict, agree_prompts: list, copy: float, gem
     ratios = {"tpot_tp_over_tp1": round(systems["hybrid"]["tpot_ms"]["p50"] / systems["hybrid_tp1"]["tpot_ms"]["p50"], 3),
               "ttft_tp_over_tp1": {str(n): round(systems["hybrid"]["ttft_ms"][str(n)]["p50"]
                                                  / systems["hybrid_tp1"]["ttft_ms"][str(n)]["p50"], 3) for n in lengths}}
-    print("tp", a.tp, json.dumps({k: systems["hybrid"][k] for k in ("ttft_ms", "tpot_ms")}), ratios,
-          "agreement", agreement, flush=True)
+    print("tp", a.tp, variant or "(default)", json.dumps({k: systems["hybrid"][k] for k in ("ttft_ms", "tpot_ms")}),
+          ratios, "agreement", agreement, flush=True)
     res = _result(a.model, a.tp, cmd, _floors(read_model_config(a.model), a.tp, copy, gemm, lengths), systems,
                   tp_agreement={"prompts": len(ref), "tokens": 32, "agreement": agreement,
                                 "prompt_kind": a.agreement_kind},
-                  ratios=ratios, floors_tp1=_floors(read_model_config(a.model), 1, copy, gemm, lengths))
-    name = out / f"{results_stem(res)}-tp{a.tp}.json"
+                  ratios=ratios, floors_tp1=_floors(read_model_config(a.model), 1, copy, gemm, lengths),
+                  **({"variant": variant} if variant else {}))
+    slug = "".join(c if c.isalnum() else "-" for c in variant)
+    name = out / f"{results_stem(res)}-tp{a.tp}{'-' + slug if slug else ''}.json"
     name.write_text(json.dumps(res, indent=1))
     print("wrote", name, flush=True)
     t0 = time.perf_counter()

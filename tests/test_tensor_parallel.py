@@ -227,8 +227,8 @@ def test_row_parallel_partials_are_summed_in_float32_and_rounded_once():
         def __init__(self, sum_dtype):
             self.sum_dtype = sum_dtype
 
-        def all_reduce(self, t):  # rank 0's partial + rank 1's, in the partial's dtype
-            return t + linear_torch(x[:, 48:], w[:, 48:], out_dtype=t.dtype)
+        def all_reduce(self, t, out_dtype=None):  # rank 0's partial + rank 1's, in the partial's dtype, rounded
+            return (t + linear_torch(x[:, 48:], w[:, 48:], out_dtype=t.dtype)).to(out_dtype or t.dtype)
 
     mismatches = {}
     for name, sum_dtype in (("float32", torch.float32), ("native", None)):

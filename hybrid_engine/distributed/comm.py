@@ -7,8 +7,15 @@ its input into its symmetric buffer, then every rank reads all peers' buffers an
 barrier. Measured on two H200s (benchmarks/results/nvidia-h200-x2-allreduce-2026-11-30.json; 64 calls captured in
 one graph): NCCL 5.9-7.3 us per call from 2 KiB to 128 KiB; PyTorch's one-shot kernel 6.1-7.7 us in bfloat16 and
 8.8-11.8 us for a float16 message (its kernels take float32 and bfloat16 only, so float16 goes through a float32
-buffer and back). NCCL is therefore the default ("auto") for every size and dtype; `HYBRID_ENGINE_ALLREDUCE=symm`
-selects symmetric memory (one-shot up to `SYMM_ONE_SHOT_MAX_BYTES`, two-shot up to `SYMM_TWO_SHOT_MAX_BYTES`).
+buffer and back). `HYBRID_ENGINE_ALLREDUCE=symm` selects those kernels (one-shot up to `SYMM_ONE_SHOT_MAX_BYTES`, two-shot up to
+`SYMM_TWO_SHOT_MAX_BYTES`).
+
+Our own one-shot kernel (kernels/allreduce.py, "peer") uses symmetric memory only for its buffers: it takes float16,
+bfloat16 and float32 (a float32 partial rounded once on the way out), runs in the same kernel chain as the layers
+(PDL), and is used for messages up to `PEER_MAX_BYTES` inside CUDA graphs, where every rank replays the same calls;
+eager calls (warm-up, the JIT path, where one rank may still be compiling while the other waits) use NCCL, which
+costs the same there (25-40 us a call). Its protocol is tested on one card (two ranks on two streams); it has not
+run on two cards yet, so "auto" stays NCCL and `HYBRID_ENGINE_ALLREDUCE=peer` selects it.
 
 NVLink multicast is never used: `TORCH_SYMM_MEM_DISABLE_MULTICAST=1` and `NCCL_NVLS_ENABLE=0` are set before any
 group is made (multicast objects can take a shared host's GPUs out of service).
@@ -28,7 +35,10 @@ logger = logging.getLogger(__name__)
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 SYMM_ONE_SHOT_MAX_BYTES = 256 * 1024
 SYMM_TWO_SHOT_MAX_BYTES = 4 * 1024 * 1024
-ALLREDUCE_METHODS = ("auto", "nccl", "symm")
+PEER_HALF_BYTES = 4 * 1024 * 1024  # each rank's peer buffer: two halves of this (kernels/allreduce.py)
+PEER_MAX_BYTES = 1024 * 1024
+PEER_TIMEOUT_S = 20.0  # a peer kernel waiting longer than this for another rank gives up (a dead worker)
+ALLREDUCE_METHODS = ("auto", "nccl", "symm", "peer")
 # what the ranks' row-parallel partials are summed in (models/llama.py DecoderLayer._row_parallel): the activations'
 # own dtype ("native", the default: each partial rounded first) or float32 (one rounding, as one card; twice the
 # bytes and a cast per sum). On the CPU (gloo, float16, the pruned SmolLM2) float32 sums did not raise the greedy
@@ -76,28 +86,29 @@ class Communicator:
         self.sum_dtype = SUM_DTYPES[sum_dtype]
         self.group_name = dist.group.WORLD.group_name
         self.symm: torch.Tensor | None = None
+        self.peer: PeerAllReduce | None = None
         if device.type == "cuda":
             warm = torch.ones(1, device=device)
             dist.all_reduce(warm)  # the NCCL communicator exists before any capture
             if method == "symm":
                 self.symm = self._symmetric_buffer(SYMM_TWO_SHOT_MAX_BYTES, required=True)
-        self.method = "symm" if self.symm is not None else "nccl" if device.type == "cuda" else "gloo"
+            elif method == "peer":
+                self.peer = PeerAllReduce(self.group_name, self.rank, self.world_size, device)
+        self.method = ("symm" if self.symm is not None else "peer" if self.peer is not None
+                       else "nccl" if device.type == "cuda" else "gloo")
 
-    def _symmetric_buffer(self, nbytes: int, required: bool) -> torch.Tensor | None:
-        try:
-            import torch.distributed._symmetric_memory as symm_mem
+    def all_reduce(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Sum of `x` over the ranks (a new tensor, or `x` summed in place), in `out_dtype` if given (a float32
+        `x` summed, then rounded once)."""
+        nbytes = x.numel() * x.element_size()
+        peer = self.peer
+        if (peer is not None and nbytes <= PEER_MAX_BYTES and x.is_contiguous()
+                and torch.cuda.is_current_stream_capturing()):
+            return peer(x, torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device))
+        out = self._all_reduce(x)
+        return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
 
-            buf = symm_mem.empty(nbytes // 4, dtype=torch.float32, device=self.device)  # viewed per dtype
-            symm_mem.rendezvous(buf, self.group_name)
-            return buf
-        except Exception as exc:  # no peer access, an old driver, ...: NCCL for every size
-            if required:
-                raise
-            logger.warning("symmetric-memory all-reduce unavailable (%s); using NCCL for every size", exc)
-            return None
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of `x` over the ranks (a new tensor, or `x` summed in place)."""
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         nbytes = x.numel() * x.element_size()
         symm = self.symm
         if symm is not None and x.is_contiguous() and nbytes % 16 == 0:
@@ -141,3 +152,39 @@ class Communicator:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=op)
         return int(t.item())
+
+
+class PeerAllReduce:
+    """The one-shot kernel's state on one rank (kernels/allreduce.py): a symmetric-memory area (two data halves of
+    `PEER_HALF_BYTES`, then the flags, zeroed here before any rank uses them), every rank's addresses of it, this
+    rank's call counters and a pinned host word a kernel that gave up waiting sets (`abandoned_any`)."""
+
+    def __init__(self, group_name: str, rank: int, world_size: int, device: torch.device,
+                 half_bytes: int = PEER_HALF_BYTES) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from ..kernels import allreduce as ar
+
+        self.rank, self.half_bytes = rank, half_bytes
+        flag_bytes = ar.flag_words(world_size) * 4
+        self.area = symm_mem.empty(2 * half_bytes + flag_bytes, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(self.area, group_name)
+        ptrs = [int(p) for p in handle.buffer_ptrs]
+        if len(ptrs) != world_size or any(p % 16 for p in ptrs):
+            raise RuntimeError(f"symmetric memory gave {len(ptrs)} buffers for {world_size} ranks (16-byte aligned)")
+        self.data_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=device)
+        self.flag_ptrs = torch.tensor([p + 2 * half_bytes for p in ptrs], dtype=torch.int64, device=device)
+        self.calls = torch.zeros(ar.MAX_PROGRAMS, dtype=torch.int32, device=device)
+        self.abandoned = torch.zeros(1, dtype=torch.int32).pin_memory()
+        self.area[2 * half_bytes:].zero_()
+        torch.cuda.current_stream(device).synchronize()
+        dist.barrier(device_ids=[device.index if device.index is not None else 0])  # every rank's flags are zero
+        torch.cuda.current_stream(device).synchronize()
+        self._reduce = ar.peer_all_reduce
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self._reduce(x, out, self.data_ptrs, self.flag_ptrs, self.calls, self.abandoned, self.rank,
+                            self.half_bytes, PEER_TIMEOUT_S)
+
+    def abandoned_any(self) -> bool:
+        return bool(self.abandoned[0])

@@ -26,7 +26,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import HybridEngineError
-from .comm import Communicator, init_group, set_safe_env
+from .comm import PEER_TIMEOUT_S, Communicator, init_group, set_safe_env
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class TensorParallelExecutor:
         set_safe_env()
         self.device = device
         self.error: WorkerDiedError | None = None
+        self.comm: Communicator | None = None
         self.procs: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
         port = _free_port()
@@ -117,6 +118,12 @@ class TensorParallelExecutor:
     def check(self) -> None:
         """Raise WorkerDiedError if any worker has exited or reported a failure (cheap: a poll per worker)."""
         if self.error is not None:
+            raise self.error
+        peer = self.comm.peer if self.comm is not None else None
+        if peer is not None and peer.abandoned_any():
+            self.error = WorkerDiedError(f"an all-reduce on rank 0 waited more than {PEER_TIMEOUT_S:.0f} s for the "
+                                         "other ranks and gave up; the engine has shut down and accepts no more "
+                                         "requests")
             raise self.error
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
             if proc.poll() is not None:

@@ -209,7 +209,7 @@ class DecoderLayer(nn.Module):
         wide = comm.sum_dtype
         if wide is None or wide == x.dtype:
             return comm.all_reduce(linear(x, weight))
-        return comm.all_reduce(linear(x, weight, out_dtype=wide)).to(x.dtype)
+        return comm.all_reduce(linear(x, weight, out_dtype=wide), out_dtype=x.dtype)
 
     def _attend(self, ops: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 cos_sin: torch.Tensor, meta: AttentionMetadata, scale: float, last_row_only: bool) -> torch.Tensor:

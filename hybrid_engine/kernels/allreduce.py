@@ -1,0 +1,124 @@
+"""One-shot all-reduce over peer buffers, for the small sums of tensor parallelism on GPUs joined by NVLink.
+
+Every rank owns one buffer that every other rank can read and write (PyTorch symmetric memory maps it into each
+rank's address space; no multicast). One call, `peer_all_reduce`, is one kernel of G programs on every rank (G the
+same on every rank: it depends on the message size only). Program p of rank r:
+
+1. waits for the kernel before it (PDL), copies its chunks of the input into rank r's buffer;
+2. sets flag [parity, p, r] in every other rank's buffer (a release store at system scope: the copies are visible
+   to the peers before the flag is);
+3. waits for flag [parity, p, s] of every other rank s in its own buffer to become 1 and resets it (an acquire
+   compare-and-swap: the peer's copies are visible after it);
+4. sums its chunks over the ranks, in rank order on every rank (so every rank gets the same bits), into the output.
+
+Program p of each rank only reads the chunks program p of the other ranks wrote, so no grid-wide barrier is needed.
+Reuse: program p alternates between two halves of the buffer (and two sets of flags) by the parity of a counter of
+its own calls, kept on the device (so graph replays and eager calls keep it alike). Before program p writes a half
+again it has passed the handshake of the call between, which a peer's program p only joins after the peer's whole
+previous kernel (the one that read that half) has finished: the stream's order, and `gdc_wait` under PDL.
+G is at most `MAX_PROGRAMS`, few enough to be resident at once beside any other kernel, so the programs a handshake
+waits for are always running.
+
+The torch reference is the sum over ranks (`peer_all_reduce_ref`); the tests run the kernel under the interpreter
+with the peer's half of the handshake played by the test, and on two GPUs against NCCL.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import cdiv, launch, pdl_enter
+
+tl = None  # triton.language, bound on first launch (see _triton.py)
+
+MAX_PROGRAMS = 32
+BLOCK = 1024  # elements per chunk: 4 warps x 32 threads x 8 (one 16-byte access per thread in 16-bit types)
+NUM_WARPS = 4
+
+
+def peer_all_reduce_ref(parts: list[torch.Tensor], out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The sum of every rank's input, in float32 in rank order, rounded once to `out_dtype` (default: the inputs')."""
+    acc = torch.zeros(parts[0].shape, dtype=torch.float32, device=parts[0].device)
+    for p in parts:
+        acc += p.float()
+    return acc.to(out_dtype or parts[0].dtype)
+
+
+def flag_words(world_size: int) -> int:
+    """int32 flags one rank's buffer holds: [2 parities, MAX_PROGRAMS, world_size]."""
+    return 2 * MAX_PROGRAMS * world_size
+
+
+def programs_for(numel: int) -> int:
+    return min(cdiv(numel, BLOCK), MAX_PROGRAMS)
+
+
+def _one_shot_kernel(X, OUT, DATA, FLAGS, CALLS, ABANDONED, rank, n, half_elems, WORLD: tl.constexpr,
+                     MAX_PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, TIMEOUT_NS: tl.constexpr,
+                     PDL: tl.constexpr = 0):
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
+    pdl_enter(PDL)  # the input is the previous kernel's output; CALLS and the flags its previous call's
+    calls = tl.load(CALLS + pid)
+    parity = calls % 2
+    base = parity.to(tl.int64) * half_elems
+    ty = X.dtype.element_ty
+    own = tl.multiple_of(tl.load(DATA + rank).to(tl.pointer_type(ty)), 16)  # the areas are 16-byte aligned
+    for start in range(pid * BLOCK, n, progs * BLOCK):
+        offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(own + base + offs, tl.load(X + offs, mask=mask), mask=mask)
+    tl.debug_barrier()  # every thread's copies are done before one thread releases them
+    flag_at = (parity * MAX_PROGRAMS + pid) * WORLD
+    for r in tl.static_range(WORLD):
+        if r != rank:
+            peer_flags = tl.load(FLAGS + r).to(tl.pointer_type(tl.int32))
+            tl.atomic_xchg(peer_flags + flag_at + rank, 1, sem="release", scope="sys")
+    own_flags = tl.load(FLAGS + rank).to(tl.pointer_type(tl.int32))
+    for r in tl.static_range(WORLD):
+        if r != rank:
+            if TIMEOUT_NS > 0:
+                t0 = tl.extra.cuda.globaltimer()
+                waiting = True
+                while waiting:
+                    waiting = tl.atomic_cas(own_flags + flag_at + r, 1, 0, sem="acquire", scope="sys") != 1
+                    if waiting:
+                        if tl.extra.cuda.globaltimer() - t0 > TIMEOUT_NS:  # the peer is gone: give up, say so
+                            tl.store(ABANDONED, 1)
+                            waiting = False
+            else:
+                while tl.atomic_cas(own_flags + flag_at + r, 1, 0, sem="acquire", scope="sys") != 1:
+                    pass
+    tl.debug_barrier()  # no thread reads a peer's chunk before the acquire above
+    for start in range(pid * BLOCK, n, progs * BLOCK):
+        offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
+        mask = offs < n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WORLD):
+            src = tl.multiple_of(tl.load(DATA + r).to(tl.pointer_type(ty)), 16)
+            acc += tl.load(src + base + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
+        tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(CALLS + pid, calls + 1)
+
+
+def peer_all_reduce(x: torch.Tensor, out: torch.Tensor, data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor,
+                    calls: torch.Tensor, abandoned: torch.Tensor, rank: int, half_bytes: int,
+                    timeout_s: float = 0.0) -> torch.Tensor:
+    """Sum `x` (contiguous) over the ranks into `out` (contiguous, same shape; its dtype may be narrower: one
+    rounding of the float32 sum). `data_ptrs` / `flag_ptrs`: int64 [world] addresses of every rank's data area
+    (two halves of `half_bytes`) and flag area (`flag_words` int32, zero at first) as mapped in this process;
+    `calls`: int32 [MAX_PROGRAMS] of this rank, zero at first, used by this communicator's calls only.
+    `timeout_s` > 0: a program that has waited that long for a peer stops waiting, writes 1 into `abandoned` (an
+    int32 the host can read without waiting for the GPU: pinned host memory) and leaves its output wrong; the host
+    must treat that as the group's failure. 0: wait for ever (the interpreter has no timer)."""
+    n = x.numel()
+    if n * x.element_size() > half_bytes:
+        raise ValueError(f"a message of {n * x.element_size()} bytes does not fit the peer buffer's "
+                         f"{half_bytes}-byte halves; use NCCL above that size")
+    if out.numel() != n or not (x.is_contiguous() and out.is_contiguous()):
+        raise ValueError(f"x {tuple(x.shape)} and out {tuple(out.shape)} must be contiguous and the same size")
+    if n:
+        world = data_ptrs.numel()
+        launch(_one_shot_kernel, (programs_for(n),), x, out, data_ptrs, flag_ptrs, calls, abandoned, rank, n,
+               half_bytes // x.element_size(), WORLD=world, MAX_PROGRAMS=MAX_PROGRAMS, BLOCK=BLOCK,
+               TIMEOUT_NS=int(timeout_s * 1e9), num_warps=NUM_WARPS)
+    return out

@@ -1,0 +1,116 @@
+"""The one-shot peer all-reduce kernel (kernels/allreduce.py) on one device: rank 0 of two, the peer's half of the
+handshake (its chunks in its buffer, its flags in ours) played by the test. Two GPUs: tests/test_tensor_parallel_gpu.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import GPU
+
+from hybrid_engine.kernels import allreduce as ar
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _areas(device, half_bytes: int, world: int):
+    data = [torch.zeros(2 * half_bytes, dtype=torch.uint8, device=device) for _ in range(world)]
+    flags = [torch.zeros(ar.flag_words(world), dtype=torch.int32, device=device) for _ in range(world)]
+    ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=device)  # noqa: E731
+    return data, flags, ptrs(data), ptrs(flags)
+
+
+def _flag(flags: torch.Tensor, world: int, parity: int, program: int, src: int) -> torch.Tensor:
+    return flags.view(2, ar.MAX_PROGRAMS, world)[parity, program, src]
+
+
+@pytest.mark.parametrize("dtype,out_dtype,n", [
+    (torch.float16, torch.float16, 1000), (torch.float32, torch.float16, 2500),
+    pytest.param(torch.bfloat16, torch.bfloat16, 77, marks=GPU)])  # the interpreter rounds to bfloat16 by truncation
+def test_one_shot_sums_with_the_peer_and_keeps_the_handshake(dtype, out_dtype, n):
+    world, rank, half = 2, 0, 16384
+    gen = torch.Generator().manual_seed(n)
+    data, flags, data_ptrs, flag_ptrs = _areas(DEVICE, half, world)
+    calls = torch.zeros(ar.MAX_PROGRAMS, dtype=torch.int32, device=DEVICE)
+    progs = ar.programs_for(n)
+    abandoned = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for call in range(3):  # parity 0, 1, 0: the halves and flags alternate
+        parity = call % 2
+        x = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
+        y = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
+        peer_half = data[1].view(dtype)[parity * half // x.element_size():][:n]
+        peer_half.copy_(y)  # the peer's copy-in ...
+        for p in range(progs):
+            _flag(flags[0], world, parity, p, 1).fill_(1)  # ... and its release of it
+        out = torch.empty(n, dtype=out_dtype, device=DEVICE)
+        ar.peer_all_reduce(x, out, data_ptrs, flag_ptrs, calls, abandoned, rank, half)
+        torch.testing.assert_close(out, ar.peer_all_reduce_ref([x, y], out_dtype), rtol=0, atol=0)
+        own_half = data[0].view(dtype)[parity * half // x.element_size():][:n]
+        assert torch.equal(own_half, x)  # what the peer reads
+        for p in range(progs):
+            assert _flag(flags[0], world, parity, p, 1).item() == 0  # consumed
+            assert _flag(flags[1], world, parity, p, 0).item() == 1  # the peer's to consume
+            _flag(flags[1], world, parity, p, 0).fill_(0)
+        assert calls[:progs].tolist() == [call + 1] * progs and not calls[progs:].any()
+    assert int(flags[0].sum()) == 0 and int(flags[1].sum()) == 0 and abandoned.item() == 0
+
+
+def test_programs_are_capped():
+    assert ar.programs_for(1) == 1
+    assert ar.programs_for(ar.BLOCK + 1) == 2
+    assert ar.programs_for(10 ** 7) == ar.MAX_PROGRAMS
+
+
+def test_a_message_larger_than_the_buffer_is_refused():
+    x = torch.zeros(600, dtype=torch.float16, device=DEVICE)
+    ptrs = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    calls = torch.zeros(ar.MAX_PROGRAMS, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="1200 bytes .* 1024-byte halves"):
+        ar.peer_all_reduce(x, torch.empty_like(x), ptrs, ptrs, calls, calls, 0, 1024)
+    with pytest.raises(ValueError, match="same size"):
+        ar.peer_all_reduce(x[:10], torch.empty(9, dtype=x.dtype), ptrs, ptrs, calls, calls, 0, 1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph"])
+def test_two_ranks_on_one_gpu_in_two_streams(graphs):
+    """Both ranks' kernels on one card, each on its own stream (they run at once, as on two cards): every call of a
+    sequence of sizes (1 to MAX_PROGRAMS programs, so the programs' call counters drift apart) sums both inputs on
+    both ranks, bit for bit the same, with no handshake left over; captured in one graph per rank and replayed
+    twice, the same."""
+    world, half = 2, 1 << 20
+    gen = torch.Generator().manual_seed(7)
+    data, flags, data_ptrs, flag_ptrs = _areas(DEVICE, half, world)
+    calls = [torch.zeros(ar.MAX_PROGRAMS, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    abandoned = [torch.zeros(1, dtype=torch.int32).pin_memory() for _ in range(world)]
+    sizes = [4096, 777, ar.BLOCK * ar.MAX_PROGRAMS * 3 + 5, 4096, 1, 65536, 8192, 4096]
+    inputs = [[torch.randn(n, generator=gen).half().to(DEVICE) for n in sizes] for _ in range(world)]
+    outs = [[torch.empty(n, dtype=torch.float16, device=DEVICE) for n in sizes] for _ in range(world)]
+    streams = [torch.cuda.Stream(DEVICE) for _ in range(world)]
+    torch.cuda.synchronize()
+
+    def sequence(rank):
+        for x, out in zip(inputs[rank], outs[rank]):
+            ar.peer_all_reduce(x, out, data_ptrs, flag_ptrs, calls[rank], abandoned[rank], rank, half, timeout_s=10.0)
+
+    if graphs:
+        captured = []
+        for rank in range(world):  # capture runs nothing: one rank at a time is fine
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(streams[rank]):
+                g.capture_begin(capture_error_mode="thread_local")
+                sequence(rank)
+                g.capture_end()
+            captured.append(g)
+    for _ in range(2 if graphs else 3):
+        for rank in range(world):
+            with torch.cuda.stream(streams[rank]):
+                captured[rank].replay() if graphs else sequence(rank)
+        torch.cuda.synchronize()
+        assert [int(a[0]) for a in abandoned] == [0, 0]
+        for i, n in enumerate(sizes):
+            want = ar.peer_all_reduce_ref([inputs[0][i], inputs[1][i]])
+            assert torch.equal(outs[0][i], want) and torch.equal(outs[1][i], want), f"call {i} ({n} elements)"
+            for rank in range(world):
+                outs[rank][i].fill_(float("nan"))
+    assert int(flags[0].sum()) == 0 and int(flags[1].sum()) == 0
+    assert torch.equal(calls[0], calls[1])
