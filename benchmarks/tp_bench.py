@@ -181,9 +181,10 @@ def _small_tp(a: Any, plan: Plan, opts: dict, agree_prompts: list, ref: list, sy
                          "allreduce": llm.executor.comm.method, "tp_sum": _sum_name(llm)}
     got = _greedy(llm, agree_prompts, 32)
     agreement = sum(g == r for g, r in zip(got, ref)) / len(ref)
-    ratios = {"tpot_tp_over_tp1": round(systems["hybrid"]["tpot_ms"]["p50"] / systems["hybrid_tp1"]["tpot_ms"]["p50"], 3),
-              "ttft_tp_over_tp1": {str(n): round(systems["hybrid"]["ttft_ms"][str(n)]["p50"]
-                                                 / systems["hybrid_tp1"]["ttft_ms"][str(n)]["p50"], 3) for n in lengths}}
+    tp, tp1 = systems["hybrid"], systems["hybrid_tp1"]
+    ratios = {"tpot_tp_over_tp1": round(tp["tpot_ms"]["p50"] / tp1["tpot_ms"]["p50"], 3),
+              "ttft_tp_over_tp1": {str(n): round(tp["ttft_ms"][str(n)]["p50"] / tp1["ttft_ms"][str(n)]["p50"], 3)
+                                   for n in lengths}}
     print("tp", a.tp, variant or "(default)", json.dumps({k: systems["hybrid"][k] for k in ("ttft_ms", "tpot_ms")}),
           ratios, "agreement", agreement, flush=True)
     res = _result(a.model, a.tp, cmd, _floors(read_model_config(a.model), a.tp, copy, gemm, lengths), systems,

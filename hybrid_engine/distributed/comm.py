@@ -7,8 +7,8 @@ its input into its symmetric buffer, then every rank reads all peers' buffers an
 barrier. Measured on two H200s (benchmarks/results/nvidia-h200-x2-allreduce-2026-11-30.json; 64 calls captured in
 one graph): NCCL 5.9-7.3 us per call from 2 KiB to 128 KiB; PyTorch's one-shot kernel 6.1-7.7 us in bfloat16 and
 8.8-11.8 us for a float16 message (its kernels take float32 and bfloat16 only, so float16 goes through a float32
-buffer and back). `HYBRID_ENGINE_ALLREDUCE=symm` selects those kernels (one-shot up to `SYMM_ONE_SHOT_MAX_BYTES`, two-shot up to
-`SYMM_TWO_SHOT_MAX_BYTES`).
+buffer and back). `HYBRID_ENGINE_ALLREDUCE=symm` selects those kernels (one-shot up to `SYMM_ONE_SHOT_MAX_BYTES`,
+two-shot up to `SYMM_TWO_SHOT_MAX_BYTES`).
 
 Our own one-shot kernel (kernels/allreduce.py, "peer") uses symmetric memory only for its buffers: it takes float16,
 bfloat16 and float32 (a float32 partial rounded once on the way out), runs in the same kernel chain as the layers

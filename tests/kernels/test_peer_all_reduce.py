@@ -1,5 +1,6 @@
-"""The one-shot peer all-reduce kernel (kernels/allreduce.py) on one device: rank 0 of two, the peer's half of the
-handshake (its chunks in its buffer, its flags in ours) played by the test. Two GPUs: tests/test_tensor_parallel_gpu.py."""
+"""The one-shot peer all-reduce kernel (kernels/allreduce.py) on one device: rank 0 of two with the peer's half of
+the handshake (its chunks in its buffer, its flags in ours) played by the test, and on a GPU both ranks at once on
+two streams."""
 from __future__ import annotations
 
 import pytest
