@@ -47,6 +47,7 @@ class Sizes:
         # conversations per setting whose turn-by-turn p50 is taken: the worst of 11 turns' p50s is biased upward by
         # their noise, which 3 samples each left at +-0.2 ms on the H200 (turn order not monotonic in the history)
         self.repeats = max(3, runs // 2) if not small else 1
+        self.turn_gap_s = self.gap_ab_s = 0.0
         self.lengths = (10, 50, 100, 200, 500) if not small else (10, 50)
         self.tpot_tokens = 128 if not small else 8
         self.tpot_runs = max(5, runs // 3) if not small else 2
@@ -107,23 +108,31 @@ def cached_prefix(llm: LLM, ids: Ids, z: Sizes) -> dict:
 
 
 def conversation(llm: LLM, ids: Ids, z: Sizes, out: list[list[float]], answers: SamplingParams,
-                 errors: list[str]) -> None:
-    """One agent conversation; appends its TTFT per turn (ms) to `out`, or what failed to `errors`."""
+                 errors: list[str], new_tokens: list[list[int]]) -> None:
+    """One agent conversation; appends its TTFT per turn (ms) to `out` and the prompt tokens each turn prefilled
+    (not from the cache) to `new_tokens`, or what failed to `errors`. `z.turn_gap_s` between one turn's last token
+    and the next turn (an agent's tool call; 0 by default)."""
     history = ids(z.system)
-    times = []
+    times, new = [], []
     try:
-        for _ in range(z.turns):
+        for turn in range(z.turns):
+            if turn and z.turn_gap_s:
+                time.sleep(z.turn_gap_s)
             history = history + ids(z.message)
             t0 = time.perf_counter()
             stream = llm.stream_deltas({"prompt_token_ids": history}, answers)
             first = next(stream)
             times.append((time.perf_counter() - t0) * 1e3)
-            answer = list(first.token_ids) + [t for d in stream for t in d.token_ids]
+            deltas = [first, *stream]
+            answer = [t for d in deltas for t in d.token_ids]
+            m = deltas[-1].metrics
+            new.append(m.prompt_tokens - m.cached_tokens if m is not None else -1)
             history = history + answer
     except Exception as e:  # noqa: BLE001 - reported by multi_turn, with the turn it happened in
         errors.append(f"turn {len(times) + 1}: {type(e).__name__}: {str(e)[:300]}")
         return
     out.append(times)
+    new_tokens.append(new)
 
 
 def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int) -> dict:
@@ -132,11 +141,13 @@ def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int) -> dict:
     res = {}
     for on in (True, False):
         per_turn: list[list[float]] = []
+        new_tokens: list[list[int]] = []
         errors: list[str] = []
         with caching(llm, on):
             for r in range(z.repeats):
                 gens = [Ids(vocab, 1000 * r + 10 * c + on) for c in range(concurrent)]
-                threads = [threading.Thread(target=conversation, args=(llm, g, z, per_turn, answers, errors))
+                threads = [threading.Thread(target=conversation,
+                                            args=(llm, g, z, per_turn, answers, errors, new_tokens))
                            for g in gens]
                 for t in threads:
                     t.start()
@@ -147,11 +158,14 @@ def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int) -> dict:
                                        f"{'on' if on else 'off'}, repeat {r}); first: {errors[0]}")
         p50 = [statistics.median(run[t] for run in per_turn) for t in range(z.turns)]
         res["on" if on else "off"] = p50
+        res["new_on" if on else "new_off"] = [statistics.median(run[t] for run in new_tokens) for t in range(z.turns)]
     return {"conversations": concurrent, "turns": z.turns, "system_tokens": z.system,
             "turn_tokens": z.answer + z.message, "history_tokens": z.system + z.turns * (z.answer + z.message),
             "multi_turn_ttft_p50_ms": res["on"][1:], "multi_turn_ttft_p50_ms_off": res["off"][1:],
             "first_turn_ttft_p50_ms": res["on"][0], "first_turn_ttft_p50_ms_off": res["off"][0],
-            "worst_turn_p50_ms": max(res["on"][1:]), "worst_turn_p50_ms_off": max(res["off"][1:])}
+            "worst_turn_p50_ms": max(res["on"][1:]), "worst_turn_p50_ms_off": max(res["off"][1:]),
+            "prefilled_tokens_per_turn": res["new_on"], "prefilled_tokens_per_turn_off": res["new_off"],
+            "turn_gap_ms": z.turn_gap_s * 1e3}
 
 
 def unique_prompts(llm: LLM, ids: Ids, z: Sizes) -> dict:
@@ -225,7 +239,13 @@ def run_parts(llm: LLM, z: Sizes, parts: set[str], systems: dict) -> dict:
         if "ttft_50_ms" in pc:
             pc["multi_turn_worst_over_50"] = one["worst_turn_p50_ms"] / pc["ttft_50_ms"]
             pc["goal_multi_turn_over_50"] = 1.3
-        print(json.dumps({"on": one["multi_turn_ttft_p50_ms"], "off": one["multi_turn_ttft_p50_ms_off"]}), flush=True)
+        print(json.dumps({"on": one["multi_turn_ttft_p50_ms"], "off": one["multi_turn_ttft_p50_ms_off"],
+                          "prefilled": one["prefilled_tokens_per_turn"]}), flush=True)
+        if z.gap_ab_s:
+            z.turn_gap_s = z.gap_ab_s
+            gap = pc["multi_turn_gap"] = multi_turn(llm, vocab, z, 1)
+            z.turn_gap_s = 0.0
+            print(json.dumps({"gap_ms": z.gap_ab_s * 1e3, "on": gap["multi_turn_ttft_p50_ms"]}), flush=True)
         pc["multi_turn_concurrent"] = multi_turn(llm, vocab, z, z.conversations)
     if "c" in parts:
         unique = unique_prompts(llm, Ids(vocab, 2), z)
@@ -261,10 +281,13 @@ def main(argv: list[str] | None = None) -> int:
                     "conversations' prompts of one step in one forward pass)")
     ap.add_argument("--max-model-len", type=int, default=None, help="of the --preset engine (default 4096 on a GPU, "
                     "1024 on the CPU)")
+    ap.add_argument("--gap-ab-ms", type=float, default=0.0, help="(b) once more with this pause between one turn's "
+                    "last token and the next turn (as an agent's tool call), beside the back-to-back run")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     z = Sizes(args.small or not cuda, args.runs)
+    z.gap_ab_s = args.gap_ab_ms / 1e3
     t_start = time.perf_counter()
     llm = LLM(args.preset, capture="eager", max_model_len=args.max_model_len or (4096 if cuda else 1024),
               batched_prefill=args.batched_prefill)
