@@ -89,23 +89,42 @@ def test_two_ranks_on_one_gpu_in_two_streams(graphs):
     streams = [torch.cuda.Stream(DEVICE) for _ in range(world)]
     torch.cuda.synchronize()
 
-    def sequence(rank):
-        for x, out in zip(inputs[rank], outs[rank]):
-            ar.peer_all_reduce(x, out, data_ptrs, flag_ptrs, calls[rank], abandoned[rank], rank, half, timeout_s=10.0)
+    def call(rank, i):
+        ar.peer_all_reduce(inputs[rank][i], outs[rank][i], data_ptrs, flag_ptrs, calls[rank], abandoned[rank], rank,
+                           half, timeout_s=5.0)
 
+    def enqueue():
+        for i in range(len(sizes)):  # call by call, both ranks
+            for rank in range(world):
+                with torch.cuda.stream(streams[rank]):
+                    call(rank, i)
+
+    # Every kernel variant (by size and rank) compiled and loaded first, each giving up at once (no peer yet): loading
+    # a module waits for the kernels running on the card, here the other rank's (one process drives both ranks; on
+    # two cards each rank loads its own, at its first capture). Then the state is reset.
+    for rank in range(world):
+        for x, out in zip(inputs[rank], outs[rank]):
+            ar.peer_all_reduce(x, out, data_ptrs, flag_ptrs, calls[rank], abandoned[rank], rank, half, timeout_s=0)
+    torch.cuda.synchronize()
+    for t in (*flags, *calls, *abandoned):
+        t.zero_()
     if graphs:
         captured = []
         for rank in range(world):  # capture runs nothing: one rank at a time is fine
             g = torch.cuda.CUDAGraph()
             with torch.cuda.stream(streams[rank]):
                 g.capture_begin(capture_error_mode="thread_local")
-                sequence(rank)
+                for i in range(len(sizes)):
+                    call(rank, i)
                 g.capture_end()
             captured.append(g)
     for _ in range(2 if graphs else 3):
-        for rank in range(world):
-            with torch.cuda.stream(streams[rank]):
-                captured[rank].replay() if graphs else sequence(rank)
+        if graphs:
+            for rank in range(world):
+                with torch.cuda.stream(streams[rank]):
+                    captured[rank].replay()
+        else:
+            enqueue()
         torch.cuda.synchronize()
         assert [int(a[0]) for a in abandoned] == [0, 0]
         for i, n in enumerate(sizes):
@@ -115,3 +134,31 @@ def test_two_ranks_on_one_gpu_in_two_streams(graphs):
                 outs[rank][i].fill_(float("nan"))
     assert int(flags[0].sum()) == 0 and int(flags[1].sum()) == 0
     assert torch.equal(calls[0], calls[1])
+
+
+def test_a_peer_that_never_comes_is_given_up_on():
+    """No peer: every program stops after its tries and says so in `abandoned` (host-readable); on a GPU, what a try
+    takes is printed (SPINS_PER_S assumes 1/3 us)."""
+    import time
+
+    world, half, n = 2, 16384, 3000
+    data, flags, data_ptrs, flag_ptrs = _areas(DEVICE, half, world)  # the areas stay referenced: pointers only
+    calls = torch.zeros(ar.MAX_PROGRAMS, dtype=torch.int32, device=DEVICE)
+    cuda = DEVICE.type == "cuda"
+    abandoned = torch.zeros(1, dtype=torch.int32)
+    abandoned = abandoned.pin_memory() if cuda else abandoned
+    x = torch.ones(n, dtype=torch.float16, device=DEVICE)
+    timeout_s = 0.2 if cuda else 20 / ar.SPINS_PER_S
+    ar.peer_all_reduce(x, torch.empty_like(x), data_ptrs, flag_ptrs, calls, abandoned, 0, half, timeout_s=1e-6)
+    abandoned.zero_()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    ar.peer_all_reduce(x, torch.empty_like(x), data_ptrs, flag_ptrs, calls, abandoned, 0, half, timeout_s=timeout_s)
+    if cuda:
+        torch.cuda.synchronize()
+        took = time.perf_counter() - t0
+        print(f"gave up after {took:.3f} s for {timeout_s} s of tries: {took / timeout_s:.2f} us a try")
+    assert abandoned.item() == 1 and int(flags[0].sum()) == 0  # nothing came, nothing consumed
+    assert int(flags[1].sum()) == 2 * ar.programs_for(n)  # each program's release, twice
+    assert calls[:ar.programs_for(n)].tolist() == [2] * ar.programs_for(n)
