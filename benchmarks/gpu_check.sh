@@ -2,7 +2,7 @@
 # One call on a GPU machine: GPU tests + latency benchmark; results under $OUT. Usage: bash benchmarks/gpu_check.sh [stage...]
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stages=${*:-"env tests probe"}
 for s in $stages; do
   case $s in
@@ -31,7 +31,12 @@ for s in $stages; do
     # tensor parallelism (kind nvidia-h200-x2): all-reduce methods by size, the TP GPU test (own process: it kills a
     # worker), then TP=1 vs TP=2 of the 7B shape (tpsmall) and the 70B shape at TP=2 (tpbig)
     allreduce) timeout 200 python3 benchmarks/allreduce_bench.py --gpus ${TP:-2} --out "$OUT/allreduce.json" ${AR_ARGS:-} 2>&1 | tail -14;;
-    tptests) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_tensor_parallel_gpu.py 2>&1 | tail -15 | tee "$OUT/tp_tests.txt";;
+    tptests) timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_tensor_parallel_gpu.py 2>&1 | tail -15 | tee "$OUT/tp_tests.txt";;
+    # the peer all-reduce against NCCL: per message size, then the 7B shape's TP=2 engine with each (one TP=1 run)
+    tppeer) AR_ARGS="--methods nccl,peer,peer_f32,one_shot_bf16 --sizes 8192,16384,65536,262144,1048576,2097152" \
+              timeout 170 bash "$0" allreduce
+            TP_ARGS="--runs 10 --variants allreduce=peer,allreduce=nccl,allreduce=peer+tp_sum=float32" timeout 400 \
+              bash "$0" tpsmall;;
     tpsmall) timeout 570 python3 benchmarks/tp_bench.py --tp ${TP:-2} --big "" --out-dir "$OUT" ${TP_ARGS:-} 2>&1 | grep -v "Warn\|INFO" | tail -12;;
     # a file too large to carry in one call, in parts (e.g. split -b 47M x.gguf .gguf/part_): `ggstash` keeps the
     # carried parts in /tmp/gg (a warm machine keeps /tmp between calls; carry replaces the folder), `ggjoin` joins

@@ -33,6 +33,7 @@ out["tp1"] = tokens(llm)
 llm.close()
 llm = LLM("tiny-llama", tensor_parallel_size=2, **OPTS)
 out["graphs"] = llm.stats()["graphs_captured"]
+out["method"] = llm.executor.comm.method
 out["tp2"] = tokens(llm)
 t0 = time.monotonic()
 llm.close()
@@ -63,14 +64,19 @@ os._exit(0)
 '''
 
 
-def test_tp2_on_gpus_matches_tp1_and_a_killed_worker_ends_the_engine():
+@pytest.mark.parametrize("allreduce", ["nccl", "peer"])
+def test_tp2_on_gpus_matches_tp1_and_a_killed_worker_ends_the_engine(allreduce):
+    """With either all-reduce inside the graphs (the peer kernel's waits give up after PEER_TIMEOUT_S, after the
+    engine has already reported the dead worker)."""
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HYBRID_ENGINE_ALLREDUCE": allreduce}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=240)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, f"no result (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     out = json.loads(lines[-1][len("RESULT "):])
+    assert out["method"] == allreduce
     assert out["tp2"] == out["tp1"]
     assert out["graphs"] >= 6  # decode 1, 2, 4 and prefill 16, 32, 64, with the collectives inside, on both ranks
     assert out["close_s"] < 30
