@@ -23,9 +23,11 @@ for s in $stages; do
              tests/test_graphs_gpu.py 2>&1 | tail -6 | tee "$OUT/gpu_quick_tests.txt"
            timeout 150 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels/test_attention.py \
              tests/kernels/test_gemm.py -k "decode or small_prefill" 2>&1 | tail -3 | tee -a "$OUT/gpu_quick_tests.txt"
-           # the prefix-cache attention (page ids read ahead, balanced splits) and the float32 projection outputs
+           # the prefix-cache attention (page ids read ahead, balanced splits), the float32 projection outputs and the
+           # peer all-reduce (two ranks on one card; the communicator's methods in a one-rank group)
            timeout 200 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels/test_cached_prefill_attention.py \
-             tests/kernels/test_wide_outputs.py 2>&1 | tail -3 | tee -a "$OUT/gpu_quick_tests.txt";;
+             tests/kernels/test_wide_outputs.py tests/kernels/test_peer_all_reduce.py 2>&1 | tail -3 \
+             | tee -a "$OUT/gpu_quick_tests.txt";;
     ktests) timeout 250 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels 2>&1 | tail -15 | tee "$OUT/gpu_kernel_tests.txt";;
     tests) timeout 300 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests --ignore=tests/test_tensor_parallel_gpu.py 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt";;
     # tensor parallelism (kind nvidia-h200-x2): all-reduce methods by size, the TP GPU test (own process: it kills a

@@ -97,6 +97,19 @@ class Communicator:
         self.method = ("symm" if self.symm is not None else "peer" if self.peer is not None
                        else "nccl" if device.type == "cuda" else "gloo")
 
+    def _symmetric_buffer(self, nbytes: int, required: bool) -> torch.Tensor | None:
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buf = symm_mem.empty(nbytes // 4, dtype=torch.float32, device=self.device)  # viewed per dtype
+            symm_mem.rendezvous(buf, self.group_name)
+            return buf
+        except Exception as exc:  # no peer access, an old driver, ...: NCCL for every size
+            if required:
+                raise
+            logger.warning("symmetric-memory all-reduce unavailable (%s); using NCCL for every size", exc)
+            return None
+
     def all_reduce(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Sum of `x` over the ranks (a new tensor, or `x` summed in place), in `out_dtype` if given (a float32
         `x` summed, then rounded once)."""

@@ -162,3 +162,55 @@ def test_a_peer_that_never_comes_is_given_up_on():
     assert abandoned.item() == 1 and int(flags[0].sum()) == 0  # nothing came, nothing consumed
     assert int(flags[1].sum()) == 2 * ar.programs_for(n)  # each program's release, twice
     assert calls[:ar.programs_for(n)].tolist() == [2] * ar.programs_for(n)
+
+
+COMM_SCRIPT = r'''
+import json, os, torch
+import torch.distributed as dist
+from hybrid_engine.distributed.comm import Communicator, init_group
+init_group(0, 1, "tcp://127.0.0.1:" + os.environ["PORT"], torch.device("cuda", 0))
+out = {}
+x = torch.randn(3000, device="cuda").half()
+for method in ("nccl", "symm", "peer"):
+    comm = Communicator(torch.device("cuda", 0), method=method)
+    y = torch.empty_like(x)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        src = x.clone()
+        g.capture_begin(capture_error_mode="thread_local")
+        y.copy_(comm.all_reduce(src, out_dtype=torch.float16))
+        g.capture_end()
+    g.replay()
+    torch.cuda.synchronize()
+    eager = comm.all_reduce(x.clone())
+    out[method] = [comm.method, torch.equal(y, x), torch.equal(eager, x)]
+print("RESULT " + json.dumps(out), flush=True)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_communicator_methods_in_a_one_rank_group():
+    """The communicator's plumbing for each method (buffers made and registered, the captured and the eager path) in
+    a one-rank NCCL group, where a sum over the ranks is the input itself."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PORT": str(port), "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", COMM_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=180)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"no result (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out == {m: [m, True, True] for m in ("nccl", "symm", "peer")}
