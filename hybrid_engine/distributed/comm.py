@@ -37,7 +37,10 @@ SYMM_ONE_SHOT_MAX_BYTES = 256 * 1024
 SYMM_TWO_SHOT_MAX_BYTES = 4 * 1024 * 1024
 PEER_HALF_BYTES = 4 * 1024 * 1024  # each rank's peer buffer: two halves of this (kernels/allreduce.py)
 PEER_MAX_BYTES = 1024 * 1024
-PEER_TIMEOUT_S = 20.0  # a peer kernel waiting longer than this for another rank gives up (a dead worker)
+# a peer kernel waiting longer than this for another rank gives up (a dead worker; the engine has reported it by
+# then). Inside graphs the ranks replay the same steps, so a live peer lags by host hiccups only; 10 s also keeps a
+# dead group's close within the tensor-parallel test's 30 s
+PEER_TIMEOUT_S = 10.0
 ALLREDUCE_METHODS = ("auto", "nccl", "symm", "peer")
 # what the ranks' row-parallel partials are summed in (models/llama.py DecoderLayer._row_parallel): the activations'
 # own dtype ("native", the default: each partial rounded first) or float32 (one rounding, as one card; twice the

@@ -104,7 +104,7 @@ def _one_shot_kernel(X, OUT, DATA, FLAGS, CALLS, ABANDONED, rank, n, half_elems,
 
 def peer_all_reduce(x: torch.Tensor, out: torch.Tensor, data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor,
                     calls: torch.Tensor, abandoned: torch.Tensor, rank: int, half_bytes: int,
-                    timeout_s: float = 20.0) -> torch.Tensor:
+                    timeout_s: float = 10.0) -> torch.Tensor:
     """Sum `x` (contiguous) over the ranks into `out` (contiguous, same shape; its dtype may be narrower: one
     rounding of the float32 sum). `data_ptrs` / `flag_ptrs`: int64 [world] addresses of every rank's data area
     (two halves of `half_bytes`) and flag area (`flag_words` int32, zero at first) as mapped in this process;
