@@ -8,7 +8,6 @@ import weakref
 from array import array
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
-import numpy as np
 
 
 from ..runtime import _gc
@@ -24,6 +23,7 @@ from ..runtime.token_reader import TokenReader
 from .async_stream import AsyncDriver, AsyncRequestStream
 from .block_manager import BlockManager
 from .chat import attach_tool_calls, check_messages, prepare_chat
+from .prompt_memo import PromptMemo
 from .core import EngineCore
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -121,6 +121,7 @@ class LLM:
         self.scheduler = Scheduler(BlockManager(rank.num_blocks, cfg.block_size, cfg.enable_prefix_caching, salt),
                                    cfg.max_num_seqs)
         self._rng = random.Random(cfg.seed)
+        self._memo = PromptMemo()  # the last long prompts: a conversation's next turn checks and hashes its tail only
         self.core = EngineCore(self.runner, self.scheduler, self.reader, stream_scope(self.stream_ctx),
                                self.eos_token_ids, self.graphs, lookahead=self.device.type == "cuda",
                                chunk_size=cfg.prefill_chunk_size, batched_prefill=cfg.batched_prefill)
@@ -171,10 +172,10 @@ class LLM:
         if len(plist_params) != len(plist):
             raise ValueError(f"got {len(plist_params)} SamplingParams for {len(plist)} prompts")
         requests = [(*self._prompt_ids(p), sp) for p, sp in zip(plist, plist_params)]
-        for _, ids, sp in requests:
+        for _, ids, _, sp in requests:
             self._check_lengths(ids, sp)
-        grammars = [self._compile(sp.structured_output) for _, _, sp in requests]
-        return [self._sequence(text, ids, sp, g) for (text, ids, sp), g in zip(requests, grammars)]
+        grammars = [self._compile(sp.structured_output) for *_, sp in requests]
+        return [self._sequence(text, ids, sp, g, memo) for (text, ids, memo, sp), g in zip(requests, grammars)]
 
     # ---------------- async API (engine/async_stream.py; one background thread drives the steps) ----------------
     async def agenerate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[
@@ -284,10 +285,18 @@ class LLM:
         self.close()
 
     # ---------------- internals ----------------
-    def _sequence(self, text: str | None, ids: list[int], params: SamplingParams, grammar: Any) -> Sequence:
+    def _sequence(self, text: str | None, ids: list[int], params: SamplingParams, grammar: Any,
+                  memo: tuple[Any, list[int], int] | None = None) -> Sequence:
+        """memo (from `_prompt_ids`): (the caller's ids, the block hashes of a remembered prompt this one extends,
+        that prompt's length): the new sequence starts with those blocks' hashes and is remembered in turn."""
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
-        return Sequence(ids, params, seed, text, IncrementalDetokenizer(self.tokenizer, ids),
-                        StopStringMatcher(params.stop), grammar=grammar)
+        seq = Sequence(ids, params, seed, text, IncrementalDetokenizer(self.tokenizer, ids),
+                       StopStringMatcher(params.stop), grammar=grammar)
+        if memo is not None:
+            caller_ids, hashes, shared = memo
+            seq.block_hashes = hashes[:shared // self.kv.block_size]  # hashes of blocks inside the shared part
+            self._memo.remember(caller_ids, ids, seq.block_hashes)
+        return seq
 
     def _compile(self, constraint: GuidedDecodingParams | None) -> CompiledGrammar | None:
         """The compiled grammar of a request's structured_output (cached per constraint); ValueError naming the
@@ -306,7 +315,8 @@ class LLM:
     def _collect(self, stream: RequestStream) -> RequestOutput:
         return request_output(stream.seq, list(stream))
 
-    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int], tuple[Any, list[int], int] | None]:
+        """(text, checked ids, memo): memo (for `_sequence`) is set for a token-id list long enough to remember."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
@@ -324,7 +334,15 @@ class LLM:
             raise ValueError(f"prompt must be str or dict, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt is empty (0 tokens)")
-        return text, self._checked_ids(ids)
+        found = self._memo.find(ids)
+        if found is None:
+            checked, hashes, shared = self._checked_ids(ids), [], 0
+        else:  # the next turn of a remembered prompt: only its new tail is checked
+            prev, hashes = found
+            shared = len(prev)
+            checked = prev + self._checked_ids(ids[shared:]) if shared < len(ids) else list(prev)
+        memo = (ids, hashes, shared) if type(ids) is list and len(ids) >= self._memo.min_tokens else None
+        return text, checked, memo
 
     def _checked_ids(self, ids: list[int] | tuple[int, ...]) -> list[int]:
         """`ids` as a list of Python ints, each in [0, vocab); ValueError naming the offenders otherwise. Packed into
@@ -335,11 +353,12 @@ class LLM:
         except (TypeError, OverflowError):
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
             raise ValueError(f"prompt_token_ids must be ints in [0, {vocab}); got {bad[:5]!r}") from None
-        values = np.frombuffer(packed, dtype=np.int64)
-        if values.min() < 0 or values.max() >= vocab:
-            bad = values[(values < 0) | (values >= vocab)][:5].tolist()
+        out = packed.tolist()
+        low, high = min(out), max(out)  # numpy's min / max cost more here, short lists most (a call's overhead)
+        if low < 0 or high >= vocab:
+            bad = [t for t in out if not 0 <= t < vocab][:5]
             raise ValueError(f"prompt token ids {bad} are outside the vocabulary [0, {vocab})")
-        return packed.tolist()
+        return out
 
     def _check_lengths(self, ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
