@@ -32,22 +32,20 @@ class PromptMemo:
         if type(ids) is not list or len(ids) < self.min_tokens:
             return None
         with self._lock:
-            entries = tuple(self._entries)
-        best = None
+            entries = sorted(self._entries, key=lambda e: len(e[0]), reverse=True)  # the longest match wins
         n_ids = len(ids)
-        for caller, checked, hashes in entries:
+        for caller, checked, hashes in entries:  # (a conversation's earlier turns are prefixes too: one compare)
             n = len(caller)
-            if n > n_ids or (best is not None and n <= len(best[0])):
+            if n > n_ids:
                 continue
             try:
                 same = ids[n - 1] == caller[n - 1] and ids[:n] == caller
             except Exception:  # noqa: BLE001 - an element that does not compare (e.g. an array): no match
                 same = False
             if same:
-                best = (checked, hashes)
-        if best is not None:
-            self.hits += 1
-        return best
+                self.hits += 1
+                return checked, hashes
+        return None
 
     def remember(self, caller_ids: object, checked: list[int], hashes: list[int]) -> None:
         """Keep a prompt as the caller gave it (a copy of the list: the caller may change theirs) with its checked
