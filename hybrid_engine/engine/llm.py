@@ -8,8 +8,6 @@ import weakref
 from array import array
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
-
-
 from ..runtime import _gc
 from ..config import EngineConfig
 from ..detokenize import IncrementalDetokenizer, StopStringMatcher
@@ -23,8 +21,8 @@ from ..runtime.token_reader import TokenReader
 from .async_stream import AsyncDriver, AsyncRequestStream
 from .block_manager import BlockManager
 from .chat import attach_tool_calls, check_messages, prepare_chat
-from .prompt_memo import PromptMemo
 from .core import EngineCore
+from .prompt_memo import PromptMemo
 from .scheduler import Scheduler
 from .sequence import Sequence
 
