@@ -250,3 +250,29 @@ def test_bad_tp_sum_dtype_is_named(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     with pytest.raises(ValueError, match=r"HYBRID_ENGINE_TP_SUM='fp8' is not allowed; use one of \['float32', "):
         Communicator(torch.device("cpu"))
+
+
+def test_an_all_reduce_that_gave_up_ends_the_engine(monkeypatch):
+    """A peer all-reduce that stopped waiting for a rank (its pinned host word set) makes the executor's health
+    check fail the engine with WorkerDiedError, and every later check too; a bad method name is named."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from hybrid_engine.distributed.comm import Communicator
+    from hybrid_engine.distributed.executor import TensorParallelExecutor
+
+    word = [False]
+    executor = object.__new__(TensorParallelExecutor)  # its state only: no workers started
+    executor.error, executor.procs, executor.conns = None, [], []
+    executor.comm = SimpleNamespace(peer=SimpleNamespace(abandoned_any=lambda: word[0]))
+    executor.check()  # healthy
+    word[0] = True
+    for _ in range(2):
+        with pytest.raises(WorkerDiedError, match="waited more than 10 s .* gave up"):
+            executor.check()
+    monkeypatch.setenv("HYBRID_ENGINE_ALLREDUCE", "fast")
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"HYBRID_ENGINE_ALLREDUCE='fast' is not allowed; .*'peer'"):
+        Communicator(torch.device("cpu"))
