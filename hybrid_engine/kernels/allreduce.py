@@ -12,15 +12,20 @@ same on every rank: it depends on the message size only). Program p of rank r:
 4. sums its chunks over the ranks, in rank order on every rank (so every rank gets the same bits), into the output.
 
 Program p of each rank only reads the chunks program p of the other ranks wrote, so no grid-wide barrier is needed.
+A chunk always belongs to the same program whatever the message size: chunk c (BLOCK elements at c * BLOCK) to
+program c mod MAX_PROGRAMS (G is the number of chunks up to MAX_PROGRAMS, then MAX_PROGRAMS).
 Reuse: program p alternates between two halves of the buffer (and two sets of flags) by the parity of a counter of
 its own calls, kept on the device (so graph replays and eager calls keep it alike). Before program p writes a half
-again it has passed the handshake of the call between, which a peer's program p only joins after the peer's whole
-previous kernel (the one that read that half) has finished: the stream's order, and `gdc_wait` under PDL.
+again it has passed the handshake of its call between, which a peer's program p only joins after the peer's whole
+previous kernels (the one that read that half among them) have finished: the stream's order, and `gdc_wait` under
+PDL. Counters of different programs drift apart (a small message runs fewer programs), which is safe because of the
+fixed ownership: only program p ever writes or reads its chunks, and only at its own parity.
 G is at most `MAX_PROGRAMS`, few enough to be resident at once beside any other kernel, so the programs a handshake
 waits for are always running.
 
 The torch reference is the sum over ranks (`peer_all_reduce_ref`); the tests run the kernel under the interpreter
-with the peer's half of the handshake played by the test, and on two GPUs against NCCL.
+with the peer's half of the handshake played by the test, on one GPU as two ranks on two streams (with message sizes
+that change the number of programs between calls), and on two GPUs inside the tensor-parallel engine.
 """
 from __future__ import annotations
 
