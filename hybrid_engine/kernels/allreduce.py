@@ -12,8 +12,9 @@ same on every rank: it depends on the message size only). Program p of rank r:
 4. sums its chunks over the ranks, in rank order on every rank (so every rank gets the same bits), into the output.
 
 Program p of each rank only reads the chunks program p of the other ranks wrote, so no grid-wide barrier is needed.
-A chunk always belongs to the same program whatever the message size: chunk c (BLOCK elements at c * BLOCK) to
-program c mod MAX_PROGRAMS (G is the number of chunks up to MAX_PROGRAMS, then MAX_PROGRAMS).
+A chunk always belongs to the same program whatever the message size and dtype: chunk c (the input's BLOCK elements
+at c * BLOCK; in the buffer at byte c * BLOCK * SLOT_BYTES) to program c mod MAX_PROGRAMS (G is the number of chunks
+up to MAX_PROGRAMS, then MAX_PROGRAMS).
 Reuse: program p alternates between two halves of the buffer (and two sets of flags) by the parity of a counter of
 its own calls, kept on the device (so graph replays and eager calls keep it alike). Before program p writes a half
 again it has passed the handshake of its call between, which a peer's program p only joins after the peer's whole
@@ -38,6 +39,10 @@ tl = None  # triton.language, bound on first launch (see _triton.py)
 MAX_PROGRAMS = 32
 BLOCK = 1024  # elements per chunk: 4 warps x 32 threads x 8 (one 16-byte access per thread in 16-bit types)
 NUM_WARPS = 4
+# bytes of a buffer half per element, whatever the message's dtype: chunk c sits at byte c * BLOCK * SLOT_BYTES, so a
+# chunk's bytes belong to one program even when consecutive calls differ in dtype (float32 partials beside float16
+# sums under HYBRID_ENGINE_TP_SUM=float32)
+SLOT_BYTES = 4
 # tries of a handshake's compare-and-swap per second of timeout (one try: a system-scope atomic and two barriers;
 # tests/kernels/test_peer_all_reduce.py prints what a try takes on the card it runs on: 0.35 us on the H200, on its
 # own memory). Tries that are faster shorten the timeout in proportion; a live peer answers in microseconds
@@ -62,7 +67,7 @@ def programs_for(numel: int) -> int:
 
 
 def _one_shot_kernel(X, OUT, DATA, FLAGS, CALLS, ABANDONED, rank, n, half_elems, spin_limit, WORLD: tl.constexpr,
-                     MAX_PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
+                     MAX_PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, SPREAD: tl.constexpr,
                      PDL: tl.constexpr = 0):
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
@@ -75,7 +80,8 @@ def _one_shot_kernel(X, OUT, DATA, FLAGS, CALLS, ABANDONED, rank, n, half_elems,
     for start in range(pid * BLOCK, n, progs * BLOCK):
         offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
         mask = offs < n
-        tl.store(own + base + offs, tl.load(X + offs, mask=mask), mask=mask)
+        slots = base + tl.multiple_of(start * SPREAD, BLOCK) + tl.arange(0, BLOCK)  # chunk c at byte c * BLOCK * 4
+        tl.store(own + slots, tl.load(X + offs, mask=mask), mask=mask)
     tl.debug_barrier()  # every thread's copies are done before one thread releases them
     flag_at = (parity * MAX_PROGRAMS + pid) * WORLD
     for r in tl.static_range(WORLD):
@@ -99,10 +105,11 @@ def _one_shot_kernel(X, OUT, DATA, FLAGS, CALLS, ABANDONED, rank, n, half_elems,
     for start in range(pid * BLOCK, n, progs * BLOCK):
         offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
         mask = offs < n
+        slots = base + tl.multiple_of(start * SPREAD, BLOCK) + tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):
             src = tl.multiple_of(tl.load(DATA + r).to(tl.pointer_type(ty)), 16)
-            acc += tl.load(src + base + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
+            acc += tl.load(src + slots, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
         tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
     tl.store(CALLS + pid, calls + 1)
 
@@ -119,9 +126,12 @@ def peer_all_reduce(x: torch.Tensor, out: torch.Tensor, data_ptrs: torch.Tensor,
     waiting for the GPU: pinned host memory) and leaves its output wrong; the host must treat that as the group's
     failure."""
     n = x.numel()
-    if n * x.element_size() > half_bytes:
-        raise ValueError(f"a message of {n * x.element_size()} bytes does not fit the peer buffer's "
-                         f"{half_bytes}-byte halves; use NCCL above that size")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"peer all-reduce sums 16- and 32-bit floats; got {x.dtype}")
+    need = cdiv(n, BLOCK) * BLOCK * SLOT_BYTES
+    if need > half_bytes:
+        raise ValueError(f"a message of {n} elements takes {need} bytes of a peer-buffer half ({SLOT_BYTES} an "
+                         f"element, whatever the dtype); the halves hold {half_bytes}: use NCCL above that size")
     if out.numel() != n or not (x.is_contiguous() and out.is_contiguous()):
         raise ValueError(f"x {tuple(x.shape)} and out {tuple(out.shape)} must be contiguous and the same size")
     if n:
@@ -131,5 +141,5 @@ def peer_all_reduce(x: torch.Tensor, out: torch.Tensor, data_ptrs: torch.Tensor,
         spin_limit = min(max(3, int(timeout_s * SPINS_PER_S)), 2 ** 31 - 1) | 1
         launch(_one_shot_kernel, (programs_for(n),), x, out, data_ptrs, flag_ptrs, calls, abandoned, rank, n,
                half_bytes // x.element_size(), spin_limit, WORLD=world, MAX_PROGRAMS=MAX_PROGRAMS, BLOCK=BLOCK,
-               num_warps=NUM_WARPS)
+               SPREAD=SLOT_BYTES // x.element_size(), num_warps=NUM_WARPS)
     return out

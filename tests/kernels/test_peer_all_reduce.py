@@ -23,8 +23,18 @@ def _flag(flags: torch.Tensor, world: int, parity: int, program: int, src: int) 
     return flags.view(2, ar.MAX_PROGRAMS, world)[parity, program, src]
 
 
+def _chunks(area: torch.Tensor, half: int, parity: int, dtype: torch.dtype, n: int):
+    """(buffer view, input slice) of each chunk of an n-element message in one half of a rank's data area: chunk c at
+    byte c * BLOCK * SLOT_BYTES, whatever the dtype."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    for c in range(0, n, ar.BLOCK):
+        lo = parity * half + c * ar.SLOT_BYTES
+        m = min(ar.BLOCK, n - c)
+        yield area[lo:lo + m * size].view(dtype), slice(c, c + m)
+
+
 @pytest.mark.parametrize("dtype,out_dtype,n", [
-    (torch.float16, torch.float16, 1000), (torch.float32, torch.float16, 2500),
+    (torch.float16, torch.float16, 1000), (torch.float32, torch.float16, 2500), (torch.float16, torch.float16, 2500),
     pytest.param(torch.bfloat16, torch.bfloat16, 77, marks=GPU)])  # the interpreter rounds to bfloat16 by truncation
 def test_one_shot_sums_with_the_peer_and_keeps_the_handshake(dtype, out_dtype, n):
     world, rank, half = 2, 0, 16384
@@ -37,15 +47,15 @@ def test_one_shot_sums_with_the_peer_and_keeps_the_handshake(dtype, out_dtype, n
         parity = call % 2
         x = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
         y = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
-        peer_half = data[1].view(dtype)[parity * half // x.element_size():][:n]
-        peer_half.copy_(y)  # the peer's copy-in ...
+        for view, part in _chunks(data[1], half, parity, dtype, n):
+            view.copy_(y[part])  # the peer's copy-in ...
         for p in range(progs):
             _flag(flags[0], world, parity, p, 1).fill_(1)  # ... and its release of it
         out = torch.empty(n, dtype=out_dtype, device=DEVICE)
         ar.peer_all_reduce(x, out, data_ptrs, flag_ptrs, calls, abandoned, rank, half)
         torch.testing.assert_close(out, ar.peer_all_reduce_ref([x, y], out_dtype), rtol=0, atol=0)
-        own_half = data[0].view(dtype)[parity * half // x.element_size():][:n]
-        assert torch.equal(own_half, x)  # what the peer reads
+        for view, part in _chunks(data[0], half, parity, dtype, n):
+            assert torch.equal(view, x[part])  # what the peer reads
         for p in range(progs):
             assert _flag(flags[0], world, parity, p, 1).item() == 0  # consumed
             assert _flag(flags[1], world, parity, p, 0).item() == 1  # the peer's to consume
@@ -64,10 +74,12 @@ def test_a_message_larger_than_the_buffer_is_refused():
     x = torch.zeros(600, dtype=torch.float16, device=DEVICE)
     ptrs = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     calls = torch.zeros(ar.MAX_PROGRAMS, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="1200 bytes .* 1024-byte halves"):
+    with pytest.raises(ValueError, match="600 elements takes 4096 bytes .* halves hold 1024"):
         ar.peer_all_reduce(x, torch.empty_like(x), ptrs, ptrs, calls, calls, 0, 1024)
     with pytest.raises(ValueError, match="same size"):
-        ar.peer_all_reduce(x[:10], torch.empty(9, dtype=x.dtype), ptrs, ptrs, calls, calls, 0, 1024)
+        ar.peer_all_reduce(x[:10], torch.empty(9, dtype=x.dtype), ptrs, ptrs, calls, calls, 0, 8192)
+    with pytest.raises(ValueError, match="16- and 32-bit floats; got torch.float64"):
+        ar.peer_all_reduce(x.double(), x.double(), ptrs, ptrs, calls, calls, 0, 8192)
 
 
 @pytest.mark.gpu
@@ -84,8 +96,11 @@ def test_two_ranks_on_one_gpu_in_two_streams(graphs):
     calls = [torch.zeros(ar.MAX_PROGRAMS, dtype=torch.int32, device=DEVICE) for _ in range(world)]
     abandoned = [torch.zeros(1, dtype=torch.int32).pin_memory() for _ in range(world)]
     sizes = [4096, 777, ar.BLOCK * ar.MAX_PROGRAMS * 3 + 5, 4096, 1, 65536, 8192, 4096]
-    inputs = [[torch.randn(n, generator=gen).half().to(DEVICE) for n in sizes] for _ in range(world)]
-    outs = [[torch.empty(n, dtype=torch.float16, device=DEVICE) for n in sizes] for _ in range(world)]
+    dtypes = [torch.float16, torch.float32, torch.float16, torch.float32, torch.float16, torch.float32,
+              torch.float16, torch.bfloat16]  # float32 partials beside float16 sums share the halves' chunks
+    inputs = [[torch.randn(n, generator=gen).to(dt).to(DEVICE) for n, dt in zip(sizes, dtypes)] for _ in range(world)]
+    outs = [[torch.empty(n, dtype=torch.bfloat16 if dt == torch.bfloat16 else torch.float16, device=DEVICE)
+             for n, dt in zip(sizes, dtypes)] for _ in range(world)]
     streams = [torch.cuda.Stream(DEVICE) for _ in range(world)]
     torch.cuda.synchronize()
 
@@ -128,7 +143,7 @@ def test_two_ranks_on_one_gpu_in_two_streams(graphs):
         torch.cuda.synchronize()
         assert [int(a[0]) for a in abandoned] == [0, 0]
         for i, n in enumerate(sizes):
-            want = ar.peer_all_reduce_ref([inputs[0][i], inputs[1][i]])
+            want = ar.peer_all_reduce_ref([inputs[0][i], inputs[1][i]], outs[0][i].dtype)
             assert torch.equal(outs[0][i], want) and torch.equal(outs[1][i], want), f"call {i} ({n} elements)"
             for rank in range(world):
                 outs[rank][i].fill_(float("nan"))
