@@ -284,16 +284,16 @@ class LLM:
 
     # ---------------- internals ----------------
     def _sequence(self, text: str | None, ids: list[int], params: SamplingParams, grammar: Any,
-                  memo: tuple[Any, list[int], int] | None = None) -> Sequence:
+                  memo: tuple[Any, list[int], int]) -> Sequence:
         """memo (from `_prompt_ids`): (the caller's ids, the block hashes of a remembered prompt this one extends,
-        that prompt's length): the new sequence starts with those blocks' hashes and is remembered in turn."""
+        that prompt's length; [] and 0 if none): the new sequence starts with the hashes of the blocks inside the
+        shared part, and the memo keeps it in turn (if it is long enough)."""
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         seq = Sequence(ids, params, seed, text, IncrementalDetokenizer(self.tokenizer, ids),
                        StopStringMatcher(params.stop), grammar=grammar)
-        if memo is not None:
-            caller_ids, hashes, shared = memo
-            seq.block_hashes = hashes[:shared // self.kv.block_size]  # hashes of blocks inside the shared part
-            self._memo.remember(caller_ids, ids, seq.block_hashes)
+        caller_ids, hashes, shared = memo
+        seq.block_hashes = hashes[:shared // self.kv.block_size]
+        self._memo.remember(caller_ids, ids, seq.block_hashes)
         return seq
 
     def _compile(self, constraint: GuidedDecodingParams | None) -> CompiledGrammar | None:
@@ -313,8 +313,8 @@ class LLM:
     def _collect(self, stream: RequestStream) -> RequestOutput:
         return request_output(stream.seq, list(stream))
 
-    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int], tuple[Any, list[int], int] | None]:
-        """(text, checked ids, memo): memo (for `_sequence`) is set for a token-id list long enough to remember."""
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int], tuple[Any, list[int], int]]:
+        """(text, checked ids, memo): memo for `_sequence`."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
@@ -339,8 +339,7 @@ class LLM:
             prev, hashes = found
             shared = len(prev)
             checked = prev + self._checked_ids(ids[shared:]) if shared < len(ids) else list(prev)
-        memo = (ids, hashes, shared) if type(ids) is list and len(ids) >= self._memo.min_tokens else None
-        return text, checked, memo
+        return text, checked, (ids, hashes, shared)
 
     def _checked_ids(self, ids: list[int] | tuple[int, ...]) -> list[int]:
         """`ids` as a list of Python ints, each in [0, vocab); ValueError naming the offenders otherwise. Packed into

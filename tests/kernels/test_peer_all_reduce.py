@@ -213,16 +213,14 @@ def test_communicator_methods_in_a_one_rank_group():
     a one-rank NCCL group, where a sum over the ranks is the input itself."""
     import json
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
+    from hybrid_engine.distributed.executor import _free_port
+
     root = Path(__file__).resolve().parents[2]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PORT": str(port), "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PORT": str(_free_port()), "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-c", COMM_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=180)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
