@@ -220,7 +220,8 @@ def test_communicator_methods_in_a_one_rank_group():
     from hybrid_engine.distributed.executor import _free_port
 
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PORT": str(_free_port()), "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PORT": str(_free_port()),
+           "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-c", COMM_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=180)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
