@@ -56,6 +56,11 @@ for s in $stages; do
           timeout 280 python3 benchmarks/cold_start.py --out "$OUT/cold_start_warm_cache.json" 2>&1 | tail -3;;
     gemm) timeout 240 python3 benchmarks/gemm_bench.py --cublas-variants --ms ${GEMM_MS:-16,32,48,64,80,96,112,128,144,160,176,192,200,208,224,240,256,288,320,384,448,512} \
             --json "$OUT/gemm_variants.json" 2>&1 | grep -v "^shape=" | tail -30;;
+    # the prefill projection plan on this card (kernels/sweeps/prefill_gemm_sweep.py): every choice per bucket M
+    pgemm) timeout $(( ${PGEMM_BUDGET_S:-300} + 60 )) python3 benchmarks/prefill_gemm_bench.py --budget-s ${PGEMM_BUDGET_S:-300} \
+             ${PGEMM_ARGS:-} --json "$OUT/prefill_gemm.json" 2>&1 | grep -v "^  M=" | tail -40;;
+    peer) timeout 150 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels/test_peer_all_reduce.py \
+            tests/kernels/test_cached_prefill_attention.py 2>&1 | tail -3 | tee "$OUT/gpu_peer_tests.txt";;
     gemmsweep) timeout 300 python3 benchmarks/gemm_bench.py --json "$OUT/gemm_bench.json" 2>&1 | tail -70;;
     attn) timeout 150 python3 benchmarks/prefill_attn_sweep.py --lengths ${ATTN_T:-16,32,64,128,160,208,256,384,512} --json "$OUT/prefill_attn.json" 2>&1 | tail -22;;
     cattn) timeout 240 python3 benchmarks/cached_attn_sweep.py --json "$OUT/cached_attn.json" 2>&1 | tail -40;;

@@ -10,7 +10,7 @@ from typing import Any
 from .cli import _as_flag, _one_line
 from .errors import OptionalDependencyError, UsageError
 
-KERNEL_NAMES = ("gemv", "decode_gemm", "cached_attention")  # kernels.sweeps.tune.KERNELS, without importing torch
+KERNEL_NAMES = ("gemv", "decode_gemm", "prefill_gemm", "cached_attention")  # kernels.sweeps.tune.KERNELS, without importing torch
 NORM_FAMILY_NAMES = ("gemv_silu_norm", "gemv_rope_norm")  # kernels.gemv.NORM_FAMILIES' values, likewise
 
 
@@ -147,14 +147,15 @@ def _slashed(values: dict, keys: list) -> str:
 
 def format_summary(rows: list[Any]) -> str:
     """One line per table entry: kernel, shape, chosen config, us of the choice and of its baseline (decode GEMM:
-    at M = 1/8/32 vs cuBLAS; the plain GEMV at M = 1 vs cuBLAS, the fused GEMVs vs the config used before, and with
+    at M = 1/8/32 vs cuBLAS; the prefill plan, its (max M, choice) ranges, at each bucket M vs cuBLAS; the plain GEMV
+    at M = 1 vs cuBLAS, the fused GEMVs vs the config used before, and with
     the norm folded in vs the norm kernel apart; cached attention: at each cached start vs the config used before),
     and why nothing was chosen or what was cut short."""
     lines = [f"{'kernel':<17} {'shape':<26} {'chosen config':<22} {'us (chosen)':<40} baseline"]
     for row in rows:
         keys = sorted(set(row.us) | set(row.baseline_us))
-        by_m = row.family == "decode_gemm" or row.family.startswith("gemv")
-        cublas = row.family in ("decode_gemm", "gemv")
+        by_m = row.family in ("decode_gemm", "prefill_gemm") or row.family.startswith("gemv")
+        cublas = row.family in ("decode_gemm", "gemv", "prefill_gemm")
         before = "apart" if row.family in NORM_FAMILY_NAMES else "before"
         us = f"{'M' if by_m else 'start'} {'/'.join(map(str, keys))}: {_slashed(row.us, keys)}" if row.us else "-"
         base = f"{'cuBLAS' if cublas else before} {_slashed(row.baseline_us, keys)}" if row.baseline_us else "-"

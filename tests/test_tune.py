@@ -10,7 +10,7 @@ import torch
 
 from hybrid_engine import cli
 from hybrid_engine.kernels import cached_prefill_attention as cpa
-from hybrid_engine.kernels import decode_gemm, gemv, tuning
+from hybrid_engine.kernels import decode_gemm, gemm, gemv, tuning
 from hybrid_engine.kernels.sweeps import tune as tune_mod
 from hybrid_engine.kernels.sweeps.decode_gemm_sweep import (MS, RULE_MS, GemmShape, fits_smem, stage1_configs,
                                                             sweep_shape)
@@ -97,6 +97,22 @@ class FakeAttentionBench:
         return 5.0 + start / 1000 + sum(abs(a - b) / max(a, b) for a, b in zip(cfg, best))
 
 
+class FakePrefillBench:
+    """`GpuPrefillGemmBench` without CUDA: cuBLAS 30 us; the decode GEMM 20 us (it wins at M <= 32); cuBLASLt 28 us
+    from M = 64 on (wins there by more than the margin); cuBLAS on the transposed copy 29.8 us (within the margin:
+    never chosen); Triton configs 40 us."""
+
+    def __init__(self, shape, dtype, deadline):
+        self.failed, self.skipped = {}, 0
+
+    def measure(self, choice, m):
+        if choice == "decode_gemm":
+            return 20.0
+        if choice == "lt":
+            return 28.0 if m >= 64 else 31.0
+        return {"cublas": 30.0, "t": 29.8, "t_lt": 31.0}.get(choice, 40.0)
+
+
 @pytest.fixture()
 def card(tmp_path, monkeypatch):
     """An empty user cache and package folder, a CUDA device name for the lookups, and fresh lookup caches."""
@@ -111,6 +127,7 @@ def card(tmp_path, monkeypatch):
         gemv.config_for.cache_clear()
         gemv.norm_config_for.cache_clear()
         cpa.tuned_configs.cache_clear()
+        gemm.tuned_plan.cache_clear()
 
     clear()
     yield tmp_path / "user" / "nvidia-test-card.json"
@@ -119,7 +136,7 @@ def card(tmp_path, monkeypatch):
 
 def _run(**kw) -> tune_mod.TuneRun:
     return tune_mod.TuneRun(CARD, gemm_bench=kw.pop("gemm_bench", FakeGemmBench), attention_bench=FakeAttentionBench,
-                            gemv_bench=FakeGemvBench, **kw)
+                            gemv_bench=FakeGemvBench, prefill_bench=FakePrefillBench, **kw)
 
 
 def test_choices_are_saved_where_the_kernels_read_them(card):
@@ -163,6 +180,16 @@ def test_choices_are_saved_where_the_kernels_read_them(card):
     gate_up = next(r for r in rows if r.family == "decode_gemm" and r.label == "gate_up 352x64")
     assert gate_up.us == {m: _gemm_cost("silu", FUSED_BEST) * (1 + m / 32) for m in RULE_MS}
     assert gate_up.baseline_us == {m: 50.0 + m for m in RULE_MS}
+    # the prefill plan: the four projections (not the LM head), decode GEMM to 32 rows, cuBLAS to 48, then cuBLASLt
+    plan = [[32, "decode_gemm"], [48, "cublas"], [512, "lt"]]
+    assert table["prefill_gemm"] == {key: plan for key in ("128,64,float16", "64,64,float16", "352,64,float16",
+                                                           "64,176,float16")}
+    with gemm.graph_plan():
+        assert gemm.config_for(20, 352, 64, transposed=True, device=cuda) == "decode_gemm"
+        assert gemm.config_for(40, 352, 64, transposed=True, device=cuda) is None
+        assert gemm.config_for(100, 352, 64, transposed=True, device=cuda) == "lt"
+        assert gemm.config_for(100, 352, 64, transposed=True, device=cuda, dtype=torch.bfloat16) is None
+    assert {31, 32, 512} <= gemm.warm_up_lengths(cuda)  # the decode GEMM in both specialisations; lt's bias
 
 
 def test_one_family_and_an_explicit_out_file(card, tmp_path):
@@ -251,7 +278,7 @@ def test_without_cuda_the_cli_says_a_gpu_is_needed(capsys, monkeypatch, card):
 
 @pytest.mark.parametrize(("args", "named"), [
     (["--kernels", "decode_gemm,flash"], "--kernels='decode_gemm,flash': choose one or more of gemv, decode_gemm, "
-                                         "cached_attention"),
+                                         "prefill_gemm, cached_attention"),
     (["--budget-s", "0"], "--budget-s=0.0: must be a number of seconds > 0"),
     (["--dtype", "float32"], "argument --dtype: invalid choice: 'float32'"),
     (["--tensor-parallel-size", "3"], "--tensor-parallel-size=3 must divide the model's num_attention_heads=4"),
@@ -273,6 +300,8 @@ def test_the_cli_tunes_saves_and_prints_the_table(capsys, monkeypatch, card):
     monkeypatch.setattr(tune_mod, "Sweep", lambda shape, budget, dtype: FakeAttentionBench(shape, dtype, budget))
     monkeypatch.setattr(tune_mod, "GpuGemvBench", lambda shape, dtype, device, deadline: FakeGemvBench(shape, dtype,
                                                                                                        deadline))
+    monkeypatch.setattr(tune_mod, "GpuPrefillGemmBench",
+                        lambda n, k, transposed, dtype, deadline: FakePrefillBench(None, dtype, deadline))
     assert cli.main(["tune", "--model", "tiny-llama", "--quick"]) == 0
     out, err = capsys.readouterr()
     assert f"wrote {card}" in err and card.exists()
@@ -280,6 +309,8 @@ def test_the_cli_tunes_saves_and_prints_the_table(capsys, monkeypatch, card):
     gate_up = next(ln for ln in lines if "gate_up 352x64" in ln and ln.startswith("decode_gemm"))
     assert str(FUSED_BEST) in gate_up and "M 1/8/32:" in gate_up and "cuBLAS 51.0/58.0/82.0" in gate_up
     assert sum("cached_attention" in ln for ln in lines) == len(ATTENTION_BEST)
+    prefill = [ln for ln in lines if ln.startswith("prefill_gemm")]
+    assert len(prefill) == 4 and "(32, 'decode_gemm')" in prefill[0] and "cuBLAS 30.0/" in prefill[0]
 
 
 def test_out_as_a_folder_writes_the_card_s_file_in_it(tmp_path):

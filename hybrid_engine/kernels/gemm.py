@@ -1,9 +1,11 @@
 """Projections for a prefill step (M = 16..512 rows): a Triton GEMM over nn.Linear weights [N, K], fp32 accumulation.
 
 `gemm_triton(x, weight, bias, config)` computes x [M, K] @ weight[N, K].T (+ bias). Inside `graph_plan()` (graph
-captures), `linear` (gemv.py) follows `GEMM_CONFIGS`, the measured plan per weight shape and row count: this kernel
-where it measured faster than cuBLAS on the H100 (small M), cuBLASLt (`linear_lt`) where that did, else cuBLAS
-(F.linear); the JIT path always takes cuBLAS.
+captures), `linear` (gemv.py) follows the projection plan per weight shape and row count (`config_for`): this
+kernel, cuBLASLt (`linear_lt`), cuBLAS on the weight's transposed copy, the decode GEMM or cuBLAS (F.linear),
+whichever measured fastest. The plan is the card's own where its tuning table has the shape (family "prefill_gemm",
+written by kernels/sweeps/prefill_gemm_sweep.py through `hybrid-engine tune` or benchmarks/prefill_gemm_bench.py),
+else the built-in tables below, measured on the H100. The JIT path takes cuBLAS (or cuBLAS on the copy).
 
 At prefill lengths of a few hundred tokens a LLaMA-7B step is bound by the weight read and the tensor cores about
 equally (arithmetic intensity M flop per weight byte; the H100 ridge is ~300), so the tile order matters: the
@@ -14,6 +16,7 @@ inner loop) and masked on store. Output allocated like F.linear; no workspace, n
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -22,11 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from .._local import local_setting
+from . import tuning
 from ._triton import cdiv, env_choice, launch, pdl_enter
+
+logger = logging.getLogger(__name__)
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
-# The prefill projection plan: (N, K) -> [(max_M, choice), ...] sorted by max_M; the first entry with M <= max_M
+# The built-in prefill projection plan (cards without a tuned one): (N, K) -> [(max_M, choice), ...] sorted by max_M; the first entry with M <= max_M
 # applies. choice: None = cuBLAS through F.linear; "lt" = cuBLASLt through F.linear with a zero bias (torch routes a
 # biased fp16 linear to cublasLt, whose kernel choice differs: it avoids cuBLAS's slow picks at some M); a tuple =
 # this Triton GEMM with (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). M above the last entry, or a shape not
@@ -139,30 +145,48 @@ def graph_plan() -> Iterator[None]:
         yield
 
 
-def warm_up_lengths() -> set[int]:
-    """Row counts that compile every Triton config of the plan in both of Triton's integer specialisations of M (a
-    multiple of 16 or not) and make every zero bias of the "lt" / "t_lt" entries, so that a request never compiles
-    a GEMM variant or allocates a bias (run at load before any graph capture when Triton's cache is empty; with a
-    warm cache each capture's own warm-up run, before the capture begins, does the same for its step)."""
+def warm_up_lengths(device: torch.device | None = None) -> set[int]:
+    """Row counts that compile every Triton config (and the decode GEMM) of the plan in both of Triton's integer
+    specialisations of M (a multiple of 16 or not) and make every zero bias of the "lt" / "t_lt" entries, so that
+    a request never compiles a GEMM variant or allocates a bias (run at load before any graph capture when Triton's
+    cache is empty; with a warm cache each capture's own warm-up run, before the capture begins, does the same for
+    its step). `device`: its card's tuned plans count too."""
+    plans = [*GEMM_CONFIGS.values(), *GEMM_T_CONFIGS.values()]
+    if device is not None and device.type == "cuda" and use_tuned_plans():
+        for key, raw in tuning.entries("prefill_gemm", device).items():
+            try:
+                plans.append(_plan_entries(raw, f"prefill_gemm {key}"))
+            except ValueError:
+                continue  # tuned_plan logs it when a lookup meets it
     out = set()
-    for entries in GEMM_CONFIGS.values():
+    for entries in plans:
         low = 1
         for max_m, cfg in entries:
-            if isinstance(cfg, tuple):
+            if isinstance(cfg, tuple) or cfg == "decode_gemm":
                 out.update(m for m in (max_m - 1, max_m) if m > max(low, 1))
-            elif cfg == "lt":  # makes the zero bias before any capture
+            elif cfg in ("lt", "t_lt"):  # makes the zero bias before any capture
                 out.add(max_m)
             low = max_m
-    out.update(max_m for entries in GEMM_T_CONFIGS.values() for max_m, cfg in entries if cfg == "t_lt")
     return out
 
 
-def config_for(m: int, n: int, k: int, transposed: bool = False) -> tuple[int, int, int, int, int] | str | None:
-    """The plan's choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt), None (cuBLAS), with
-    `transposed` (the weight has a transposed copy) "t" / "t_lt" (cuBLAS / cuBLASLt on the copy), and "decode_gemm"
-    for a shape the plan does not list under `small_prefill_mode()` "decode_gemm". Outside `graph_plan()` only "t"
-    (its host cost is F.linear's) or None."""
+def config_for(m: int, n: int, k: int, transposed: bool = False, device: torch.device | None = None,
+               dtype: torch.dtype = torch.float16) -> tuple[int, int, int, int, int] | str | None:
+    """The plan's choice for an [m, k] x [n, k]^T product: a Triton config, "lt" (cuBLASLt), None (cuBLAS),
+    "decode_gemm" (the decode GEMM), with `transposed` (the weight has a transposed copy) "t" / "t_lt" (cuBLAS /
+    cuBLASLt on the copy). The plan is the card's measured one where its tuning table has this shape and dtype
+    (`tuned_plan`), else the built-in GEMM_T_CONFIGS / GEMM_CONFIGS (measured on the H100), whose unlisted shapes
+    of 2..SMALL_PREFILL_MAX_ROWS rows go to the decode GEMM under `small_prefill_mode()` "decode_gemm". Outside
+    `graph_plan()` only "t" (its host cost is F.linear's) or None."""
     plan = in_graph_plan()
+    if not plan and not transposed:  # the JIT path's usual case, first: its host time counts
+        return None
+    tuned = tuned_plan(n, k, device, dtype) if device is not None else None
+    if tuned is not None:
+        choice = next((cfg for max_m, cfg in tuned if m <= max_m), None)
+        if choice in ("t", "t_lt") and not transposed:  # the same cuBLAS door on the weight itself
+            choice = None if choice == "t" else "lt"
+        return choice if plan or choice == "t" else None
     if transposed:
         choice = next((cfg for max_m, cfg in GEMM_T_CONFIGS.get((n, k), ()) if m <= max_m), None)
         if choice == "t" or (choice is not None and plan):
@@ -172,6 +196,54 @@ def config_for(m: int, n: int, k: int, transposed: bool = False) -> tuple[int, i
     if (n, k) not in GEMM_CONFIGS and m <= SMALL_PREFILL_MAX_ROWS and small_prefill_mode() == "decode_gemm":
         return "decode_gemm"
     return next((cfg for max_m, cfg in GEMM_CONFIGS.get((n, k), ()) if m <= max_m), None)
+
+
+PLAN_CHOICES = ("cublas", "lt", "t", "t_lt", "decode_gemm")
+
+
+def _plan_entries(raw: Any, where: str) -> tuple[tuple[int, tuple[int, ...] | str | None], ...]:
+    """A tuning table's plan [[max_M, choice], ...] as config_for's ranges ("cublas" -> None, lists -> tuples);
+    ValueError naming `where` and the bad entry."""
+    out = []
+    for entry in raw:
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], int)
+        choice = entry[1] if ok else None
+        if ok and isinstance(choice, (list, tuple)):
+            ok = len(choice) == 5 and all(isinstance(v, int) and v > 0 for v in choice)
+            choice = tuple(choice)
+        elif ok:
+            ok = choice in PLAN_CHOICES
+        if not ok or (out and entry[0] <= out[-1][0]):
+            raise ValueError(f"{where}: entry {entry!r} must be [max_M, choice] with max_M increasing and choice one "
+                             f"of {list(PLAN_CHOICES)} or a 5-int Triton config")
+        out.append((entry[0], None if choice == "cublas" else choice))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def use_tuned_plans() -> bool:
+    """$HYBRID_ENGINE_PREFILL_PLAN (read once per process): "tuned" (default) follows the card's measured plan where
+    its tuning table has one; "builtin" always the built-in (H100-measured) tables: an A/B switch."""
+    return env_choice("HYBRID_ENGINE_PREFILL_PLAN", "tuned", {"tuned": True, "builtin": False}, "'tuned' or 'builtin'")
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_plan(n: int, k: int, device: torch.device | None,
+               dtype: torch.dtype) -> tuple[tuple[int, tuple[int, ...] | str | None], ...] | None:
+    """This card's measured prefill plan for an (N, K) weight in `dtype` (family "prefill_gemm" of its tuning table,
+    kernels/sweeps/prefill_gemm_sweep.py), or None where it has none (CPU, untuned card or shape). A malformed entry
+    is logged and ignored."""
+    if device is None or device.type != "cuda" or not use_tuned_plans():
+        return None
+    key = tuning.shape_key(n, k, dtype=dtype)
+    raw = tuning.lookup("prefill_gemm", key, device)
+    if raw is None:
+        return None
+    try:
+        return _plan_entries(raw, f"prefill_gemm {key}")
+    except ValueError as exc:
+        logger.warning("tuning entry ignored: %s", exc)
+        return None
 
 
 SMALL_PREFILL_MAX_ROWS = 32  # the decode GEMM's largest bucket
@@ -191,7 +263,8 @@ def reads_copy(rows: int, weight: torch.Tensor, weight_t: torch.Tensor | None) -
     """Whether a `rows`-row product with `weight` reads its transposed copy `weight_t` (the plan's "t" / "t_lt";
     one row never does: the GEMV reads the weight)."""
     return (weight_t is not None and rows > 1
-            and config_for(rows, *weight.shape, transposed=True) in ("t", "t_lt"))
+            and config_for(rows, *weight.shape, transposed=True, device=weight.device,
+                           dtype=weight.dtype) in ("t", "t_lt"))
 
 
 def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

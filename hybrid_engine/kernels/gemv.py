@@ -433,7 +433,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if config is None:
             return gemm.linear_wide(x, weight, bias, out_dtype) if wide else F.linear(x, weight, bias)
         return gemv_triton(x, weight, bias, config, out_dtype=out_dtype)
-    choice = gemm.config_for(rows, *weight.shape, transposed=weight_t is not None)
+    choice = gemm.config_for(rows, *weight.shape, transposed=weight_t is not None, device=x.device, dtype=x.dtype)
     if choice == "decode_gemm":
         from .decode_gemm import decode_linear
 
@@ -465,12 +465,15 @@ def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, norm: Norm | None = N
 
 def small_prefill_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """`KernelOps.prefill_linear_silu_mul`: silu_mul(linear(x, gate/up weight [2I, K])) of a graph-captured prefill in
-    one decode-GEMM launch where `gemm.config_for` sends its product to the decode GEMM (`small_prefill_mode()`
-    "decode_gemm", 2..32 rows, a shape the plan does not list); None elsewhere (the caller composes the ops)."""
+    one decode-GEMM launch where `gemm.config_for` sends its product to the decode GEMM (the card's tuned plan, or
+    `small_prefill_mode()` "decode_gemm" for 2..32 rows of a shape the built-in plan does not list); None elsewhere
+    (the caller composes the ops)."""
     if not gemm.in_graph_plan():  # the JIT path: nothing more to check (its host time counts)
         return None
     rows = x.numel() // x.shape[-1]
-    if rows < 2 or not _triton_ok(x, weight, None) or gemm.config_for(rows, *weight.shape) != "decode_gemm":
+    if rows < 2 or not _triton_ok(x, weight, None):
+        return None
+    if gemm.config_for(rows, *weight.shape, device=x.device, dtype=x.dtype) != "decode_gemm":
         return None
     from .decode_gemm import decode_linear_silu_mul
 

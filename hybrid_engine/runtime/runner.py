@@ -166,7 +166,7 @@ class ModelRunner:
         attention = prefill_attention.warm_up_lengths()
         passes = [(nullcontext(), set(lengths) | attention)]
         if graph_plan:
-            passes.append((gemm.graph_plan(), gemm.warm_up_lengths() | attention))
+            passes.append((gemm.graph_plan(), gemm.warm_up_lengths(self.device) | attention))
         for plan, todo in passes:
             with plan:
                 for n in sorted(n for n in todo if n <= self.max_model_len):

@@ -1,7 +1,8 @@
 """Run the sweeps for a set of shapes and save each choice into the card's tuning table as it is made.
 
 `tune` measures the one-row GEMVs first (batch 1 decodes through them), then the decode GEMM shapes (the batch-
-invariant path, and 2-16 rows), then the cached-prefill attention's token counts, within one time budget shared in
+invariant path, and 2-16 rows), then the prefill projection plan (each projection's fastest choice per prompt
+bucket), then the cached-prefill attention's token counts, within one time budget shared in
 the proportions of SHARES: a shape or token count still being measured when the budget runs
 out is left unsaved, and everything finished before it stays saved. The benches that time a config are parameters,
 so the orchestration runs without CUDA in tests.
@@ -23,11 +24,15 @@ from .. import gemv, tuning
 from .cached_attention_sweep import STARTS, TOKENS, AttentionBench, AttentionShape, Sweep, recommend, sweep_tokens
 from .decode_gemm_sweep import RULE_MS, GemmBench, GemmShape, ShapeBench, chosen_us, sweep_shape
 from .gemv_sweep import GemvBench, GpuGemvBench, kind_of, sweep_gemv, sweep_gemv_norm
+from .prefill_gemm_sweep import MS as PREFILL_MS
+from .prefill_gemm_sweep import GpuPrefillGemmBench, PrefillGemmBench, plan_from, sweep_shape as sweep_prefill
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("gemv", "decode_gemm", "cached_attention")  # what `tune` can measure, in the order it does
-SHARES = {"gemv": 1.0, "decode_gemm": 4.0, "cached_attention": 8 / 3}  # of the budget, among those asked for
+KERNELS = ("gemv", "decode_gemm", "prefill_gemm", "cached_attention")  # what `tune` can measure, in that order
+SHARES = {"gemv": 1.0, "decode_gemm": 4.0, "prefill_gemm": 0.5, "cached_attention": 8 / 3}  # of the budget
+PREFILL_PROJECTIONS = ("qkv", "o", "gate_up", "down")  # a prefill's LM head sees one row: the GEMV's
+TRANSPOSED_COPY = ("qkv", "gate_up")  # the projections the model keeps a transposed copy of (prefill_weight_copy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,7 @@ class TuneRun:
     gemm_bench: Callable[[GemmShape, torch.dtype, float], GemmBench] | None = None
     gemv_bench: Callable[[GemmShape, torch.dtype, float], GemvBench] | None = None
     attention_bench: Callable[[AttentionShape, torch.dtype, float], AttentionBench] | None = None
+    prefill_bench: Callable[[GemmShape, torch.dtype, float], PrefillGemmBench] | None = None
     saved_to: Path | None = None
 
 
@@ -84,7 +90,11 @@ def steps(shapes: TuneShapes, kernels: tuple[str, ...]) -> int:
     `tune` goes through: a progress bar's total."""
     folded = sum(kind_of(shape) in gemv.NORM_FAMILIES for shape in shapes.gemm)
     return (len(shapes.gemm) * ("decode_gemm" in kernels) + (len(shapes.gemm) + folded) * ("gemv" in kernels)
-            + len(TOKENS) * ("cached_attention" in kernels))
+            + len(_prefill_shapes(shapes)) * ("prefill_gemm" in kernels) + len(TOKENS) * ("cached_attention" in kernels))
+
+
+def _prefill_shapes(shapes: TuneShapes) -> tuple[GemmShape, ...]:
+    return tuple(s for s in shapes.gemm if s.name in PREFILL_PROJECTIONS)
 
 
 def tune(shapes: TuneShapes, kernels: tuple[str, ...], run: TuneRun) -> list[TuneRow]:
@@ -105,6 +115,8 @@ def tune(shapes: TuneShapes, kernels: tuple[str, ...], run: TuneRun) -> list[Tun
         rows += _tune_gemv(shapes, run, ends["gemv"])
     if "decode_gemm" in kernels:
         rows += _tune_gemm(shapes, run, ends["decode_gemm"])
+    if "prefill_gemm" in kernels:
+        rows += _tune_prefill(shapes, run, ends["prefill_gemm"])
     if "cached_attention" in kernels:
         rows += _tune_attention(shapes, run, ends["cached_attention"] - time.monotonic())
     return rows
@@ -217,6 +229,41 @@ def _gemm_row(bench: GemmBench, pool: Executor | None, run: TuneRun, dtype_name:
         row.config, row.us = tuple(result["chosen"]), {m: chosen_us(bench, result)[m] for m in RULE_MS}
         _save(run, "decode_gemm", row.key, row.config)
     return row
+
+
+def _tune_prefill(shapes: TuneShapes, run: TuneRun, deadline: float) -> list[TuneRow]:
+    """The prefill plan of each projection: every choice timed per prompt bucket (PREFILL_MS), the plan saved
+    unless the time limit cut its shape short."""
+    def gpu(shape: GemmShape, dtype: torch.dtype, until: float) -> PrefillGemmBench:
+        return GpuPrefillGemmBench(shape.n, shape.k, shape.name in TRANSPOSED_COPY, dtype, until)
+
+    make = run.prefill_bench or gpu
+    rows = []
+    for shape in _prefill_shapes(shapes):
+        row = TuneRow("prefill_gemm", shape.label, tuning.shape_key(shape.n, shape.k, dtype=shapes.dtype), None)
+        _step(run, f"prefill_gemm {shape.label}")
+        if time.monotonic() >= deadline:
+            row.note = "time limit reached before it started"
+        else:
+            bench = make(shape, shapes.dtype, deadline)
+            times = sweep_prefill(bench, PREFILL_MS, shape.name in TRANSPOSED_COPY)
+            plan = plan_from(times)
+            row.baseline_us = {m: t["cublas"] for m, t in times.items() if "cublas" in t}
+            row.us = {m: min(t.values()) for m, t in times.items() if t}
+            if bench.skipped:
+                row.note = f"time limit reached: {bench.skipped} measurements skipped, not saved"
+            elif not row.baseline_us:
+                row.note = f"cuBLAS could not be timed ({len(bench.failed)} failed)"
+            else:
+                row.config = tuple((m, tuple(c) if isinstance(c, list) else c) for m, c in plan)
+                if not plan:
+                    row.note = "cuBLAS is fastest at every length: saved as an empty plan"
+                _save(run, "prefill_gemm", row.key, plan)
+        rows.append(row)
+        _done(run)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
 
 
 def _tune_attention(shapes: TuneShapes, run: TuneRun, budget_s: float) -> list[TuneRow]:
