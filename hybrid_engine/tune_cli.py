@@ -10,7 +10,8 @@ from typing import Any
 from .cli import _as_flag, _one_line
 from .errors import OptionalDependencyError, UsageError
 
-KERNEL_NAMES = ("gemv", "decode_gemm", "prefill_gemm", "cached_attention")  # kernels.sweeps.tune.KERNELS, without importing torch
+# kernels.sweeps.tune.KERNELS, without importing torch
+KERNEL_NAMES = ("gemv", "decode_gemm", "prefill_gemm", "cached_attention")
 NORM_FAMILY_NAMES = ("gemv_silu_norm", "gemv_rope_norm")  # kernels.gemv.NORM_FAMILIES' values, likewise
 
 

@@ -100,7 +100,8 @@ def test_the_card_s_plan_replaces_the_built_in_one(card, monkeypatch):
         gemm.config_for(10, 40, 96, transposed=True, device=CUDA)
 
 
-@pytest.mark.parametrize("bad", [[[16, "cudnn"]], [[32, "lt"], [16, "t"]], [[16, [16, 32]]], [["16", "lt"]]])
+@pytest.mark.parametrize("bad", [[[16, "cudnn"]], [[64, "decode_gemm"]], [[32, "lt"], [16, "t"]], [[16, [16, 32]]],
+                                 [["16", "lt"]]])
 def test_a_malformed_plan_is_ignored_with_a_warning(card, caplog, bad):
     card({"40,96,float16": bad})
     with gemm.graph_plan(), caplog.at_level("WARNING"):

@@ -32,9 +32,10 @@ logger = logging.getLogger(__name__)
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
-# The built-in prefill projection plan (cards without a tuned one): (N, K) -> [(max_M, choice), ...] sorted by max_M; the first entry with M <= max_M
-# applies. choice: None = cuBLAS through F.linear; "lt" = cuBLASLt through F.linear with a zero bias (torch routes a
-# biased fp16 linear to cublasLt, whose kernel choice differs: it avoids cuBLAS's slow picks at some M); a tuple =
+# The built-in prefill projection plan (for cards and shapes without a tuned one, `tuned_plan`): (N, K) ->
+# [(max_M, choice), ...] sorted by max_M; the first entry with M <= max_M applies. choice: None = cuBLAS through
+# F.linear; "lt" = cuBLASLt through F.linear with a zero bias (torch routes a biased fp16 linear to cublasLt, whose
+# kernel choice differs: it avoids cuBLAS's slow picks at some M); a tuple =
 # this Triton GEMM with (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). M above the last entry, or a shape not
 # listed: cuBLAS. Measured on the H100 80GB HBM3 (fp16, weights rotated past L2, CUDA-graph replay), best of
 # cuBLAS / cuBLASLt / Triton per bucket, a non-default choice only where >= 2% faster: `benchmarks/gemm_bench.py
@@ -211,11 +212,12 @@ def _plan_entries(raw: Any, where: str) -> tuple[tuple[int, tuple[int, ...] | st
         if ok and isinstance(choice, (list, tuple)):
             ok = len(choice) == 5 and all(isinstance(v, int) and v > 0 for v in choice)
             choice = tuple(choice)
-        elif ok:
-            ok = choice in PLAN_CHOICES
+        elif ok:  # the decode GEMM's split-K workspace holds SMALL_PREFILL_MAX_ROWS rows
+            ok = choice in PLAN_CHOICES and (choice != "decode_gemm" or entry[0] <= SMALL_PREFILL_MAX_ROWS)
         if not ok or (out and entry[0] <= out[-1][0]):
             raise ValueError(f"{where}: entry {entry!r} must be [max_M, choice] with max_M increasing and choice one "
-                             f"of {list(PLAN_CHOICES)} or a 5-int Triton config")
+                             f"of {list(PLAN_CHOICES)} (decode_gemm up to {SMALL_PREFILL_MAX_ROWS} rows) or a 5-int "
+                             "Triton config")
         out.append((entry[0], None if choice == "cublas" else choice))
     return tuple(out)
 
