@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_engine.kernels import gemm, tuning  # noqa: E402
-from hybrid_engine.kernels.sweeps.prefill_gemm_sweep import (MS, GpuPrefillGemmBench, label,  # noqa: E402
-                                                             plan_from, sweep_shape)
+from hybrid_engine.kernels.sweeps.prefill_gemm_sweep import (MS, GpuPrefillGemmBench, choice_at,  # noqa: E402
+                                                             label, plan_from, sweep_shape)
 
 # name, N, K, whether the model keeps a transposed copy (models/llama.py add_prefill_weight_copies)
 SHAPES = [("qkv", 12288, 4096, True), ("o", 4096, 4096, False), ("gate_up", 22016, 4096, True),
@@ -75,8 +75,7 @@ def main() -> None:
         sums = {"cublas": 0.0, "before": 0.0, "new": 0.0}
         for name, s in report["shapes"].items():
             row = s["times_us"][m]
-            new = next((c for max_m, c in s["plan"] if m <= max_m), "cublas")
-            new = label(tuple(new) if isinstance(new, list) else new)
+            new = choice_at(s["plan"], m)
             sums["cublas"] += row.get("cublas", float("nan"))
             sums["before"] += row.get(s["plan_before"][m], float("nan"))
             sums["new"] += row.get(new, float("nan"))

@@ -148,6 +148,12 @@ def parse(name: str) -> Choice:
     return name
 
 
+def choice_at(plan: list[list], m: int) -> str:
+    """The `label` of what a plan (`plan_from`'s entries) chooses for m rows: past its last range, cuBLAS."""
+    choice = next((c for max_m, c in plan if m <= max_m), "cublas")
+    return label(tuple(choice) if isinstance(choice, list) else choice)
+
+
 def plan_from(times: dict[int, dict[str, float]], margin: float = MARGIN) -> list[list]:
     """The plan entries [[max_M, choice], ...] (choice: "cublas", "lt", "t", "t_lt", "decode_gemm" or a Triton
     config as a list) from `sweep_shape`'s times: per M the fastest, a non-cuBLAS choice only where it is at least

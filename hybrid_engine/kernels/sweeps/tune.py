@@ -25,7 +25,7 @@ from .cached_attention_sweep import STARTS, TOKENS, AttentionBench, AttentionSha
 from .decode_gemm_sweep import RULE_MS, GemmBench, GemmShape, ShapeBench, chosen_us, sweep_shape
 from .gemv_sweep import GemvBench, GpuGemvBench, kind_of, sweep_gemv, sweep_gemv_norm
 from .prefill_gemm_sweep import MS as PREFILL_MS
-from .prefill_gemm_sweep import GpuPrefillGemmBench, PrefillGemmBench, label, plan_from
+from .prefill_gemm_sweep import GpuPrefillGemmBench, PrefillGemmBench, choice_at, plan_from
 from .prefill_gemm_sweep import sweep_shape as sweep_prefill
 
 logger = logging.getLogger(__name__)
@@ -251,8 +251,7 @@ def _tune_prefill(shapes: TuneShapes, run: TuneRun, deadline: float) -> list[Tun
             times = sweep_prefill(bench, PREFILL_MS, shape.name in TRANSPOSED_COPY)
             plan = plan_from(times)
             row.baseline_us = {m: t["cublas"] for m, t in times.items() if "cublas" in t}
-            row.us = {m: times[m][chosen] for m in row.baseline_us
-                      if (chosen := label(_range_choice(plan, m))) in times[m]}
+            row.us = {m: times[m][c] for m in row.baseline_us if (c := choice_at(plan, m)) in times[m]}
             if bench.skipped:
                 row.note = f"time limit reached: {bench.skipped} measurements skipped, not saved"
             elif not row.baseline_us:
@@ -267,12 +266,6 @@ def _tune_prefill(shapes: TuneShapes, run: TuneRun, deadline: float) -> list[Tun
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows
-
-
-def _range_choice(plan: list[list], m: int) -> str | tuple[int, ...]:
-    """The choice a plan (`plan_from`'s entries) makes for m rows: past its last range, cuBLAS."""
-    choice = next((c for max_m, c in plan if m <= max_m), "cublas")
-    return tuple(choice) if isinstance(choice, list) else choice
 
 
 def _tune_attention(shapes: TuneShapes, run: TuneRun, budget_s: float) -> list[TuneRow]:
