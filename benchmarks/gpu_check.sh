@@ -120,9 +120,16 @@ for s in $stages; do
                 --tpot-runs 10 --out-dir "$OUT/shapes" --system-timeout $(( ${SHAPE_T:-200} - 10 )) --settle-s 60 \
                 --no-progress 2>&1 | grep "^| hybrid\|wrote\|rror"; done
             tar czf "$OUT/shapes.tgz" -C "$OUT" shapes && rm -r "$OUT/shapes";;  # a call returns at most 8 files
-    ltr) for w in ${LTR_WORKERS:-0 auto}; do  # load's kernels compiled one by one (0) vs on parallel threads (auto)
-           timeout 280 python3 benchmarks/load_to_ready.py --model ${LTR_MODEL:-llama-2-7b-shape} --compile-workers $w ${LTR_ARGS:-} \
-             --out "$OUT/load_to_ready_$w.json" 2>&1 | tail -1; done;;
+    # load_to_ready_s: the preset, then a checkpoint directory of its shape written first (shape_checkpoint.py), each
+    # with compiled bytecode (--pycache); with .ab/ present (a base commit's package, as for ab) the base first, then
+    # this tree; LTR_EVICT=1 adds this tree's checkpoint load read from the disk (dropped from the page cache)
+    ltr) m=${LTR_MODEL:-llama-2-7b-shape}; ck=/tmp/$m-checkpoint
+         [ -d $ck ] || python3 benchmarks/shape_checkpoint.py --model $m --out $ck 2>&1 | tail -1
+         runs="$([ -d .ab ] && echo "$m,.ab,base $ck,.ab,base-checkpoint") $m,.,tree $ck,.,tree-checkpoint"
+         [ "${LTR_EVICT:-0}" = 1 ] && runs="$runs $ck,.,tree-checkpoint-evicted"
+         for r in $runs; do IFS=, read src pkg name <<< "$r"; extra=""; [[ $name == *evicted ]] && extra=--evict-page-cache
+           timeout 280 python3 benchmarks/load_to_ready.py --model $src --package $pkg --pycache $extra ${LTR_ARGS:-} \
+             --out "$OUT/load_to_ready_$name.json" 2>&1 | grep -v Warn | tail -3 | sed "s/^/$name /"; done;;
     # same-lease A/B of batch-1 latency over environment knobs (e.g. HYBRID_ENGINE_PDL=0 vs 2), a fresh process each
     knobs) mkdir -p "$OUT/knobs"; for m in ${KNOB_MODELS:-llama-2-7b-shape llama-3.2-1b-shape smollm2-135m-shape}; do
              for kv in ${KNOBS:-HYBRID_ENGINE_PDL=0 HYBRID_ENGINE_PDL=2}; do env $kv timeout ${KNOB_T:-150} python3 \

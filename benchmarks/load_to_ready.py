@@ -7,6 +7,15 @@ Each run is its own process (imports included in `process_s`, not in `load_to_re
 alone, `phases_s` its phases (`LLM.load_phases_s`), `first_request_ms` the first 50-token request with one
 generated token. With --results, the numbers are
 added to that results file's `systems.hybrid`.
+
+Python's bytecode: an installed package has its modules compiled (pip writes the .pyc files at install time). An
+image whose site-packages hold none and cannot take them (or that sets PYTHONDONTWRITEBYTECODE) recompiles every
+module a load imports in every process: on the H200 machines that made `from transformers import LlamaConfig` alone
+11-14 s. --pycache gives the children a bytecode directory of their own and fills it first with a process that only
+imports what a load imports, so "cold" and "warm" differ in Triton's cache only, as on an installed package.
+
+A checkpoint directory as --model (e.g. one written by `shape_checkpoint.py`) can be dropped from the page cache
+before each run (--evict-page-cache: posix_fadvise DONTNEED on its files), so each load reads it from the disk.
 """
 from __future__ import annotations
 
@@ -35,15 +44,21 @@ llm.close()
 """
 
 
+PACKAGE = [str(REPO)]  # what the children find hybrid_engine in, first on their path (--package)
+
+
 def run_child(code: str, args: list[str], cache_dir: str, timeout_s: float,
               env: dict[str, str] | None = None) -> dict:
     """Run `code` in a fresh Python process (this checkout first on its path, `cache_dir` as its Triton cache, `env`
     added) and return the JSON it printed on its "RESULT " line, with `process_s` (the process's wall time)."""
     env = {**os.environ, **(env or {}), "TRITON_CACHE_DIR": cache_dir,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [*PACKAGE, str(REPO), os.environ.get("PYTHONPATH")]))}
+    if "PYTHONPYCACHEPREFIX" in (env or {}):
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # a bytecode directory of their own: let them write it
     t0 = time.perf_counter()
+    # run from the package's directory: `python -c` puts the working directory first on the path
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                          timeout=timeout_s, cwd=REPO)
+                          timeout=timeout_s, cwd=PACKAGE[0])
     wall = time.perf_counter() - t0
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -51,14 +66,52 @@ def run_child(code: str, args: list[str], cache_dir: str, timeout_s: float,
     return {**json.loads(line[7:]), "process_s": wall}
 
 
+# what a load imports, for filling a bytecode directory without loading anything (Triton's compiler included)
+IMPORTS = """
+import json, time
+t0 = time.perf_counter()
+import hybrid_engine.engine.llm, hybrid_engine.runtime.rank, hybrid_engine.runtime.graphs, hybrid_engine.models.loader
+import accelerate.utils, safetensors.torch, tokenizers
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+try:
+    import triton.compiler.compiler, triton.runtime.build
+    import triton.backends.nvidia.compiler, triton.backends.nvidia.driver
+except ImportError:
+    pass
+print("RESULT " + json.dumps({"import_s": time.perf_counter() - t0}))
+"""
+
+
 def one(model: str, cache_dir: str, timeout_s: float, compile_workers: str | None = None,
-        pycache_dir: str | None = None) -> dict:
+        pycache_dir: str | None = None, evict: bool = False) -> dict:
     extra = {"HYBRID_ENGINE_COMPILE_WORKERS": compile_workers} if compile_workers is not None else {}
     if pycache_dir is not None:
         extra["PYTHONPYCACHEPREFIX"] = pycache_dir
+    evicted = evict_page_cache(model) if evict else None
     res = run_child(CHILD, [model], cache_dir, timeout_s, extra)
+    if evicted is not None:
+        res["evicted_bytes"] = evicted
     print({k: res[k] for k in ("llm_s", "phases_s")}, flush=True)
     return res
+
+
+def evict_page_cache(path: str) -> int:
+    """Drop a checkpoint directory's files from the page cache (posix_fadvise DONTNEED; their pages are clean, so
+    no privilege is needed); returns the bytes it asked to drop. A preset name (not a directory) drops nothing."""
+    if not os.path.isdir(path) or not hasattr(os, "posix_fadvise"):
+        return 0
+    total = 0
+    for name in os.listdir(path):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return total
 
 
 def main() -> int:
@@ -70,19 +123,35 @@ def main() -> int:
                          "parallel threads; default: the engine's)")
     ap.add_argument("--pycache", action="store_true",
                     help="the children keep Python's bytecode in a directory of their own (PYTHONPYCACHEPREFIX, "
-                         "filled by the cold run), for an installation whose site-packages hold no .pyc files and "
-                         "cannot take them, where every process would otherwise compile the modules load imports")
+                         "filled first by an import-only process), for an installation whose site-packages hold no "
+                         ".pyc files and cannot take them, where every process would otherwise compile the modules "
+                         "load imports")
+    ap.add_argument("--evict-page-cache", action="store_true",
+                    help="a checkpoint directory as --model: drop its files from the page cache before each run")
+    ap.add_argument("--package", type=Path,
+                    help="a directory holding another hybrid_engine package (e.g. a base commit's, for a same-lease "
+                         "A/B), put first on the children's path")
     ap.add_argument("--results", type=Path, help="a results file whose systems.hybrid gets load_to_ready_s")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.package is not None:
+        PACKAGE[:] = [str(args.package.resolve())]
     with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache, \
             tempfile.TemporaryDirectory(prefix="pycache-") as pycache:
-        kw = {"compile_workers": args.compile_workers, "pycache_dir": pycache if args.pycache else None}
+        kw = {"compile_workers": args.compile_workers, "pycache_dir": pycache if args.pycache else None,
+              "evict": args.evict_page_cache}
+        primed = None
+        if args.pycache:
+            primed = run_child(IMPORTS, [], cache, args.timeout_s, {"PYTHONPYCACHEPREFIX": pycache})
+            print(f"bytecode directory filled: imports took {primed['import_s']:.1f} s", flush=True)
         cold = one(args.model, cache, args.timeout_s, **kw)
         warm = one(args.model, cache, args.timeout_s, **kw)
-    res = {"model": args.model, "compile_workers": args.compile_workers, "pycache": args.pycache,
+    res = {"model": args.model, "package": PACKAGE[0], "compile_workers": args.compile_workers,
+           "pycache": args.pycache,
+           "page_cache": "evicted before each run" if args.evict_page_cache else "as found",
+           "python_dont_write_bytecode": os.environ.get("PYTHONDONTWRITEBYTECODE"),
            "load_to_ready_s": {"cold": round(cold["load_to_ready_s"], 2), "warm": round(warm["load_to_ready_s"], 2)},
-           "runs": {"cold": cold, "warm": warm}}
+           "runs": {"cold": cold, "warm": warm, "bytecode_fill": primed}}
     print(json.dumps(res["load_to_ready_s"]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))

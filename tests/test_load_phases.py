@@ -77,8 +77,32 @@ def test_llm_reports_its_load_phases():
     llm = LLM("tiny-llama", device="cpu")
     try:
         phases = llm.load_phases_s
-        assert list(phases) == ["model", "kv_and_runner"]  # no warm-up or graphs on the CPU
+        # no warm-up or graphs on the CPU; the model phase's parts as the loader timed them
+        assert list(phases) == ["model", "model.tokenizer", "model.weights", "model.config", "kv_and_runner"]
         assert all(v >= 0 for v in phases.values())
+        assert phases["model.tokenizer"] + phases["model.weights"] + phases["model.config"] <= phases["model"] + 0.01
+    finally:
+        llm.close()
+
+
+def test_checkpoint_load_reports_weights_and_tokenizer(tmp_path, monkeypatch):
+    from hybrid_engine import LLM
+    from hybrid_engine.models import loader
+    from hybrid_engine.models.presets import build_hf_model
+
+    model, tokenizer = build_hf_model("tiny-llama")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), device="cpu")  # the config read without transformers, which loads on a thread
+    try:
+        assert {"model.config", "model.weights", "transformers_wait"} <= set(llm.load_phases_s)
+    finally:
+        llm.close()
+    monkeypatch.setattr(loader, "read_light_config", lambda path: None)  # transformers first, one step at a time
+    llm = LLM(str(tmp_path), device="cpu")
+    try:
+        assert {"model.config", "model.weights", "model.tokenizer"} <= set(llm.load_phases_s)
+        assert "transformers_wait" not in llm.load_phases_s
     finally:
         llm.close()
 

@@ -118,8 +118,6 @@ class AttentionMetadata:
 
 def rope_cos_sin_cache(config: Any, head_dim: int, max_positions: int) -> torch.Tensor:
     """[max_positions, head_dim] fp32 rows of cat(cos, sin) over the rotary half, exactly as transformers computes."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type in ("dynamic", "longrope"):
@@ -129,6 +127,8 @@ def rope_cos_sin_cache(config: Any, head_dim: int, max_positions: int) -> torch.
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         scaling = 1.0
     else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float), inv_freq.float())
     return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)

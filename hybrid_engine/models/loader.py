@@ -12,7 +12,10 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -20,8 +23,10 @@ import torch
 from ..distributed.sharding import slice_bounds, split_of, take_shard
 from ..errors import ModelLoadError
 from . import gguf
+from .light_config import check_same_model, light_config, read_light_config
 from .llama import LlamaModel, ModelArgs, rope_cos_sin_cache
-from .presets import GGUF_PRESETS, PRESETS, build_hf_model, build_tokenizer, packaged_gguf, preset_config
+from .presets import (GGUF_PRESETS, PRESETS, build_hf_model, build_tokenizer, packaged_gguf, preset_config,
+                      preset_fields, tokenizer_size)
 from .registry import resolve_architecture
 
 logger = logging.getLogger(__name__)
@@ -39,6 +44,43 @@ class LoadedModel:
     tokenizer: Any
     source: str
     max_model_len: int = 0
+    phases_s: dict[str, float] = field(default_factory=dict)  # wall seconds: config, weights, tokenizer
+    # transformers' config and the tokenizer, still being made on a background thread (`load_overlapped`);
+    # until `finish`, hf_config is the light config and tokenizer None
+    pending: Future | None = None
+    tokenizer_len: int | None = None  # len(tokenizer) known before it is made; None: wait for it
+
+    def tokenizer_size(self) -> int:
+        """len(tokenizer) (0 without one), from what is known where the tokenizer is still being made."""
+        if self.pending is not None and self.tokenizer_len is not None:
+            return self.tokenizer_len
+        self.finish()
+        return len(self.tokenizer) if self.tokenizer is not None else 0
+
+    def finish(self) -> None:
+        """Wait for the background thread; take transformers' config and the tokenizer, after checking that this
+        config builds the model the light one built (ModelLoadError naming what differs)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        hf_config, tokenizer = pending.result()
+        try:
+            check_same_model(self.hf_config, hf_config, self.source)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        size, vocab = (len(tokenizer) if tokenizer is not None else 0), self.model.args.vocab_size
+        if self.tokenizer_len is not None and max(size, vocab) != max(self.tokenizer_len, vocab):
+            # the step buffers' grammar bitmasks were sized for the count read before (runtime/runner.mask_words)
+            raise ModelLoadError(f"the tokenizer of {self.source!r} has {size} tokens where {self.tokenizer_len} "
+                                 "were read before it was made")
+        self.hf_config, self.tokenizer = hf_config, tokenizer
+
+
+def _lap(phases: dict[str, float], name: str, since: float) -> float:
+    """Add the seconds since `since` to phases[name]; returns now (the next lap's start)."""
+    now = time.perf_counter()
+    phases[name] = round(phases.get(name, 0.0) + now - since, 3)
+    return now
 
 
 def load(source: Any, tokenizer: Any, dtype: torch.dtype | None, device: torch.device, max_model_len: int | None,
@@ -54,6 +96,10 @@ def load(source: Any, tokenizer: Any, dtype: torch.dtype | None, device: torch.d
     path = gguf.gguf_path(source, gguf_file)
     if path is not None:
         return load_gguf(path, tokenizer, dtype, device, max_model_len, tp, need_tokenizer)
+    if isinstance(source, str) and source != "tiny-llama":
+        loaded = load_overlapped(source, tokenizer, dtype, device, max_model_len, seed, tp)
+        if loaded is not None:
+            return loaded
     if isinstance(source, str) and source in PRESETS:
         hf_config = preset_config(source)
     elif isinstance(source, str):
@@ -63,12 +109,15 @@ def load(source: Any, tokenizer: Any, dtype: torch.dtype | None, device: torch.d
     else:
         raise ValueError(f"model={source!r} must be a preset name {_preset_names()}, a checkpoint directory, a "
                          ".gguf file or a transformers PreTrainedModel")
+    start, phases = time.perf_counter(), {}
     if isinstance(tokenizer, str):
         tokenizer = _load_tokenizer(tokenizer)
+        start = _lap(phases, "tokenizer", start)
     if hf_config is None:
         hf_config = _read_config(source)
     resolve_architecture(hf_config)
     max_len = resolve_max_model_len(hf_config, max_model_len)
+    _lap(phases, "config", start)
     if isinstance(source, str) and source in PRESETS:
         loaded = load_preset(source, dtype, device, max_len + 1, seed, tokenizer, tp)
     elif isinstance(source, str):
@@ -76,7 +125,90 @@ def load(source: Any, tokenizer: Any, dtype: torch.dtype | None, device: torch.d
     else:
         loaded = load_hf_model(source, dtype, device, max_len + 1, tokenizer, tp)
     loaded.max_model_len = max_len
+    for name, seconds in phases.items():
+        loaded.phases_s[name] = round(loaded.phases_s.get(name, 0.0) + seconds, 3)
     return loaded
+
+
+def load_overlapped(source: str, tokenizer: Any, dtype: torch.dtype | None, device: torch.device,
+                    max_model_len: int | None, seed: int, tp: tuple[int, int]) -> LoadedModel | None:
+    """A preset or checkpoint directory whose config reads without transformers (`light_config`): its weights load
+    while a background thread imports transformers and makes its config and the tokenizer; the caller takes them
+    with `LoadedModel.finish` (runtime/rank does, after the warm-up). None where the config needs transformers."""
+    from ..kernels._triton import env_choice
+
+    if not env_choice("HYBRID_ENGINE_OVERLAP_TRANSFORMERS", "1", {"1": True, "on": True, "0": False, "off": False},
+                      "1 (config read without transformers, which loads on a thread) or 0 (transformers first)"):
+        return None
+    preset = source in PRESETS
+    light = light_config(preset_fields(source)) if preset else read_light_config(source)
+    if light is None:
+        return None
+    start, phases = time.perf_counter(), {}
+    resolve_architecture(light)
+    max_len = resolve_max_model_len(light, max_model_len)
+    tok_len = _tokenizer_len(source, tokenizer, light.vocab_size)
+    if device.type == "cuda":
+        _import_main_thread_modules()
+    pending: Future = Future()
+    threading.Thread(target=_transformers_side, args=(pending, source, tokenizer, light.vocab_size),
+                     name="hybrid-engine-transformers", daemon=True).start()
+    start = _lap(phases, "config", start)
+    model = build_empty(light, max_len + 1, tp)
+    if preset:
+        random_init(model, light.initializer_range, dtype or torch.float16, device, seed)
+    else:
+        dtype = dtype or checkpoint_dtype(light, device)
+        materialize(model, _safetensors_tensors(_checkpoint_files(source), model.args), dtype, device)
+    _lap(phases, "weights", start)
+    return LoadedModel(model, light, None, source, max_len, phases, pending, tok_len)
+
+
+def _transformers_side(pending: Future, source: str, tokenizer: Any, vocab_size: int) -> None:
+    """(transformers' config, the tokenizer) of `source` into `pending` (or the error that stopped them)."""
+    try:
+        if source in PRESETS:
+            hf_config = preset_config(source)
+        else:
+            hf_config = _read_config(source)
+        if isinstance(tokenizer, str):
+            tokenizer = _load_tokenizer(tokenizer)
+        elif tokenizer is None and source in PRESETS:
+            tokenizer = build_tokenizer(vocab_size)
+        elif tokenizer is None and _has_tokenizer(source):
+            tokenizer = _load_tokenizer(source)
+        pending.set_result((hf_config, tokenizer))
+    except BaseException as exc:  # noqa: BLE001 - handed to the loading thread, which raises it
+        pending.set_exception(exc)
+
+
+def _tokenizer_len(source: str, tokenizer: Any, vocab_size: int) -> int | None:
+    """len() of the tokenizer load will make for `source`, read before it is made: the preset's built size, or a
+    tokenizer.json's vocabulary with its added tokens; None where only making it tells (e.g. tokenizer.model)."""
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        return len(tokenizer)
+    if tokenizer is None and source in PRESETS:
+        return tokenizer_size(vocab_size)
+    folder = tokenizer if isinstance(tokenizer, str) else source
+    if tokenizer is None and not _has_tokenizer(folder):
+        return 0
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+    except Exception:  # noqa: BLE001 - unreadable here: transformers reads it (and reports it) on its own
+        return None
+
+
+def _import_main_thread_modules() -> None:
+    """Import what this thread needs while the transformers thread runs (the weights' helpers, Triton's
+    compiler), so the two never import the same modules at once."""
+    import accelerate.utils  # noqa: F401
+    import safetensors  # noqa: F401
+    import triton.compiler  # noqa: F401
 
 
 def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
@@ -296,31 +428,38 @@ def _read(f: Any, key: str, args: ModelArgs | None) -> torch.Tensor:
 
 def load_checkpoint_dir(path: str, hf_config: Any, dtype: torch.dtype | None, device: torch.device,
                         max_positions: int, tokenizer: Any, tp: tuple[int, int] = (0, 1)) -> LoadedModel:
+    start, phases = time.perf_counter(), {}
     model = build_empty(hf_config, max_positions, tp)
     dtype = dtype or checkpoint_dtype(hf_config, device)
     materialize(model, _safetensors_tensors(_checkpoint_files(path), model.args), dtype, device)
+    start = _lap(phases, "weights", start)
     if tokenizer is None and _has_tokenizer(path):
         tokenizer = _load_tokenizer(path)
-    return LoadedModel(model, hf_config, tokenizer, path)
+        _lap(phases, "tokenizer", start)
+    return LoadedModel(model, hf_config, tokenizer, path, phases_s=phases)
 
 
 def load_gguf(path: str, tokenizer: Any, dtype: torch.dtype | None, device: torch.device,
               max_model_len: int | None, tp: tuple[int, int] = (0, 1), need_tokenizer: bool = True) -> LoadedModel:
     """A GGUF file: check its architecture and tensor types first, then dequantize it tensor by tensor into the
     native model; the tokenizer (with its chat template) comes from the file unless one is passed."""
+    start, phases = time.perf_counter(), {}
     reader = gguf.open_reader(path)
     arch = gguf.check_supported(reader, path)
     hf_config = gguf.read_config(path)
     resolve_architecture(hf_config)
     max_len = resolve_max_model_len(hf_config, max_model_len)
+    start = _lap(phases, "config", start)
     model = build_empty(hf_config, max_len + 1, tp)  # GGUF: each tensor dequantized whole, then cut to the shard
     materialize(model, gguf.hf_tensors(reader, arch, hf_config), dtype or checkpoint_dtype(hf_config, device), device)
     del reader
+    start = _lap(phases, "weights", start)
     if isinstance(tokenizer, str):
         tokenizer = _load_tokenizer(tokenizer)
     if tokenizer is None and need_tokenizer:
         tokenizer = gguf.read_tokenizer(path)
-    return LoadedModel(model, hf_config, tokenizer, path, max_len)
+    _lap(phases, "tokenizer", start)
+    return LoadedModel(model, hf_config, tokenizer, path, max_len, phases)
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -349,12 +488,16 @@ def load_hf_model(hf_model: Any, dtype: torch.dtype | None, device: torch.device
 
 def load_preset(name: str, dtype: torch.dtype | None, device: torch.device, max_positions: int, seed: int,
                 tokenizer: Any, tp: tuple[int, int] = (0, 1)) -> LoadedModel:
+    start, phases = time.perf_counter(), {}
     hf_config = preset_config(name)
-    tokenizer = tokenizer or build_tokenizer(hf_config.vocab_size)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(hf_config.vocab_size)
+        start = _lap(phases, "tokenizer", start)
     if name == "tiny-llama":  # same weights as presets.build_hf_model("tiny-llama"): parity with transformers
         hf_model, _ = build_hf_model(name, torch.float32, "cpu", seed)
-        return LoadedModel(load_hf_model(hf_model, dtype, device, max_positions, tokenizer, tp).model,
-                           hf_config, tokenizer, name)
-    model = build_empty(hf_config, max_positions, tp)
-    random_init(model, hf_config.initializer_range, dtype or torch.float16, device, seed)
-    return LoadedModel(model, hf_config, tokenizer, name)
+        model = load_hf_model(hf_model, dtype, device, max_positions, tokenizer, tp).model
+    else:
+        model = build_empty(hf_config, max_positions, tp)
+        random_init(model, hf_config.initializer_range, dtype or torch.float16, device, seed)
+    _lap(phases, "weights", start)
+    return LoadedModel(model, hf_config, tokenizer, name, phases_s=phases)

@@ -61,13 +61,24 @@ def preset_config(name: str) -> Any:
     raise ValueError listing the presets."""
     from transformers import LlamaConfig, Qwen2Config
 
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)} (or pass a checkpoint directory)")
-    fields = {"rms_norm_eps": 1e-5, "tie_word_embeddings": False, **PRESETS[name]}
-    qwen2 = fields.pop("model_type", "llama") == "qwen2"
-    cfg = (Qwen2Config if qwen2 else LlamaConfig)(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields = preset_fields(name)
+    qwen2 = fields.pop("model_type") == "qwen2"
+    cfg = (Qwen2Config if qwen2 else LlamaConfig)(**fields)
     cfg.architectures = ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"]
     return cfg
+
+
+def preset_fields(name: str) -> dict[str, Any]:
+    """A preset's config fields (model_type included), as its config.json would hold them."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)} (or pass a checkpoint directory)")
+    return {"model_type": "llama", "rms_norm_eps": 1e-5, "tie_word_embeddings": False, **PRESETS[name],
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def tokenizer_size(vocab_size: int) -> int:
+    """len() of `build_tokenizer(vocab_size)`, known without building it."""
+    return max(vocab_size, len(SPECIAL_TOKENS) + 256)
 
 
 def packaged_gguf(name: str) -> str:

@@ -47,8 +47,9 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
                need_tokenizer: bool = True) -> Rank:
     """Load rank `tp[0]`'s shard (of tp[1]), size the KV cache (the smallest count any rank can hold), warm up and
     start the graph captures (under tensor parallelism every capture happens here, in a fixed order). Times its
-    phases into `Rank.load_s`: model (config, tokenizer, weights on the device), kv_and_runner (kernels, prefill
-    weight copies, KV cache, step buffers), compile (the parallel compile pass; an empty cache only),
+    phases into `Rank.load_s`: model (config, tokenizer, weights on the device; "model.config", "model.weights"
+    and "model.tokenizer" are its parts as the loader timed them, without waiting for the device), kv_and_runner
+    (kernels, prefill weight copies, KV cache, step buffers), compile (the parallel compile pass; an empty cache only),
     warm_up (every kernel variant run once), graphs (the decode graphs taken at load, or every graph under
     tensor parallelism / capture="eager")."""
     clock = _PhaseClock(device)
@@ -58,6 +59,7 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
     model.set_comm(comm)
     dtype = model.embed_tokens.weight.dtype
     clock.mark("model")
+    clock.phases.update({f"model.{k}": v for k, v in loaded.phases_s.items()})  # parts of "model", not added to it
     ops = get_ops(device, cfg.attention_backend, batch_invariant=cfg.batch_invariant)
     copy_bytes = _prefill_weight_copies(cfg.prefill_weight_copy, model, device)
     n_blocks = cfg.num_kv_blocks or num_blocks_for(model, cfg.block_size, loaded.max_model_len, cfg.max_num_seqs,
@@ -68,7 +70,7 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
     _check_kv_fits(n_blocks, kv.max_blocks_per_seq, loaded.max_model_len, cfg.block_size)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     # grammar bitmasks cover the tokenizer's vocabulary where it is larger than the logits (the same on every rank)
-    mask_vocab = len(loaded.tokenizer) if loaded.tokenizer is not None else 0
+    mask_vocab = loaded.tokenizer_size()  # known before the tokenizer is made (models/loader.load_overlapped)
     if comm is not None:
         mask_vocab = comm.max_int(mask_vocab)
     runner = ModelRunner(model, kv, ops, loaded.max_model_len, cfg.max_num_seqs, device, mask_vocab=mask_vocab)
@@ -99,6 +101,9 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
         stream.synchronize()
         clock.mark("warm_up")
         _touch(marker)
+    if loaded.pending is not None:  # transformers' config and the tokenizer, made on a thread meanwhile
+        loaded.finish()
+        clock.mark("transformers_wait")
     if cfg.capture == "eager" and device.type != "cuda":
         logger.warning("capture='eager' needs a CUDA device; on %s nothing is captured (as 'off')", device)
     if cfg.capture != "off" and device.type == "cuda":

@@ -1,5 +1,8 @@
 """The Triton launch cache (`_triton.launch`): which launches hit, what the launcher receives, and (GPU) that cached
 launches compute what Triton's own launch path computes."""
+import threading
+import types
+
 import pytest
 import torch
 from kernel_helpers import assert_close, rand
@@ -202,6 +205,35 @@ def test_compile_only_compiles_through_triton_and_launches_nothing(fake_async):
     assert _triton._LAUNCHES == {}  # nothing launched, nothing cached as launched
     _triton.launch(fake_kernel, (3,), x, x, 48, 1e-5, True, num_warps=4)  # after the block: a launch again
     assert len(_triton._LAUNCHES) == 1 and len(cached_kernels()[0].runs) == 0  # (first launch goes through jit)
+
+
+class FakeCompiled:
+    """A compiled kernel whose launcher and module load (`_init_handles`) records the thread it ran on."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.threads = fail, []
+
+    def _init_handles(self):
+        self.threads.append(threading.current_thread().name)
+        if self.fail:
+            raise RuntimeError("out of shared memory")
+
+
+def test_load_compiled_loads_every_finished_kernel_on_the_pool_and_leaves_failures_to_the_launch():
+    from concurrent.futures import ThreadPoolExecutor
+
+    kernels = [FakeCompiled(), FakeCompiled(fail=True), FakeCompiled()]
+    futures = [types.SimpleNamespace(kernel=k) for k in kernels] + [types.SimpleNamespace(kernel=None)]
+    with ThreadPoolExecutor(2, thread_name_prefix="loader") as pool:
+        assert _triton.load_compiled(futures, pool, None) == 2
+    assert all(len(k.threads) == 1 and k.threads[0].startswith("loader") for k in kernels)
+
+
+def test_compile_only_loads_what_it_compiled_before_leaving(fake_async):
+    kernel = FakeCompiled()
+    with _triton.compile_only(3):
+        FakeAsyncCompileMode.made[0].future_kernels = {"key": types.SimpleNamespace(kernel=kernel)}
+    assert len(kernel.threads) == 1 and kernel.threads[0].startswith("hybrid-engine-compile")
 
 
 @pytest.mark.parametrize("workers", [0, 1])
