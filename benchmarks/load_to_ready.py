@@ -131,6 +131,9 @@ def main() -> int:
     ap.add_argument("--package", type=Path,
                     help="a directory holding another hybrid_engine package (e.g. a base commit's, for a same-lease "
                          "A/B), put first on the children's path")
+    ap.add_argument("--keep-caches", type=Path,
+                    help="keep the Triton cache and the bytecode directory in this directory across invocations (a "
+                         "later invocation's 'cold' run then finds them filled)")
     ap.add_argument("--results", type=Path, help="a results file whose systems.hybrid gets load_to_ready_s")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -138,10 +141,15 @@ def main() -> int:
         PACKAGE[:] = [str(args.package.resolve())]
     with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache, \
             tempfile.TemporaryDirectory(prefix="pycache-") as pycache:
+        if args.keep_caches is not None:  # caches kept between invocations: later ones start warm
+            cache, pycache = str(args.keep_caches / "triton"), str(args.keep_caches / "pycache")
+            filled = os.path.isdir(pycache)
+            os.makedirs(cache, exist_ok=True)
+            os.makedirs(pycache, exist_ok=True)
         kw = {"compile_workers": args.compile_workers, "pycache_dir": pycache if args.pycache else None,
               "evict": args.evict_page_cache}
         primed = None
-        if args.pycache:
+        if args.pycache and not (args.keep_caches is not None and filled):
             primed = run_child(IMPORTS, [], cache, args.timeout_s, {"PYTHONPYCACHEPREFIX": pycache})
             print(f"bytecode directory filled: imports took {primed['import_s']:.1f} s", flush=True)
         cold = one(args.model, cache, args.timeout_s, **kw)
@@ -149,6 +157,7 @@ def main() -> int:
     res = {"model": args.model, "package": PACKAGE[0], "compile_workers": args.compile_workers,
            "pycache": args.pycache,
            "page_cache": "evicted before each run" if args.evict_page_cache else "as found",
+           "caches": "kept in " + str(args.keep_caches) if args.keep_caches is not None else "fresh",
            "python_dont_write_bytecode": os.environ.get("PYTHONDONTWRITEBYTECODE"),
            "load_to_ready_s": {"cold": round(cold["load_to_ready_s"], 2), "warm": round(warm["load_to_ready_s"], 2)},
            "runs": {"cold": cold, "warm": warm, "bytecode_fill": primed}}
