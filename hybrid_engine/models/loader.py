@@ -159,7 +159,7 @@ def load_overlapped(source: str, tokenizer: Any, dtype: torch.dtype | None, devi
         random_init(model, light.initializer_range, dtype or torch.float16, device, seed)
     else:
         dtype = dtype or checkpoint_dtype(light, device)
-        materialize(model, checkpoint_tensors(_checkpoint_files(source), model.args, device), dtype, device)
+        materialize(model, _safetensors_tensors(_checkpoint_files(source), model.args), dtype, device)
     _lap(phases, "weights", start)
     return LoadedModel(model, light, None, source, max_len, phases, pending, tok_len)
 
@@ -396,35 +396,6 @@ def _checkpoint_files(path: str) -> list[str]:
     return full
 
 
-def checkpoint_tensors(files: list[str], args: ModelArgs, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every tensor in the safetensors files: read straight onto `device` (`safetensors_reader`),
-    or through the safetensors library under tensor parallelism (each rank reads only its slice) and with
-    $HYBRID_ENGINE_CHECKPOINT_READER=safetensors (an A/B switch; default `direct`)."""
-    from ..kernels._triton import env_choice
-
-    direct = env_choice("HYBRID_ENGINE_CHECKPOINT_READER", "direct", {"direct": True, "safetensors": False},
-                        "direct (parallel reads onto the device) or safetensors (the library, one tensor at a time)")
-    if args.tp_size > 1 or not direct:
-        yield from _safetensors_tensors(files, args)
-        return
-    from .safetensors_reader import Reader
-
-    reader = Reader(device)
-    try:
-        for file in files:
-            tensors = reader.tensors(file)
-            while True:
-                try:
-                    item = next(tensors)
-                except StopIteration:
-                    break
-                except (OSError, ValueError) as exc:  # a truncated file, a malformed header
-                    raise ModelLoadError(f"cannot read checkpoint file {file!r}: {exc}") from exc
-                yield item
-    finally:
-        reader.close()
-
-
 def _safetensors_tensors(files: list[str], args: ModelArgs | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every tensor in the files; under tensor parallelism (`args.tp_size` > 1) only this rank's
     rows or columns of a split weight are read (`sharding.slice_bounds`)."""
@@ -460,7 +431,7 @@ def load_checkpoint_dir(path: str, hf_config: Any, dtype: torch.dtype | None, de
     start, phases = time.perf_counter(), {}
     model = build_empty(hf_config, max_positions, tp)
     dtype = dtype or checkpoint_dtype(hf_config, device)
-    materialize(model, checkpoint_tensors(_checkpoint_files(path), model.args, device), dtype, device)
+    materialize(model, _safetensors_tensors(_checkpoint_files(path), model.args), dtype, device)
     start = _lap(phases, "weights", start)
     if tokenizer is None and _has_tokenizer(path):
         tokenizer = _load_tokenizer(path)
