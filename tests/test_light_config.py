@@ -144,3 +144,11 @@ def test_preset_tokenizer_count_is_known_before_it_is_built():
     assert loaded.pending is not None and loaded.tokenizer_len == PRESETS["smollm2-135m-shape"]["vocab_size"]
     loaded.finish()
     assert len(loaded.tokenizer) == loaded.tokenizer_len
+
+
+def test_the_switch_turns_the_overlap_off_and_names_its_values(monkeypatch):
+    monkeypatch.setenv("HYBRID_ENGINE_OVERLAP_TRANSFORMERS", "0")
+    assert loader.load_overlapped("smollm2-135m-shape", None, None, torch.device("cpu"), 64, 0, (0, 1)) is None
+    monkeypatch.setenv("HYBRID_ENGINE_OVERLAP_TRANSFORMERS", "maybe")
+    with pytest.raises(ValueError, match=r"HYBRID_ENGINE_OVERLAP_TRANSFORMERS='maybe' must be 1 \(config read"):
+        loader.load_overlapped("smollm2-135m-shape", None, None, torch.device("cpu"), 64, 0, (0, 1))

@@ -220,8 +220,8 @@ def compile_only(workers: int) -> Iterator[bool]:
                 yield True
             finally:
                 _compiling_thread = None
-        if env_choice("HYBRID_ENGINE_PRELOAD_COMPILED", "1", {"1": True, "on": True, "0": False, "off": False},
-                      "1 (load compiled kernels on the compile threads) or 0 (at their first launch)"):
+        if env_flag("HYBRID_ENGINE_PRELOAD_COMPILED", "load compiled kernels on the compile threads",
+                    "at their first launch"):
             load_compiled(getattr(mode, "future_kernels", {}).values(), mode.executor, device)
     finally:
         mode.executor.shutdown(wait=True)
@@ -359,6 +359,12 @@ def env_choice(name: str, default: str, choices: dict[str, T], allowed: str) -> 
     if value not in choices:
         raise ValueError(f"{name}={value!r} must be {allowed}")
     return choices[value]
+
+
+def env_flag(name: str, on: str, off: str) -> bool:
+    """An A/B switch that is on unless $name is 0 / off (1 / on: on); `on` and `off` say what each does, for the
+    ValueError naming any other value."""
+    return env_choice(name, "1", {"1": True, "on": True, "0": False, "off": False}, f"1 ({on}) or 0 ({off})")
 
 
 def pdl_mode() -> int:

@@ -135,10 +135,10 @@ def load_overlapped(source: str, tokenizer: Any, dtype: torch.dtype | None, devi
     """A preset or checkpoint directory whose config reads without transformers (`light_config`): its weights load
     while a background thread imports transformers and makes its config and the tokenizer; the caller takes them
     with `LoadedModel.finish` (runtime/rank does, after the warm-up). None where the config needs transformers."""
-    from ..kernels._triton import env_choice
+    from ..kernels._triton import env_flag
 
-    if not env_choice("HYBRID_ENGINE_OVERLAP_TRANSFORMERS", "1", {"1": True, "on": True, "0": False, "off": False},
-                      "1 (config read without transformers, which loads on a thread) or 0 (transformers first)"):
+    if not env_flag("HYBRID_ENGINE_OVERLAP_TRANSFORMERS", "config read without transformers, which loads on a thread",
+                    "transformers first"):
         return None
     preset = source in PRESETS
     light = light_config(preset_fields(source)) if preset else read_light_config(source)
@@ -208,7 +208,11 @@ def _import_main_thread_modules() -> None:
     compiler), so the two never import the same modules at once."""
     import accelerate.utils  # noqa: F401
     import safetensors  # noqa: F401
-    import triton.compiler  # noqa: F401
+
+    try:
+        import triton.compiler  # noqa: F401
+    except ImportError:  # the torch kernel backend runs without Triton
+        pass
 
 
 def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:

@@ -271,3 +271,11 @@ def test_warm_cache_marker_lives_in_the_triton_cache_and_names_its_material(monk
     assert a.parent == tmp_path / "hybrid_engine_warm"
     assert a == _triton.warm_cache_marker("model A, rows (1, 2)")
     assert a != _triton.warm_cache_marker("model A, rows (1, 2, 4)")
+
+
+def test_preload_switch_leaves_loading_to_the_first_launch(fake_async, monkeypatch):
+    monkeypatch.setenv("HYBRID_ENGINE_PRELOAD_COMPILED", "0")
+    kernel = FakeCompiled()
+    with _triton.compile_only(3):
+        FakeAsyncCompileMode.made[0].future_kernels = {"key": types.SimpleNamespace(kernel=kernel)}
+    assert kernel.threads == []
