@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from load_to_ready import run_child  # noqa: E402
+from load_to_ready import fill_bytecode, run_child  # noqa: E402
 
 CHILD = """
 import cProfile, json, pstats, sys, time
@@ -43,8 +43,9 @@ llm.close()
 """
 
 
-def one(model: str, cache_dir: str, top: int, timeout_s: float) -> dict:
-    return run_child(CHILD, [model, str(top)], cache_dir, timeout_s)
+def one(model: str, cache_dir: str, top: int, timeout_s: float, pycache_dir: str | None) -> dict:
+    env = {"PYTHONPYCACHEPREFIX": pycache_dir} if pycache_dir else None
+    return run_child(CHILD, [model, str(top)], cache_dir, timeout_s, env)
 
 
 def main() -> int:
@@ -53,11 +54,18 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--timeout-s", type=float, default=240)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--pycache", action="store_true",
+                    help="the children write and reuse compiled bytecode in a directory of their own, filled first "
+                         "(as load_to_ready.py --pycache: for an image that sets PYTHONDONTWRITEBYTECODE)")
     args = ap.parse_args()
-    res: dict = {"model": args.model}
-    with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
-        res["cold"] = one(args.model, cache, args.top, args.timeout_s)
-        res["warm"] = one(args.model, cache, args.top, args.timeout_s)
+    res: dict = {"model": args.model, "pycache": args.pycache}
+    with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache, \
+            tempfile.TemporaryDirectory(prefix="pycache-") as pycache:
+        pyc = pycache if args.pycache else None
+        if pyc:
+            fill_bytecode(pyc, cache, args.timeout_s)
+        res["cold"] = one(args.model, cache, args.top, args.timeout_s, pyc)
+        res["warm"] = one(args.model, cache, args.top, args.timeout_s, pyc)
     for kind in ("cold", "warm"):
         r = res[kind]
         print(kind, f"LLM() {r['llm_s']:.1f} s, first request {r['first_request_ms']:.0f} ms; top cumulative:",

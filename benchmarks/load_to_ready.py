@@ -82,6 +82,13 @@ print("RESULT " + json.dumps({"import_s": time.perf_counter() - t0}))
 """
 
 
+def fill_bytecode(pycache_dir: str, cache_dir: str, timeout_s: float) -> dict:
+    """Compile what a load imports into `pycache_dir` (a process that only imports); returns its timing."""
+    res = run_child(IMPORTS, [], cache_dir, timeout_s, {"PYTHONPYCACHEPREFIX": pycache_dir})
+    print(f"bytecode directory filled: imports took {res['import_s']:.1f} s", flush=True)
+    return res
+
+
 def one(model: str, cache_dir: str, timeout_s: float, compile_workers: str | None = None,
         pycache_dir: str | None = None, evict: bool = False) -> dict:
     extra = {"HYBRID_ENGINE_COMPILE_WORKERS": compile_workers} if compile_workers is not None else {}
@@ -150,8 +157,7 @@ def main() -> int:
               "evict": args.evict_page_cache}
         primed = None
         if args.pycache and not (args.keep_caches is not None and filled):
-            primed = run_child(IMPORTS, [], cache, args.timeout_s, {"PYTHONPYCACHEPREFIX": pycache})
-            print(f"bytecode directory filled: imports took {primed['import_s']:.1f} s", flush=True)
+            primed = fill_bytecode(pycache, cache, args.timeout_s)
         cold = one(args.model, cache, args.timeout_s, **kw)
         warm = one(args.model, cache, args.timeout_s, **kw)
     res = {"model": args.model, "package": PACKAGE[0], "compile_workers": args.compile_workers,
