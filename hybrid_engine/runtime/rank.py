@@ -103,6 +103,7 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
         _touch(marker)
     if loaded.pending is not None:  # transformers' config and the tokenizer, made on a thread meanwhile
         loaded.finish()
+        _gc.freeze()  # what that thread imported joins the frozen objects (no second collection: its garbage is small)
         clock.mark("transformers_wait")
     if cfg.capture == "eager" and device.type != "cuda":
         logger.warning("capture='eager' needs a CUDA device; on %s nothing is captured (as 'off')", device)
