@@ -16,6 +16,9 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
+from .llama import ModelArgs
+from .registry import resolve_architecture
+
 # transformers' class defaults (5.x) for the fields the native model reads, per model_type
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -73,9 +76,6 @@ def read_light_config(path: str) -> SimpleNamespace | None:
 def model_fields(cfg: Any) -> dict[str, Any]:
     """What the native model is built from, as the loader reads it from either config: shapes, rope, the position
     limit and the architecture."""
-    from .llama import ModelArgs
-    from .registry import resolve_architecture
-
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     window = getattr(cfg, "sliding_window", None)
     return {"args": ModelArgs.from_hf(cfg), "architecture": resolve_architecture(cfg).__name__,

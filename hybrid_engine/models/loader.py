@@ -30,6 +30,8 @@ from .presets import (GGUF_PRESETS, PRESETS, build_hf_model, build_tokenizer, pa
 from .registry import resolve_architecture
 
 logger = logging.getLogger(__name__)
+# the preset whose weights are transformers' model's own (parity tests), so its load needs transformers first
+TRANSFORMERS_WEIGHTS_PRESET = "tiny-llama"
 
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -96,7 +98,7 @@ def load(source: Any, tokenizer: Any, dtype: torch.dtype | None, device: torch.d
     path = gguf.gguf_path(source, gguf_file)
     if path is not None:
         return load_gguf(path, tokenizer, dtype, device, max_model_len, tp, need_tokenizer)
-    if isinstance(source, str) and source != "tiny-llama":
+    if isinstance(source, str):
         loaded = load_overlapped(source, tokenizer, dtype, device, max_model_len, seed, tp)
         if loaded is not None:
             return loaded
@@ -138,7 +140,7 @@ def load_overlapped(source: str, tokenizer: Any, dtype: torch.dtype | None, devi
     from ..kernels._triton import env_flag
 
     if not env_flag("HYBRID_ENGINE_OVERLAP_TRANSFORMERS", "config read without transformers, which loads on a thread",
-                    "transformers first"):
+                    "transformers first") or source == TRANSFORMERS_WEIGHTS_PRESET:
         return None
     preset = source in PRESETS
     light = light_config(preset_fields(source)) if preset else read_light_config(source)
@@ -154,12 +156,7 @@ def load_overlapped(source: str, tokenizer: Any, dtype: torch.dtype | None, devi
     threading.Thread(target=_transformers_side, args=(pending, source, tokenizer, light.vocab_size),
                      name="hybrid-engine-transformers", daemon=True).start()
     start = _lap(phases, "config", start)
-    model = build_empty(light, max_len + 1, tp)
-    if preset:
-        random_init(model, light.initializer_range, dtype or torch.float16, device, seed)
-    else:
-        dtype = dtype or checkpoint_dtype(light, device)
-        materialize(model, _safetensors_tensors(_checkpoint_files(source), model.args), dtype, device)
+    model = _load_weights(source, light, dtype, device, max_len + 1, seed, tp)
     _lap(phases, "weights", start)
     return LoadedModel(model, light, None, source, max_len, phases, pending, tok_len)
 
@@ -173,10 +170,8 @@ def _transformers_side(pending: Future, source: str, tokenizer: Any, vocab_size:
             hf_config = _read_config(source)
         if isinstance(tokenizer, str):
             tokenizer = _load_tokenizer(tokenizer)
-        elif tokenizer is None and source in PRESETS:
-            tokenizer = build_tokenizer(vocab_size)
-        elif tokenizer is None and _has_tokenizer(source):
-            tokenizer = _load_tokenizer(source)
+        elif tokenizer is None:
+            tokenizer = _default_tokenizer(source, vocab_size)
         pending.set_result((hf_config, tokenizer))
     except BaseException as exc:  # noqa: BLE001 - handed to the loading thread, which raises it
         pending.set_exception(exc)
@@ -433,14 +428,32 @@ def _read(f: Any, key: str, args: ModelArgs | None) -> torch.Tensor:
 def load_checkpoint_dir(path: str, hf_config: Any, dtype: torch.dtype | None, device: torch.device,
                         max_positions: int, tokenizer: Any, tp: tuple[int, int] = (0, 1)) -> LoadedModel:
     start, phases = time.perf_counter(), {}
-    model = build_empty(hf_config, max_positions, tp)
-    dtype = dtype or checkpoint_dtype(hf_config, device)
-    materialize(model, _safetensors_tensors(_checkpoint_files(path), model.args), dtype, device)
+    model = _load_weights(path, hf_config, dtype, device, max_positions, 0, tp)
     start = _lap(phases, "weights", start)
     if tokenizer is None and _has_tokenizer(path):
         tokenizer = _load_tokenizer(path)
         _lap(phases, "tokenizer", start)
     return LoadedModel(model, hf_config, tokenizer, path, phases_s=phases)
+
+
+def _load_weights(source: str, config: Any, dtype: torch.dtype | None, device: torch.device, max_positions: int,
+                  seed: int, tp: tuple[int, int]) -> LlamaModel:
+    """The native model of a preset (random weights drawn on `device`) or a checkpoint directory (its safetensors
+    files), built from `config` (transformers' or the light one)."""
+    model = build_empty(config, max_positions, tp)
+    if source in PRESETS:
+        random_init(model, config.initializer_range, dtype or torch.float16, device, seed)
+    else:
+        dtype = dtype or checkpoint_dtype(config, device)
+        materialize(model, _safetensors_tensors(_checkpoint_files(source), model.args), dtype, device)
+    return model
+
+
+def _default_tokenizer(source: str, vocab_size: int) -> Any:
+    """The tokenizer a preset or checkpoint directory comes with (None: a directory without one)."""
+    if source in PRESETS:
+        return build_tokenizer(vocab_size)
+    return _load_tokenizer(source) if _has_tokenizer(source) else None
 
 
 def load_gguf(path: str, tokenizer: Any, dtype: torch.dtype | None, device: torch.device,
@@ -495,13 +508,12 @@ def load_preset(name: str, dtype: torch.dtype | None, device: torch.device, max_
     start, phases = time.perf_counter(), {}
     hf_config = preset_config(name)
     if tokenizer is None:
-        tokenizer = build_tokenizer(hf_config.vocab_size)
+        tokenizer = _default_tokenizer(name, hf_config.vocab_size)
         start = _lap(phases, "tokenizer", start)
-    if name == "tiny-llama":  # same weights as presets.build_hf_model("tiny-llama"): parity with transformers
+    if name == TRANSFORMERS_WEIGHTS_PRESET:  # same weights as presets.build_hf_model: parity with transformers
         hf_model, _ = build_hf_model(name, torch.float32, "cpu", seed)
         model = load_hf_model(hf_model, dtype, device, max_positions, tokenizer, tp).model
     else:
-        model = build_empty(hf_config, max_positions, tp)
-        random_init(model, hf_config.initializer_range, dtype or torch.float16, device, seed)
+        model = _load_weights(name, hf_config, dtype, device, max_positions, seed, tp)
     _lap(phases, "weights", start)
     return LoadedModel(model, hf_config, tokenizer, name, phases_s=phases)
