@@ -102,3 +102,25 @@ def jit_prefill(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, me
         _project(act, _kn(layer.down_proj), None, h)
     x, res = layers[-1].forward(ops, h, res, positions, cos_sin, meta, last_row_only=True)
     return x + res
+
+
+def warm_projections(model: Any, max_rows: int) -> None:
+    """Each projection of a decoder layer (QKV, O, gate/up, down: every layer has the same shapes) once at every row
+    count 1..max_rows, on scratch rows, as the JIT path calls it at that count (`_project`: the transposed copy
+    where `gemm.reads_copy` says so, the bias of QKV; `LlamaModel.forward`'s `ops.linear` makes the same cuBLAS
+    calls). cuBLAS does host work the first time it meets a product's shape: on the H200 (7B shape) ~0.3 ms per row
+    count and projection, and 2.4-4.8 ms each time a count brings in a kernel it has not run before (0.5 s over
+    1..256 rows). Done here, at load, it no longer falls on the first request of each prompt length (a first
+    50-token request took 20 ms against 7 ms for the next). Runs on the caller's current stream; torch releases the
+    GIL inside each product, so a thread can run it beside the load's Python (`runtime/rank.py`)."""
+    layers = getattr(model, "layers", None)
+    if not layers or max_rows < 1:
+        return
+    layer = layers[0]
+    for proj, bias in ((layer.qkv_proj, layer.qkv_proj.bias), (layer.o_proj, None), (layer.gate_up_proj, None),
+                       (layer.down_proj, None)):
+        weight, weight_t = proj.weight, getattr(proj, "weight_t", None)
+        x = torch.zeros(max_rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        out = torch.empty(max_rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        for rows in range(1, max_rows + 1):
+            _project(x[:rows], weight_t if gemm.reads_copy(rows, weight, weight_t) else _kn(proj), bias, out[:rows])

@@ -10,6 +10,7 @@ import gc
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,12 +93,14 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
         # the graph captures' own variants: none without graphs; with a warm cache left to each capture's own
         # warm-up run (which then only loads them from the cache), not compiled into the load
         graph_plan = cfg.capture != "off" and not warm
+        projections = _start_projection_warm_up(model, min(max(cfg.prefill_buckets), loaded.max_model_len), device)
         with torch.cuda.stream(stream):
             with compile_only(0 if warm else compile_workers()) as compiling:  # an empty cache: compiled at once
                 if compiling:
                     runner.warm_up(decode_rows=rows, graph_plan=graph_plan)
             clock.mark("compile")
             runner.warm_up(decode_rows=rows, graph_plan=graph_plan)  # then each runs once, compiling nothing
+        clock.phases["warm_up.projections"] = projections()  # its own time: it ran beside the passes
         stream.synchronize()
         clock.mark("warm_up")
         _touch(marker)
@@ -120,6 +123,39 @@ def build_rank(cfg: EngineConfig, device: torch.device, tp: tuple[int, int] = (0
         clock.mark("graphs", wait=False)  # the capture worker may be running: no device-wide wait from here on
     logger.info("load phases (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in clock.phases.items()))
     return Rank(loaded, ops, kv, runner, graphs, stream, n_blocks, copy_bytes, clock.phases)
+
+
+def _start_projection_warm_up(model: Any, max_rows: int, device: torch.device) -> Any:
+    """`llama_jit.warm_projections` (cuBLAS's first call at each row count of the JIT path's products) on a thread
+    and a stream of its own, beside the compile and warm-up passes (torch releases the GIL inside each product).
+    Returns a function that waits for it and gives its seconds. An error is logged, not raised: it only moves
+    cuBLAS's first-call work to the first requests. HYBRID_ENGINE_WARM_PROJECTIONS=0 turns it off (A/B)."""
+    from ..kernels._triton import env_flag
+    from ..models.llama_jit import warm_projections
+
+    if not env_flag("HYBRID_ENGINE_WARM_PROJECTIONS", "cuBLAS's first calls at every prefill row count at load",
+                    "at the first request of each length"):
+        return lambda: 0.0
+    side, took = torch.cuda.Stream(device), [0.0]
+
+    def run() -> None:
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode(), torch.cuda.stream(side):
+                warm_projections(model, max_rows)
+            side.synchronize()
+        except Exception as exc:  # noqa: BLE001 - see above
+            logger.warning("warming the JIT path's projections failed (first requests pay cuBLAS's first calls): %s",
+                           exc)
+        took[0] = round(time.perf_counter() - t0, 3)
+
+    thread = threading.Thread(target=run, name="hybrid-engine-warm-projections", daemon=True)
+    thread.start()
+
+    def join() -> float:
+        thread.join()
+        return took[0]
+    return join
 
 
 class _PhaseClock:

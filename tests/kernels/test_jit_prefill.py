@@ -9,7 +9,8 @@ from transformers import LlamaConfig, Qwen2Config
 from hybrid_engine import LLM, SamplingParams
 from hybrid_engine.kernels import gemm
 from hybrid_engine.models.llama import AttentionMetadata
-from hybrid_engine.models.llama_jit import jit_prefill
+from hybrid_engine.models import llama_jit
+from hybrid_engine.models.llama_jit import jit_prefill, warm_projections
 from hybrid_engine.models.presets import fill_random_
 
 
@@ -92,6 +93,39 @@ def test_jit_prefill_follows_changed_weights():
         layer.o_proj.weight = torch.nn.Parameter(torch.randn(layer.o_proj.weight.shape, generator=g) * 0.08,
                                                  requires_grad=False)
     _compare(llm, 7)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_warm_projections_makes_the_jit_paths_products(qkv_bias, monkeypatch):
+    """The load's projection warm-up (cuBLAS's first call at each shape) makes every product the JIT path then makes
+    at those row counts: the same rows, weight view (the transposed copy where the plan reads it), bias and output
+    shape; and beyond max_rows none."""
+    llm = _llm(qkv_bias, "cpu", "float32")
+    assert llm.model.add_prefill_weight_copies() > 0
+    layer = llm.model.layers[0]
+    for proj in (layer.qkv_proj, layer.gate_up_proj):
+        monkeypatch.setitem(gemm.GEMM_T_CONFIGS, tuple(proj.weight.shape), [(8, "t"), (16, None), (32, "t")])
+    calls, project = [], llama_jit._project
+
+    def record(x, weight_kn, bias, out):
+        # the weight by its layout: the transposed copy is contiguous, the transposed view is not (every layer's
+        # tensors have the first layer's layout)
+        calls.append((tuple(x.shape), tuple(weight_kn.shape), weight_kn.stride(), bias is None, tuple(out.shape)))
+        project(x, weight_kn, bias, out)
+
+    monkeypatch.setattr(llama_jit, "_project", record)
+    warm_projections(llm.model, 20)
+    warmed = set(calls)
+    assert len(warmed) == 4 * 20 and {c[0][0] for c in warmed} == set(range(1, 21))
+    assert sum(not c[3] for c in warmed) == (20 if qkv_bias else 0)  # the QKV bias, at every count
+    for n in (1, 7, 12, 18):
+        calls.clear()
+        ids, pos, meta, blocks = _staged(llm, n)
+        with torch.inference_mode():
+            assert jit_prefill(llm.model, ids, pos, meta) is not None
+        llm.scheduler.blocks.allocator.free(blocks)
+        jit_calls = set(calls)
+        assert len(jit_calls) == 4 and jit_calls <= warmed, n
 
 
 def test_jit_prefill_steps_aside():

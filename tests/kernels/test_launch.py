@@ -129,6 +129,39 @@ def test_bound_launch_replaces_addresses_and_rechecks(fake_triton):
     assert fake_triton.compiles[1][1][1] is misaligned and fake_triton.compiles[2][1][1] is other_dtype
 
 
+def test_empty_hook_chains_keep_the_fast_path(fake_triton, monkeypatch):
+    """Triton (>= 3.4) keeps its launch hooks as chains that exist while empty: those count as no hook (a bound
+    launch takes the cached path and the launcher gets None for hooks and metadata); a chain holding a hook is
+    passed to the launcher, with Triton's metadata for it."""
+    knobs = pytest.importorskip("triton.knobs")
+    if not hasattr(knobs, "HookChain"):
+        pytest.skip("this Triton keeps launch hooks as plain attributes")
+
+    class ChainRuntime:
+        launch_enter_hook = knobs.HookChain()
+        launch_exit_hook = knobs.HookChain(reversed=True)
+
+    monkeypatch.setattr(_triton, "_launch_api", lambda: (lambda: 0, lambda device: 77, ChainRuntime))
+    x, w0, w1 = (torch.zeros(64, dtype=torch.float16) for _ in range(3))
+    bound = _triton.Launch(fake_kernel, (3,), (x, w0, 48, 1e-5, True), {"num_warps": 4})
+    bound()
+    bound({1: w1})
+    _triton.launch(fake_kernel, (3,), x, w1, 48, 1e-5, True, num_warps=4)  # a hit of the unbound launch too
+    (kernel,) = cached_kernels()
+    assert len(fake_triton.compiles) == 1 and len(kernel.runs) == 2
+    assert all(run[6:9] == (None, None, None) for run in kernel.runs)  # metadata, enter hook, exit hook
+
+    def hook(meta):
+        pass
+
+    ChainRuntime.launch_enter_hook.add(hook)
+    bound({1: w0})  # a hook is set: through `launch`, which passes the hook chains
+    _triton.launch(fake_kernel, (3,), x, w1, 48, 1e-5, True, num_warps=4)
+    assert len(fake_triton.compiles) == 1 and len(kernel.runs) == 4
+    assert all(run[7] is ChainRuntime.launch_enter_hook and run[8] is None  # the exit chain is still empty
+               for run in kernel.runs[2:])
+
+
 def test_disabled_goes_through_triton(fake_triton):
     prev = _triton.set_fast_launch(False)
     try:
