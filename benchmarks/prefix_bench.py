@@ -246,7 +246,8 @@ def run_parts(llm: LLM, z: Sizes, parts: set[str], systems: dict) -> dict:
             gap = pc["multi_turn_gap"] = multi_turn(llm, vocab, z, 1)
             z.turn_gap_s = 0.0
             print(json.dumps({"gap_ms": z.gap_ab_s * 1e3, "on": gap["multi_turn_ttft_p50_ms"]}), flush=True)
-        pc["multi_turn_concurrent"] = multi_turn(llm, vocab, z, z.conversations)
+        if z.conversations:
+            pc["multi_turn_concurrent"] = multi_turn(llm, vocab, z, z.conversations)
     if "c" in parts:
         unique = unique_prompts(llm, Ids(vocab, 2), z)
         hybrid.update(unique["on"])
@@ -283,11 +284,15 @@ def main(argv: list[str] | None = None) -> int:
                     "1024 on the CPU)")
     ap.add_argument("--gap-ab-ms", type=float, default=0.0, help="(b) once more with this pause between one turn's "
                     "last token and the next turn (as an agent's tool call), beside the back-to-back run")
+    ap.add_argument("--conversations", type=int, default=None, help="(b)'s concurrent run: this many conversations "
+                    "at once (default 8, 2 with --small; 0 leaves it out)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     z = Sizes(args.small or not cuda, args.runs)
     z.gap_ab_s = args.gap_ab_ms / 1e3
+    if args.conversations is not None:
+        z.conversations = args.conversations
     t_start = time.perf_counter()
     llm = LLM(args.preset, capture="eager", max_model_len=args.max_model_len or (4096 if cuda else 1024),
               batched_prefill=args.batched_prefill)

@@ -94,7 +94,7 @@ def test_a_referenced_cached_block_is_never_handed_out():
     alloc.acquire(a[:1])  # a hit: referenced again, no longer evictable
     got = alloc.allocate(3)  # the two free blocks, then the only evictable one
     assert a[0] not in got and a[1] in got and alloc.num_evicted == 1
-    assert alloc.lookup(12, 11, (2,)) is None and alloc.lookup(11, 0, (1,)) == a[0]
+    assert 12 not in alloc.by_hash and alloc.by_hash[11].block == a[0] and alloc.by_hash[11].holds(0, (1,))
     with pytest.raises(HybridEngineError, match="KV cache full"):
         alloc.allocate(1)
     alloc.check()
@@ -113,49 +113,101 @@ def test_eviction_takes_a_sequences_tail_before_its_head():
     assert len(bm.cached_prefix(ids, known)) == 2
 
 
-def test_a_lookup_checks_tokens_not_only_hashes():
-    bm = BlockManager(4, 2)
-    table, known = [], []
-    bm.admit(table, [], 5)
-    bm.register(table, [1, 2, 3, 4, 5], known, 0, 2)
-    entry = bm.allocator.by_hash[known[0]]
-    entry.tokens = (9, 9)  # as if another prefix had collided on the hash
-    assert bm.cached_prefix([1, 2, 3, 4, 5], []) == []
+@pytest.mark.parametrize("known", [False, True], ids=["hashed", "hashes-known"])
+def test_a_lookup_checks_tokens_not_only_hashes(known):
+    """Block by block, and in the C-level passes over a conversation's known hashes: a registered block whose
+    tokens or parent differ ends the hit there."""
+    bm = BlockManager(8, 2)
+    ids, table, hashes = [1, 2, 3, 4, 5, 6, 7, 8], [], []
+    bm.admit(table, [], len(ids))
+    bm.register(table, ids, hashes, 0, 4)
+    given = (lambda: list(hashes)) if known else list
+    assert bm.cached_prefix(ids, given()) == table[:3]  # the last token is always computed
+    assert bm.cached_prefix(ids[:6], given()) == table[:2]
+    bm.allocator.by_hash[hashes[1]].parent = 12345  # as if another prefix had collided on the second block's hash
+    assert bm.cached_prefix(ids, given()) == table[:1]
+    bm.allocator.by_hash[hashes[0]].tokens = (9, 9)
+    assert bm.cached_prefix(ids, given()) == []
     bm.release(table)
+    bm.allocator.check()
+
+
+@pytest.mark.parametrize("then", ["nothing", "other-content", "same-content"])
+def test_claimed_entries_are_checked_by_identity_and_stale_claims_are_not_trusted(then):
+    """A conversation's next turn claims the entries its previous turn verified. The claims hold while those very
+    entries are in the index; once the second block is evicted (and its hash registered again for other content,
+    or for the same), the tokens are compared again."""
+    bm = BlockManager(8, 2)
+    alloc, ids = bm.allocator, [1, 2, 3, 4, 5, 6, 7]
+    table, hashes, entries = [], [], []
+    bm.admit(table, [], len(ids))
+    bm.register(table, ids, hashes, 0, 3, entries)
+    assert [e.block for e in entries] == table[:3] and entries[1].holds(hashes[0], (3, 4))
+    table, claims = list(table), list(entries)
+    bm.release(list(table))
+    if then == "nothing":
+        got = list(claims)
+        assert bm.cached_prefix(ids, list(hashes), got) == table[:3] and all(a is b for a, b in zip(got, claims))
+        return
+    taken = alloc.allocate(alloc.num_free + 2)  # evicts the last two blocks (a sequence's tail goes first)
+    assert alloc.num_evicted == 2 and table[0] in alloc.hash_of and table[1] not in alloc.hash_of
+    tokens = (9, 9) if then == "other-content" else (3, 4)
+    alloc.register(taken[0], hashes[1], hashes[0], tokens)  # hash 1 named again, by a new entry
+    got = list(claims)
+    hit = bm.cached_prefix(ids, list(hashes), got)
+    assert hit == ([table[0]] if then == "other-content" else [table[0], taken[0]])
+    assert [e.block for e in got] == hit and got[0] is claims[0]
+    alloc.free(taken)
+    alloc.check()
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_operations_keep_every_block_in_one_state(seed):
     """Admit (with hits), grow, register and release in random order: the allocator stays consistent, a hit is
-    always the blocks registered for exactly those tokens, and no block is in two live tables."""
+    always the blocks registered for exactly those tokens, and no block is in two live tables. Some admissions come
+    with the head's hashes known, some also with the entries an earlier admission of the same head verified (as a
+    conversation's next turn has them from the prompt memo): claims that evictions may have made stale."""
     rng = random.Random(seed)
     bm = BlockManager(24, 4, salt=seed)
     heads = [[rng.randrange(3) for _ in range(rng.randrange(4, 20))] for _ in range(3)]
-    live: list[tuple[list[int], list[int], list[int], int]] = []  # (table, ids, hashes, registered)
+    live: list[tuple[list[int], list[int], list[int], int, list]] = []  # (table, ids, hashes, registered, entries)
     content: dict[int, tuple[int, ...]] = {}  # registered block -> the prefix its KV holds
+    claims: dict[int, tuple[list[int], list]] = {}  # head -> the hashes and entries of its latest admission
     for _ in range(300):
         op = rng.random()
         if op < 0.4 and len(live) < 5:
-            ids = rng.choice(heads) + [rng.randrange(3) for _ in range(rng.randrange(1, 8))]
+            h = rng.randrange(len(heads))
+            head, n = heads[h], len(heads[h]) // 4
+            ids = head + [rng.randrange(3) for _ in range(rng.randrange(1, 8))]
             known: list[int] = []
-            hit = bm.cached_prefix(ids, known)
+            entries: list = []
+            way = rng.random()
+            if way < 0.35 and h in claims:
+                known, entries = claims[h][0][:n], claims[h][1][:n]
+            elif way < 0.7:
+                bm.hashes(ids, known, n)
+            hit = bm.cached_prefix(ids, known, entries)
+            assert [e.block for e in entries] == hit
             for j, b in enumerate(hit):
                 assert content[b] == tuple(ids[:(j + 1) * 4])
             if bm.cost(hit, len(ids)) > bm.num_available:
                 continue
             table: list[int] = []
             bm.admit(table, hit, len(ids))
-            live.append((table, ids, known, len(hit)))
+            live.append((table, ids, known, len(hit), entries))
+            claims[h] = (known, entries)
         elif op < 0.6 and live:
             i = rng.randrange(len(live))
-            table, ids, known, done = live[i]
+            table, ids, known, done, entries = live[i]
             full = len(ids) // 4
-            bm.register(table, ids, known, done, full)
+            bm.register(table, ids, known, done, full, entries)
             for j in range(done, full):
                 content.setdefault(table[j], tuple(ids[:(j + 1) * 4]))
-            live[i] = (table, ids, known, full)
+            for j, e in enumerate(entries):  # the verified entries hold this sequence's blocks
+                assert e.tokens == tuple(ids[j * 4:(j + 1) * 4]) and e.parent == (known[j - 1] if j else bm.root)
+            live[i] = (table, ids, known, full, entries)
         elif op < 0.75 and live:
-            table, ids, known, done = rng.choice(live)
+            table, ids, *_ = rng.choice(live)
             extra = [rng.randrange(3) for _ in range(rng.randrange(1, 6))]
             if bm.missing(table, len(ids) + len(extra)) <= bm.num_available:
                 ids.extend(extra)
@@ -169,7 +221,7 @@ def test_random_operations_keep_every_block_in_one_state(seed):
             if b not in bm.allocator.hash_of:
                 del content[b]  # evicted: its id may hold anything now
         assert all(bm.allocator.refs[b] == held.count(b) for b in set(held))
-        tails = [b for t, ids, _, done in live for b in t[done:]]
+        tails = [b for t, ids, _, done, _ in live for b in t[done:]]
         assert len(tails) == len(set(tails)), "a block being written belongs to two sequences"
     for table, *_ in live:
         bm.release(table)

@@ -18,11 +18,11 @@ def _ids(seed: int, n: int) -> list[int]:
 def test_find_takes_the_longest_remembered_prefix_of_a_list():
     memo = PromptMemo(size=4, min_tokens=4)
     a, b = _ids(1, 10), _ids(2, 10)
-    memo.remember(a, list(a), [11])
-    memo.remember(a + b[:5], list(a + b[:5]), [22])
-    memo.remember(b, list(b), [33])
-    assert memo.find(a + b) == (a + b[:5], [22])
-    assert memo.find(list(a)) == (a, [11])  # equal values, other list objects
+    memo.remember(a, list(a), [11], ["e1"])
+    memo.remember(a + b[:5], list(a + b[:5]), [22], ["e2"])
+    memo.remember(b, list(b), [33], ["e3"])
+    assert memo.find(a + b) == (a + b[:5], [22], ["e2"])
+    assert memo.find(list(a)) == (a, [11], ["e1"])  # equal values, other list objects
     assert memo.find(tuple(a + b)) is None  # only lists are remembered and matched
     assert memo.find(a[:3]) is None  # shorter than min_tokens
     assert memo.find(_ids(3, 12)) is None
@@ -32,7 +32,7 @@ def test_find_takes_the_longest_remembered_prefix_of_a_list():
 def test_a_callers_later_change_to_its_list_is_not_remembered():
     memo = PromptMemo(size=2, min_tokens=4)
     ids = _ids(4, 8)
-    memo.remember(ids, list(ids), [])
+    memo.remember(ids, list(ids), [], [])
     ids[2] = -5  # the caller edits its list in place after submitting it
     assert memo.find(ids + [1]) is None
 
@@ -43,7 +43,7 @@ def test_elements_that_do_not_compare_are_no_match():
             raise TypeError("no")
 
     memo = PromptMemo(size=2, min_tokens=2)
-    memo.remember([1, 2, 3], [1, 2, 3], [])
+    memo.remember([1, 2, 3], [1, 2, 3], [], [])
     assert memo.find([1, 2, Weird(), 4]) is None
 
 
@@ -76,6 +76,11 @@ def test_a_conversation_hits_the_memo_and_keeps_its_tokens(llm, plain):
     blocks = llm.scheduler.blocks
     assert seq.block_hashes and seq.prompt_ids == history
     assert seq.block_hashes == blocks.hashes(history, [], len(seq.block_hashes))
+    # and the claimed index entries are the ones a fresh lookup verifies, block for block
+    assert seq.block_entries and len(seq.block_entries) <= len(seq.block_hashes)
+    fresh: list = []
+    blocks.cached_prefix(history, [], fresh)
+    assert all(a is b for a, b in zip(seq.block_entries, fresh)) and len(fresh) >= len(seq.block_entries)
 
 
 def test_the_new_tail_and_edited_history_are_still_checked(llm):

@@ -284,16 +284,18 @@ class LLM:
 
     # ---------------- internals ----------------
     def _sequence(self, text: str | None, ids: list[int], params: SamplingParams, grammar: Any,
-                  memo: tuple[Any, list[int], int]) -> Sequence:
-        """memo (from `_prompt_ids`): (the caller's ids, the block hashes of a remembered prompt this one extends,
-        that prompt's length; [] and 0 if none): the new sequence starts with the hashes of the blocks inside the
-        shared part, and the memo keeps it in turn (if it is long enough)."""
+                  memo: tuple[Any, list[int], list[Any], int]) -> Sequence:
+        """memo (from `_prompt_ids`): (the caller's ids, the block hashes and verified cache entries of a remembered
+        prompt this one extends, that prompt's length; [], [] and 0 if none): the new sequence starts with the
+        hashes and entries of the blocks inside the shared part, and the memo keeps it in turn (if it is long
+        enough)."""
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         seq = Sequence(ids, params, seed, text, IncrementalDetokenizer(self.tokenizer, ids),
                        StopStringMatcher(params.stop), grammar=grammar)
-        caller_ids, hashes, shared = memo
-        seq.block_hashes = hashes[:shared // self.kv.block_size]
-        self._memo.remember(caller_ids, ids, seq.block_hashes)
+        caller_ids, hashes, entries, shared = memo
+        n = shared // self.kv.block_size
+        seq.block_hashes, seq.block_entries = hashes[:n], entries[:n]
+        self._memo.remember(caller_ids, ids, seq.block_hashes, seq.block_entries)
         return seq
 
     def _compile(self, constraint: GuidedDecodingParams | None) -> CompiledGrammar | None:
@@ -313,7 +315,7 @@ class LLM:
     def _collect(self, stream: RequestStream) -> RequestOutput:
         return request_output(stream.seq, list(stream))
 
-    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int], tuple[Any, list[int], int]]:
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int], tuple[Any, list[int], list[Any], int]]:
         """(text, checked ids, memo): memo for `_sequence`."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -334,12 +336,12 @@ class LLM:
             raise ValueError("prompt is empty (0 tokens)")
         found = self._memo.find(ids)
         if found is None:
-            checked, hashes, shared = self._checked_ids(ids), [], 0
+            checked, hashes, entries, shared = self._checked_ids(ids), [], [], 0
         else:  # the next turn of a remembered prompt: only its new tail is checked
-            prev, hashes = found
+            prev, hashes, entries = found
             shared = len(prev)
             checked = prev + self._checked_ids(ids[shared:]) if shared < len(ids) else list(prev)
-        return text, checked, (ids, hashes, shared)
+        return text, checked, (ids, hashes, entries, shared)
 
     def _checked_ids(self, ids: list[int] | tuple[int, ...]) -> list[int]:
         """`ids` as a list of Python ints, each in [0, vocab); ValueError naming the offenders otherwise. Packed into

@@ -81,7 +81,7 @@ class Scheduler:
         while self.waiting and len(self.rows) < self.max_num_seqs:
             seq = self.waiting[0]
             ids = seq.prefill_ids
-            hit = self.blocks.cached_prefix(ids, seq.block_hashes)
+            hit = self.blocks.cached_prefix(ids, seq.block_hashes, seq.block_entries)
             need = self.blocks.cost(hit, len(ids))
             if need + len(self.running) + 1 > self.blocks.num_available:  # + one block of growth per running seq
                 break
@@ -107,7 +107,7 @@ class Scheduler:
         full = min(written, len(seq.prompt_ids) + len(seq.output_ids)) // self.blocks.block_size
         if full > seq.num_registered:
             seq.num_registered = self.blocks.register(seq.block_table, seq.prefill_ids, seq.block_hashes,
-                                                      seq.num_registered, full)
+                                                      seq.num_registered, full, seq.block_entries)
 
     def plan_decode(self) -> tuple[DecodePlan | None, list[Sequence]]:
         """The next decode step over every running row (None when no row wants a token), and the sequences

@@ -47,6 +47,7 @@ class Sequence:
     prefilled: int = 0  # of those, how many are enqueued (a long prompt goes in chunks)
     epoch: int = 0
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks (prefix cache)
+    block_entries: list[Any] = field(default_factory=list)  # prefix-cache index entries verified for its first blocks
     num_registered: int = 0  # blocks of block_table registered in the prefix cache
     cache_hit: int = 0  # tokens of the current admission's prefill found in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
