@@ -5,8 +5,9 @@ A new prompt that starts with a remembered one takes that prompt's checked token
 (one pass over the shared part, which compares pointers where the caller reuses its list's int objects, as
 `history + answer + message` does), and the prefix-cache hashes of its full blocks from that request's sequence
 instead of hashing them again, with the cache index entries that request verified for them (claims: the block
-manager checks that each is still the one in the index, by identity, instead of comparing its tokens again). On the H200 a turn after ~2,000 tokens of history spent 0.4-0.9 ms of host time
-before its prefill, growing with the history (benchmarks/NOTES.md, 2026-12-01): checking and hashing were most of it.
+manager checks that each is still the one in the index, by identity, instead of comparing its tokens again). On
+the H200 a turn after ~2,000 tokens of history spent 0.4-0.9 ms of host time before its prefill, growing with
+the history (benchmarks/NOTES.md, 2026-12-01): checking and hashing were most of it.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class PromptMemo:
         with self._lock:
             entries = sorted(self._entries, key=lambda e: len(e[0]), reverse=True)  # the longest match wins
         n_ids = len(ids)
-        for caller, checked, hashes, verified in entries:  # (a conversation's earlier turns are prefixes too: one compare)
+        # (a conversation's earlier turns are prefixes too: one compare)
+        for caller, checked, hashes, verified in entries:
             n = len(caller)
             if n > n_ids:
                 continue
