@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import threading
@@ -107,22 +108,56 @@ def cached_prefix(llm: LLM, ids: Ids, z: Sizes) -> dict:
             "cached_over_20": c["p50"] / s["p50"], "goal_cached_over_20": 1.2}
 
 
+@contextlib.contextmanager
+def stage_clock(llm: LLM):
+    """perf_counter() at each call of the runner's prefill staging (the end of a request's host work before its
+    prefill), in a list; for one conversation at a time."""
+    runner, marks = llm.runner, []
+    stage = runner.stage_prefill
+
+    def timed(*a, **kw):
+        marks.append(time.perf_counter())
+        return stage(*a, **kw)
+
+    runner.stage_prefill = timed
+    try:
+        yield marks
+    finally:
+        del runner.stage_prefill
+
+
 def conversation(llm: LLM, ids: Ids, z: Sizes, out: list[list[float]], answers: SamplingParams,
-                 errors: list[str], new_tokens: list[list[int]]) -> None:
+                 errors: list[str], new_tokens: list[list[int]], host: list[list[float]] | None = None) -> None:
     """One agent conversation; appends its TTFT per turn (ms) to `out` and the prompt tokens each turn prefilled
     (not from the cache) to `new_tokens`, or what failed to `errors`. `z.turn_gap_s` between one turn's last token
-    and the next turn (an agent's tool call; 0 by default)."""
+    and the next turn (an agent's tool call; 0 by default). `host` (one conversation at a time): each turn's host
+    time from the request to its prefill's staging (ms)."""
     history = ids(z.system)
-    times, new = [], []
+    times, new, before = [], [], []
+    clock = stage_clock(llm) if host is not None else contextlib.nullcontext([])
+    with clock as marks:
+        _turns(llm, ids, z, history, times, new, before, marks, answers, errors)
+    if len(times) < z.turns:
+        return
+    out.append(times)
+    new_tokens.append(new)
+    if host is not None:
+        host.append(before)
+
+
+def _turns(llm: LLM, ids: Ids, z: Sizes, history: list[int], times: list[float], new: list[int],
+           before: list[float], marks: list[float], answers: SamplingParams, errors: list[str]) -> None:
     try:
         for turn in range(z.turns):
             if turn and z.turn_gap_s:
                 time.sleep(z.turn_gap_s)
             history = history + ids(z.message)
+            marks.clear()
             t0 = time.perf_counter()
             stream = llm.stream_deltas({"prompt_token_ids": history}, answers)
             first = next(stream)
             times.append((time.perf_counter() - t0) * 1e3)
+            before.append((marks[0] - t0) * 1e3 if marks else float("nan"))
             deltas = [first, *stream]
             answer = [t for d in deltas for t in d.token_ids]
             m = deltas[-1].metrics
@@ -130,9 +165,12 @@ def conversation(llm: LLM, ids: Ids, z: Sizes, out: list[list[float]], answers: 
             history = history + answer
     except Exception as e:  # noqa: BLE001 - reported by multi_turn, with the turn it happened in
         errors.append(f"turn {len(times) + 1}: {type(e).__name__}: {str(e)[:300]}")
-        return
-    out.append(times)
-    new_tokens.append(new)
+
+
+def _median_measured(xs: list[float]) -> float | None:
+    """The median of the values that are not NaN (a turn whose prefill was not staged), None if none is."""
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.median(xs) if xs else None
 
 
 def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int) -> dict:
@@ -143,11 +181,12 @@ def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int) -> dict:
         per_turn: list[list[float]] = []
         new_tokens: list[list[int]] = []
         errors: list[str] = []
+        host: list[list[float]] | None = [] if concurrent == 1 else None
         with caching(llm, on):
             for r in range(z.repeats):
                 gens = [Ids(vocab, 1000 * r + 10 * c + on) for c in range(concurrent)]
                 threads = [threading.Thread(target=conversation,
-                                            args=(llm, g, z, per_turn, answers, errors, new_tokens))
+                                            args=(llm, g, z, per_turn, answers, errors, new_tokens, host))
                            for g in gens]
                 for t in threads:
                     t.start()
@@ -159,13 +198,17 @@ def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int) -> dict:
         p50 = [statistics.median(run[t] for run in per_turn) for t in range(z.turns)]
         res["on" if on else "off"] = p50
         res["new_on" if on else "new_off"] = [statistics.median(run[t] for run in new_tokens) for t in range(z.turns)]
+        if host:
+            res["host_on" if on else "host_off"] = [_median_measured([run[t] for run in host]) for t in range(z.turns)]
     return {"conversations": concurrent, "turns": z.turns, "system_tokens": z.system,
             "turn_tokens": z.answer + z.message, "history_tokens": z.system + z.turns * (z.answer + z.message),
             "multi_turn_ttft_p50_ms": res["on"][1:], "multi_turn_ttft_p50_ms_off": res["off"][1:],
             "first_turn_ttft_p50_ms": res["on"][0], "first_turn_ttft_p50_ms_off": res["off"][0],
             "worst_turn_p50_ms": max(res["on"][1:]), "worst_turn_p50_ms_off": max(res["off"][1:]),
             "prefilled_tokens_per_turn": res["new_on"], "prefilled_tokens_per_turn_off": res["new_off"],
-            "turn_gap_ms": z.turn_gap_s * 1e3}
+            "turn_gap_ms": z.turn_gap_s * 1e3,
+            **({"host_before_prefill_p50_ms": res["host_on"], "host_before_prefill_p50_ms_off": res["host_off"]}
+               if "host_on" in res else {})}
 
 
 def unique_prompts(llm: LLM, ids: Ids, z: Sizes) -> dict:
@@ -240,7 +283,8 @@ def run_parts(llm: LLM, z: Sizes, parts: set[str], systems: dict) -> dict:
             pc["multi_turn_worst_over_50"] = one["worst_turn_p50_ms"] / pc["ttft_50_ms"]
             pc["goal_multi_turn_over_50"] = 1.3
         print(json.dumps({"on": one["multi_turn_ttft_p50_ms"], "off": one["multi_turn_ttft_p50_ms_off"],
-                          "prefilled": one["prefilled_tokens_per_turn"]}), flush=True)
+                          "prefilled": one["prefilled_tokens_per_turn"],
+                          "host_on": one.get("host_before_prefill_p50_ms")}), flush=True)
         if z.gap_ab_s:
             z.turn_gap_s = z.gap_ab_s
             gap = pc["multi_turn_gap"] = multi_turn(llm, vocab, z, 1)

@@ -438,6 +438,9 @@ def test_prefix_benchmark_runs_on_the_cpu(tmp_path):
     assert pc["hit_tokens_per_request"] == pc["cached_tokens"] // 16 * 16 > 0
     turns = pc["multi_turn"]["turns"]
     assert len(pc["multi_turn_ttft_p50_ms"]) == len(pc["multi_turn_ttft_p50_ms_off"]) == turns - 1
+    host = pc["multi_turn"]["host_before_prefill_p50_ms"]  # one conversation: each turn's host time was staged
+    assert len(host) == turns and all(0 < h < t for h, t in zip(host[1:], pc["multi_turn_ttft_p50_ms"]))
+    assert "host_before_prefill_p50_ms" not in pc["multi_turn_concurrent"]
     assert pc["agreement"]["agreement"] == 1.0 and pc["agreement"]["cached_tokens_p50"] > 0  # fp32: identical
     assert set(res["systems"]["hybrid_prefix_caching_off"]["ttft_ms"]) == {"10", "50"}
     assert pc["stats"]["prefix_cache_hit_tokens"] > 0
