@@ -110,6 +110,9 @@ for s in $stages; do
     batch) timeout ${BATCH_T:-300} python3 benchmarks/batch_bench.py --out "$OUT/batch_bench.json" 2>&1 | grep -v "Warn\|INFO" | tail -8;;
     prefix) timeout ${PREFIX_T:-300} python3 benchmarks/prefix_bench.py --out "$OUT/prefix_bench.json" ${PREFIX_ARGS:-} 2>&1 \
               | grep -v "Warn\|INFO" | tail -8;;  # PREFIX_ARGS="--agreement-model $GGUF": (d) on real weights too
+    # one conversation's turns: TTFT and host time before each prefill, with a host profile of that time (~70 s)
+    turnhost) PREFIX_ARGS="--parts a,b --runs 20 --conversations 0 --host-profile $OUT/turn_host_profile.txt" \
+                bash "$0" prefix;;
     structured) timeout ${STRUCT_T:-400} python3 benchmarks/structured_bench.py --out "$OUT/structured_bench.json" 2>&1 | grep -v "Warn\|INFO" | tail -8;;
     serve) timeout ${SERVE_T:-400} python3 benchmarks/serve_load.py --model llama-2-7b-shape --clients ${CLIENTS:-32} \
              --out "$OUT/serve_load.json" 2>&1 | tail -2;;

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import json
 import math
+import pstats
 import statistics
 import sys
 import threading
@@ -49,6 +52,7 @@ class Sizes:
         # their noise, which 3 samples each left at +-0.2 ms on the H200 (turn order not monotonic in the history)
         self.repeats = max(3, runs // 2) if not small else 1
         self.turn_gap_s = self.gap_ab_s = 0.0
+        self.host_profile: str | None = None  # (b)'s single conversation profiled to this path
         self.lengths = (10, 50, 100, 200, 500) if not small else (10, 50)
         self.tpot_tokens = 128 if not small else 8
         self.tpot_runs = max(5, runs // 3) if not small else 2
@@ -109,13 +113,15 @@ def cached_prefix(llm: LLM, ids: Ids, z: Sizes) -> dict:
 
 
 @contextlib.contextmanager
-def stage_clock(llm: LLM):
+def stage_clock(llm: LLM, prof: cProfile.Profile | None = None):
     """perf_counter() at each call of the runner's prefill staging (the end of a request's host work before its
-    prefill), in a list; for one conversation at a time."""
+    prefill), in a list; for one conversation at a time. `prof`, if given, is disabled there (a turn enables it)."""
     runner, marks = llm.runner, []
     stage = runner.stage_prefill
 
     def timed(*a, **kw):
+        if prof is not None:
+            prof.disable()
         marks.append(time.perf_counter())
         return stage(*a, **kw)
 
@@ -127,16 +133,17 @@ def stage_clock(llm: LLM):
 
 
 def conversation(llm: LLM, ids: Ids, z: Sizes, out: list[list[float]], answers: SamplingParams,
-                 errors: list[str], new_tokens: list[list[int]], host: list[list[float]] | None = None) -> None:
+                 errors: list[str], new_tokens: list[list[int]], host: list[list[float]] | None = None,
+                 prof: cProfile.Profile | None = None) -> None:
     """One agent conversation; appends its TTFT per turn (ms) to `out` and the prompt tokens each turn prefilled
     (not from the cache) to `new_tokens`, or what failed to `errors`. `z.turn_gap_s` between one turn's last token
     and the next turn (an agent's tool call; 0 by default). `host` (one conversation at a time): each turn's host
-    time from the request to its prefill's staging (ms)."""
+    time from the request to its prefill's staging (ms); `prof` profiles that time of every turn after the first."""
     history = ids(z.system)
     times, new, before = [], [], []
-    clock = stage_clock(llm) if host is not None else contextlib.nullcontext([])
+    clock = stage_clock(llm, prof) if host is not None else contextlib.nullcontext([])
     with clock as marks:
-        _turns(llm, ids, z, history, times, new, before, marks, answers, errors)
+        _turns(llm, ids, z, history, times, new, before, marks, answers, errors, prof)
     if len(times) < z.turns:
         return
     out.append(times)
@@ -146,17 +153,22 @@ def conversation(llm: LLM, ids: Ids, z: Sizes, out: list[list[float]], answers: 
 
 
 def _turns(llm: LLM, ids: Ids, z: Sizes, history: list[int], times: list[float], new: list[int],
-           before: list[float], marks: list[float], answers: SamplingParams, errors: list[str]) -> None:
+           before: list[float], marks: list[float], answers: SamplingParams, errors: list[str],
+           prof: cProfile.Profile | None) -> None:
     try:
         for turn in range(z.turns):
             if turn and z.turn_gap_s:
                 time.sleep(z.turn_gap_s)
             history = history + ids(z.message)
             marks.clear()
+            if prof is not None and turn:
+                prof.enable()
             t0 = time.perf_counter()
             stream = llm.stream_deltas({"prompt_token_ids": history}, answers)
             first = next(stream)
             times.append((time.perf_counter() - t0) * 1e3)
+            if prof is not None:
+                prof.disable()  # (a turn that staged no prefill stops here)
             before.append((marks[0] - t0) * 1e3 if marks else float("nan"))
             deltas = [first, *stream]
             answer = [t for d in deltas for t in d.token_ids]
@@ -173,8 +185,11 @@ def _median_measured(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int) -> dict:
-    """(b) with `concurrent` conversations at once; each setting (on, off) `repeats` times with fresh ids."""
+def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int, profile_to: str | None = None) -> dict:
+    """(b) with `concurrent` conversations at once; each setting (on, off) `repeats` times with fresh ids.
+    `profile_to` (one conversation): a cProfile of the turns' host time before their prefills, caching on, written
+    there (sorted by own time, then by cumulative time)."""
+    prof = cProfile.Profile() if profile_to and concurrent == 1 else None
     answers = SamplingParams(max_tokens=z.answer, temperature=0, ignore_eos=True)
     res = {}
     for on in (True, False):
@@ -186,7 +201,8 @@ def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int) -> dict:
             for r in range(z.repeats):
                 gens = [Ids(vocab, 1000 * r + 10 * c + on) for c in range(concurrent)]
                 threads = [threading.Thread(target=conversation,
-                                            args=(llm, g, z, per_turn, answers, errors, new_tokens, host))
+                                            args=(llm, g, z, per_turn, answers, errors, new_tokens, host,
+                                                  prof if on else None))
                            for g in gens]
                 for t in threads:
                     t.start()
@@ -195,6 +211,12 @@ def multi_turn(llm: LLM, vocab: int, z: Sizes, concurrent: int) -> dict:
                 if errors:
                     raise RuntimeError(f"{len(errors)} of {concurrent} conversations failed (caching "
                                        f"{'on' if on else 'off'}, repeat {r}); first: {errors[0]}")
+        if prof is not None and on:
+            text = io.StringIO()
+            for key in ("tottime", "cumulative"):
+                pstats.Stats(prof, stream=text).sort_stats(key).print_stats(40)
+            with open(profile_to, "w") as f:
+                f.write(text.getvalue())
         p50 = [statistics.median(run[t] for run in per_turn) for t in range(z.turns)]
         res["on" if on else "off"] = p50
         res["new_on" if on else "new_off"] = [statistics.median(run[t] for run in new_tokens) for t in range(z.turns)]
@@ -276,7 +298,7 @@ def run_parts(llm: LLM, z: Sizes, parts: set[str], systems: dict) -> dict:
         pc.update(cached_prefix(llm, Ids(vocab, 1), z))
         print(json.dumps({k: pc[k] for k in ("ttft_cached_prefix_ms", "ttft_20_ms", "ttft_50_ms")}), flush=True)
     if "b" in parts:
-        one = multi_turn(llm, vocab, z, 1)
+        one = multi_turn(llm, vocab, z, 1, z.host_profile)
         pc.update({k: one[k] for k in ("multi_turn_ttft_p50_ms", "multi_turn_ttft_p50_ms_off")})
         pc["multi_turn"] = one
         if "ttft_50_ms" in pc:
@@ -330,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                     "last token and the next turn (as an agent's tool call), beside the back-to-back run")
     ap.add_argument("--conversations", type=int, default=None, help="(b)'s concurrent run: this many conversations "
                     "at once (default 8, 2 with --small; 0 leaves it out)")
+    ap.add_argument("--host-profile", default=None, help="(b): a cProfile of the single conversation's turns, "
+                    "from each request to its prefill's staging (caching on), written to this path")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -337,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     z.gap_ab_s = args.gap_ab_ms / 1e3
     if args.conversations is not None:
         z.conversations = args.conversations
+    z.host_profile = args.host_profile
     t_start = time.perf_counter()
     llm = LLM(args.preset, capture="eager", max_model_len=args.max_model_len or (4096 if cuda else 1024),
               batched_prefill=args.batched_prefill)

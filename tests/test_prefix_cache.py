@@ -432,7 +432,9 @@ def test_prefix_benchmark_runs_on_the_cpu(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "prefix.json"
-    assert bench.main(["--preset", "tiny-llama", "--small", "--runs", "2", "--out", str(out)]) == 0
+    profile = tmp_path / "turn_host_profile.txt"
+    assert bench.main(["--preset", "tiny-llama", "--small", "--runs", "2", "--host-profile", str(profile),
+                       "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     pc = res["systems"]["hybrid"]["prefix_cache"]
     assert pc["hit_tokens_per_request"] == pc["cached_tokens"] // 16 * 16 > 0
@@ -441,6 +443,7 @@ def test_prefix_benchmark_runs_on_the_cpu(tmp_path):
     host = pc["multi_turn"]["host_before_prefill_p50_ms"]  # one conversation: each turn's host time was staged
     assert len(host) == turns and all(0 < h < t for h, t in zip(host[1:], pc["multi_turn_ttft_p50_ms"]))
     assert "host_before_prefill_p50_ms" not in pc["multi_turn_concurrent"]
+    assert "cached_prefix" in profile.read_text()  # the turns' request path up to the prefill, cache lookup included
     assert pc["agreement"]["agreement"] == 1.0 and pc["agreement"]["cached_tokens_p50"] > 0  # fp32: identical
     assert set(res["systems"]["hybrid_prefix_caching_off"]["ttft_ms"]) == {"10", "50"}
     assert pc["stats"]["prefix_cache_hit_tokens"] > 0
