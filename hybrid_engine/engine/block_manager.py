@@ -217,18 +217,15 @@ class BlockManager:
             if len(out) < min(len(known), full):  # a miss among the known blocks ends the run
                 return [e.block for e in out]
             j = len(out)
-        parent = known[j - 1] if j else self.root
+        parent = known[j - 1] if j else self.root  # past the known hashes here (j == len(known)) or done
         for block in _blocks(ids, j * bs, full * bs, bs):
-            if j < len(known):
-                h = known[j]
-            else:
-                h = hash((parent, block))
-                known.append(h)
+            h = hash((parent, block))
+            known.append(h)
             e = by_hash.get(h)
             if e is None or not e.holds(parent, block):
                 break
             out.append(e)
-            parent, j = h, j + 1
+            parent = h
         return [e.block for e in out]
 
     def _checked_entries(self, ids: list[int], hashes: list[int], start: int) -> list[_Entry]:
