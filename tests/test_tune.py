@@ -12,8 +12,8 @@ from hybrid_engine import cli
 from hybrid_engine.kernels import cached_prefill_attention as cpa
 from hybrid_engine.kernels import decode_gemm, gemm, gemv, tuning
 from hybrid_engine.kernels.sweeps import tune as tune_mod
-from hybrid_engine.kernels.sweeps.decode_gemm_sweep import (MS, RULE_MS, GemmShape, fits_smem, stage1_configs,
-                                                            sweep_shape)
+from hybrid_engine.kernels.sweeps.decode_gemm_sweep import (MS, RULE_MS, GemmShape, fits_smem, rule_score,
+                                                            stage1_configs, sweep_shape)
 from hybrid_engine.models.shapes import model_shapes
 
 CARD = "NVIDIA Test Card"
@@ -51,7 +51,7 @@ class FakeGemmBench:
             return None
         per_m = self.times.setdefault(kind, {}).setdefault(str(cfg), {})
         per_m.update({m: _gemm_cost(kind, cfg, self.fastest) * (1 + m / 32) for m in ms})
-        return sum(per_m[m] for m in RULE_MS if m in per_m)
+        return rule_score(per_m)
 
 
 GEMV_BEST = {"plain": (4, 64, 4, 1), "gate_up": (2, 64, 4, 1), "qkv": (1, 64, 4, 1)}  # tiny-llama's K = 64
@@ -221,15 +221,25 @@ def test_a_spent_budget_makes_no_bench(card):
 
 
 def test_stage1_holds_swap_configs_that_fit_shared_memory():
-    """SWAP=1 tiles (BLOCK_N 64/128 x BLOCK_K 64..256) are searched from stage 1 at 3 stages, or 2 where 3 do not
-    fit; a tile that fits at neither (BLOCK_N 128 x BLOCK_K 256) is left out, and SWAP=0 keeps its grid."""
+    """SWAP=1 tiles (BLOCK_N 64/128 x BLOCK_K 64..256) are searched from stage 1 at the most of 4 / 3 / 2 stages
+    that fit; a tile that fits at none (BLOCK_N 128 x BLOCK_K 256) is left out, and SWAP=0 keeps its grid."""
     configs = stage1_configs(4096, 4096, quick=False, sms=132)
     swap = {(bn, bk): ns for bn, bk, _, _, ns, sw in configs if sw}
-    assert swap == {(64, 64): 3, (64, 128): 3, (64, 256): 2, (128, 64): 3, (128, 128): 2}
+    assert swap == {(64, 64): 4, (64, 128): 4, (64, 256): 2, (128, 64): 4, (128, 128): 2}
+    assert not fits_smem(128, 256, 2) and not fits_smem(128, 128, 3) and fits_smem(64, 128, 4)
     grid = {(bn, bk) for bn in (16, 32, 64) for bk in (64, 128, 256, 512) if fits_smem(bn, bk, 3)}
     assert {(bn, bk) for bn, bk, *_, sw in configs if not sw} == grid
     assert all(fits_smem(bn, bk, ns) and warps == 4 for bn, bk, _, warps, ns, _ in configs)
     assert (128, 128, 8, 4, 2, 1) in configs and (128, 128, 2, 4, 2, 1) not in configs  # 64 programs < 132 SMs
+
+
+def test_the_rule_puts_batch_one_first():
+    """A config 2 us faster at M = 1 wins over one 3 us faster at M = 8 and at M = 32 (a plain sum would pick the
+    second); Ms outside the rule do not count."""
+    batch_one = {1: 25.0, 8: 28.0, 32: 36.0, 16: 99.0}
+    batches = {1: 27.0, 8: 25.0, 32: 33.0}
+    assert rule_score(batch_one) == 25.0 + (28.0 + 36.0) / 4
+    assert rule_score(batch_one) < rule_score(batches) and sum(batch_one[m] for m in RULE_MS) > sum(batches.values())
 
 
 class SwapFastestBench(FakeGemmBench):

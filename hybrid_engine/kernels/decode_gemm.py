@@ -5,8 +5,9 @@ so a request's greedy tokens changed with what else was in the batch. Here BLOCK
 every dim >= 16; more rows add M-tiles to the grid) and the config (BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
 num_stages, SWAP) comes from the weight shape only (`DECODE_GEMM_CONFIGS`, else `default_config(n, k)`; a 5-tuple
 means SWAP=0), so every row is reduced the same way - K in BLOCK_K chunks through tl.dot with fp32 accumulation,
-split-K partials summed in the fixed order s = 0..SPLIT_K-1 - whatever M is. Rows past M clamp-read row M-1 and are
-never stored.
+split-K partials summed in the fixed order s = 0..SPLIT_K-1 - whatever M is. Rows past M are masked (read as zeros,
+never loaded) and never stored. (They once read row M-1 again: with 15 of 16 rows on one address, M = 1 took 35 us
+for the QKV weight against 26 at M = 16 on the H200; masked, M = 1..16 all take ~25 us, benchmarks/NOTES.md.)
 
 Two layouts of the dot, both reducing each output element over K on its own (so both keep rows independent):
   SWAP=0  acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] @ W[BLOCK_N, BLOCK_K]^T  (rows as the MMA's M operand)
@@ -138,16 +139,24 @@ def _load_k(ptrs, ks, K, EVEN_K: tl.constexpr):
     return tl.load(ptrs, mask=(ks < K)[None, :], other=0.0)
 
 
-def _dot_pair(X, W, x_rows, w_a, w_b, stride_xm, stride_wn, K, k_start, k_stop, PAIR: tl.constexpr,
+def _load_x(ptrs, row_ok, ks, K, EVEN_K: tl.constexpr):
+    """The rows' [BLOCK_M, BLOCK_K] tile at columns ks: 0 in rows past M (row_ok [BLOCK_M, 1] false) and past K."""
+    if EVEN_K:
+        return tl.load(ptrs, mask=row_ok, other=0.0)
+    return tl.load(ptrs, mask=row_ok & (ks < K)[None, :], other=0.0)
+
+
+def _dot_pair(X, W, x_rows, M, w_a, w_b, stride_xm, stride_wn, K, k_start, k_stop, PAIR: tl.constexpr,
               EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """x[x_rows, k_start:k_stop] @ W[w_a]^T (and @ W[w_b]^T with PAIR), fp32 [BLOCK_M, BLOCK_N], K in BLOCK_K
-    steps; with SWAP accumulated as [BLOCK_N, BLOCK_M] and transposed at the end. Waits for the previous kernel
+    steps, rows x_rows >= M read as 0; with SWAP accumulated as [BLOCK_N, BLOCK_M] and transposed at the end. Waits for the previous kernel
     (`pdl_enter`) before reading x; with PDL == 2 the first weight tiles are read before that wait (weights are
     never written, so the read overlaps the previous kernel's tail), then go through the same first MMA as the
     loop's, so the sums keep their order."""
     ks = k_start + tl.arange(0, BLOCK_K)
     x_ptrs = X + x_rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
+    row_ok = (x_rows < M)[:, None]
     a_ptrs = W + w_a.to(tl.int64)[:, None] * stride_wn + ks[None, :]
     b_ptrs = W + w_b.to(tl.int64)[:, None] * stride_wn + ks[None, :]
     if SWAP:
@@ -162,7 +171,7 @@ def _dot_pair(X, W, x_rows, w_a, w_b, stride_xm, stride_wn, K, k_start, k_stop, 
             b_first = _load_k(b_ptrs, ks, K, EVEN_K)
     pdl_enter(PDL)
     if PDL == 2:
-        x = _load_k(x_ptrs, ks, K, EVEN_K)
+        x = _load_x(x_ptrs, row_ok, ks, K, EVEN_K)
         acc_a = _mma(x, a_first, acc_a, SWAP, DOT_PRECISION)
         if PAIR:
             acc_b = _mma(x, b_first, acc_b, SWAP, DOT_PRECISION)
@@ -172,7 +181,7 @@ def _dot_pair(X, W, x_rows, w_a, w_b, stride_xm, stride_wn, K, k_start, k_stop, 
         k_lo += BLOCK_K
     for k0 in range(k_lo, k_stop, BLOCK_K):
         kk = ks + (k0 - k_start)
-        x = _load_k(x_ptrs, kk, K, EVEN_K)
+        x = _load_x(x_ptrs, row_ok, kk, K, EVEN_K)
         acc_a = _mma(x, _load_k(a_ptrs, kk, K, EVEN_K), acc_a, SWAP, DOT_PRECISION)
         if PAIR:
             acc_b = _mma(x, _load_k(b_ptrs, kk, K, EVEN_K), acc_b, SWAP, DOT_PRECISION)
@@ -256,7 +265,7 @@ def _store_rope(xa, xb, w_a, rows, M, Q_OUT, stride_qm, POS, CACHE, stride_cache
     _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF)
 
 
-_HELPERS = ("_tile_columns", "_mma", "_load_k", "_dot_pair", "_split_k_fixup", "_store_tile", "_store_silu_mul",
+_HELPERS = ("_tile_columns", "_mma", "_load_k", "_load_x", "_dot_pair", "_split_k_fixup", "_store_tile", "_store_silu_mul",
             "_store_rope", "_store_kv_halves")
 
 
@@ -274,7 +283,7 @@ def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, S
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols, w_a, w_b = _tile_columns(pid_n, N, BLOCK_N, EPILOGUE, HALF)
     k_start = pid_k * k_chunk
-    acc_a, acc_b = _dot_pair(X, W, tl.minimum(rows, M - 1), w_a, w_b, stride_xm, stride_wn, K, k_start,
+    acc_a, acc_b = _dot_pair(X, W, rows, M, w_a, w_b, stride_xm, stride_wn, K, k_start,
                              tl.minimum(K, k_start + k_chunk), PAIR, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP,
                              DOT_PRECISION, PDL)
     last = pid_k == SPLIT_K - 1  # without split-K: the one program of the tile

@@ -8,16 +8,17 @@ skipped. A config is (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP); S
 dot's M operand (wgmma-sized BLOCK_N, see decode_gemm.py). The search, pruned to a few minutes (compiles can run
 first in worker processes, which fill Triton's disk cache):
   1. SWAP=0: (BLOCK_N 16/32/64) x (BLOCK_K 64..512) at num_stages 3; SWAP=1: (BLOCK_N 64/128) x (BLOCK_K 64..256)
-     at num_stages 3, or 2 where 3 stages do not fit; each x (SPLIT_K 1/2/4/8) at num_warps 4, where a split leaves
+     at the most of 4 / 3 / 2 stages that fit; each x (SPLIT_K 1/2/4/8) at num_warps 4, where a split leaves
      >= 2 BLOCK_K steps per split and 1..16 programs per SM at M <= 16 (split 1 always), and the stages' tiles fit
-     160 KB of shared memory (`fits_smem`: the rows' tile and the fused variants' two weight tiles);
-  2. num_warps 4/8 x num_stages 2/3/4 for the TOP best of step 1, same SWAP (num_warps 8 only for
-     BLOCK_N x BLOCK_K >= 8192, num_stages 4 only for BLOCK_K <= 256, the tiles fitting);
+     200 KB of shared memory (`fits_smem`: the rows' tile and the fused variants' two weight tiles);
+  2. num_warps 4/8 x num_stages 2..5 for the TOP best of step 1, same SWAP (num_warps 8 only for
+     BLOCK_N x BLOCK_K >= 8192, num_stages 4 and 5 only for BLOCK_K <= 256, the tiles fitting);
   3. the fused epilogues for the TOP best plain configs the fused kernel can run (rope + KV store: BLOCK_N divides
      the rotary half head_dim / 2): SiLU-mul on gate/up, rope + KV store on QKV, against the plain decode GEMM +
      silu_mul / rope_store_kv kernels.
-Rule: the config with the least sum of us over M in RULE_MS; for QKV and gate/up the sum of the fused variant (what
-the model runs).
+Rule: the config with the least `rule_score` (us at M = 1, plus a quarter of each of M = 8 and M = 32: batch-1
+latency first, the batch buckets still counted); for QKV and gate/up the score of the fused variant (what the model
+runs).
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ logger = logging.getLogger(__name__)
 
 MS = (1, 2, 4, 8, 16, 32)
 RULE_MS = (1, 8, 32)  # one of each Triton specialisation of M (== 1, neither, multiple of 16)
+RULE_WEIGHTS = {1: 1.0, 8: 0.25, 32: 0.25}
 TOP = 3
 FUSED_KIND = {"qkv": "rope", "gate_up": "silu"}  # the fused epilogue the model runs on these projections
-SMEM_BYTES = 160 * 1024
+SMEM_BYTES = 200 * 1024  # of the 227 KB a Hopper program may use
 Config = dg.Config
 
 
@@ -81,6 +83,11 @@ class GemmBench(Protocol):
              known_bad: dict | None = None) -> float | None: ...
 
 
+def rule_score(per_m: dict[int, float]) -> float:
+    """What the search minimises: RULE_WEIGHTS over the Ms of RULE_MS that were timed."""
+    return sum(RULE_WEIGHTS[m] * us for m, us in per_m.items() if m in RULE_WEIGHTS)
+
+
 def fits_smem(bn: int, bk: int, stages: int) -> bool:
     """Whether `stages` copies of a step's tiles (the rows' [16, BLOCK_K] and two [BLOCK_N, BLOCK_K] weight tiles, as
     in the fused variants; 2-byte elements) fit SMEM_BYTES of shared memory."""
@@ -96,7 +103,7 @@ def stage1_configs(n: int, k: int, quick: bool, sms: int) -> list[Config]:
         programs = -(-n // bn) * split
         if split > 1 and (k / split < 2 * bk or not sms <= programs <= 16 * sms):
             continue
-        stages = next((ns for ns in ((3, 2) if swap else (3,)) if fits_smem(bn, bk, ns)), None)
+        stages = next((ns for ns in ((4, 3, 2) if swap else (3,)) if fits_smem(bn, bk, ns)), None)
         if stages is not None:
             out.append((bn, bk, split, 4, stages, swap))
     return out
@@ -105,8 +112,8 @@ def stage1_configs(n: int, k: int, quick: bool, sms: int) -> list[Config]:
 def stage2_configs(best: list[Config]) -> list[Config]:
     out = []
     for bn, bk, split, _, _, swap in best:
-        for nw, ns in itertools.product((4, 8), (2, 3, 4)):
-            if (nw == 8 and bn * bk < 8192) or (ns == 4 and bk > 256) or not fits_smem(bn, bk, ns):
+        for nw, ns in itertools.product((4, 8), (2, 3, 4, 5)):
+            if (nw == 8 and bn * bk < 8192) or (ns >= 4 and bk > 256) or not fits_smem(bn, bk, ns):
                 continue
             if (bn, bk, split, nw, ns, swap) not in best:
                 out.append((bn, bk, split, nw, ns, swap))
@@ -227,7 +234,7 @@ class ShapeBench:
 
     def time(self, kind: str, cfg: Config, ms: tuple[int, ...] = RULE_MS,
              known_bad: dict | None = None) -> float | None:
-        """Sum over RULE_MS of us per call (each M of `ms` recorded), or None (recorded in `failed`, or counted in
+        """`rule_score` of the us per call (each M of `ms` recorded), or None (recorded in `failed`, or counted in
         `skipped` past the deadline)."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.skipped += 1
@@ -241,7 +248,7 @@ class ShapeBench:
                 for m in ms:
                     run = variant(kind, self.xs[m], self.rope, m)
                     per_m[m] = graph_us(lambda i, r=run: r(self.ws[i], cfg))
-                return sum(per_m[m] for m in RULE_MS if m in per_m)
+                return rule_score(per_m)
         except Exception as e:  # noqa: BLE001 - a config may fail to compile or launch
             why = f"{type(e).__name__}: {str(e)[:200]}"
         self.failed[key] = why
@@ -269,7 +276,7 @@ def _jobs(sb: GemmBench, kinds: tuple[str, ...], configs: list[Config], dtype: s
 
 
 def _plain_scores(sb: GemmBench, pool: Executor | None, quick: bool, sms: int, dtype: str) -> dict[Config, float]:
-    """Steps 1 and 2: sum of us over RULE_MS per plain config that worked."""
+    """Steps 1 and 2: `rule_score` per plain config that worked."""
     stage1 = stage1_configs(sb.shape.n, sb.shape.k, quick, sms)
     bad = precompile(pool, _jobs(sb, ("plain",), stage1, dtype))
     scores = {c: s for c in stage1 if (s := sb.time("plain", c, known_bad=bad)) is not None}
