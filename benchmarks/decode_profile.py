@@ -4,8 +4,8 @@
 
 Run it with HYBRID_ENGINE_PDL=0 for each kernel's own duration: with programmatic dependent launch a kernel starts
 while its predecessor runs and waits inside, so its profiled duration includes that wait. One fresh engine per
-model, every graph captured before the profiled request (`capture="eager"`); `--batch-invariant` (with
-`--decode-buckets 16`) profiles the batch-invariant decode projections.
+model, every graph captured before the profiled request (`capture="eager"`); the engine's default decode
+projections (batch-invariant), or the one-row GEMVs with `--no-batch-invariant`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def main() -> None:
     ap.add_argument("--models", default="llama-3.2-1b-shape,smollm2-135m-shape", help="comma-separated presets")
     ap.add_argument("--prompt-len", type=int, default=57)
     ap.add_argument("--tokens", type=int, default=24, help="decode steps in the profiled request")
-    ap.add_argument("--batch-invariant", action="store_true", help="EngineConfig.batch_invariant")
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                    help="EngineConfig.batch_invariant (default on, as the engine's)")
     ap.add_argument("--decode-buckets", default=None, help="EngineConfig.decode_buckets, comma-separated (e.g. 16)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -141,7 +141,7 @@ for s in $stages; do
            tar czf "$OUT/knobs.tgz" -C "$OUT" knobs && rm -r "$OUT/knobs";;
     # same-lease A/B of batch-1 latency: the package in .ab/ (a base commit: mkdir -p .ab && git archive <commit>
     # hybrid_engine | tar -x -C .ab; carry ".ab") vs this tree, with AB_NEW_ARGS for this tree's engine only
-    # (e.g. "--batch-invariant on --decode-buckets 16": the batching issue's invariant default against its base)
+    # (e.g. "--batch-invariant off": the one-row GEMVs against the base)
     ab) for i in $(seq ${AB_ROUNDS:-2}); do
           PYTHONPATH=.ab timeout ${AB_T:-150} python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} --out "$OUT/ab_base_$i.json" 2>&1 | tail -1
           timeout ${AB_T:-150} python3 benchmarks/batch_bench.py --batch1-only --runs ${AB_RUNS:-40} ${AB_NEW_ARGS:-} \

@@ -148,8 +148,9 @@ def _add_model_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    help="GPUs each layer is split over (worker processes for ranks 1..; default 1)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of a repeated prompt prefix (default: on)")
-    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False,
-                   help="decode projections whose per-row sums do not depend on the batch (default: off)")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode projections whose per-row sums do not depend on the batch (default: on; "
+                        "--no-batch-invariant: the one-row GEMVs, faster on small models)")
 
 
 def build_parser() -> argparse.ArgumentParser:

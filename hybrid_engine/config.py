@@ -34,10 +34,8 @@ class EngineConfig:
         grow; when they run out the newest sequence is preempted and recomputed later.
     max_num_seqs: most sequences decoded together (batch rows; decode graphs for 1, 2, 4, ... up to it).
     decode_buckets: batch sizes that get a decode graph (max_num_seqs is always one); a step pads up to the
-        smallest bucket >= its rows. None (default): 1, 2, 4, ... below max_num_seqs. E.g. (16,) with
-        batch_invariant runs every step's projections on 16 rows of distinct data, where the invariant kernel
-        measured fastest per call; (1, 16) keeps batch 1 on the GEMVs and gives 2-16 rows that case
-        (benchmarks/NOTES.md).
+        smallest bucket >= its rows. None (default): 1, 2, 4, ... below max_num_seqs. Since the invariant kernel
+        masks rows past the batch it takes as long at 1 row as at 16 (benchmarks/NOTES.md), padding buys nothing.
     prefill_chunk_size: a prompt longer than this that arrives while others decode is prefilled in chunks of this
         many tokens, one chunk per step, so that the running streams wait at most about one chunk per token.
     batched_prefill: prompts admitted in the same step (two or more, whole, unconstrained) run as one forward pass
@@ -51,9 +49,10 @@ class EngineConfig:
     prefill_buckets: prompt-length buckets that get a prefill graph.
     batch_invariant: decode projections (QKV, O, gate/up, down, LM head) through one Triton kernel whose per-row
         sums keep one order at every batch size (kernels/decode_gemm.py), so a request's greedy tokens do not
-        depend on what else is batched with it. False (default): the one-row GEMVs at batch 1 and the product plan
-        per row count above it (cuBLAS / Triton GEMM); on the H200 the invariant kernel measured 8.8 % slower per
-        token at batch 1 (4.22 vs 3.88 ms, benchmarks/NOTES.md), so it is opt-in until it matches the GEMVs.
+        depend on what else is batched with it (the default). False: the one-row GEMVs at batch 1 and the product
+        plan per row count above it. On the H200, LLaMA-2-7B shape: TPOT at batch 1 3.91 ms invariant against
+        3.76 with the GEMVs and 3.87 for the main before batching (same lease); on small models the GEMVs are
+        faster (SmolLM2-135M shape 0.44 vs 0.72 ms, Llama-3.2-1B shape 0.84 vs 1.01; benchmarks/NOTES.md).
     prefill_weight_copy: keep a second, transposed copy of the QKV and gate/up weights for multi-row (prefill)
         projections: cuBLAS's NN kernels are 4-9% faster there on the H100 (about -0.27 ms TTFT at 200 tokens for
         LLaMA-2-7B), for ~2/3 more weight memory (+9 GB for 7B). "auto" = on for CUDA when the copy takes at most
@@ -77,7 +76,7 @@ class EngineConfig:
     capture: str = "idle"
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
     prefill_weight_copy: str = "auto"
-    batch_invariant: bool = False
+    batch_invariant: bool = True
     seed: int = 0
     trust_remote_code: bool = False
     gguf_file: str | None = None

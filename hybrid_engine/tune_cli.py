@@ -109,7 +109,7 @@ def run_tune(args: argparse.Namespace) -> int:
     if "gemv" in kernels:
         _check_gemv(args, run.saved_to, before)
     print(f"[hybrid-engine] wrote {run.saved_to}; engines started on this card read it "
-          f"(the decode GEMM table applies with --batch-invariant)", file=sys.stderr)
+          f"(the decode GEMM table serves the batch-invariant decode, the default)", file=sys.stderr)
     return 0
 
 

@@ -48,7 +48,7 @@ def test_what_changes_the_kernels_changes_the_material(fake_card, monkeypatch, c
     elif change == "max_model_len":
         other = _material(max_model_len=512)
     elif change == "config":
-        other = _material(cfg=EngineConfig(batch_invariant=True))
+        other = _material(cfg=EngineConfig(batch_invariant=False))
     else:
         monkeypatch.setenv("HYBRID_ENGINE_PDL", "0")
         other = _material()

@@ -212,12 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV cache of repeated prompt prefixes (default: on)")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode projections whose per-row sums do not depend on the batch (default: off)")
+                   help="decode projections whose per-row sums do not depend on the batch (default: on)")
     p.add_argument("--batched-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts admitted together run as one forward pass (default: off)")
     p.add_argument("--decode-buckets", type=_int_list, default=None,
-                   help="batch sizes with a decode graph, comma-separated (default 1,2,4,...; e.g. 16 with "
-                        "--batch-invariant)")
+                   help="batch sizes with a decode graph, comma-separated (default 1,2,4,...)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
     return p
