@@ -73,3 +73,17 @@ def test_generate_reports_a_load_error_in_one_line(capsys):
 def test_the_real_model_is_the_default_of_generate_and_chat():
     for command in (["generate", "hi"], ["chat"]):
         assert model_for_device(build_parser().parse_args([*command, "--device", "cpu"])) == "smollm2-135m-instruct"
+
+
+def test_decode_is_batch_invariant_unless_turned_off():
+    """The engine, the CLI and the server default to the batch-invariant decode projections; --no-batch-invariant
+    (the one-row GEMVs) reaches the engine from both."""
+    from hybrid_engine.config import EngineConfig
+    from hybrid_engine.server.app import build_parser as server_parser, engine_kwargs
+
+    assert EngineConfig().batch_invariant is True
+    assert build_parser().parse_args(["generate", "hi"]).batch_invariant is True
+    assert build_parser().parse_args(["generate", "hi", "--no-batch-invariant"]).batch_invariant is False
+    assert "batch_invariant" not in engine_kwargs(server_parser().parse_args(["--model", "tiny-llama"]))
+    assert engine_kwargs(server_parser().parse_args(["--model", "tiny-llama", "--no-batch-invariant"]))[
+        "batch_invariant"] is False
