@@ -203,7 +203,9 @@ def _decode_projections(batch_invariant: bool) -> dict[str, Any]:
 
     if batch_invariant:
         return dict(decode_linear=dg.decode_linear, linear_silu_mul=dg.decode_linear_silu_mul,
-                    linear_rope_store=dg.decode_linear_rope_store, decode_projection="decode_gemm")
+                    linear_rope_store=dg.decode_linear_rope_store,
+                    norm_linear_silu_mul=dg.decode_norm_linear_silu_mul,
+                    norm_linear_rope_store=dg.decode_norm_linear_rope_store, decode_projection="decode_gemm")
     return dict(decode_linear=_by_rows(gemv.linear, dg.decode_linear),
                 linear_silu_mul=_by_rows(gemv.linear_silu_mul, dg.decode_linear_silu_mul),
                 linear_rope_store=_by_rows(gemv.linear_rope_store, dg.decode_linear_rope_store),

@@ -31,22 +31,31 @@ the unfused kernels' formulas, so fused and composed give the same numbers):
                must divide D/2 (else the caller composes the unfused ops)
                                                                        `decode_linear_rope_store`
 The public functions have the signatures of `KernelOps.decode_linear`, `linear_silu_mul` and `linear_rope_store`.
+
+The RMSNorm before QKV and gate/up can be folded in (constexpr NORM, one split only; `decode_norm_linear_silu_mul`,
+`decode_norm_linear_rope_store`, behind $HYBRID_ENGINE_DECODE_GEMM_NORM until measured on a card): as in the one-row
+GEMVs, each row's input is (x + residual) * norm weight, its sum of squares is taken on the way through K, and its
+sums are scaled by 1 / rms at the end; the programs of the first N-tile write x + residual, the next residual.
+Every row count runs the same kernel, so rows stay invariant; the numbers differ from the unfused norm's in the
+last bits (the input to the dot is rounded before the 1 / rms scaling, not after).
 """
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
 from . import tuning
-from ._triton import cdiv, check_dot_tiles, jit_helpers, launch, pdl_enter
+from ._triton import cdiv, check_dot_tiles, env_choice, jit_helpers, launch, pdl_enter
 from .gemm import linear_rows
 from ._workspace import sm_count, split_buffers
-from .gemv import _store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref
+from .gemv import Norm, _store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
 __all__ = ["DECODE_GEMM_CONFIGS", "decode_linear", "decode_linear_rope_store", "decode_linear_silu_mul",
+           "decode_norm_linear_rope_store", "decode_norm_linear_silu_mul", "fold_norm_mode",
            "decode_gemm_triton", "decode_silu_triton", "decode_rope_store_triton", "default_config", "config_for",
            "has_tuned_config",
            "linear_ref", "linear_silu_mul_ref", "linear_rope_store_ref"]
@@ -146,17 +155,35 @@ def _load_x(ptrs, row_ok, ks, K, EVEN_K: tl.constexpr):
     return tl.load(ptrs, mask=row_ok & (ks < K)[None, :], other=0.0)
 
 
-def _dot_pair(X, W, x_rows, M, w_a, w_b, stride_xm, stride_wn, K, k_start, k_stop, PAIR: tl.constexpr,
-              EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+def _rows_tile(X, R, G, RES_OUT, offs, row_ok, kk, K, sq, write_res, EVEN_K: tl.constexpr, NORM: tl.constexpr):
+    """(the rows' tile for the dot at columns kk, the rows' running sum of squares). Without NORM: x as it is. With
+    NORM (the GEMVs' fold, `gemv._normed_x`): s = X + R rounded to X's dtype (the residual stream, stored to RES_OUT
+    where `write_res`), the tile s * G in X's dtype, and sq grows by the sum of s * s over these columns."""
+    x = _load_x(X + offs, row_ok, kk, K, EVEN_K)
+    if NORM:
+        x = x + _load_x(R + offs, row_ok, kk, K, EVEN_K)  # rounded to the input dtype, like the unfused add
+        tl.store(RES_OUT + offs, x, mask=row_ok & (kk < K)[None, :] & write_res)
+        xf = x.to(tl.float32)
+        sq += tl.sum(xf * xf, axis=1)
+        g = tl.load(G + kk, mask=kk < K, other=0.0).to(tl.float32)
+        x = (xf * g[None, :]).to(X.dtype.element_ty)
+    return x, sq
+
+
+def _dot_pair(X, W, x_rows, M, w_a, w_b, stride_xm, stride_wn, K, k_start, k_stop, R, G, RES_OUT, eps, write_res,
+              PAIR: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr,
+              PDL: tl.constexpr):
     """x[x_rows, k_start:k_stop] @ W[w_a]^T (and @ W[w_b]^T with PAIR), fp32 [BLOCK_M, BLOCK_N], K in BLOCK_K
-    steps, rows x_rows >= M read as 0; with SWAP accumulated as [BLOCK_N, BLOCK_M] and transposed at the end. Waits for the previous kernel
-    (`pdl_enter`) before reading x; with PDL == 2 the first weight tiles are read before that wait (weights are
-    never written, so the read overlaps the previous kernel's tail), then go through the same first MMA as the
-    loop's, so the sums keep their order."""
+    steps, rows x_rows >= M read as 0; with SWAP accumulated as [BLOCK_N, BLOCK_M] and transposed at the end. Waits
+    for the previous kernel (`pdl_enter`) before reading x; with PDL == 2 the first weight tiles are read before that
+    wait (weights are never written, so the read overlaps the previous kernel's tail), then go through the same
+    first MMA as the loop's, so the sums keep their order. With NORM the rows are the RMSNorm's input folded in
+    (`_normed_rows`) and the sums come scaled by each row's 1 / rms (one split only: the norm needs all of K)."""
     ks = k_start + tl.arange(0, BLOCK_K)
-    x_ptrs = X + x_rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
+    row_off = x_rows.to(tl.int64)[:, None] * stride_xm
     row_ok = (x_rows < M)[:, None]
+    sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     a_ptrs = W + w_a.to(tl.int64)[:, None] * stride_wn + ks[None, :]
     b_ptrs = W + w_b.to(tl.int64)[:, None] * stride_wn + ks[None, :]
     if SWAP:
@@ -171,26 +198,28 @@ def _dot_pair(X, W, x_rows, M, w_a, w_b, stride_xm, stride_wn, K, k_start, k_sto
             b_first = _load_k(b_ptrs, ks, K, EVEN_K)
     pdl_enter(PDL)
     if PDL == 2:
-        x = _load_x(x_ptrs, row_ok, ks, K, EVEN_K)
+        x, sq = _rows_tile(X, R, G, RES_OUT, row_off + ks[None, :], row_ok, ks, K, sq, write_res, EVEN_K, NORM)
         acc_a = _mma(x, a_first, acc_a, SWAP, DOT_PRECISION)
         if PAIR:
             acc_b = _mma(x, b_first, acc_b, SWAP, DOT_PRECISION)
-        x_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
         k_lo += BLOCK_K
     for k0 in range(k_lo, k_stop, BLOCK_K):
         kk = ks + (k0 - k_start)
-        x = _load_x(x_ptrs, row_ok, kk, K, EVEN_K)
+        x, sq = _rows_tile(X, R, G, RES_OUT, row_off + kk[None, :], row_ok, kk, K, sq, write_res, EVEN_K, NORM)
         acc_a = _mma(x, _load_k(a_ptrs, kk, K, EVEN_K), acc_a, SWAP, DOT_PRECISION)
         if PAIR:
             acc_b = _mma(x, _load_k(b_ptrs, kk, K, EVEN_K), acc_b, SWAP, DOT_PRECISION)
-        x_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if SWAP:
         acc_a = tl.trans(acc_a)
         acc_b = tl.trans(acc_b)
+    if NORM:
+        inv_rms = (1.0 / tl.sqrt(sq / K + eps))[:, None]
+        acc_a *= inv_rms
+        acc_b *= inv_rms
     return acc_a, acc_b
 
 
@@ -265,16 +294,17 @@ def _store_rope(xa, xb, w_a, rows, M, Q_OUT, stride_qm, POS, CACHE, stride_cache
     _store_kv_halves(K_CACHE, V_CACHE, at, ra, rb, k_mask, v_mask, HALF)
 
 
-_HELPERS = ("_tile_columns", "_mma", "_load_k", "_load_x", "_dot_pair", "_split_k_fixup", "_store_tile", "_store_silu_mul",
-            "_store_rope", "_store_kv_halves")
+_HELPERS = ("_tile_columns", "_mma", "_load_k", "_load_x", "_rows_tile", "_dot_pair", "_split_k_fixup",
+            "_store_tile", "_store_silu_mul", "_store_rope", "_store_kv_halves")
 
 
 def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, SLOTS, M, N, K, stride_xm,
                         stride_wn, stride_om, k_chunk, stride_cache, stride_cb, stride_co, stride_ch, num_q_heads,
-                        num_kv_heads, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        EVEN_K: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, SWAP: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
+                        num_kv_heads, R, G, RES_OUT, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, PAIR: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr = False,
+                        PDL: tl.constexpr = 0):
     pid = tl.program_id(0)  # nothing is read before _dot_pair's pdl_enter but (with PDL == 2) weights
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -283,9 +313,10 @@ def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, S
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols, w_a, w_b = _tile_columns(pid_n, N, BLOCK_N, EPILOGUE, HALF)
     k_start = pid_k * k_chunk
+    write_res = (tl.zeros([BLOCK_M, BLOCK_K], tl.int32) + pid_n) == 0  # one N-tile's programs write the residual
     acc_a, acc_b = _dot_pair(X, W, rows, M, w_a, w_b, stride_xm, stride_wn, K, k_start,
-                             tl.minimum(K, k_start + k_chunk), PAIR, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP,
-                             DOT_PRECISION, PDL)
+                             tl.minimum(K, k_start + k_chunk), R, G, RES_OUT, eps, write_res, PAIR, EVEN_K, BLOCK_M,
+                             BLOCK_N, BLOCK_K, SWAP, DOT_PRECISION, NORM, PDL)
     last = pid_k == SPLIT_K - 1  # without split-K: the one program of the tile
     if SPLIT_K > 1:
         tile = pid_m * (tl.num_programs(0) // num_pid_m) + pid_n
@@ -308,15 +339,18 @@ def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, S
 # --- Launches --------------------------------------------------------------------------------------------------------
 
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, n_out: int,
-            n_tiles: int, config: tuple[int, ...], epilogue: str, rope: tuple = ()) -> None:
+            n_tiles: int, config: tuple[int, ...], epilogue: str, rope: tuple = (), norm: tuple = ()) -> None:
     """One launch of `_decode_gemm_kernel` over x2 [M, K] (rows contiguous); `n_tiles` N-tiles of `n_out` output
-    columns; `rope` = the rope_store epilogue's (positions, cos_sin, k_cache, v_cache, slots, Hq, Hkv, HALF)."""
+    columns; `rope` = the rope_store epilogue's (positions, cos_sin, k_cache, v_cache, slots, Hq, Hkv, HALF);
+    `norm` = (residual [M, K], norm weight [K], eps, residual out [M, K]) of the RMSNorm folded in (one split)."""
     block_n, block_k, split, num_warps, num_stages, swap = _check_config(config)
     m, k = x2.shape
     if m == 0:
         return
     k_chunk = cdiv(cdiv(k, split), block_k) * block_k  # whole BLOCK_K steps per split
     split = cdiv(k, k_chunk)
+    if norm and split != 1:
+        raise ValueError(f"a folded RMSNorm needs all of K in one program: config {config} splits K={k} {split} ways")
     grid_m = cdiv(m, BLOCK_M)
     pair = epilogue != "plain"
     ws, count = out, out
@@ -333,13 +367,18 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, o
         rope_kw = {"HALF": half, "BLOCK_SIZE": k_cache.shape[1]}
     else:
         rope_args, rope_ints, rope_kw = (out,) * 5, (0,) * 6, {"HALF": 1, "BLOCK_SIZE": 1}
+    if norm:
+        residual, norm_weight, eps, res_out = norm
+        norm_args = (residual, norm_weight, res_out, float(eps))
+    else:
+        norm_args = (x2, x2, x2, 0.0)
     jit_helpers(globals(), _HELPERS)
     launch(_decode_gemm_kernel, (grid_m * n_tiles, split),
            x2, weight, bias if bias is not None else weight, out, ws, count, *rope_args, m, n_out, k, x2.stride(0),
-           weight.stride(0), out.stride(0), k_chunk, *rope_ints, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+           weight.stride(0), out.stride(0), k_chunk, *rope_ints, *norm_args, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
            BLOCK_K=block_k, SPLIT_K=split, EPILOGUE=epilogue, PAIR=pair, HAS_BIAS=bias is not None,
            EVEN_K=k % block_k == 0, SWAP=swap, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-           num_warps=num_warps, num_stages=num_stages, **rope_kw)
+           NORM=bool(norm), num_warps=num_warps, num_stages=num_stages, **rope_kw)
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -361,25 +400,44 @@ def decode_gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.view(*x.shape[:-1], n)
 
 
-def decode_silu_triton(x: torch.Tensor, weight: torch.Tensor,
-                       config: tuple[int, ...] | None = None) -> torch.Tensor:
-    """silu_mul(x [M, K] @ weight[2I, K].T) -> [M, I] in x's dtype (gate rows then up rows), one launch."""
+def _norm_launch_args(x2: torch.Tensor, norm: Norm | None) -> tuple[tuple, torch.Tensor | None]:
+    """(the `norm` argument of `_launch`, the residual stream's output) for an RMSNorm (residual, weight, eps) folded
+    into rows x2 [M, K]: the residual as x2's rows (ValueError otherwise) and a new [M, K] output for x2 + residual."""
+    if norm is None:
+        return (), None
+    residual, norm_weight, eps = norm
+    if residual.shape != x2.shape or residual.dtype != x2.dtype or not residual.is_contiguous() \
+            or not x2.is_contiguous() or norm_weight.numel() != x2.shape[1]:
+        raise ValueError(f"a folded norm needs contiguous rows and residual of one shape and dtype and a norm weight "
+                         f"of K={x2.shape[1]}: got {tuple(x2.shape)} / {tuple(residual.shape)}, {norm_weight.numel()}")
+    res_out = torch.empty_like(x2)
+    return (residual, norm_weight, eps, res_out), res_out
+
+
+def decode_silu_triton(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ...] | None = None,
+                       norm: Norm | None = None) -> Any:
+    """silu_mul(x [M, K] @ weight[2I, K].T) -> [M, I] in x's dtype (gate rows then up rows), one launch. With `norm`
+    = (residual, norm weight, eps): silu_mul(rms_norm(x + residual) @ weight.T) and x + residual, as a pair (the
+    config must keep K in one split)."""
     n2, k = weight.shape
     if n2 % 2:
         raise ValueError(f"a gate/up weight has an even number of rows, not {n2}")
     config = config or config_for(n2, k, x.device, x.dtype)
     x2 = _rows(x, k)
+    norm_args, res_out = _norm_launch_args(x2, norm)
     out = torch.empty((x2.shape[0], n2 // 2), dtype=x.dtype, device=x.device)
-    _launch(x2, weight, None, out, n2 // 2, cdiv(n2 // 2, config[0]), config, "silu_mul")
-    return out.view(*x.shape[:-1], n2 // 2)
+    _launch(x2, weight, None, out, n2 // 2, cdiv(n2 // 2, config[0]), config, "silu_mul", norm=norm_args)
+    out = out.view(*x.shape[:-1], n2 // 2)
+    return out if norm is None else (out, res_out.view(x.shape))
 
 
 def decode_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                              v_cache: torch.Tensor, slots: torch.Tensor, num_q_heads: int, num_kv_heads: int,
-                             config: tuple[int, ...] | None = None) -> torch.Tensor:
+                             config: tuple[int, ...] | None = None, norm: Norm | None = None) -> Any:
     """`linear_rope_store_ref` for M rows in one launch: returns q [M, Hq, D]; rotated k and v go to the caches
-    [blocks, block_size, Hkv, D] at `slots` [M] (< 0: no write). Whole-head rotary (cos_sin has D columns)."""
+    [blocks, block_size, Hkv, D] at `slots` [M] (< 0: no write). Whole-head rotary (cos_sin has D columns). With
+    `norm` = (residual, norm weight, eps) the input is rms_norm(x + residual), and (q, x + residual) comes back."""
     n, k = weight.shape
     config = config or config_for(n, k, x.device, x.dtype)
     heads = num_q_heads + 2 * num_kv_heads
@@ -394,10 +452,11 @@ def decode_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         raise ValueError(f"{m} rows need {m} positions and slots, not {positions.numel()} and {slots.numel()}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or cos_sin.stride(-1) != 1:
         raise ValueError("the caches need equal strides and contiguous heads; cos_sin contiguous rows")
+    norm_args, res_out = _norm_launch_args(x2, norm)
     q = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     rope = (positions, cos_sin, k_cache, v_cache, slots, num_q_heads, num_kv_heads, half)
-    _launch(x2, weight, bias, q, n, heads * (half // config[0]), config, "rope_store", rope)
-    return q
+    _launch(x2, weight, bias, q, n, heads * (half // config[0]), config, "rope_store", rope, norm_args)
+    return q if norm is None else (q, res_out.view(x.shape))
 
 
 # --- Dispatch (the KernelOps signatures) -----------------------------------------------------------------------------
@@ -424,6 +483,21 @@ def decode_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     return None
 
 
+def _rope_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+               cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+               num_q_heads: int, num_kv_heads: int) -> bool:
+    """Whether the rope_store epilogue runs these operands (else the caller composes the unfused ops)."""
+    if not _kernel_ok(x, weight, bias) or x.dim() != 2:
+        return False
+    heads = num_q_heads + 2 * num_kv_heads
+    n, k = weight.shape
+    head_dim = n // heads
+    block_n = config_for(n, k, x.device, x.dtype)[0]
+    return not (n % heads or head_dim % 2 or cos_sin.shape[-1] != head_dim or (head_dim // 2) % block_n
+                or cos_sin.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1
+                or k_cache.dtype != x.dtype or positions.numel() != x.shape[0] or slots.numel() != x.shape[0])
+
+
 def decode_linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                              v_cache: torch.Tensor, slots: torch.Tensor, num_q_heads: int,
@@ -431,15 +505,47 @@ def decode_linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     """`KernelOps.linear_rope_store`: the decode rows' QKV projection, rope and KV-cache writes in one launch;
     returns q [M, Hq, D], or None where the layout does not fit (CPU, fp32, partial rotary, a head's rotary half
     not a multiple of BLOCK_N (>= 16), strided caches): the caller then composes the unfused ops."""
-    if not _kernel_ok(x, weight, bias) or x.dim() != 2:
-        return None
-    heads = num_q_heads + 2 * num_kv_heads
-    n, k = weight.shape
-    head_dim = n // heads
-    block_n = config_for(n, k, x.device, x.dtype)[0]
-    if (n % heads or head_dim % 2 or cos_sin.shape[-1] != head_dim or (head_dim // 2) % block_n
-            or cos_sin.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1
-            or k_cache.dtype != x.dtype or positions.numel() != x.shape[0] or slots.numel() != x.shape[0]):
+    if not _rope_fits(x, weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads, num_kv_heads):
         return None
     return decode_rope_store_triton(x, weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads,
                                     num_kv_heads)
+
+
+def fold_norm_mode() -> bool:
+    """$HYBRID_ENGINE_DECODE_GEMM_NORM: "1" folds a decode step's RMSNorm into the decode GEMM after it (QKV + rope,
+    gate/up + SiLU-mul) where the shape's config keeps K in one split, as the one-row GEMVs fold it on small models;
+    "0" (the default until it is measured on a card) keeps the norm its own kernel."""
+    return env_choice("HYBRID_ENGINE_DECODE_GEMM_NORM", "0", {"0": False, "off": False, "1": True, "on": True},
+                      "0 (the norm its own kernel) or 1 (folded into the decode GEMM after it)")
+
+
+def _fold_ok(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (residual is not None and fold_norm_mode() and _kernel_ok(x, weight, None) and x.dim() == 2
+            and x.is_contiguous() and residual.shape == x.shape and residual.dtype == x.dtype
+            and residual.is_contiguous() and norm_weight.dtype == x.dtype and norm_weight.numel() == x.shape[1]
+            and config_for(*weight.shape, x.device, x.dtype)[2] == 1)
+
+
+def decode_norm_linear_silu_mul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                                eps: float, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`KernelOps.norm_linear_silu_mul` on the batch-invariant path: (silu_mul(rms_norm(x + residual) @ gate/up^T),
+    x + residual) in one launch where `fold_norm_mode` is on and the config has one split; None elsewhere (the caller
+    runs the norm, then `decode_linear_silu_mul`)."""
+    if not _fold_ok(x, residual, norm_weight, weight) or weight.shape[0] % 2:
+        return None
+    return decode_silu_triton(x, weight, norm=(residual, norm_weight, eps))
+
+
+def decode_norm_linear_rope_store(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                                  eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+                                  positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
+                                  v_cache: torch.Tensor, slots: torch.Tensor, num_q_heads: int,
+                                  num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`KernelOps.norm_linear_rope_store` on the batch-invariant path: (q, x + residual) of the QKV projection of
+    rms_norm(x + residual) with rope and the KV-cache writes, in one launch where `fold_norm_mode` is on, the config
+    has one split and `decode_linear_rope_store` would fuse; None elsewhere."""
+    if not (_fold_ok(x, residual, norm_weight, weight) and _rope_fits(x, weight, bias, positions, cos_sin, k_cache,
+                                                                      v_cache, slots, num_q_heads, num_kv_heads)):
+        return None
+    return decode_rope_store_triton(x, weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads,
+                                    num_kv_heads, norm=(residual, norm_weight, eps))

@@ -35,6 +35,8 @@ def test_batch_invariant_picks_the_decode_projections():
     on, off = get_ops("cpu", "triton", batch_invariant=True), get_ops("cpu", "triton")
     assert (on.decode_linear, on.linear_silu_mul, on.linear_rope_store) == (
         decode_gemm.decode_linear, decode_gemm.decode_linear_silu_mul, decode_gemm.decode_linear_rope_store)
+    assert (on.norm_linear_silu_mul, on.norm_linear_rope_store) == (
+        decode_gemm.decode_norm_linear_silu_mul, decode_gemm.decode_norm_linear_rope_store)
     assert off.describe()["decode_projections"] == "gemv (1 row) + decode_gemm (2-16) + plan"
     assert get_ops("cpu").describe()["decode_projections"] == "linear_rows"  # torch: F.linear row by row
 

@@ -355,3 +355,120 @@ def test_decode_linear_rope_store_gpu(dtype):
     assert_close(kc.view(48, 32, 128)[slots[kept]], kr.view(48, 32, 128)[slots[kept]], dtype, "k slots")
     q0 = dg.decode_linear_rope_store(x[:1], w, None, pos[:1], cos_sin, kc, vc, slots[:1], 32, 32)
     assert torch.equal(q0, q[:1])
+
+
+# --- The RMSNorm folded in ---------------------------------------------------------------------------------------------
+
+ONE_SPLIT = [pytest.param(c, id=str(c)) for c in (CONFIGS[0], SWAP_CONFIGS[0], (16, 64, 1, 1, 1))]
+
+
+def _norm_rows(m, k, dtype, seed):
+    """(residual [m, k], norm weight [k], eps) of an RMSNorm folded into the decode GEMM."""
+    return (rand(m, k, dtype=dtype, device="cpu", seed=seed),
+            1 + rand(k, dtype=dtype, device="cpu", seed=seed + 1, scale=0.3), 1e-5)
+
+
+@pytest.mark.parametrize("config", ONE_SPLIT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,i,k", [(1, 24, 100), (5, 40, 64), (17, 24, 130)])
+def test_silu_with_the_norm_folded_in(config, dtype, m, i, k):
+    """norm=(residual, g, eps): silu_mul(rmsnorm(x + residual) @ W^T) against the norm reference then the fused
+    reference (up to the norm's rounding, which the fold skips); x + residual comes back exactly as the unfused add
+    gives it."""
+    from hybrid_engine.kernels.rms_norm import rms_norm_ref
+
+    x = rand(m, k, dtype=dtype, device="cpu", seed=40)
+    w = rand(2 * i, k, dtype=dtype, device="cpu", seed=41, scale=0.3)
+    residual, g, eps = _norm_rows(m, k, dtype, seed=42)
+    out, new_residual = decode_silu_triton(x, w, config, norm=(residual, g, eps))
+    normed, _ = rms_norm_ref(x.float(), g.float(), eps, residual.float())
+    assert torch.equal(new_residual, x + residual)
+    assert out.shape == (m, i) and out.dtype == dtype
+    assert_close(out, linear_silu_mul_ref(normed, w.float()), dtype, "norm + decode silu")
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], SWAP_CONFIGS[0]], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_store_with_the_norm_folded_in(config, dtype):
+    from hybrid_engine.kernels.rms_norm import rms_norm_ref
+
+    (x, w, b, pos, cos_sin), (kc, vc), slots = _rope_case("cpu", dtype, 5, 3, 1, 32, 72, True, seed=11)
+    residual, g, eps = _norm_rows(5, 72, dtype, seed=50)
+    q, new_residual = decode_rope_store_triton(x, w, b, pos, cos_sin, kc, vc, slots, 3, 1, config,
+                                               norm=(residual, g, eps))
+    normed, _ = rms_norm_ref(x.float(), g.float(), eps, residual.float())
+    kr, vr = torch.full_like(kc, float("nan")).float(), torch.full_like(vc, float("nan")).float()
+    qr = linear_rope_store_ref(normed, w.float(), b.float(), pos, cos_sin, kr, vr, slots, 3, 1)
+    assert torch.equal(new_residual, x + residual)
+    assert_close(q, qr, dtype, "norm + q")
+    written = slots[slots >= 0]
+    for got, want in ((kc, kr), (vc, vr)):
+        assert_close(got.view(48, 1, 32)[written], want.view(48, 1, 32)[written], dtype, "norm + cache slots")
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], SWAP_CONFIGS[0]], ids=str)
+def test_batch_invariance_with_the_norm_folded_in(config):
+    """Each row alone and in subsets gives bitwise its row of the 33-row call, the gate/up output and the residual."""
+    x = rand(33, 72, dtype=torch.float16, device="cpu", seed=60)
+    w = rand(48, 72, dtype=torch.float16, device="cpu", seed=61, scale=0.2)
+    residual, g, eps = _norm_rows(33, 72, torch.float16, seed=62)
+
+    def run(idx):
+        out, res = decode_silu_triton(x[idx], w, config, norm=(residual[idx], g, eps))
+        return torch.cat([out, res], dim=1)
+
+    _assert_row_invariant(lambda rows: run(rows), torch.arange(33), "norm + silu_mul")
+
+
+def test_a_folded_norm_needs_one_split_and_matching_rows():
+    x = rand(3, 64, dtype=torch.float32, device="cpu", seed=70)
+    w = rand(32, 64, dtype=torch.float32, device="cpu", seed=71)
+    residual, g, eps = _norm_rows(3, 64, torch.float32, seed=72)
+    with pytest.raises(ValueError, match=r"folded RMSNorm needs all of K in one program: config \(16, 32, 2"):
+        decode_silu_triton(x, w, (16, 32, 2, 1, 1), norm=(residual, g, eps))
+    with pytest.raises(ValueError, match="a folded norm needs contiguous rows and residual of one shape"):
+        decode_silu_triton(x, w, CONFIGS[0], norm=(residual[:2], g, eps))
+
+
+def test_the_fold_is_off_unless_asked_and_then_needs_one_split(monkeypatch):
+    """decode_norm_linear_* return None (the caller composes) with $HYBRID_ENGINE_DECODE_GEMM_NORM unset, on the CPU
+    (no kernel there) and where the shape's config splits K; a bad value names the allowed ones."""
+    x = rand(2, 64, dtype=torch.float16, device="cpu", seed=80)
+    w = rand(32, 64, dtype=torch.float16, device="cpu", seed=81)
+    residual, g, eps = _norm_rows(2, 64, torch.float16, seed=82)
+    monkeypatch.delenv("HYBRID_ENGINE_DECODE_GEMM_NORM", raising=False)
+    assert dg.fold_norm_mode() is False
+    monkeypatch.setattr(dg, "_kernel_ok", lambda *a: True)  # as on a GPU
+    monkeypatch.setattr(dg, "config_for", lambda *a: (16, 32, 1, 1, 1, 0))
+    assert dg.decode_norm_linear_silu_mul(x, residual, g, eps, w) is None
+    monkeypatch.setenv("HYBRID_ENGINE_DECODE_GEMM_NORM", "1")
+    out, new_residual = dg.decode_norm_linear_silu_mul(x, residual, g, eps, w)
+    assert out.shape == (2, 16) and torch.equal(new_residual, x + residual)
+    assert dg.decode_norm_linear_silu_mul(x, None, g, eps, w) is None  # the first layer: no residual yet
+    monkeypatch.setattr(dg, "config_for", lambda *a: (16, 32, 2, 1, 1, 0))
+    assert dg.decode_norm_linear_silu_mul(x, residual, g, eps, w) is None
+    monkeypatch.setenv("HYBRID_ENGINE_DECODE_GEMM_NORM", "maybe")
+    with pytest.raises(ValueError, match=r"HYBRID_ENGINE_DECODE_GEMM_NORM='maybe' must be 0 \(the norm"):
+        dg.fold_norm_mode()
+
+
+@pytest.mark.parametrize("config", [(32, 128, 1, 4, 4, 0), (64, 128, 1, 4, 4, 1)], ids=str)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_norm_folded_in_gpu(config):
+    """On the card, both layouts at the small models' tile sizes: the fold against the references, and each of 32
+    rows alone bitwise equal to its row of the 32-row call (gate/up output and residual)."""
+    from hybrid_engine.kernels.rms_norm import rms_norm_ref
+
+    k, i = 576, 1536
+    x = rand(32, k, dtype=torch.float16, device="cuda", seed=90)
+    w = rand(2 * i, k, dtype=torch.float16, device="cuda", seed=91, scale=0.05)
+    residual = rand(32, k, dtype=torch.float16, device="cuda", seed=92)
+    g = 1 + rand(k, dtype=torch.float16, device="cuda", seed=93, scale=0.3)
+    out, new_residual = decode_silu_triton(x, w, config, norm=(residual, g, 1e-5))
+    normed, _ = rms_norm_ref(x.float(), g.float(), 1e-5, residual.float())
+    assert torch.equal(new_residual, x + residual)
+    assert_close(out, linear_silu_mul_ref(normed, w.float()), torch.float16, "norm + decode silu on the card")
+    for r in (0, 13, 31):
+        one, one_res = decode_silu_triton(x[r:r + 1], w, config, norm=(residual[r:r + 1], g, 1e-5))
+        assert torch.equal(one, out[r:r + 1]) and torch.equal(one_res, new_residual[r:r + 1])
