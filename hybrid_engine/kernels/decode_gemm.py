@@ -179,7 +179,7 @@ def _dot_pair(X, W, x_rows, M, w_a, w_b, stride_xm, stride_wn, K, k_start, k_sto
     for the previous kernel (`pdl_enter`) before reading x; with PDL == 2 the first weight tiles are read before that
     wait (weights are never written, so the read overlaps the previous kernel's tail), then go through the same
     first MMA as the loop's, so the sums keep their order. With NORM the rows are the RMSNorm's input folded in
-    (`_normed_rows`) and the sums come scaled by each row's 1 / rms (one split only: the norm needs all of K)."""
+    (`_rows_tile`) and the sums come scaled by each row's 1 / rms (one split only: the norm needs all of K)."""
     ks = k_start + tl.arange(0, BLOCK_K)
     row_off = x_rows.to(tl.int64)[:, None] * stride_xm
     row_ok = (x_rows < M)[:, None]
@@ -511,10 +511,12 @@ def decode_linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.
                                     num_kv_heads)
 
 
+@functools.lru_cache(maxsize=None)
 def fold_norm_mode() -> bool:
     """$HYBRID_ENGINE_DECODE_GEMM_NORM: "1" folds a decode step's RMSNorm into the decode GEMM after it (QKV + rope,
     gate/up + SiLU-mul) where the shape's config keeps K in one split, as the one-row GEMVs fold it on small models;
-    "0" (the default until it is measured on a card) keeps the norm its own kernel."""
+    "0" (the default until it is measured on a card) keeps the norm its own kernel. Read once per process
+    (`fold_norm_mode.cache_clear()` to read it again)."""
     return env_choice("HYBRID_ENGINE_DECODE_GEMM_NORM", "0", {"0": False, "off": False, "1": True, "on": True},
                       "0 (the norm its own kernel) or 1 (folded into the decode GEMM after it)")
 

@@ -430,24 +430,28 @@ def test_a_folded_norm_needs_one_split_and_matching_rows():
         decode_silu_triton(x, w, CONFIGS[0], norm=(residual[:2], g, eps))
 
 
-def test_the_fold_is_off_unless_asked_and_then_needs_one_split(monkeypatch):
+def test_the_fold_is_off_unless_asked_and_then_needs_one_split(monkeypatch, request):
     """decode_norm_linear_* return None (the caller composes) with $HYBRID_ENGINE_DECODE_GEMM_NORM unset, on the CPU
     (no kernel there) and where the shape's config splits K; a bad value names the allowed ones."""
     x = rand(2, 64, dtype=torch.float16, device="cpu", seed=80)
     w = rand(32, 64, dtype=torch.float16, device="cpu", seed=81)
     residual, g, eps = _norm_rows(2, 64, torch.float16, seed=82)
+    request.addfinalizer(dg.fold_norm_mode.cache_clear)  # later readers see the environment restored
     monkeypatch.delenv("HYBRID_ENGINE_DECODE_GEMM_NORM", raising=False)
+    dg.fold_norm_mode.cache_clear()
     assert dg.fold_norm_mode() is False
     monkeypatch.setattr(dg, "_kernel_ok", lambda *a: True)  # as on a GPU
     monkeypatch.setattr(dg, "config_for", lambda *a: (16, 32, 1, 1, 1, 0))
     assert dg.decode_norm_linear_silu_mul(x, residual, g, eps, w) is None
     monkeypatch.setenv("HYBRID_ENGINE_DECODE_GEMM_NORM", "1")
+    dg.fold_norm_mode.cache_clear()
     out, new_residual = dg.decode_norm_linear_silu_mul(x, residual, g, eps, w)
     assert out.shape == (2, 16) and torch.equal(new_residual, x + residual)
     assert dg.decode_norm_linear_silu_mul(x, None, g, eps, w) is None  # the first layer: no residual yet
     monkeypatch.setattr(dg, "config_for", lambda *a: (16, 32, 2, 1, 1, 0))
     assert dg.decode_norm_linear_silu_mul(x, residual, g, eps, w) is None
     monkeypatch.setenv("HYBRID_ENGINE_DECODE_GEMM_NORM", "maybe")
+    dg.fold_norm_mode.cache_clear()
     with pytest.raises(ValueError, match=r"HYBRID_ENGINE_DECODE_GEMM_NORM='maybe' must be 0 \(the norm"):
         dg.fold_norm_mode()
 

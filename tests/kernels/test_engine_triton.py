@@ -28,7 +28,7 @@ def test_triton_backend_greedy_parity_with_transformers(kv_heads):
     assert blocks_settled(llm)
 
 
-def test_decode_gemm_with_the_norm_folded_in_keeps_greedy_parity(monkeypatch):
+def test_decode_gemm_with_the_norm_folded_in_keeps_greedy_parity(monkeypatch, request):
     """$HYBRID_ENGINE_DECODE_GEMM_NORM=1 with the decode GEMM's kernels running (the interpreter standing in for the
     card): every decode step folds both RMSNorms into QKV + rope and gate/up + SiLU-mul, and the greedy tokens still
     equal transformers'."""
@@ -42,7 +42,9 @@ def test_decode_gemm_with_the_norm_folded_in_keeps_greedy_parity(monkeypatch):
         calls.append(out is not None)
         return out
 
+    request.addfinalizer(dg.fold_norm_mode.cache_clear)  # later readers see the environment restored
     monkeypatch.setenv("HYBRID_ENGINE_DECODE_GEMM_NORM", "1")
+    dg.fold_norm_mode.cache_clear()
     monkeypatch.setattr(dg, "_kernel_ok", lambda x, w, b: x.dtype == w.dtype)
     monkeypatch.setattr(dg, "decode_norm_linear_silu_mul", counted)
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
