@@ -357,7 +357,7 @@ def test_decode_linear_rope_store_gpu(dtype):
     assert torch.equal(q0, q[:1])
 
 
-# --- The RMSNorm folded in ---------------------------------------------------------------------------------------------
+# --- The RMSNorm folded in --------------------------------------------------------------------------------------------
 
 ONE_SPLIT = [pytest.param(c, id=str(c)) for c in (CONFIGS[0], SWAP_CONFIGS[0], (16, 64, 1, 1, 1))]
 
