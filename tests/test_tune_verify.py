@@ -68,6 +68,11 @@ def test_the_check_measures_a_real_engine_in_a_fresh_process(tmp_path):
     assert 0 < ms < 10_000
 
 
+def test_the_check_runs_the_gemv_path():
+    """The GEMV entries serve batch_invariant=False only: engines on the (invariant) default would not read them."""
+    assert 'batch_invariant=False' in verify.CHILD.split("llm = LLM(", 1)[1].split("\n", 1)[0]
+
+
 def test_a_failing_child_raises_with_its_error(tmp_path):
     with pytest.raises(RuntimeError, match="exited"):
         verify.tpot_ms("no-such-preset-or-path", tmp_path, runs=1, tokens=2, timeout_s=300)

@@ -5,7 +5,8 @@ Why: the GEMV sweep times each kernel alone, twenty calls of it back to back. In
 a different one under programmatic dependent launch (which cuBLAS takes no part in), so a config that wins alone
 can lose in the step. On the H200, tables the sweep chose made the Llama-3.2-1B shape 6 % slower at batch 1
 (0.934 -> 0.992 ms) and the SmolLM2-135M shape 1.6 % slower. `hybrid-engine tune` therefore keeps its new GEMV
-entries only when this check measures the model faster with them, and puts the GEMV families back otherwise.
+entries only when this check measures the model faster with them, and puts the GEMV families back otherwise. The
+engines run with `batch_invariant=False`: the GEMVs serve that path only (the default decode is batch-invariant).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ CHILD = """
 import json, statistics, sys
 from hybrid_engine import LLM, SamplingParams
 model, dtype, runs, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-llm = LLM(model, dtype=dtype, capture="eager")
+llm = LLM(model, dtype=dtype, capture="eager", batch_invariant=False)  # the GEMVs: the path the entries serve
 sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 ids = {"prompt_token_ids": list(range(3, 35))}
 for _ in range(2):
