@@ -8,6 +8,8 @@ means SWAP=0), so every row is reduced the same way - K in BLOCK_K chunks throug
 split-K partials summed in the fixed order s = 0..SPLIT_K-1 - whatever M is. Rows past M are masked (read as zeros,
 never loaded) and never stored. (They once read row M-1 again: with 15 of 16 rows on one address, M = 1 took 35 us
 for the QKV weight against 26 at M = 16 on the H200; masked, M = 1..16 all take ~25 us, benchmarks/NOTES.md.)
+At 17-32 rows two 16-row programs read each weight tile (the second mostly from L2): a 32-row step took 1.55x a
+one-row step on the H200. `wide_rows_mode` (off by default, not yet measured) runs such steps as one 32-row tile.
 
 Two layouts of the dot, both reducing each output element over K on its own (so both keep rows independent):
   SWAP=0  acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] @ W[BLOCK_N, BLOCK_K]^T  (rows as the MMA's M operand)
@@ -55,12 +57,13 @@ from .gemv import Norm, _store_kv_halves, _triton_ok, linear_ref, linear_rope_st
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
 __all__ = ["DECODE_GEMM_CONFIGS", "decode_linear", "decode_linear_rope_store", "decode_linear_silu_mul",
-           "decode_norm_linear_rope_store", "decode_norm_linear_silu_mul", "fold_norm_mode",
+           "decode_norm_linear_rope_store", "decode_norm_linear_silu_mul", "fold_norm_mode", "wide_rows_mode",
            "decode_gemm_triton", "decode_silu_triton", "decode_rope_store_triton", "default_config", "config_for",
            "has_tuned_config",
            "linear_ref", "linear_silu_mul_ref", "linear_rope_store_ref"]
 
 BLOCK_M = 16  # fixed for every M: the point of the module
+WIDE_BLOCK_M = 32  # with $HYBRID_ENGINE_DECODE_GEMM_WIDE=1, the M-tile of steps of more than BLOCK_M rows
 DECODE_MAX_ROWS = 32  # the largest decode bucket: split-K workspaces are sized for at least this many rows
 H200_SMS = 132
 Config = tuple[int, int, int, int, int, int]  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP)
@@ -351,12 +354,13 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, o
     split = cdiv(k, k_chunk)
     if norm and split != 1:
         raise ValueError(f"a folded RMSNorm needs all of K in one program: config {config} splits K={k} {split} ways")
-    grid_m = cdiv(m, BLOCK_M)
+    block_m = WIDE_BLOCK_M if m > BLOCK_M and wide_rows_mode() else BLOCK_M
+    grid_m = cdiv(m, block_m)
     pair = epilogue != "plain"
     ws, count = out, out
     if split > 1:
-        m_tiles = max(grid_m, cdiv(DECODE_MAX_ROWS, BLOCK_M))
-        per_tile = split * (2 if pair else 1) * BLOCK_M * block_n
+        m_tiles = max(grid_m, cdiv(DECODE_MAX_ROWS, block_m))
+        per_tile = split * (2 if pair else 1) * block_m * block_n
         ws, count = split_buffers(x2.device, ("decode_gemm", n_tiles, split, pair, block_n),
                                   m_tiles * n_tiles * per_tile, m_tiles * n_tiles)
     if rope:
@@ -375,7 +379,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, o
     jit_helpers(globals(), _HELPERS)
     launch(_decode_gemm_kernel, (grid_m * n_tiles, split),
            x2, weight, bias if bias is not None else weight, out, ws, count, *rope_args, m, n_out, k, x2.stride(0),
-           weight.stride(0), out.stride(0), k_chunk, *rope_ints, *norm_args, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+           weight.stride(0), out.stride(0), k_chunk, *rope_ints, *norm_args, BLOCK_M=block_m, BLOCK_N=block_n,
            BLOCK_K=block_k, SPLIT_K=split, EPILOGUE=epilogue, PAIR=pair, HAS_BIAS=bias is not None,
            EVEN_K=k % block_k == 0, SWAP=swap, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
            NORM=bool(norm), num_warps=num_warps, num_stages=num_stages, **rope_kw)
@@ -509,6 +513,17 @@ def decode_linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         return None
     return decode_rope_store_triton(x, weight, bias, positions, cos_sin, k_cache, v_cache, slots, num_q_heads,
                                     num_kv_heads)
+
+
+@functools.lru_cache(maxsize=None)
+def wide_rows_mode() -> bool:
+    """$HYBRID_ENGINE_DECODE_GEMM_WIDE: "1" runs steps of 17-32 rows as one 32-row M-tile, so each weight tile is
+    read by one program instead of two; "0" (the default) keeps 16-row tiles at every M. Rows stay invariant only if
+    the MMA sums a row's products the same way at both tile widths (the rows are the dot's N operand with SWAP=1,
+    its M operand with SWAP=0): `decode_gemm_sweep.check` compares each row alone with its row of a 32-row call,
+    bitwise, so it is to be measured on a card before it is turned on. Read once per process."""
+    return env_choice("HYBRID_ENGINE_DECODE_GEMM_WIDE", "0", {"0": False, "off": False, "1": True, "on": True},
+                      "0 (16-row tiles at every row count) or 1 (one 32-row tile above 16 rows)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -476,3 +476,34 @@ def test_norm_folded_in_gpu(config):
     for r in (0, 13, 31):
         one, one_res = decode_silu_triton(x[r:r + 1], w, config, norm=(residual[r:r + 1], g, 1e-5))
         assert torch.equal(one, out[r:r + 1]) and torch.equal(one_res, new_residual[r:r + 1])
+
+
+# --- One 32-row tile above 16 rows ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", [CONFIGS[1], SWAP_CONFIGS[1], (16, 64, 1, 1, 1)], ids=str)
+def test_wide_tiles_keep_the_products_and_the_split_k_workspace(monkeypatch, request, config):
+    """$HYBRID_ENGINE_DECODE_GEMM_WIDE=1: 17-33 rows run in 32-row tiles (the grid has one M-tile per 32 rows) and
+    still equal the references, every epilogue, with and without split-K; 1-16 rows keep their 16-row tiles."""
+    from hybrid_engine.kernels import _triton
+
+    request.addfinalizer(dg.wide_rows_mode.cache_clear)  # later readers see the environment restored
+    monkeypatch.setenv("HYBRID_ENGINE_DECODE_GEMM_WIDE", "1")
+    dg.wide_rows_mode.cache_clear()
+    tiles = []
+    launch = _triton.launch
+    monkeypatch.setattr(dg, "launch", lambda fn, grid, *a, **kw: tiles.append((grid, kw["BLOCK_M"])) or launch(
+        fn, grid, *a, **kw))
+    x = rand(33, 72, dtype=torch.float32, device="cpu", seed=95)
+    w = rand(48, 72, dtype=torch.float32, device="cpu", seed=96, scale=0.2)
+    for m in (33, 17, 16, 1):
+        assert_close(decode_gemm_triton(x[:m], w, None, config), linear_ref(x[:m], w).float(), torch.float32,
+                     f"wide plain {m}")
+        assert_close(decode_silu_triton(x[:m], w, config), linear_silu_mul_ref(x[:m], w).float(), torch.float32,
+                     f"wide silu {m}")
+    plain, silu = -(-48 // config[0]), -(-24 // config[0])  # N-tiles of the plain and the SiLU launches
+    m_tiles = [(grid[0] // (silu if i % 2 else plain), block_m) for i, (grid, block_m) in enumerate(tiles)]
+    assert m_tiles == [(2, 32)] * 2 + [(1, 32)] * 2 + [(1, 16)] * 4  # 33, 17, 16 and 1 rows, plain then SiLU
+    (xr, wr, b, pos, cos_sin), (kc, vc), slots = _rope_case("cpu", torch.float32, 20, 2, 1, 32, 72, True, seed=12)
+    q = decode_rope_store_triton(xr, wr, b, pos, cos_sin, kc, vc, slots, 2, 1, ROPE_CONFIGS[0])
+    kr, vr = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    assert_close(q, linear_rope_store_ref(xr, wr, b, pos, cos_sin, kr, vr, slots, 2, 1), torch.float32, "wide rope")
