@@ -52,7 +52,8 @@ from . import tuning
 from ._triton import cdiv, check_dot_tiles, env_choice, jit_helpers, launch, pdl_enter
 from .gemm import linear_rows
 from ._workspace import sm_count, split_buffers
-from .gemv import Norm, _store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref, linear_silu_mul_ref
+from .gemv import (Norm, _norm_args, _norm_ok, _store_kv_halves, _triton_ok, linear_ref, linear_rope_store_ref,
+                   linear_silu_mul_ref)
 
 tl = None  # triton.language, bound on first launch (see _triton.py)
 
@@ -342,17 +343,20 @@ def _decode_gemm_kernel(X, W, B, OUT, WS, COUNT, POS, CACHE, K_CACHE, V_CACHE, S
 # --- Launches --------------------------------------------------------------------------------------------------------
 
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, n_out: int,
-            n_tiles: int, config: tuple[int, ...], epilogue: str, rope: tuple = (), norm: tuple = ()) -> None:
+            n_tiles: int, config: tuple[int, ...], epilogue: str, rope: tuple = (),
+            norm: Norm | None = None) -> torch.Tensor | None:
     """One launch of `_decode_gemm_kernel` over x2 [M, K] (rows contiguous); `n_tiles` N-tiles of `n_out` output
     columns; `rope` = the rope_store epilogue's (positions, cos_sin, k_cache, v_cache, slots, Hq, Hkv, HALF);
-    `norm` = (residual [M, K], norm weight [K], eps, residual out [M, K]) of the RMSNorm folded in (one split)."""
+    `norm` = (residual [M, K], norm weight [K], eps) of an RMSNorm folded in (one split). Returns x2 + residual
+    with a norm, else None."""
     block_n, block_k, split, num_warps, num_stages, swap = _check_config(config)
     m, k = x2.shape
+    r, g, res_out, eps = _norm_launch_args(x2, norm)
     if m == 0:
-        return
+        return res_out if norm is not None else None
     k_chunk = cdiv(cdiv(k, split), block_k) * block_k  # whole BLOCK_K steps per split
     split = cdiv(k, k_chunk)
-    if norm and split != 1:
+    if norm is not None and split != 1:
         raise ValueError(f"a folded RMSNorm needs all of K in one program: config {config} splits K={k} {split} ways")
     block_m = WIDE_BLOCK_M if m > BLOCK_M and wide_rows_mode() else BLOCK_M
     grid_m = cdiv(m, block_m)
@@ -371,18 +375,14 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, o
         rope_kw = {"HALF": half, "BLOCK_SIZE": k_cache.shape[1]}
     else:
         rope_args, rope_ints, rope_kw = (out,) * 5, (0,) * 6, {"HALF": 1, "BLOCK_SIZE": 1}
-    if norm:
-        residual, norm_weight, eps, res_out = norm
-        norm_args = (residual, norm_weight, res_out, float(eps))
-    else:
-        norm_args = (x2, x2, x2, 0.0)
     jit_helpers(globals(), _HELPERS)
     launch(_decode_gemm_kernel, (grid_m * n_tiles, split),
            x2, weight, bias if bias is not None else weight, out, ws, count, *rope_args, m, n_out, k, x2.stride(0),
-           weight.stride(0), out.stride(0), k_chunk, *rope_ints, *norm_args, BLOCK_M=block_m, BLOCK_N=block_n,
+           weight.stride(0), out.stride(0), k_chunk, *rope_ints, r, g, res_out, eps, BLOCK_M=block_m, BLOCK_N=block_n,
            BLOCK_K=block_k, SPLIT_K=split, EPILOGUE=epilogue, PAIR=pair, HAS_BIAS=bias is not None,
            EVEN_K=k % block_k == 0, SWAP=swap, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-           NORM=bool(norm), num_warps=num_warps, num_stages=num_stages, **rope_kw)
+           NORM=norm is not None, num_warps=num_warps, num_stages=num_stages, **rope_kw)
+    return res_out if norm is not None else None
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -404,18 +404,14 @@ def decode_gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.view(*x.shape[:-1], n)
 
 
-def _norm_launch_args(x2: torch.Tensor, norm: Norm | None) -> tuple[tuple, torch.Tensor | None]:
-    """(the `norm` argument of `_launch`, the residual stream's output) for an RMSNorm (residual, weight, eps) folded
-    into rows x2 [M, K]: the residual as x2's rows (ValueError otherwise) and a new [M, K] output for x2 + residual."""
-    if norm is None:
-        return (), None
-    residual, norm_weight, eps = norm
-    if residual.shape != x2.shape or residual.dtype != x2.dtype or not residual.is_contiguous() \
-            or not x2.is_contiguous() or norm_weight.numel() != x2.shape[1]:
+def _norm_launch_args(x2: torch.Tensor, norm: Norm | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """`gemv._norm_args` (R, G, RES_OUT, eps) of a norm folded into rows x2 [M, K]; ValueError where the residual and
+    norm weight do not fit x2's rows (`gemv._norm_ok`) or the rows are not contiguous."""
+    if norm is not None and not (x2.is_contiguous() and _norm_ok(x2, norm)):
+        residual, norm_weight, _ = norm
         raise ValueError(f"a folded norm needs contiguous rows and residual of one shape and dtype and a norm weight "
                          f"of K={x2.shape[1]}: got {tuple(x2.shape)} / {tuple(residual.shape)}, {norm_weight.numel()}")
-    res_out = torch.empty_like(x2)
-    return (residual, norm_weight, eps, res_out), res_out
+    return _norm_args(x2, norm)
 
 
 def decode_silu_triton(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ...] | None = None,
@@ -428,9 +424,8 @@ def decode_silu_triton(x: torch.Tensor, weight: torch.Tensor, config: tuple[int,
         raise ValueError(f"a gate/up weight has an even number of rows, not {n2}")
     config = config or config_for(n2, k, x.device, x.dtype)
     x2 = _rows(x, k)
-    norm_args, res_out = _norm_launch_args(x2, norm)
     out = torch.empty((x2.shape[0], n2 // 2), dtype=x.dtype, device=x.device)
-    _launch(x2, weight, None, out, n2 // 2, cdiv(n2 // 2, config[0]), config, "silu_mul", norm=norm_args)
+    res_out = _launch(x2, weight, None, out, n2 // 2, cdiv(n2 // 2, config[0]), config, "silu_mul", norm=norm)
     out = out.view(*x.shape[:-1], n2 // 2)
     return out if norm is None else (out, res_out.view(x.shape))
 
@@ -456,10 +451,9 @@ def decode_rope_store_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         raise ValueError(f"{m} rows need {m} positions and slots, not {positions.numel()} and {slots.numel()}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or cos_sin.stride(-1) != 1:
         raise ValueError("the caches need equal strides and contiguous heads; cos_sin contiguous rows")
-    norm_args, res_out = _norm_launch_args(x2, norm)
     q = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     rope = (positions, cos_sin, k_cache, v_cache, slots, num_q_heads, num_kv_heads, half)
-    _launch(x2, weight, bias, q, n, heads * (half // config[0]), config, "rope_store", rope, norm_args)
+    res_out = _launch(x2, weight, bias, q, n, heads * (half // config[0]), config, "rope_store", rope, norm)
     return q if norm is None else (q, res_out.view(x.shape))
 
 
@@ -538,8 +532,7 @@ def fold_norm_mode() -> bool:
 
 def _fold_ok(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, weight: torch.Tensor) -> bool:
     return (residual is not None and fold_norm_mode() and _kernel_ok(x, weight, None) and x.dim() == 2
-            and x.is_contiguous() and residual.shape == x.shape and residual.dtype == x.dtype
-            and residual.is_contiguous() and norm_weight.dtype == x.dtype and norm_weight.numel() == x.shape[1]
+            and x.is_contiguous() and _norm_ok(x, (residual, norm_weight, 0.0))
             and config_for(*weight.shape, x.device, x.dtype)[2] == 1)
 
 
